@@ -1,0 +1,338 @@
+"""Depth transformer and code sampler against the original's recorded outputs.
+
+References: `reference/depth_unit_{fp32,bf16}.safetensors` of the golden fixture,
+made by the original `rqtransformer.forward` (teacher-forced logits for fixed
+codes) and `rqtransformer.generate` (greedy depth sampling, cfg 3 and 1) on
+fixed inputs, which are stored in the bf16 file. The fp32 run used the
+checkpoint's bf16 weights upcast to fp32, as these tests do.
+"""
+
+from __future__ import annotations
+
+from functools import cache, partial
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from vilau_backend.config import load_config
+from vilau_backend.depth import DepthTransformer
+from vilau_backend.quantizer import ResidualQuantizer
+from vilau_backend.sampling import filter_top_k, filter_top_p, greedy, sample_codes, sample_from_probs
+
+FIXTURE = Path(__file__).parent / "fixtures" / "vilau-tiny-256"
+
+CHECKPOINT = FIXTURE / "checkpoint"
+REFERENCE = FIXTURE / "reference"
+
+
+def read_tensors(path: Path, prefix: str = "") -> dict[str, torch.Tensor]:
+    # clone: on some CPUs fp32 GEMMs on mmap-loaded (mis-aligned) tensors differ at ulp level
+    with safe_open(str(path), "pt") as f:
+        return {k[len(prefix) :]: f.get_tensor(k).clone() for k in f.keys() if k.startswith(prefix)}
+
+
+@pytest.fixture(scope="module")
+def config():
+    return load_config(CHECKPOINT)
+
+
+@pytest.fixture(scope="module")
+def inputs():
+    return read_tensors(REFERENCE / "depth_unit_bf16.safetensors")
+
+
+@pytest.fixture(scope="module", params=[torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def models(request):
+    return load_models(request.param)
+
+
+@cache
+def load_models(dtype: torch.dtype) -> tuple[DepthTransformer, ResidualQuantizer]:
+    """The fixture's depth transformer and quantizer in `dtype`; fp32 is the stored bf16 upcast,
+    as in the original's fp32 run. Not to be modified by tests (shared)."""
+    config = load_config(CHECKPOINT)
+    weights = CHECKPOINT / "vision_tower" / "model.safetensors"
+    depth = DepthTransformer(config.depth)
+    depth.load_state_dict({k: v.to(dtype) for k, v in read_tensors(weights, "rqtransformer.").items()}, strict=True)
+    quantizer = ResidualQuantizer(config.quantizer)
+    books = read_tensors(weights, "rqvaesiglip.quantizer.")  # also holds EMA training buffers, not loaded
+    quantizer.load_state_dict({k: v.to(dtype) for k, v in books.items() if k.endswith(".weight")}, strict=True)
+    return depth.to(dtype).eval(), quantizer.to(dtype).eval()
+
+
+def guided(logits: torch.Tensor, cfg: float) -> torch.Tensor:
+    """(2B, ..., V) rows [cond; uncond] -> (B, ..., V), in the logits' dtype as the original."""
+    cond, uncond = logits.chunk(2)
+    return uncond + cfg * (cond - uncond)
+
+
+def bf16_ulp(x: torch.Tensor) -> torch.Tensor:
+    """Spacing of bf16 numbers at |x| (8 significant bits)."""
+    return torch.exp2(torch.floor(torch.log2(x.abs().float().clamp_min(1e-30))) - 7)
+
+
+def top2_gap(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    top = logits.float().topk(2, dim=-1).values
+    return top[..., 0] - top[..., 1], top[..., 0]
+
+
+def recording_sampler(store: list[torch.Tensor], sample=greedy):
+    def sample_and_record(logits: torch.Tensor) -> torch.Tensor:
+        store.append(logits.clone())
+        return sample(logits)
+
+    return sample_and_record
+
+
+# --- loading -------------------------------------------------------------------------------
+
+
+def test_parameter_names_are_the_checkpoint_keys_without_prefix(config):
+    stored = set(read_tensors(CHECKPOINT / "vision_tower" / "model.safetensors", "rqtransformer."))
+    assert set(DepthTransformer(config.depth).state_dict()) == stored
+
+
+# --- teacher-forced logits -----------------------------------------------------------------
+
+
+def test_fp32_teacher_forced_logits_match_original(config, inputs):
+    depth, quantizer = load_models(torch.float32)
+    expected = read_tensors(REFERENCE / "depth_unit_fp32.safetensors")["tf_logits"]  # (2, 3, D, V)
+    with torch.no_grad():
+        logits = depth(inputs["tf_hidden"], inputs["tf_codes"], quantizer.embed_codes)
+    assert logits.shape == expected.shape
+    rel = ((logits - expected).abs().max() / expected.abs().max()).item()
+    print(f"fp32 teacher-forced logits: max |diff| / max |ref| = {rel:.3e}")
+    assert rel < 1e-4, f"fp32 logits differ from the original by {rel:.3e} relative (allowed 1e-4)"
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+
+
+def test_bf16_teacher_forced_logits_match_original_within_one_ulp(config, inputs):
+    depth, quantizer = load_models(torch.bfloat16)
+    expected = read_tensors(REFERENCE / "depth_unit_bf16.safetensors")["tf_logits"]
+    with torch.no_grad():
+        logits = depth(inputs["tf_hidden"].bfloat16(), inputs["tf_codes"], quantizer.embed_codes)
+    assert logits.dtype == torch.bfloat16
+    diff = (logits.float() - expected.float()).abs()
+    exact = (diff == 0).float().mean().item()
+    print(f"bf16 teacher-forced logits: {exact:.5f} bit-exact, max |diff| {diff.max().item():.3e}")
+    assert (diff <= bf16_ulp(expected)).all(), f"bf16 logits off by more than one ulp: max |diff| {diff.max().item()}"
+    assert exact > 0.99
+
+
+# --- greedy generation ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cfg", [3.0, 1.0])
+def test_fp32_greedy_generate_gives_original_codes(config, inputs, cfg):
+    depth, quantizer = load_models(torch.float32)
+    expected = read_tensors(REFERENCE / "depth_unit_fp32.safetensors")
+    hidden = inputs["gen_hidden"][:, 0]  # (R, H): rows 0-1 conditional, 2-3 unconditional
+    codes, feature_sum = depth.generate(hidden, quantizer.embed_codes, cfg, greedy)
+    want_codes = expected[f"gen_codes_cfg{cfg:g}"][:, 0]  # (R, D), halves identical
+    assert codes.dtype == torch.int64
+    assert codes.tolist() == want_codes[:2].tolist()
+    want_features = expected[f"gen_out_features_cfg{cfg:g}"][:, 0]  # (R, C)
+    torch.testing.assert_close(feature_sum, want_features[:2], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("cfg", [3.0, 1.0])
+def test_bf16_greedy_generate_agrees_with_original_except_at_ties(config, inputs, cfg):
+    """bf16 logits tie exactly in places, and the original's own rounding noise
+    decides those. The spec: every decision whose gap (top-1 minus top-2 of our
+    guided logits, teacher-forced on the original's codes) exceeds one bf16 ulp
+    of the winning logit gives the original's code; free-running generation
+    matches up to its first divergence, which must sit at such a near-tie."""
+    depth, quantizer = load_models(torch.bfloat16)
+    expected = read_tensors(REFERENCE / "depth_unit_bf16.safetensors")
+    hidden = inputs["gen_hidden"][:, 0].bfloat16()
+    want = expected[f"gen_codes_cfg{cfg:g}"][:, 0]  # (R, D)
+
+    with torch.no_grad():
+        tf_logits = guided(depth(hidden, want, quantizer.embed_codes), cfg)  # (B, D, V)
+    gap, top = top2_gap(tf_logits)
+    decisive = gap > bf16_ulp(top)  # (B, D)
+    tf_codes = greedy(tf_logits)
+    assert (tf_codes == want[:2])[decisive].all(), (
+        f"teacher-forced codes {tf_codes.tolist()} differ from the original's {want[:2].tolist()} "
+        f"at a decision with gap > 1 ulp (gaps {gap.tolist()})"
+    )
+
+    codes, feature_sum = depth.generate(hidden, quantizer.embed_codes, cfg, greedy)
+    matches = codes == want[:2]
+    print(f"bf16 cfg {cfg:g}: free-running codes match the original at {matches.float().mean().item():.3f} "
+          f"({codes.tolist()} vs {want[:2].tolist()}); teacher-forced gaps {gap.tolist()}")
+    for image in range(codes.shape[0]):
+        mismatch = (~matches[image]).nonzero().flatten().tolist()
+        if mismatch:
+            first = mismatch[0]
+            assert not decisive[image, first], f"image {image} diverges at depth {first} with gap {gap[image, first]}"
+        else:
+            want_features = expected[f"gen_out_features_cfg{cfg:g}"][image, 0]
+            torch.testing.assert_close(feature_sum[image], want_features, rtol=0, atol=0)
+    assert matches.float().mean() >= 0.75
+
+
+# --- KV cache ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cfg", [3.0, 1.0, 5.0])
+def test_cached_generate_equals_teacher_forced_recomputation(config, models, cfg):
+    """Each cached step's guided logits equal a from-scratch forward over the
+    generated prefix, and the chosen codes are its argmax."""
+    depth, quantizer = models
+    B = 3
+    hidden = torch.randn(2 * B, config.depth.llm_dim, generator=torch.Generator().manual_seed(7)).to(depth.pos_emb_d.dtype)
+    step_logits: list[torch.Tensor] = []
+    codes, feature_sum = depth.generate(hidden, quantizer.embed_codes, cfg, recording_sampler(step_logits))
+    cached = torch.stack(step_logits, dim=1)  # (B, D, V)
+
+    with torch.no_grad():
+        recomputed = guided(depth(hidden, codes.repeat(2, 1), quantizer.embed_codes), cfg)  # (B, D, V)
+    diff = (cached.float() - recomputed.float()).abs()
+    print(f"{cached.dtype} cfg {cfg:g}: cached vs recomputed guided logits max |diff| {diff.max().item():.3e}")
+    if cached.dtype == torch.float32:
+        torch.testing.assert_close(cached, recomputed, rtol=1e-5, atol=1e-5)
+        assert codes.tolist() == greedy(recomputed).tolist()
+        torch.testing.assert_close(feature_sum, quantizer.codes_to_features(codes), rtol=1e-6, atol=1e-6)
+    else:
+        assert (diff <= 2 * bf16_ulp(recomputed)).all(), f"bf16 cached logits off by {diff.max().item()}"
+        gap, top = top2_gap(recomputed)
+        decisive = gap > bf16_ulp(top)
+        assert (codes == greedy(recomputed))[decisive].all()
+        # cumsum over depth (as the original) and sum() may round differently in bf16
+        features = quantizer.codes_to_features(codes).float()
+        assert ((feature_sum.float() - features).abs() <= bf16_ulp(features)).all()
+
+
+@pytest.mark.parametrize("sampler", ["greedy", "top_k_top_p"])
+def test_generate_traces_as_one_graph_without_host_sync(sampler):
+    """A CPU proxy for CUDA-graph capture: dynamo's fullgraph mode fails on
+    .item(), on branching on tensor values and on any other graph break.
+    Dynamo cannot trace explicit torch.Generator objects, so this uses the global RNG."""
+    depth, quantizer = load_models(torch.float32)
+    sample = greedy if sampler == "greedy" else partial(sample_codes, temperature=1.0, top_k=900, top_p=0.96)
+    run = partial(depth.generate, embed_codes=quantizer.embed_codes, cfg=3.0, sample=sample)
+    hidden = torch.randn(4, depth.spec.llm_dim, generator=torch.Generator().manual_seed(2))
+    torch._dynamo.reset()
+    traced = torch.compile(run, backend="eager", fullgraph=True)
+    torch.manual_seed(0)
+    traced_codes, traced_features = traced(hidden)
+    torch.manual_seed(0)
+    eager_codes, eager_features = run(hidden)
+    assert traced_codes.tolist() == eager_codes.tolist()
+    torch.testing.assert_close(traced_features, eager_features, rtol=0, atol=0)
+
+
+def test_generate_rows_are_independent_of_batch(config):
+    depth, quantizer = load_models(torch.float32)
+    hidden = torch.randn(6, config.depth.llm_dim, generator=torch.Generator().manual_seed(3))  # B = 3
+    batch_codes, _ = depth.generate(hidden, quantizer.embed_codes, 3.0, greedy)
+    single_codes, _ = depth.generate(hidden[[1, 4]], quantizer.embed_codes, 3.0, greedy)
+    assert single_codes.tolist() == batch_codes[1:2].tolist()
+
+
+def test_generate_with_seeded_sampler_is_reproducible_per_image(config):
+    depth, quantizer = load_models(torch.float32)
+    hidden = torch.randn(6, config.depth.llm_dim, generator=torch.Generator().manual_seed(5))
+    seeds = [11, 12, 13]
+
+    def run(rows: list[int]) -> torch.Tensor:
+        generators = [torch.Generator().manual_seed(seeds[r]) for r in rows]
+        sample = partial(sample_codes, temperature=1.0, top_k=900, top_p=0.96, generators=generators)
+        cfg_rows = rows + [r + 3 for r in rows]
+        return depth.generate(hidden[cfg_rows], quantizer.embed_codes, 3.0, sample)[0]
+
+    all_three = run([0, 1, 2])
+    assert run([0, 1, 2]).tolist() == all_three.tolist()
+    assert run([2]).tolist() == all_three[2:].tolist()
+
+
+# --- sampler -------------------------------------------------------------------------------
+
+
+def test_top_k_keeps_every_logit_tied_with_the_kth():
+    logits = torch.tensor([[1.0, 3.0, 2.0, 2.0, 0.5]])
+    kept = filter_top_k(logits, 2)
+    assert torch.isfinite(kept).tolist() == [[False, True, True, True, False]]
+    assert kept[torch.isfinite(kept)].tolist() == [3.0, 2.0, 2.0]
+
+
+def test_top_k_at_or_above_vocabulary_filters_nothing():
+    logits = torch.randn(2, 5)
+    assert torch.equal(filter_top_k(logits, 5), logits)
+    assert torch.equal(filter_top_k(logits, 900), logits)  # the original's default on a small codebook
+
+
+def test_top_p_keeps_the_top_token_even_when_it_alone_exceeds_p():
+    probs = torch.tensor([[0.05, 0.9, 0.05]])
+    assert filter_top_p(probs, 0.5).tolist() == [[0.0, 1.0, 0.0]]
+    assert filter_top_p(probs, 1e-6).tolist() == [[0.0, 1.0, 0.0]]
+
+
+def test_top_p_keeps_tokens_until_the_cumulative_probability_reaches_p():
+    probs = torch.tensor([[0.2, 0.5, 0.3]])
+    # sorted 0.5, 0.3, 0.2 -> cumulative 0.5, 0.8, 1.0: the 0.2 comes after p = 0.7 was reached
+    torch.testing.assert_close(filter_top_p(probs, 0.7), torch.tensor([[0.0, 0.625, 0.375]]))
+    torch.testing.assert_close(filter_top_p(probs, 0.4), torch.tensor([[0.0, 1.0, 0.0]]))
+
+
+def test_same_generator_seed_gives_same_codes():
+    logits = torch.randn(4, 64, generator=torch.Generator().manual_seed(0))
+
+    def draw(seed: int) -> list[int]:
+        gens = [torch.Generator().manual_seed(seed + i) for i in range(4)]
+        return sample_codes(logits, 1.0, 50, 0.9, gens).tolist()
+
+    assert draw(100) == draw(100)
+    assert draw(100) != draw(200)
+
+
+def test_row_draws_only_from_its_own_generator():
+    logits = torch.randn(3, 256, generator=torch.Generator().manual_seed(1))
+    seeds = [21, 22, 23]
+    batch = sample_codes(logits, 1.0, None, None, [torch.Generator().manual_seed(s) for s in seeds])
+    for i, s in enumerate(seeds):
+        alone = sample_codes(logits[i : i + 1], 1.0, None, None, [torch.Generator().manual_seed(s)])
+        assert alone.item() == batch[i].item(), f"row {i}: {alone.item()} alone, {batch[i].item()} in a batch of 3"
+
+
+def test_temperature_zero_and_top_k_one_are_exact_argmax():
+    logits = torch.tensor([[0.0, 2.0, 2.0, 1.0], [5.0, -1.0, 4.0, 5.0]]).bfloat16()
+    gens = [torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)]
+    assert sample_codes(logits, temperature=0.0).tolist() == [1, 0]  # first index on ties
+    assert sample_codes(logits, 1.0, top_k=1, generators=gens).tolist() == [1, 0]
+    assert greedy(logits).dtype == torch.int64
+
+
+def test_draws_follow_the_distribution():
+    probs = torch.tensor([0.1, 0.2, 0.3, 0.4])
+    n = 20_000
+    g = torch.Generator().manual_seed(1234)
+    # one shared generator for every row: row i takes the i-th draw from it
+    codes = sample_codes(probs.log().expand(n, 4), 1.0, None, None, [g] * n)
+    freq = torch.bincount(codes, minlength=4).float() / n
+    torch.testing.assert_close(freq, probs, rtol=0, atol=0.015)
+
+
+def test_draws_after_top_k_follow_the_renormalised_distribution():
+    probs = torch.tensor([0.1, 0.2, 0.3, 0.4])
+    n = 20_000
+    g = torch.Generator().manual_seed(99)
+    codes = sample_codes(probs.log().expand(n, 4), 1.0, 2, None, [g] * n)
+    freq = torch.bincount(codes, minlength=4).float() / n
+    torch.testing.assert_close(freq, torch.tensor([0.0, 0.0, 3 / 7, 4 / 7]), rtol=0, atol=0.015)
+
+
+def test_nan_logits_are_never_drawn():
+    logits = torch.tensor([[float("nan"), 0.0, float("nan"), 0.0]]).expand(500, 4)
+    codes = sample_codes(logits, 1.0, None, None, [torch.Generator().manual_seed(5)] * 500)
+    assert set(codes.tolist()) <= {1, 3}
+
+
+def test_zero_probability_codes_are_never_returned_at_the_ends_of_the_unit_interval():
+    probs = torch.tensor([[0.0, 0.5, 0.5, 0.0], [0.0, 0.5, 0.5, 0.0]])
+    u = torch.tensor([0.0, 1.0 - 2**-24])
+    assert sample_from_probs(probs, u).tolist() == [1, 2]

@@ -1,0 +1,377 @@
+"""Parse a VILA-U checkpoint folder into frozen dataclasses, once.
+
+The published layout (mit-han-lab/vila-u-7b-256, -384):
+
+    <model>/config.json         model_type "vila_u_llama" (or "vila_u"), llm_cfg, vision_tower_cfg, ...
+    <model>/llm/                Hugging Face Llama checkpoint + sentencepiece tokenizer
+    <model>/vision_tower/       config.json (rqvaesiglip + rqtransformer) + safetensors
+    <model>/mm_projector/       config.json + safetensors
+
+Everything the modules need is read here and nowhere else: model code receives
+these dataclasses and never looks at JSON or guesses sizes from hidden widths.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import CheckpointError
+
+ACCEPTED_MODEL_TYPES = ("vila_u_llama", "vila_u")
+
+# The vision tower names its SigLIP by hub id. These are the vision halves of
+# the public config.json files of the two SigLIPs the published models use,
+# so that loading never needs the network.
+KNOWN_SIGLIP_VISION_CONFIGS: dict[str, dict[str, Any]] = {
+    "google/siglip-large-patch16-256": {
+        "hidden_size": 1024,
+        "intermediate_size": 4096,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 16,
+        "image_size": 256,
+        "patch_size": 16,
+        "num_channels": 3,
+        "hidden_act": "gelu_pytorch_tanh",
+        "layer_norm_eps": 1e-6,
+        "attention_dropout": 0.0,
+    },
+    "google/siglip-so400m-patch14-384": {
+        "hidden_size": 1152,
+        "intermediate_size": 4304,
+        "num_hidden_layers": 27,
+        "num_attention_heads": 16,
+        "image_size": 384,
+        "patch_size": 14,
+        "num_channels": 3,
+        "hidden_act": "gelu_pytorch_tanh",
+        "layer_norm_eps": 1e-6,
+        "attention_dropout": 0.0,
+    },
+}
+
+
+@dataclass(frozen=True)
+class SiglipVisionSpec:
+    """The SigLIP vision encoder. VILA-U runs all layers but the last."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    image_size: int
+    patch_size: int
+    num_channels: int
+    hidden_act: str
+    layer_norm_eps: float
+    attention_dropout: float
+    source: str  # hub id or folder the config came from, for messages
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def layers_used(self) -> int:
+        # as the original: features are taken after layer len(layers)-2
+        return self.num_hidden_layers - 1
+
+
+@dataclass(frozen=True)
+class QuantizerSpec:
+    """Residual quantizer: `depth` codebooks applied to successive residuals."""
+
+    n_embed: int  # codes per codebook (each stored with one extra padding row)
+    embed_dim: int  # code vector width, equal to the SigLIP width
+    grid: tuple[int, int]  # (h, w) code grid
+    depth: int  # D
+    shared_codebook: bool
+
+
+@dataclass(frozen=True)
+class DecoderSpec:
+    """The conv pixel decoder (taming-style) that turns code sums into pixels."""
+
+    ch: int
+    out_ch: int
+    ch_mult: tuple[int, ...]
+    num_res_blocks: int
+    attn_resolutions: tuple[int, ...]
+    resolution: int
+    z_channels: int
+    latent_shape: tuple[int, int] | None  # decoder_latent_shape: resize codes before decoding
+
+
+@dataclass(frozen=True)
+class DepthSpec:
+    """The depth transformer predicting the D codes of one grid position."""
+
+    embed_dim: int
+    n_layer: int
+    n_head: int
+    vocab_size: int  # codes per codebook
+    depth: int  # D
+    code_dim: int  # input_embed_dim_1: width of code embeddings
+    llm_dim: int  # input_embed_dim_2: width of the LLM hidden state
+
+
+@dataclass(frozen=True)
+class ProjectorSpec:
+    """Vision features -> LLM embeddings: 'linear' or 'mlp{N}x_gelu'."""
+
+    kind: str
+    in_dim: int
+    out_dim: int
+
+    @property
+    def mlp_depth(self) -> int:
+        if self.kind == "linear":
+            return 1
+        match = re.fullmatch(r"mlp(\d+)x_gelu", self.kind)
+        assert match, self.kind  # validated in _projector_spec
+        return int(match.group(1))
+
+
+@dataclass(frozen=True)
+class LlmSpec:
+    hidden_size: int
+    vocab_size: int
+    num_hidden_layers: int
+    max_position_embeddings: int
+    tokenizer_model_max_length: int | None
+
+
+@dataclass(frozen=True)
+class VilaUConfig:
+    root: Path
+    llm: LlmSpec
+    siglip: SiglipVisionSpec
+    quantizer: QuantizerSpec
+    decoder: DecoderSpec
+    depth: DepthSpec
+    projector: ProjectorSpec
+    image_aspect_ratio: str  # 'resize' or 'pad'
+    num_video_frames: int
+    mm_use_im_start_end: bool
+    mm_use_vi_start_end: bool
+    mm_use_im_patch_token: bool
+
+    @property
+    def image_size(self) -> int:
+        return self.siglip.image_size
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return self.quantizer.grid
+
+    @property
+    def tokens_per_image(self) -> int:
+        h, w = self.quantizer.grid
+        return h * w
+
+    @property
+    def llm_dir(self) -> Path:
+        return self.root / "llm"
+
+    @property
+    def vision_tower_dir(self) -> Path:
+        return self.root / "vision_tower"
+
+    @property
+    def projector_dir(self) -> Path:
+        return self.root / "mm_projector"
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise CheckpointError(f"missing file {path}", hint=_LAYOUT_HINT)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path} is not valid JSON ({exc})") from exc
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} should hold a JSON object, found {type(data).__name__}")
+    return data
+
+
+_LAYOUT_HINT = (
+    "a VILA-U model folder holds config.json, llm/, vision_tower/ and mm_projector/ "
+    "as published in mit-han-lab/vila-u-7b-256 or mit-han-lab/vila-u-7b-384; "
+    "download the whole repository into one folder"
+)
+
+
+def is_vila_u_folder(path: Path) -> bool:
+    """Cheap check used to list models: a folder whose config.json says VILA-U."""
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        return False
+    try:
+        return json.loads(config.read_text(encoding="utf-8")).get("model_type") in ACCEPTED_MODEL_TYPES
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def load_config(root: str | Path) -> VilaUConfig:
+    """Read and check the whole config tree of a model folder."""
+    root = Path(root)
+    if not root.is_dir():
+        raise CheckpointError(f"model folder {root} does not exist", hint=_LAYOUT_HINT)
+    top = read_json(root / "config.json")
+    model_type = top.get("model_type")
+    if model_type not in ACCEPTED_MODEL_TYPES:
+        raise CheckpointError(
+            f"{root / 'config.json'} has model_type {model_type!r}; a VILA-U checkpoint says "
+            f"{' or '.join(repr(t) for t in ACCEPTED_MODEL_TYPES)}",
+            hint="point the loader at the folder of a VILA-U model, not at one of its sub-folders or another model",
+        )
+    for sub in ("llm", "vision_tower", "mm_projector"):
+        if not (root / sub).is_dir():
+            raise CheckpointError(f"model folder {root} has no {sub}/ sub-folder", hint=_LAYOUT_HINT)
+
+    # The sub-folders' own config.json files are what the original builds from;
+    # the copies inside the root config are only a fallback.
+    llm_cfg = read_json(root / "llm" / "config.json")
+    vt_cfg = read_json(root / "vision_tower" / "config.json")
+    proj_path = root / "mm_projector" / "config.json"
+    proj_cfg = read_json(proj_path)
+
+    llm = LlmSpec(
+        hidden_size=_req(llm_cfg, "hidden_size", root / "llm" / "config.json"),
+        vocab_size=_req(llm_cfg, "vocab_size", root / "llm" / "config.json"),
+        num_hidden_layers=_req(llm_cfg, "num_hidden_layers", root / "llm" / "config.json"),
+        max_position_embeddings=_req(llm_cfg, "max_position_embeddings", root / "llm" / "config.json"),
+        tokenizer_model_max_length=llm_cfg.get("tokenizer_model_max_length"),
+    )
+    vt_path = root / "vision_tower" / "config.json"
+    rqvae = _req(vt_cfg, "rqvaesiglip", vt_path)
+    rqt = _req(vt_cfg, "rqtransformer", vt_path)
+    siglip = _siglip_spec(rqvae, root / "vision_tower")
+
+    code_shape = _req(rqvae, "code_shape", vt_path)
+    latent_shape = _req(rqvae, "latent_shape", vt_path)
+    if list(code_shape[:2]) != list(latent_shape[:2]):
+        # the original supports pooling latents into coarser codes, but no published model does
+        raise CheckpointError(
+            f"{vt_path}: code_shape {code_shape} and latent_shape {latent_shape} differ in their grid; "
+            "only checkpoints whose code grid equals the SigLIP grid are supported"
+        )
+    if tuple(code_shape[:2]) != (siglip.grid, siglip.grid):
+        raise CheckpointError(
+            f"{vt_path}: code grid {code_shape[:2]} does not match the SigLIP grid "
+            f"{siglip.image_size}/{siglip.patch_size} = {siglip.grid} of {siglip.source}"
+        )
+    quantizer = QuantizerSpec(
+        n_embed=_req(rqvae, "n_embed", vt_path),
+        embed_dim=_req(rqvae, "embed_dim", vt_path),
+        grid=(int(code_shape[0]), int(code_shape[1])),
+        depth=int(code_shape[2]),
+        shared_codebook=bool(rqvae.get("shared_codebook", False)),
+    )
+    if quantizer.embed_dim != siglip.hidden_size:
+        raise CheckpointError(
+            f"{vt_path}: rqvaesiglip.embed_dim {quantizer.embed_dim} differs from the SigLIP width "
+            f"{siglip.hidden_size} of {siglip.source}"
+        )
+    dd = _req(rqvae, "ddconfig", vt_path)
+    latent = rqvae.get("decoder_latent_shape")
+    decoder = DecoderSpec(
+        ch=dd["ch"],
+        out_ch=dd["out_ch"],
+        ch_mult=tuple(dd["ch_mult"]),
+        num_res_blocks=dd["num_res_blocks"],
+        attn_resolutions=tuple(dd.get("attn_resolutions", ())),
+        resolution=dd["resolution"],
+        z_channels=dd["z_channels"],
+        latent_shape=tuple(latent) if latent else None,
+    )
+    block_size = _req(rqt, "block_size", vt_path)
+    head = _req(rqt, "head", vt_path)
+    depth = DepthSpec(
+        embed_dim=_req(rqt, "embed_dim", vt_path),
+        n_layer=head["n_layer"],
+        n_head=head["block"]["n_head"],
+        vocab_size=_req(rqt, "vocab_size", vt_path),
+        depth=int(block_size[2]),
+        code_dim=_req(rqt, "input_embed_dim_1", vt_path),
+        llm_dim=_req(rqt, "input_embed_dim_2", vt_path),
+    )
+    if depth.depth != quantizer.depth:
+        raise CheckpointError(
+            f"{vt_path}: the depth transformer predicts {depth.depth} codes per position but the quantizer has depth {quantizer.depth}"
+        )
+    projector = _projector_spec(proj_cfg, proj_path, in_dim=top.get("mm_hidden_size", siglip.hidden_size), out_dim=llm.hidden_size)
+
+    aspect = top.get("image_aspect_ratio", "resize")
+    if aspect not in ("resize", "pad"):
+        raise CheckpointError(
+            f"{root / 'config.json'}: image_aspect_ratio {aspect!r} is not supported at inference; "
+            "the original accepts 'resize' or 'pad'"
+        )
+    return VilaUConfig(
+        root=root,
+        llm=llm,
+        siglip=siglip,
+        quantizer=quantizer,
+        decoder=decoder,
+        depth=depth,
+        projector=projector,
+        image_aspect_ratio=aspect,
+        num_video_frames=int(top.get("num_video_frames", 8)),
+        mm_use_im_start_end=bool(top.get("mm_use_im_start_end", False)),
+        mm_use_vi_start_end=bool(top.get("mm_use_vi_start_end", False)),
+        mm_use_im_patch_token=bool(top.get("mm_use_im_patch_token", True)),  # the original's default
+    )
+
+
+def _req(cfg: dict[str, Any], key: str, path: Path) -> Any:
+    if key not in cfg:
+        raise CheckpointError(f"{path} has no {key!r} entry; the file is incomplete or not a VILA-U config")
+    return cfg[key]
+
+
+def _siglip_spec(rqvae: dict[str, Any], vision_tower_dir: Path) -> SiglipVisionSpec:
+    name = rqvae.get("pretrained_model")
+    if not name:
+        raise CheckpointError(f"{vision_tower_dir / 'config.json'} has no rqvaesiglip.pretrained_model")
+    folder = Path(name) if Path(name).is_absolute() else vision_tower_dir / name
+    if (folder / "config.json").is_file():
+        cfg = read_json(folder / "config.json")
+        vision = cfg.get("vision_config", cfg)
+        source = str(folder)
+    elif name in KNOWN_SIGLIP_VISION_CONFIGS:
+        vision = KNOWN_SIGLIP_VISION_CONFIGS[name]
+        source = name
+    else:
+        known = ", ".join(KNOWN_SIGLIP_VISION_CONFIGS)
+        raise CheckpointError(
+            f"{vision_tower_dir / 'config.json'} names SigLIP {name!r}, which is neither a known SigLIP ({known}) "
+            f"nor a folder with a config.json (looked at {folder})",
+            hint="put that SigLIP's config.json in the folder, or set rqvaesiglip.pretrained_model to a known SigLIP id",
+        )
+    try:
+        return SiglipVisionSpec(
+            hidden_size=vision["hidden_size"],
+            intermediate_size=vision["intermediate_size"],
+            num_hidden_layers=vision["num_hidden_layers"],
+            num_attention_heads=vision["num_attention_heads"],
+            image_size=vision["image_size"],
+            patch_size=vision["patch_size"],
+            num_channels=vision.get("num_channels", 3),
+            hidden_act=vision.get("hidden_act", "gelu_pytorch_tanh"),
+            layer_norm_eps=vision.get("layer_norm_eps", 1e-6),
+            attention_dropout=vision.get("attention_dropout", 0.0),
+            source=source,
+        )
+    except KeyError as exc:
+        raise CheckpointError(f"SigLIP config from {source} lacks {exc.args[0]!r}") from exc
+
+
+def _projector_spec(cfg: dict[str, Any], path: Path, in_dim: int, out_dim: int) -> ProjectorSpec:
+    kind = cfg.get("mm_projector_type")
+    if kind != "linear" and not (isinstance(kind, str) and re.fullmatch(r"mlp(\d+)x_gelu", kind)):
+        raise CheckpointError(f"{path}: unsupported mm_projector_type {kind!r}; expected 'linear' or 'mlpNx_gelu'")
+    return ProjectorSpec(kind=kind, in_dim=in_dim, out_dim=out_dim)

@@ -1,0 +1,23 @@
+"""Errors meant for the person at the ComfyUI canvas: what was wrong, and what to do."""
+
+from __future__ import annotations
+
+
+class VilaUError(Exception):
+    """Base class of every error the backend raises on purpose."""
+
+
+class CheckpointError(VilaUError):
+    """A model folder is missing, incomplete or not a VILA-U checkpoint."""
+
+    def __init__(self, message: str, hint: str | None = None):
+        self.hint = hint
+        super().__init__(f"{message}. {hint[0].upper() + hint[1:]}." if hint else message)
+
+
+class InputError(VilaUError, ValueError):
+    """A caller passed something the model cannot take (wrong shape, empty prompt...)."""
+
+
+class GenerationCancelled(VilaUError):
+    """Raised (or re-raised) when a progress callback asked to stop."""
