@@ -3,8 +3,10 @@
 References: `reference/depth_unit_{fp32,bf16}.safetensors` of the golden fixture,
 made by the original `rqtransformer.forward` (teacher-forced logits for fixed
 codes) and `rqtransformer.generate` (greedy depth sampling, cfg 3 and 1) on
-fixed inputs, which are stored in the bf16 file. The fp32 run used the
-checkpoint's bf16 weights upcast to fp32, as these tests do.
+fixed inputs, which are stored in the bf16 file; and the per-position depth
+transformer inputs and codes recorded during the original's cfg-3 image
+generation (`imagegen_cfg3_*`). The fp32 runs used the checkpoint's bf16
+weights upcast to fp32, as these tests do.
 """
 
 from __future__ import annotations
@@ -97,7 +99,7 @@ def test_parameter_names_are_the_checkpoint_keys_without_prefix(config):
 # --- teacher-forced logits -----------------------------------------------------------------
 
 
-def test_fp32_teacher_forced_logits_match_original(config, inputs):
+def test_fp32_teacher_forced_logits_match_original(inputs):
     depth, quantizer = load_models(torch.float32)
     expected = read_tensors(REFERENCE / "depth_unit_fp32.safetensors")["tf_logits"]  # (2, 3, D, V)
     with torch.no_grad():
@@ -109,7 +111,7 @@ def test_fp32_teacher_forced_logits_match_original(config, inputs):
     torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
 
 
-def test_bf16_teacher_forced_logits_match_original_within_one_ulp(config, inputs):
+def test_bf16_teacher_forced_logits_match_original_within_one_ulp(inputs):
     depth, quantizer = load_models(torch.bfloat16)
     expected = read_tensors(REFERENCE / "depth_unit_bf16.safetensors")["tf_logits"]
     with torch.no_grad():
@@ -126,7 +128,7 @@ def test_bf16_teacher_forced_logits_match_original_within_one_ulp(config, inputs
 
 
 @pytest.mark.parametrize("cfg", [3.0, 1.0])
-def test_fp32_greedy_generate_gives_original_codes(config, inputs, cfg):
+def test_fp32_greedy_generate_gives_original_codes(inputs, cfg):
     depth, quantizer = load_models(torch.float32)
     expected = read_tensors(REFERENCE / "depth_unit_fp32.safetensors")
     hidden = inputs["gen_hidden"][:, 0]  # (R, H): rows 0-1 conditional, 2-3 unconditional
@@ -139,7 +141,7 @@ def test_fp32_greedy_generate_gives_original_codes(config, inputs, cfg):
 
 
 @pytest.mark.parametrize("cfg", [3.0, 1.0])
-def test_bf16_greedy_generate_agrees_with_original_except_at_ties(config, inputs, cfg):
+def test_bf16_greedy_generate_agrees_with_original_except_at_ties(inputs, cfg):
     """bf16 logits tie exactly in places, and the original's own rounding noise
     decides those. The spec: every decision whose gap (top-1 minus top-2 of our
     guided logits, teacher-forced on the original's codes) exceeds one bf16 ulp
@@ -151,7 +153,7 @@ def test_bf16_greedy_generate_agrees_with_original_except_at_ties(config, inputs
     want = expected[f"gen_codes_cfg{cfg:g}"][:, 0]  # (R, D)
 
     with torch.no_grad():
-        tf_logits = guided(depth(hidden, want, quantizer.embed_codes), cfg)  # (B, D, V)
+        tf_logits = from_scratch_step_logits(depth, quantizer, hidden, want[:2], cfg)  # (B, D, V)
     gap, top = top2_gap(tf_logits)
     decisive = gap > bf16_ulp(top)  # (B, D)
     tf_codes = greedy(tf_logits)
@@ -172,39 +174,92 @@ def test_bf16_greedy_generate_agrees_with_original_except_at_ties(config, inputs
         else:
             want_features = expected[f"gen_out_features_cfg{cfg:g}"][image, 0]
             torch.testing.assert_close(feature_sum[image], want_features, rtol=0, atol=0)
-    assert matches.float().mean() >= 0.75
+    assert matches.float().mean() >= 0.875
 
 
 # --- KV cache ------------------------------------------------------------------------------
 
 
+def from_scratch_step_logits(depth: DepthTransformer, quantizer, hidden, codes, cfg: float) -> torch.Tensor:
+    """The original's generate algorithm on our layers: at depth d, run the whole
+    transformer over [in_mlp_2(h), in_mlp_1(running sums of the first d codes)]
+    and keep the last position. in_mlp_1 takes a non-contiguous 3-D slice, as in
+    the original (torch then rounds the matmul before adding the bias).
+    hidden: (R, H); codes: (B, D). Returns guided logits (B, D, V)."""
+    rows = codes.repeat(2, 1)  # (R, D)
+    body = depth.in_mlp_2(hidden).unsqueeze(1)  # (R, 1, E)
+    sums = torch.cumsum(quantizer.embed_codes(rows), dim=-2)  # (R, D, C)
+    steps = []
+    for d in range(depth.spec.depth):
+        seq = torch.cat([body, depth.in_mlp_1(sums[:, :d])], dim=1) + depth.pos_emb_d[:, : d + 1]  # (R, d+1, E)
+        steps.append(guided(depth.classifier_mlp(depth.head_transformer(seq)[:, -1]), cfg))  # (B, V)
+    return torch.stack(steps, dim=1)
+
+
 @pytest.mark.parametrize("cfg", [3.0, 1.0, 5.0])
-def test_cached_generate_equals_teacher_forced_recomputation(config, models, cfg):
-    """Each cached step's guided logits equal a from-scratch forward over the
-    generated prefix, and the chosen codes are its argmax."""
+def test_cached_generate_equals_from_scratch_recomputation(models, cfg):
+    """Each KV-cached step's guided logits equal the original's from-scratch
+    recomputation over the generated prefix (bit-exact in bf16), and the
+    chosen codes are their argmax."""
     depth, quantizer = models
     B = 3
-    hidden = torch.randn(2 * B, config.depth.llm_dim, generator=torch.Generator().manual_seed(7)).to(depth.pos_emb_d.dtype)
+    hidden = torch.randn(2 * B, depth.spec.llm_dim, generator=torch.Generator().manual_seed(7)).to(depth.pos_emb_d.dtype)
     step_logits: list[torch.Tensor] = []
     codes, feature_sum = depth.generate(hidden, quantizer.embed_codes, cfg, recording_sampler(step_logits))
     cached = torch.stack(step_logits, dim=1)  # (B, D, V)
-
     with torch.no_grad():
-        recomputed = guided(depth(hidden, codes.repeat(2, 1), quantizer.embed_codes), cfg)  # (B, D, V)
-    diff = (cached.float() - recomputed.float()).abs()
-    print(f"{cached.dtype} cfg {cfg:g}: cached vs recomputed guided logits max |diff| {diff.max().item():.3e}")
-    if cached.dtype == torch.float32:
-        torch.testing.assert_close(cached, recomputed, rtol=1e-5, atol=1e-5)
-        assert codes.tolist() == greedy(recomputed).tolist()
-        torch.testing.assert_close(feature_sum, quantizer.codes_to_features(codes), rtol=1e-6, atol=1e-6)
+        recomputed = from_scratch_step_logits(depth, quantizer, hidden, codes, cfg)
+    diff = (cached.float() - recomputed.float()).abs().max().item()
+    print(f"{cached.dtype} cfg {cfg:g}: cached vs from-scratch guided logits max |diff| {diff:.3e}")
+    if cached.dtype == torch.bfloat16:
+        assert torch.equal(cached, recomputed), f"bf16 cached logits differ by up to {diff}"
     else:
-        assert (diff <= 2 * bf16_ulp(recomputed)).all(), f"bf16 cached logits off by {diff.max().item()}"
-        gap, top = top2_gap(recomputed)
-        decisive = gap > bf16_ulp(top)
-        assert (codes == greedy(recomputed))[decisive].all()
-        # cumsum over depth (as the original) and sum() may round differently in bf16
-        features = quantizer.codes_to_features(codes).float()
-        assert ((feature_sum.float() - features).abs() <= bf16_ulp(features)).all()
+        torch.testing.assert_close(cached, recomputed, rtol=1e-5, atol=1e-5)
+    assert codes.tolist() == greedy(recomputed).tolist()
+    want_features = torch.cumsum(quantizer.embed_codes(codes), dim=-2)[:, -1]  # (B, C)
+    torch.testing.assert_close(feature_sum, want_features, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("cfg", [3.0, 5.0])
+def test_fp32_cached_generate_equals_teacher_forced_forward(cfg):
+    """In fp32 the teacher-forced forward over the generated codes gives the
+    same logits and therefore the same argmax at every depth."""
+    depth, quantizer = load_models(torch.float32)
+    hidden = torch.randn(8, depth.spec.llm_dim, generator=torch.Generator().manual_seed(8))
+    step_logits: list[torch.Tensor] = []
+    codes, _ = depth.generate(hidden, quantizer.embed_codes, cfg, recording_sampler(step_logits))
+    with torch.no_grad():
+        forced = guided(depth(hidden, codes.repeat(2, 1), quantizer.embed_codes), cfg)  # (B, D, V)
+    torch.testing.assert_close(torch.stack(step_logits, dim=1), forced, rtol=1e-5, atol=1e-5)
+    assert codes.tolist() == greedy(forced).tolist()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_generate_reproduces_the_original_image_generation_steps(dtype):
+    """All 256 grid positions of the original's cfg-3 greedy image generation,
+    fed the hidden states the original's LLM gave its depth transformer. fp32:
+    every code. bf16: at least 99% of the codes, and each position may diverge
+    only at a near-tie (recorded gap at most 4 bf16 ulps of the winning logit:
+    cfg 3 turns one ulp of the conditional or unconditional logits into several)."""
+    name = "imagegen_cfg3_fp32_codes" if dtype == torch.float32 else "imagegen_cfg3_bf16"
+    recorded = read_tensors(REFERENCE / f"{name}.safetensors")
+    depth, quantizer = load_models(dtype)
+    steps = recorded["rqt_step_inputs_cond_uncond"][:, :, 0]  # (P, 2, H): conditional, unconditional
+    hidden = torch.cat([steps[:, 0], steps[:, 1]]).to(dtype)  # (R, H), every position as one image
+    step_logits: list[torch.Tensor] = []
+    codes, _ = depth.generate(hidden, quantizer.embed_codes, 3.0, recording_sampler(step_logits))  # (P, D)
+    want = recorded["codes"][0]  # (P, D); every row of the CFG batch holds the same codes
+    matches = codes == want
+    print(f"{name}: {matches.float().mean().item():.4f} of {matches.numel()} codes match")
+    if dtype == torch.float32:
+        assert matches.all(), f"positions {(~matches).any(-1).nonzero().flatten().tolist()} differ"
+        return
+    assert matches.float().mean() >= 0.99
+    winning = torch.stack(step_logits, dim=1).float().amax(-1)  # (P, D)
+    for p in (~matches).any(-1).nonzero().flatten().tolist():
+        d = (~matches[p]).nonzero()[0].item()
+        gap = recorded["decision_gap"][p, d]
+        assert gap <= 4 * bf16_ulp(winning[p, d]), f"position {p} diverges at depth {d} with recorded gap {gap}"
 
 
 @pytest.mark.parametrize("sampler", ["greedy", "top_k_top_p"])

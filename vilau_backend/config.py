@@ -141,7 +141,18 @@ class LlmSpec:
     vocab_size: int
     num_hidden_layers: int
     max_position_embeddings: int
+    rope_linear_factor: float  # rope_scaling {"type": "linear", "factor": f}; 1.0 without
     tokenizer_model_max_length: int | None
+
+    @property
+    def context_length(self) -> int:
+        """Longest sequence (prompt + generated) the LLM was set up for: linear RoPE scaling
+        stretches the trained positions by its factor, as VILA-U's training did (8192 for the
+        published models); the tokenizer's model_max_length caps it when smaller."""
+        stretched = int(self.max_position_embeddings * self.rope_linear_factor)
+        if self.tokenizer_model_max_length:
+            return min(stretched, int(self.tokenizer_model_max_length))
+        return stretched
 
 
 @dataclass(frozen=True)
@@ -244,6 +255,7 @@ def load_config(root: str | Path) -> VilaUConfig:
         vocab_size=_req(llm_cfg, "vocab_size", root / "llm" / "config.json"),
         num_hidden_layers=_req(llm_cfg, "num_hidden_layers", root / "llm" / "config.json"),
         max_position_embeddings=_req(llm_cfg, "max_position_embeddings", root / "llm" / "config.json"),
+        rope_linear_factor=_rope_linear_factor(llm_cfg),
         tokenizer_model_max_length=llm_cfg.get("tokenizer_model_max_length"),
     )
     vt_path = root / "vision_tower" / "config.json"
@@ -331,6 +343,12 @@ def _req(cfg: dict[str, Any], key: str, path: Path) -> Any:
     if key not in cfg:
         raise CheckpointError(f"{path} has no {key!r} entry; the file is incomplete or not a VILA-U config")
     return cfg[key]
+
+
+def _rope_linear_factor(llm_cfg: dict[str, Any]) -> float:
+    scaling = llm_cfg.get("rope_scaling") or {}
+    kind = scaling.get("type", scaling.get("rope_type"))
+    return float(scaling.get("factor", 1.0)) if kind == "linear" else 1.0
 
 
 def _siglip_spec(rqvae: dict[str, Any], vision_tower_dir: Path) -> SiglipVisionSpec:

@@ -11,7 +11,9 @@ prefix (vision_tower/model.safetensors), so `load_state_dict` works strict.
 Same math as the original (rqtransformer/modeling_rqtransformer.py and
 attention.py), with one change of method, not of result: `generate` keeps a
 KV cache over the D depth steps, where the original re-runs the transformer
-from scratch at every step.
+from scratch at every step. Rounding follows the original's too: in bf16 the
+cached steps give bit-identical logits to the original's from-scratch
+recomputation (see `generate` for the one place where that needs care).
 
 Vocabulary of the shape comments: B images, R = 2B rows (conditional, then
 unconditional), N positions of any batch, D depth, E depth width, H LLM hidden
@@ -211,7 +213,11 @@ class DepthTransformer(nn.Module):
         for d in range(D):
             if d > 0:
                 # running sum of depths < d; later entries of `codes` are not read by the prefix sum
-                x = self.in_mlp_1(self._running_sums(codes, embed_codes)[:, d - 1])  # (R, E)
+                sums = self._running_sums(codes, embed_codes)[:, d - 1]  # (R, C)
+                # as the original's generate: it feeds in_mlp_1 a non-contiguous slice, for which
+                # torch's linear rounds the matmul before adding the bias (no fused addmm); in bf16
+                # that moves about a quarter of these values by an ulp, and with them near-ties
+                x = F.linear(sums, self.in_mlp_1.weight) + self.in_mlp_1.bias  # (R, E)
             x = x + self.pos_emb_d[0, d]
             logits = self.classifier_mlp(self.head_transformer.step(x, cache, d))  # (R, V)
             cond, uncond = logits[:B], logits[B:]

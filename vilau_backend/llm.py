@@ -1,0 +1,79 @@
+"""Running the Llama LLM on embeddings with a KV cache, across transformers 4.50 .. 5.x.
+
+Both understanding and generation feed the LLM embeddings (text embeddings with
+image features spliced in, or projected code sums), never token ids, and read
+its final-norm hidden states. What differs between transformers versions is
+kept here: the name of the cache argument (`past_key_values`, renamed `cache`
+in 5.x) and the StaticCache constructor.
+
+Masks are built here as 4-D additive float masks (R, 1, Q, K), which every
+supported version passes to attention unchanged: the mask, like the cache, is
+then ours to allocate once and index, with no data-dependent checks inside
+transformers (which would synchronise with the GPU every step).
+"""
+
+from __future__ import annotations
+
+import inspect
+from functools import cache as memoize
+
+import torch
+from torch import nn
+
+
+@memoize
+def _cache_argument(model_class: type) -> str:
+    params = inspect.signature(model_class.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def new_static_cache(llm: nn.Module, rows: int, length: int, dtype: torch.dtype, device: torch.device):
+    """A KV cache for `rows` sequences of up to `length` positions, allocated once."""
+    from transformers import StaticCache
+
+    # 4.50 takes max_batch_size/device/dtype; 5.x sizes its layers on first use and ignores them
+    return StaticCache(config=llm.config, max_cache_len=length, max_batch_size=rows, device=device, dtype=dtype)
+
+
+def new_dynamic_cache(llm: nn.Module):
+    from transformers import DynamicCache
+
+    try:
+        return DynamicCache(config=llm.config)
+    except TypeError:  # 4.50 takes no config
+        return DynamicCache()
+
+
+def forward_hidden(
+    llm: nn.Module,
+    embeds: torch.Tensor,
+    mask: torch.Tensor,
+    position_ids: torch.Tensor,
+    kv_cache,
+    cache_position: torch.Tensor,
+) -> torch.Tensor:
+    """embeds (R, T, H), additive mask (R, 1, T, K), position_ids (R, T) -> final-norm hidden states (R, T, H).
+
+    The text head (lm_head) is not run: callers that need logits apply it to the positions they want."""
+    body = llm.model
+    out = body(
+        inputs_embeds=embeds,
+        attention_mask=mask,
+        position_ids=position_ids,
+        cache_position=cache_position,
+        use_cache=True,
+        **{_cache_argument(type(body)): kv_cache},
+    )
+    return out.last_hidden_state
+
+
+def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """bool (R, 1, Q, K) -> float mask: 0 where attention is allowed, the dtype's minimum elsewhere.
+
+    The minimum rather than -inf keeps fully masked rows (queries at left padding) finite."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, torch.finfo(dtype).min)
+
+
+def padded_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids of left-padded rows, as the original: cumsum(mask) - 1, padding set to 1. (R, T) -> (R, T)."""
+    return (attention_mask.long().cumsum(-1) - 1).masked_fill_(~attention_mask.bool(), 1)
