@@ -82,7 +82,6 @@ class VilaUModel:
         vision: VisionTower,
         projector: Projector,
         dtype: torch.dtype,
-        device: torch.device,
     ):
         self.config = config
         self.tokenizer = tokenizer
@@ -90,7 +89,9 @@ class VilaUModel:
         self.vision = vision
         self.projector = projector
         self.dtype = dtype
-        self.device = device
+        # every weight in one plain module, for callers that move or measure the model as a whole
+        # (ComfyUI's ModelPatcher cannot wrap a transformers model directly)
+        self.networks = nn.ModuleDict({"llm": llm, "vision": vision, "projector": projector})
 
     @classmethod
     def load(
@@ -113,13 +114,16 @@ class VilaUModel:
         projector = build_empty(lambda: Projector(config.projector))
         with SafetensorsFolder(config.projector_dir, device=device) as weights:
             load_weights(projector, weights, "", dtype, device)
-        return cls(config, tokenizer, llm, vision, projector, dtype, device)
+        return cls(config, tokenizer, llm, vision, projector, dtype)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the weights are now: read from them, because ComfyUI's model management
+        may move the modules between runs."""
+        return next(self.projector.parameters()).device
 
     def to(self, device: str | torch.device) -> VilaUModel:
-        """Move every module (ComfyUI offloads models between runs)."""
-        self.device = torch.device(device)
-        for module in (self.llm, self.vision, self.projector):
-            module.to(self.device)
+        self.networks.to(device)
         return self
 
     # ---- vision API -------------------------------------------------------------------
