@@ -80,6 +80,111 @@ def _decode(args: argparse.Namespace) -> int:
     return 0
 
 
+def _describe(args: argparse.Namespace) -> int:
+    import json
+
+    from .errors import InputError
+    from .understand import TextSampling, describe_images, describe_video
+    from .video import read_video
+
+    sampling_flags = {"--temperature": args.temperature, "--top-p": args.top_p, "--top-k": args.top_k, "--seed": args.seed}
+    given = [flag for flag, value in sampling_flags.items() if value is not None]
+    if args.greedy and given:
+        raise InputError(f"--greedy picks the most likely token; it cannot be combined with {', '.join(given)}")
+    if args.batch and args.video:
+        raise InputError("--batch answers each --image on its own; a --video is always one prompt")
+    defaults = TextSampling()
+    if args.greedy:
+        sampling = TextSampling(do_sample=False, repetition_penalty=args.repetition_penalty)
+    else:
+        sampling = TextSampling(
+            temperature=defaults.temperature if args.temperature is None else args.temperature,
+            top_k=defaults.top_k if args.top_k is None else args.top_k,
+            top_p=defaults.top_p if args.top_p is None else args.top_p,
+            repetition_penalty=args.repetition_penalty,
+        )
+    options = dict(sampling=sampling, max_new_tokens=args.max_new_tokens, seed=args.seed or 0)
+
+    model = _load_model(args)
+    if args.video:
+        frames = read_video(args.video, num_frames=model.config.num_video_frames).frames
+        answers = [describe_video(model, frames, args.query, **options)]
+    else:
+        images = [load_image_file(p) for p in args.image]
+        answers = describe_images(model, images, args.query, batch=args.batch, **options)
+    if args.json:
+        print(json.dumps({
+            "answers": [a.text for a in answers],
+            "input_ids": [a.input_ids for a in answers],
+            "output_ids": [a.output_ids for a in answers],
+        }))
+    else:
+        for answer in answers:
+            print(answer.text)
+    return 0
+
+
+def _generation_options(args: argparse.Namespace) -> dict:
+    from .generate import ImageSampling
+
+    sampling = ImageSampling(cfg=args.cfg, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    return dict(negative_prompt=args.negative_prompt, num_images=args.num, seed=args.seed, sampling=sampling)
+
+
+def _save_codes(codes: torch.Tensor, path: str | None) -> None:
+    if path:
+        from safetensors.torch import save_file
+
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        save_file({"codes": codes.cpu().to(torch.int64).contiguous()}, str(path))
+        print(f"wrote {path}: codes {list(codes.shape)}")
+
+
+def _generate_image(args: argparse.Namespace) -> int:
+    from .generate import generate_images
+
+    model = _load_model(args)
+    result = generate_images(model, args.prompt, **_generation_options(args))
+    out_dir = Path(args.save_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for i, image in enumerate(result.images):
+        save_image_file(image, out_dir / f"image_{i}.png")
+    print(f"wrote {len(result.images)} image(s) to {out_dir}")
+    _save_codes(result.codes, args.save_codes)
+    return 0
+
+
+def _generate_video(args: argparse.Namespace) -> int:
+    from .generate import generate_video
+    from .video import write_video_file
+
+    model = _load_model(args)
+    result = generate_video(model, args.prompt, frames=args.frames, **_generation_options(args))
+    out_dir = Path(args.save_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for i, frames in enumerate(result.images):
+        write_video_file(frames, out_dir / f"video_{i}.mp4", fps=args.fps)
+        for f, frame in enumerate(frames):
+            save_image_file(frame, out_dir / f"video_{i}_frame_{f:03d}.png")
+    print(f"wrote {len(result.images)} video(s) of {args.frames} frames to {out_dir}")
+    _save_codes(result.codes, args.save_codes)
+    return 0
+
+
+def _add_generation_arguments(p: argparse.ArgumentParser) -> None:
+    add_model_options(p)
+    p.add_argument("--prompt", required=True, help="what to generate")
+    p.add_argument("--negative-prompt", default=" ", help="the unconditional prompt of guidance (default ' ', as the original)")
+    p.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale (default 3.0)")
+    p.add_argument("--num", type=int, default=1, help="how many to generate (default 1)")
+    p.add_argument("--seed", type=int, default=0, help="random seed; output i depends only on (seed, i)")
+    p.add_argument("--temperature", type=float, default=1.0, help="depth-code sampling temperature (default 1.0)")
+    p.add_argument("--top-k", type=int, default=900, help="sample among the k most likely codes; 1 = greedy (default 900)")
+    p.add_argument("--top-p", type=float, default=0.96, help="nucleus threshold (default 0.96)")
+    p.add_argument("--save-dir", required=True, help="folder for the outputs")
+    p.add_argument("--save-codes", default=None, help="also write the codes to this .safetensors file (tensor 'codes')")
+
+
 def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="VILA-U model folder (config.json, llm/, vision_tower/, mm_projector/)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
@@ -102,6 +207,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--codes", required=True, help=".safetensors file with tensor 'codes' [B,h,w,D]")
     p.add_argument("--out-dir", required=True, help="folder for the PNGs")
     p.set_defaults(run=_decode)
+
+    p = sub.add_parser("describe", help="answer a question about images or a video (VQA, captions)")
+    add_model_options(p)
+    media = p.add_mutually_exclusive_group(required=True)
+    media.add_argument("--image", action="append", help="an image file; repeat for several images in one prompt")
+    media.add_argument("--video", help="a video file (mp4, webm, gif, mov, ...) or a folder of frames")
+    p.add_argument("--query", required=True, help="the question, e.g. 'Describe the image.'")
+    p.add_argument("--batch", action="store_true", help="answer each --image on its own, one answer per image")
+    p.add_argument("--max-new-tokens", type=int, default=512, help="longest answer in tokens (default 512)")
+    p.add_argument("--greedy", action="store_true", help="always take the most likely token (no sampling)")
+    p.add_argument("--temperature", type=float, default=None, help="sampling temperature (default 0.9)")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold (default 0.6)")
+    p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens; 0 = all (default 50)")
+    p.add_argument("--seed", type=int, default=None, help="random seed of the sampler (default 0)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="above 1 discourages repeats (default 1.0 = off)")
+    p.add_argument("--json", action="store_true", help='print {"answers", "input_ids", "output_ids"} as one JSON object')
+    p.set_defaults(run=_describe)
+
+    p = sub.add_parser("generate-image", help="text -> images image_0.png, ... (codes [N,h,w,D] with --save-codes)")
+    _add_generation_arguments(p)
+    p.set_defaults(run=_generate_image)
+
+    p = sub.add_parser("generate-video", help="text -> video_0.mp4 and its frames (codes [N,F,h,w,D] with --save-codes)")
+    _add_generation_arguments(p)
+    p.add_argument("--frames", type=int, default=8, help="frames per video (default 8, as the original)")
+    p.add_argument("--fps", type=float, default=8.0, help="frame rate of the mp4 (default 8)")
+    p.set_defaults(run=_generate_video)
     return parser
 
 

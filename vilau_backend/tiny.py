@@ -326,7 +326,8 @@ def _vision_tower_weights(s: TinySizes, gen: torch.Generator) -> dict[str, torch
     from .decoder import PixelDecoder
     from .depth import DepthTransformer
 
-    siglip_cfg = SiglipConfig.from_dict(_siglip_config(s))
+    parts = _siglip_config(s)
+    siglip_cfg = SiglipConfig(text_config=parts["text_config"], vision_config=parts["vision_config"])
     with torch.device("meta"):
         siglip = SiglipModel(siglip_cfg).state_dict()
     weights = _init_like(siglip, gen, "rqvaesiglip.siglip_model.")

@@ -1,0 +1,134 @@
+"""Benchmark text-to-image generation on random-weight models of chosen sizes.
+
+    python bench/generate.py --preset tiny|medium|full [--batch 1 4] [--dtype ...] [--device ...] [--images 1]
+
+Presets (random weights, built in memory, no files):
+  tiny    the golden fixture's geometry: LLM 80 wide x 2 layers, SigLIP 64, 16x16 grid, depth 4, 1024 codes
+  medium  LLM 1024 wide x 8 layers, SigLIP 256, 16x16 grid, depth 4, 4096 codes, depth transformer 512 x 3
+  full    LLaMA-2-7B (4096 x 32, 32 heads, MLP 11008), SigLIP-large vision (1024 x 24, 256 px / 16),
+          depth 4, 16384 codes; the depth transformer (2560 wide, 40 heads, 6 layers) and decoder
+          follow the original code's defaults, since the published configs are not available here
+Prints, per batch size: ms per grid position, positions/s, s per image (decode included), peak memory.
+Timings are for comparing runs on one machine, not absolute figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from vilau_backend.config import (  # noqa: E402
+    DecoderSpec,
+    DepthSpec,
+    LlmSpec,
+    ProjectorSpec,
+    QuantizerSpec,
+    SiglipVisionSpec,
+    VilaUConfig,
+)
+from vilau_backend.generate import ImageSampling, generate_codes  # noqa: E402
+from vilau_backend.model import VilaUModel, VisionTower, resolve_device, resolve_dtype  # noqa: E402
+from vilau_backend.projector import Projector  # noqa: E402
+from vilau_backend.prompts import VilaTokenizer  # noqa: E402
+from vilau_backend.tiny import write_tokenizer  # noqa: E402
+
+PRESETS = {
+    #          llm: hidden, layers, heads, mlp | siglip: width, layers, heads, mlp | codes, depth-tf: width, heads, layers | decoder: ch, ch_mult, res blocks, z
+    "tiny": dict(llm=(80, 2, 4, 160), siglip=(64, 2, 4, 128), n_embed=1024, depth_tf=(48, 4, 2), decoder=(32, (1, 1, 1, 1, 1), 1, 32)),
+    "medium": dict(llm=(1024, 8, 16, 2816), siglip=(256, 4, 4, 1024), n_embed=4096, depth_tf=(512, 8, 3), decoder=(64, (1, 1, 2, 2, 4), 1, 128)),
+    "full": dict(llm=(4096, 32, 32, 11008), siglip=(1024, 24, 16, 4096), n_embed=16384, depth_tf=(2560, 40, 6), decoder=(128, (1, 1, 2, 2, 4), 2, 256)),
+}
+
+
+def build_random_model(preset: str, dtype: torch.dtype, device: torch.device, workdir: Path) -> VilaUModel:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    p = PRESETS[preset]
+    hidden, layers, heads, mlp = p["llm"]
+    width, s_layers, s_heads, s_mlp = p["siglip"]
+    ch, ch_mult, res_blocks, z = p["decoder"]
+    n_words = write_tokenizer(workdir, 512)
+    tokenizer = VilaTokenizer(workdir)
+    vocab = max(len(tokenizer), 32004 if preset == "full" else len(tokenizer))
+    config = VilaUConfig(
+        root=workdir,
+        llm=LlmSpec(hidden_size=hidden, vocab_size=vocab, num_hidden_layers=layers, max_position_embeddings=4096,
+                    rope_linear_factor=2.0, tokenizer_model_max_length=8192),
+        siglip=SiglipVisionSpec(hidden_size=width, intermediate_size=s_mlp, num_hidden_layers=s_layers + 1,
+                                num_attention_heads=s_heads, image_size=256, patch_size=16, num_channels=3,
+                                hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6, attention_dropout=0.0, source="random"),
+        quantizer=QuantizerSpec(n_embed=p["n_embed"], embed_dim=width, grid=(16, 16), depth=4, shared_codebook=True),
+        decoder=DecoderSpec(ch=ch, out_ch=3, ch_mult=ch_mult, num_res_blocks=res_blocks, attn_resolutions=(16,),
+                            resolution=256, z_channels=z, latent_shape=None),
+        depth=DepthSpec(embed_dim=p["depth_tf"][0], n_layer=p["depth_tf"][2], n_head=p["depth_tf"][1],
+                        vocab_size=p["n_embed"], depth=4, code_dim=width, llm_dim=hidden),
+        projector=ProjectorSpec(kind="mlp2x_gelu", in_dim=width, out_dim=hidden),
+        image_aspect_ratio="resize", num_video_frames=8,
+        mm_use_im_start_end=True, mm_use_vi_start_end=True, mm_use_im_patch_token=False,
+    )
+    llm_config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=mlp, num_hidden_layers=layers,
+                             num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=4096,
+                             rope_scaling={"type": "linear", "factor": 2.0}, tie_word_embeddings=False)
+    llm_config._attn_implementation = "sdpa"
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            llm = LlamaForCausalLM(llm_config).eval().requires_grad_(False)
+            vision = VisionTower(config).eval().requires_grad_(False)
+            projector = Projector(config.projector).eval().requires_grad_(False)
+    finally:
+        torch.set_default_dtype(previous)
+    assert n_words > 0
+    return VilaUModel(config, tokenizer, llm, vision, projector, dtype)
+
+
+def peak_memory_mb(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.max_memory_allocated(device) / 2**20:.0f} MiB GPU"
+    return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB RSS"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=PRESETS, default="tiny")
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: bf16 on GPU, fp32 on CPU)")
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--repeats", type=int, default=1, help="timed runs per batch size (after one warm-up)")
+    args = parser.parse_args()
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        model = build_random_model(args.preset, dtype, device, Path(tmp))
+        print(f"preset {args.preset}: built in {time.perf_counter() - t0:.1f} s on {device} ({dtype}); "
+              f"{sum(p.numel() for p in model.networks.parameters()) / 1e6:.1f} M parameters; {torch.get_num_threads()} threads")
+        P = model.config.tokens_per_image
+        generate_codes(model, "warm-up", num_images=1, seed=0)  # first-call allocations, lazy inits
+        for batch in args.batch:
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            loop, decode = [], []
+            for r in range(args.repeats):
+                sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+                sync(); t = time.perf_counter()
+                codes = generate_codes(model, "a red apple on a table", num_images=batch, seed=r, sampling=ImageSampling())
+                sync(); t_loop = time.perf_counter() - t
+                model.decode_codes(codes)
+                sync(); decode.append(time.perf_counter() - t - t_loop); loop.append(t_loop)
+            t_loop, t_decode = min(loop), min(decode)
+            print(f"  batch {batch}: {1000 * t_loop / P:.2f} ms/position, {P * batch / t_loop:.1f} positions/s, "
+                  f"{(t_loop + t_decode) / batch:.3f} s/image ({t_decode / batch:.3f} s of it decoding), peak {peak_memory_mb(device)}")
+
+
+if __name__ == "__main__":
+    main()
