@@ -87,7 +87,9 @@ def _describe(args: argparse.Namespace) -> int:
     from .understand import TextSampling, describe_images, describe_video
     from .video import read_video
 
-    sampling_flags = {"--temperature": args.temperature, "--top-p": args.top_p, "--top-k": args.top_k, "--seed": args.seed}
+    sampling_flags = {
+        "--temperature": args.temperature, "--top-p": args.top_p, "--top-k": args.top_k, "--seed": args.seed,
+    }
     given = [flag for flag, value in sampling_flags.items() if value is not None]
     if args.greedy and given:
         raise InputError(f"--greedy picks the most likely token; it cannot be combined with {', '.join(given)}")
@@ -219,10 +221,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--greedy", action="store_true", help="always take the most likely token (no sampling)")
     p.add_argument("--temperature", type=float, default=None, help="sampling temperature (default 0.9)")
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold (default 0.6)")
-    p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens; 0 = all (default 50)")
+    p.add_argument("--top-k", type=int, default=None,
+                   help="sample among the k most likely tokens; 0 = all (default 50)")
     p.add_argument("--seed", type=int, default=None, help="random seed of the sampler (default 0)")
-    p.add_argument("--repetition-penalty", type=float, default=1.0, help="above 1 discourages repeats (default 1.0 = off)")
-    p.add_argument("--json", action="store_true", help='print {"answers", "input_ids", "output_ids"} as one JSON object')
+    p.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="above 1 discourages repeats (default 1.0 = off)")
+    p.add_argument("--json", action="store_true",
+                   help='print {"answers", "input_ids", "output_ids"} as one JSON object')
     p.set_defaults(run=_describe)
 
     p = sub.add_parser("generate-image", help="text -> images image_0.png, ... (codes [N,h,w,D] with --save-codes)")

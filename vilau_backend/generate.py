@@ -102,8 +102,8 @@ class CodeStream:
         causal = self.key_index[None, :] <= torch.arange(T, device=self.key_index.device)[:, None]  # (T, L)
         allowed = self.key_mask[:, None, None, :] & causal[None, None]  # (R, 1, T, L)
         hidden = forward_hidden(
-            self.model.llm, embeds, additive_mask(allowed, embeds.dtype), self.prompt_positions,
-            self.cache, torch.arange(T, device=embeds.device),
+            self.model.llm, self.cache, inputs_embeds=embeds, attention_mask=additive_mask(allowed, embeds.dtype),
+            position_ids=self.prompt_positions, cache_position=torch.arange(T, device=embeds.device),
         )
         return hidden[:, -1]
 
@@ -112,8 +112,8 @@ class CodeStream:
         index = self.prompt_len + p  # cache index of this input
         allowed = (self.key_mask & (self.key_index <= index))[:, None, None, :]  # (R, 1, 1, L)
         hidden = forward_hidden(
-            self.model.llm, embed[:, None, :], additive_mask(allowed, embed.dtype), self.first_position + p,
-            self.cache, self.key_index[index : index + 1],
+            self.model.llm, self.cache, inputs_embeds=embed[:, None, :], attention_mask=additive_mask(allowed, embed.dtype),
+            position_ids=self.first_position + p, cache_position=self.key_index[index : index + 1],
         )
         return hidden[:, -1]
 

@@ -46,25 +46,24 @@ def new_dynamic_cache(llm: nn.Module):
 
 def forward_hidden(
     llm: nn.Module,
-    embeds: torch.Tensor,
-    mask: torch.Tensor,
-    position_ids: torch.Tensor,
     kv_cache,
-    cache_position: torch.Tensor,
+    *,
+    inputs_embeds: torch.Tensor | None = None,
+    input_ids: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+    cache_position: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """embeds (R, T, H), additive mask (R, 1, T, K), position_ids (R, T) -> final-norm hidden states (R, T, H).
+    """The Llama body on embeddings (R, T, H) or ids (R, T), with a KV cache -> final-norm hidden states (R, T, H).
 
-    The text head (lm_head) is not run: callers that need logits apply it to the positions they want."""
+    attention_mask, when given, is a 4-D additive mask (R, 1, T, K); without it one
+    unpadded row gets the causal mask transformers derives from the cache. The text
+    head (lm_head) is not run: callers apply it to the positions they want."""
     body = llm.model
-    out = body(
-        inputs_embeds=embeds,
-        attention_mask=mask,
-        position_ids=position_ids,
-        cache_position=cache_position,
-        use_cache=True,
-        **{_cache_argument(type(body)): kv_cache},
-    )
-    return out.last_hidden_state
+    inputs = dict(inputs_embeds=inputs_embeds, input_ids=input_ids, attention_mask=attention_mask,
+                  position_ids=position_ids, cache_position=cache_position)
+    inputs = {k: v for k, v in inputs.items() if v is not None}
+    return body(use_cache=True, **{_cache_argument(type(body)): kv_cache}, **inputs).last_hidden_state
 
 
 def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

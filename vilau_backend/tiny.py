@@ -61,7 +61,7 @@ def write_tiny_checkpoint(folder: str | Path, sizes: TinySizes = TinySizes(), se
     (folder / "vision_tower" / "siglip").mkdir(parents=True, exist_ok=True)
     (folder / "mm_projector").mkdir(parents=True, exist_ok=True)
 
-    n_words = _write_tokenizer(folder / "llm", sizes.sp_vocab)
+    n_words = write_tokenizer(folder / "llm", sizes.sp_vocab)
     vocab = n_words + len(ADDED_TOKENS)
     llm_cfg = _llm_config(sizes, vocab)
     vt_cfg = _vision_tower_config(sizes)
@@ -233,7 +233,7 @@ def _root_config(s: TinySizes, llm_cfg: dict, vt_cfg: dict, proj_cfg: dict) -> d
 # ---- tokenizer ----------------------------------------------------------------------
 
 
-def _write_tokenizer(llm_dir: Path, vocab_size: int) -> int:
+def write_tokenizer(llm_dir: Path, vocab_size: int) -> int:
     """Train a small Llama-style sentencepiece BPE model (unk 0, bos 1, eos 2, byte fallback)."""
     import sentencepiece as spm
 
