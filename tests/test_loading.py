@@ -194,3 +194,22 @@ def test_unsupported_aspect_ratio(broken):
 def test_golden_layout_is_recognised_as_a_model_folder():
     assert is_vila_u_folder(GOLDEN_CHECKPOINT)
     assert not is_vila_u_folder(GOLDEN_CHECKPOINT / "llm")
+
+
+def test_decoder_latent_shape_resizes_codes_before_decoding(broken):
+    """The original resizes the code grid bilinearly (in float32) to decoder_latent_shape first."""
+    vt = broken / "vision_tower" / "config.json"
+    data = json.loads(vt.read_text())
+    data["rqvaesiglip"]["decoder_latent_shape"] = [16, 16]
+    data["rqvaesiglip"]["ddconfig"]["resolution"] = 128  # 4 levels: 16 -> 128 px
+    vt.write_text(json.dumps(data))
+    model = VilaUModel.load(broken, dtype="float32")
+    codes = torch.randint(0, 256, (1, 8, 8, 4))
+    features = model.codes_to_features(codes)  # (1, 8, 8, C)
+    images = model.decode_features(features)
+    assert images.shape == (1, 128, 128, 3)
+    resized = torch.nn.functional.interpolate(features.permute(0, 3, 1, 2), size=(16, 16), mode="bilinear", align_corners=False)
+    with torch.inference_mode():
+        raw = model.vision.pixel_decoder.decoder(model.vision.pixel_decoder.post_quant_conv(resized))
+    expected = raw.add(1).mul(127.5).clamp(0, 255).div(255).permute(0, 2, 3, 1)
+    assert (images - expected).abs().max().item() < 1e-4  # float32 conv rounding only
