@@ -1,0 +1,19 @@
+"""ComfyUI node classes (V3 schema), one module per family; the model work is in vilau_backend."""
+
+from __future__ import annotations
+
+from comfy_api.latest import ComfyExtension, io
+
+from .model_files import register_folder
+
+__all__ = ["VilaUExtension", "register_folder"]
+
+
+class VilaUExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        from .generation import TextToImage, TextToVideo
+        from .loader import ModelLoader
+        from .rqvae import RQVAEDecode, RQVAEEncode
+        from .understanding import ImageQA, VideoQA
+
+        return [ModelLoader, ImageQA, VideoQA, TextToImage, TextToVideo, RQVAEEncode, RQVAEDecode]

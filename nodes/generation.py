@@ -1,0 +1,165 @@
+"""VILA-U Text to Image and Text to Video: the autoregressive code loop, one grid position at a time."""
+
+from __future__ import annotations
+
+from fractions import Fraction
+
+from comfy_api.latest import io
+
+from .progress import PositionProgress
+from .rqvae import vilau_latent
+from .schema import CATEGORY, advanced, model_input, seed_input
+
+MAX_IMAGES = 16
+MAX_VIDEOS = 4
+MAX_FRAMES = 32  # the context (8192 positions) holds 31 frames of the 256 px model, 11 of the 384 px one
+
+
+def generation_inputs(what: str, max_batch: int) -> list[io.Input]:
+    """Prompt, guidance, seed, batch and depth-code sampling; defaults are the original's."""
+    return [
+        model_input(),
+        io.String.Input(
+            "prompt", multiline=True, default="", tooltip=f"What the {what} should show. Must not be empty."
+        ),
+        io.String.Input(
+            "negative_prompt", multiline=True, default="",
+            tooltip="What to steer away from, through classifier-free guidance. Empty: the original's "
+            "unconditional prompt (a single space).",
+        ),
+        io.Float.Input(
+            "cfg", default=3.0, min=0.0, max=30.0, step=0.1, round=0.01,
+            tooltip="Classifier-free guidance scale: how strongly the prompt (against the negative prompt) "
+            "steers every code; 1 is no guidance; the original uses 3.",
+        ),
+        seed_input(f"Seed of the code sampling. {what.capitalize()} i of a batch is the same whatever the batch size."),
+        io.Int.Input(
+            "batch_size", default=1, min=1, max=max_batch,
+            tooltip=f"How many {what}s to generate at once (at most {max_batch}); memory grows with it.",
+        ),
+        advanced(io.Float.Input(
+            "temperature", default=1.0, min=0.0, max=5.0, step=0.01,
+            tooltip="Advanced: sampling temperature of the depth codes; 0 picks the most likely code (greedy).",
+        )),
+        advanced(io.Int.Input(
+            "top_k", default=900, min=0, max=1_000_000,
+            tooltip="Advanced: draw each code from the k most likely; 0 turns the filter off.",
+        )),
+        advanced(io.Float.Input(
+            "top_p", default=0.96, min=0.01, max=1.0, step=0.01,
+            tooltip="Advanced: draw each code from the most likely codes that together reach this probability; "
+            "1 turns the filter off.",
+        )),
+    ]
+
+
+def check_prompt(prompt: str | None) -> bool | str:
+    if prompt is not None and not prompt.strip():
+        return "the prompt is empty: describe what to generate"
+    return True
+
+
+def generation_options(
+    model, positions: int, *, negative_prompt: str, cfg: float, seed: int, batch_size: int,
+    temperature: float, top_k: int, top_p: float,
+) -> dict:
+    """The node's generation inputs -> keyword arguments of generate_images / generate_video."""
+    from ..vilau_backend.generate import ImageSampling
+    from ..vilau_backend.prompts import DEFAULT_NEGATIVE_PROMPT
+
+    return dict(
+        negative_prompt=negative_prompt if negative_prompt.strip() else DEFAULT_NEGATIVE_PROMPT,
+        num_images=batch_size,
+        sampling=ImageSampling(cfg=cfg, temperature=temperature, top_k=top_k, top_p=top_p),
+        seed=seed,
+        on_position=PositionProgress(model, positions),
+    )
+
+
+class TextToImage(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="VILAU_TextToImage",
+            display_name="VILA-U Text to Image",
+            category=CATEGORY,
+            description=(
+                "Generates images from a prompt, one grid position after another (256 positions for the 256 px "
+                "model), with a preview of the rows done so far. Outputs the images and their RQ-VAE latent "
+                "(decodable with VILA-U RQ-VAE Decode, also after core latent nodes)."
+            ),
+            inputs=generation_inputs("image", MAX_IMAGES),
+            outputs=[
+                io.Image.Output(display_name="image", tooltip="The generated images, at the model's size."),
+                io.Latent.Output(
+                    display_name="latent",
+                    tooltip="Their RQ-VAE latent: samples = summed code embeddings (B, C, h, w), plus the codes.",
+                ),
+            ],
+        )
+
+    @classmethod
+    def validate_inputs(cls, prompt: str | None = None) -> bool | str:
+        return check_prompt(prompt)
+
+    @classmethod
+    def execute(cls, model, prompt: str, **options) -> io.NodeOutput:
+        """options: the other generation inputs (negative_prompt, cfg, seed, batch_size, temperature, top_k, top_p)."""
+        from ..vilau_backend.generate import generate_images
+
+        vila = model.ready()
+        h, w = vila.config.grid
+        result = generate_images(vila, prompt, **generation_options(vila, h * w, **options))
+        return io.NodeOutput(result.images, vilau_latent(result.features, result.codes))
+
+
+class TextToVideo(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="VILAU_TextToVideo",
+            display_name="VILA-U Text to Video",
+            category=CATEGORY,
+            description=(
+                "Generates short videos from a prompt, frame after frame, with a preview of the frame in progress. "
+                "Outputs the frames (an IMAGE batch), a VIDEO (for Save Video) and the frames' RQ-VAE latent. "
+                "With a batch, the videos follow one another in all three outputs."
+            ),
+            inputs=[
+                *generation_inputs("video", MAX_VIDEOS),
+                io.Int.Input(
+                    "frames", default=8, min=1, max=MAX_FRAMES,
+                    tooltip="Frames per video (the original makes 8). Prompt and frames must fit the model's "
+                    "context: up to 31 frames for the 256 px model, 11 for the 384 px one.",
+                ),
+                io.Float.Input(
+                    "fps", default=8.0, min=1.0, max=120.0, step=1.0,
+                    tooltip="Frame rate stored in the VIDEO output; it does not change what is generated.",
+                ),
+            ],
+            outputs=[
+                io.Image.Output(display_name="frames", tooltip="All frames, video after video (batch x frames)."),
+                io.Video.Output(display_name="video", tooltip="The frames as a VIDEO at the chosen fps."),
+                io.Latent.Output(display_name="latent", tooltip="The frames' RQ-VAE latent, one entry per frame."),
+            ],
+        )
+
+    @classmethod
+    def validate_inputs(cls, prompt: str | None = None) -> bool | str:
+        return check_prompt(prompt)
+
+    @classmethod
+    def execute(cls, model, prompt: str, frames: int, fps: float, **options) -> io.NodeOutput:
+        """options: the other generation inputs, as for Text to Image."""
+        from comfy_api.latest import InputImpl, Types
+
+        from ..vilau_backend.generate import generate_video
+
+        vila = model.ready()
+        h, w = vila.config.grid
+        result = generate_video(vila, prompt, frames=frames, **generation_options(vila, frames * h * w, **options))
+        images = result.images.flatten(0, 1)  # (B*F, H, W, 3)
+        components = Types.VideoComponents(images=images, audio=None, frame_rate=Fraction(fps))
+        video = InputImpl.VideoFromComponents(components)
+        latent = vilau_latent(result.features.flatten(0, 1), result.codes.flatten(0, 1))
+        return io.NodeOutput(images, video, latent)

@@ -1,0 +1,235 @@
+"""Where VILA-U models live: the `vila_u` model folder, its listing, and downloads from the hub.
+
+Models are folders in the published layout under `ComfyUI/models/vila-u/` or any
+path given under the `vila_u` key of extra_model_paths.yaml. The loader's combo
+lists those folders by their path relative to the root they were found in, and
+always lists the published repositories too: choosing one uses its folder
+`models/vila-u/<repo name>` when it is complete, and downloads it there
+otherwise (resuming an interrupted download).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+from ..vilau_backend.config import is_vila_u_folder
+from ..vilau_backend.errors import CheckpointError
+
+FOLDER_NAME = "vila_u"  # folder_paths key, and the key in extra_model_paths.yaml
+DEFAULT_SUBDIR = "vila-u"  # under ComfyUI/models
+PUBLISHED = ("mit-han-lab/vila-u-7b-256", "mit-han-lab/vila-u-7b-384")
+# published repositories may carry other copies of the weights; the loader reads safetensors
+IGNORED_PATTERNS = ["*.bin", "*.pt", "*.pth", "*.ckpt", "*.h5", "*.msgpack", "*.onnx"]
+FILES_HINT = (
+    "config.json at the top; llm/ with config.json, generation_config.json, the tokenizer files "
+    "(tokenizer.model, tokenizer_config.json, special_tokens_map.json) and the *.safetensors weights with "
+    "their model.safetensors.index.json; vision_tower/ with config.json, preprocessor_config.json and its "
+    "*.safetensors; mm_projector/ with config.json and its *.safetensors"
+)
+
+
+def register_folder() -> None:
+    """Add models/vila-u to the `vila_u` model folder, after any paths extra_model_paths.yaml gave it."""
+    import folder_paths
+
+    folder_paths.add_model_folder_path(FOLDER_NAME, os.path.join(folder_paths.models_dir, DEFAULT_SUBDIR))
+
+
+def model_roots() -> list[Path]:
+    import folder_paths
+
+    try:
+        return [Path(p) for p in folder_paths.get_folder_paths(FOLDER_NAME)]
+    except KeyError:  # the pack's __init__ registers it; only missing if that did not run
+        return [Path(folder_paths.models_dir) / DEFAULT_SUBDIR]
+
+
+def default_root() -> Path:
+    import folder_paths
+
+    return Path(folder_paths.models_dir) / DEFAULT_SUBDIR
+
+
+def local_models() -> dict[str, Path]:
+    """{name: folder} of the VILA-U models found, first root wins. A name is the folder's path
+    relative to its root ('vila-u-7b-256', 'mine/finetune'); models are looked for two levels deep."""
+    found: dict[str, Path] = {}
+    for root in model_roots():
+        if is_vila_u_folder(root):  # the yaml named a model folder itself
+            found.setdefault(root.name, root)
+            continue
+        for child in _subfolders(root):
+            if is_vila_u_folder(child):
+                found.setdefault(child.name, child)
+                continue
+            for grandchild in _subfolders(child):
+                if is_vila_u_folder(grandchild):
+                    found.setdefault(f"{child.name}/{grandchild.name}", grandchild)
+    return found
+
+
+def model_choices() -> list[str]:
+    """The loader's combo: local model folders, then the published repositories."""
+    names = sorted(local_models(), key=str.lower)
+    return names + [repo for repo in PUBLISHED if repo not in names]
+
+
+def _subfolders(folder: Path) -> list[Path]:
+    try:
+        return sorted((p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")), key=lambda p: p.name)
+    except OSError:
+        return []
+
+
+# ---- resolving a choice to a folder -------------------------------------------------------
+
+DownloadProgress = Callable[[int, int], None]  # (done, total); raising stops the download
+
+
+def resolve_model(name: str, download: bool, progress: DownloadProgress | None = None) -> Path:
+    """The folder of the model chosen in the loader, downloading a published one when allowed."""
+    local = local_models()
+    if name in local and name not in PUBLISHED:
+        return local[name]
+    if name not in PUBLISHED:
+        roots = ", ".join(str(r) for r in model_roots())
+        raise CheckpointError(
+            f"no VILA-U model named '{name}' in {roots}",
+            hint="put the model folder (config.json, llm/, vision_tower/, mm_projector/) in one of those folders "
+            "and refresh the page (press R), or choose one of the published models to download it",
+        )
+    folder = published_folder(name)
+    if is_complete_download(folder):
+        return folder
+    if not download:
+        raise CheckpointError(
+            f"{name} is not (completely) in {folder}",
+            hint=f"turn on download_if_missing to fetch it, or put its files there by hand: {FILES_HINT}",
+        )
+    download_published(name, folder, progress)
+    return folder
+
+
+def published_folder(repo_id: str) -> Path:
+    """Where a published model is (any root holding a folder of its name), or goes (models/vila-u/<name>)."""
+    leaf = repo_id.split("/")[-1]
+    for root in model_roots():
+        for candidate in (root / leaf, root / repo_id):
+            if candidate.is_dir():
+                return candidate
+    return default_root() / leaf
+
+
+def is_complete_download(folder: Path) -> bool:
+    """A VILA-U folder with no unfinished download in it: neither ours (the marker next to it) nor one
+    of `hf download --local-dir` (its partial files end in .incomplete)."""
+    return not unfinished_marker(folder).exists() and has_all_files(folder)
+
+
+def has_all_files(folder: Path) -> bool:
+    return is_vila_u_folder(folder) and not any((folder / ".cache" / "huggingface").glob("**/*.incomplete"))
+
+
+def unfinished_marker(folder: Path) -> Path:
+    # next to the folder, not in it: snapshot_download treats any non-empty folder as a finished
+    # download when the hub cannot be reached
+    return folder.parent / f".{folder.name}.unfinished-download"
+
+
+def download_published(repo_id: str, folder: Path, progress: DownloadProgress | None = None) -> None:
+    """snapshot_download into `folder`, resuming what an earlier try left. `progress(done, total)` is
+    called about twice a second from this thread (bytes when huggingface_hub reports them, files
+    otherwise); if it raises, the download is stopped and the exception re-raised."""
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as exc:
+        raise CheckpointError(
+            f"downloading {repo_id} needs huggingface_hub", hint="install it with `pip install huggingface_hub`"
+        ) from exc
+
+    folder.mkdir(parents=True, exist_ok=True)
+    unfinished_marker(folder).write_text(f"{repo_id}\n", encoding="utf-8")
+    tracker = _DownloadTracker()
+    outcome: dict[str, BaseException] = {}
+
+    def run() -> None:
+        try:
+            snapshot_download(
+                repo_id, local_dir=str(folder), ignore_patterns=IGNORED_PATTERNS, tqdm_class=tracker.tqdm_class()
+            )
+        except BaseException as exc:  # noqa: BLE001 - handed to the calling thread
+            outcome["error"] = exc
+
+    worker = threading.Thread(target=run, name=f"download {repo_id}", daemon=True)
+    worker.start()
+    try:
+        while worker.is_alive():
+            worker.join(0.5)
+            if progress is not None:
+                progress(*tracker.state())
+    except BaseException:
+        tracker.cancel.set()  # the next progress update inside huggingface_hub raises
+        worker.join(30)
+        raise
+    if "error" in outcome:
+        raise _download_failed(repo_id, folder, _first_line(outcome["error"])) from outcome["error"]
+    if not has_all_files(folder):
+        # huggingface_hub returns a non-empty folder as it is when it cannot reach the hub
+        raise _download_failed(repo_id, folder, "the hub could not be reached and the folder is still incomplete")
+    unfinished_marker(folder).unlink()
+
+
+def _download_failed(repo_id: str, folder: Path, reason: str) -> CheckpointError:
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        reason = f"HF_HUB_OFFLINE is set, so nothing can be downloaded ({reason})"
+    return CheckpointError(
+        f"could not download {repo_id} into {folder}: {reason}",
+        hint=f"run `hf download {repo_id} --local-dir \"{folder}\"` (`huggingface-cli download` with older "
+        "huggingface_hub) on a machine with internet access (an interrupted download resumes), or put the files "
+        f"of https://huggingface.co/{repo_id} there by hand: {FILES_HINT}",
+    )
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0].rstrip(".") if text else type(exc).__name__
+
+
+class _DownloadTracker:
+    """Collects huggingface_hub's progress bars (from its worker threads) for one download."""
+
+    def __init__(self):
+        self.cancel = threading.Event()
+        self._lock = threading.Lock()
+        self._bars: list = []
+
+    def tqdm_class(self):
+        from huggingface_hub.utils import tqdm as hf_tqdm
+
+        tracker = self
+
+        class TrackedTqdm(hf_tqdm):
+            def __init__(self, *args, **kwargs):
+                super().__init__(*args, **kwargs)
+                with tracker._lock:
+                    tracker._bars.append(self)
+
+            def update(self, n=1):
+                if tracker.cancel.is_set():
+                    raise InterruptedError("download stopped")
+                return super().update(n)
+
+        return TrackedTqdm
+
+    def state(self) -> tuple[int, int]:
+        """(done, total) of the byte bar if there is one, else of the file-count bar."""
+        with self._lock:
+            bars = list(self._bars)
+        byte_bars = [b for b in bars if getattr(b, "unit", "") == "B" and b.total]
+        chosen = max(byte_bars, key=lambda b: b.total, default=None) or next((b for b in bars if b.total), None)
+        if chosen is None:
+            return 0, 0
+        return int(chosen.n), int(chosen.total)

@@ -1,0 +1,104 @@
+"""Reporting from the backend's callbacks to ComfyUI: progress bars, previews, text on the node, cancel.
+
+Every callback first asks ComfyUI whether the run was interrupted, and raising
+there is how the cancel button stops a generation between two positions or two
+tokens.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+PREVIEWS_PER_IMAGE = 4  # a partial-grid preview every h/4 rows
+
+
+class PositionProgress:
+    """on_position callback for image and video generation: the bar advances one grid position at a
+    time, with a preview of the frame being generated every few rows."""
+
+    def __init__(self, model, total_positions: int):
+        import comfy.utils
+
+        self.model = model
+        h, w = model.config.grid
+        self.preview_every = max(1, h // PREVIEWS_PER_IMAGE) * w  # positions between previews
+        self.bar = comfy.utils.ProgressBar(total_positions)
+
+    def __call__(self, done: int, total: int, codes_so_far) -> None:
+        import comfy.model_management as mm
+
+        mm.throw_exception_if_processing_interrupted()
+        preview = None
+        if done % self.preview_every == 0 or done == total:
+            preview = self._preview(codes_so_far, total)
+        self.bar.update_absolute(done, total, preview)
+
+    def _preview(self, codes_so_far, total: int):
+        from comfy.cli_args import args
+        from PIL import Image
+
+        from ..vilau_backend.generate import preview_image
+
+        image = preview_image(self.model, codes_so_far[:1], total)[0]  # (H, W, 3): the first of the batch
+        pixels = image.mul(255).round().clamp(0, 255).byte().numpy()
+        return "JPEG", Image.fromarray(pixels), args.preview_size
+
+
+class AnswerProgress:
+    """on_token callback for understanding: the answer so far is shown on the node while it grows,
+    and the bar counts tokens out of max_new_tokens for each answer."""
+
+    def __init__(self, node_id: str | None, answers: int, max_new_tokens: int):
+        import comfy.utils
+
+        self.node_id = node_id
+        self.max_new_tokens = max_new_tokens
+        self.finished: list[str] = []  # answers already complete
+        self._current: str | None = None  # the answer being generated
+        self.bar = comfy.utils.ProgressBar(answers * max_new_tokens)
+
+    def __call__(self, step: int, token: int, text: str) -> None:
+        import comfy.model_management as mm
+
+        mm.throw_exception_if_processing_interrupted()
+        if step == 0 and self._current is not None:  # a new answer began
+            self.finished.append(self._current)
+        self._current = text
+        show_text(self.node_id, self.finished + [text])
+        self.bar.update_absolute(len(self.finished) * self.max_new_tokens + step + 1)
+
+    def done(self, answers: list[str]) -> None:
+        """The final answers stay on the node (answers that ended early leave the bar short: fill it)."""
+        self.bar.update_absolute(self.bar.total)
+        show_text(self.node_id, answers)
+
+
+def show_text(node_id: str | None, answers: list[str]) -> None:
+    """Text on the node (the front end's progress-text widget stays after the run)."""
+    if node_id is None:
+        return
+    from server import PromptServer
+
+    PromptServer.instance.send_progress_text(format_answers(answers), node_id)
+
+
+def format_answers(answers: list[str]) -> str:
+    if len(answers) == 1:
+        return answers[0]
+    return "\n\n".join(f"[{i + 1}] {text}" for i, text in enumerate(answers))
+
+
+@contextmanager
+def interrupts_pass_through():
+    """The understanding backend wraps anything its token callback raises in GenerationCancelled;
+    ComfyUI must see its own InterruptProcessingException to end the prompt as interrupted."""
+    import comfy.model_management as mm
+
+    from ..vilau_backend.errors import GenerationCancelled
+
+    try:
+        yield
+    except GenerationCancelled as exc:
+        if isinstance(exc.__cause__, mm.InterruptProcessingException):
+            raise exc.__cause__ from None
+        raise

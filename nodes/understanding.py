@@ -1,0 +1,201 @@
+"""VILA-U Image Q&A and Video Q&A: answers shown on the node while they are generated."""
+
+from __future__ import annotations
+
+from comfy_api.latest import io
+
+from .progress import AnswerProgress, interrupts_pass_through
+from .schema import CATEGORY, advanced, model_input, seed_input
+
+EACH_IMAGE = "one answer per image"
+ALL_IMAGES = "one answer about all images"
+MAX_NEW_TOKENS = 4096
+
+
+def question_input(default: str, what: str) -> io.String.Input:
+    return io.String.Input(
+        "question", multiline=True, default=default, tooltip=f"What to ask about the {what}. Must not be empty."
+    )
+
+
+def answer_inputs() -> list[io.Input]:
+    """Seed, answer length and sampling; the defaults are the published checkpoints' generation_config."""
+    return [
+        seed_input("Seed of the token sampling. Same seed, same answer; unused with greedy decoding."),
+        io.Int.Input(
+            "max_new_tokens", default=512, min=1, max=MAX_NEW_TOKENS,
+            tooltip="The longest answer, in tokens; the answer usually ends earlier, when the model says it is done.",
+        ),
+        io.Boolean.Input(
+            "do_sample", default=True, label_on="sample", label_off="greedy",
+            tooltip="sample: draw each token (temperature, top_k, top_p apply), as the original's defaults. "
+            "greedy: always the most likely token, the same answer whatever the seed.",
+        ),
+        advanced(io.Float.Input(
+            "temperature", default=0.9, min=0.01, max=5.0, step=0.01,
+            tooltip="Sampling only (advanced): below 1 sharper and more predictable, above 1 more varied.",
+        )),
+        advanced(io.Int.Input(
+            "top_k", default=50, min=0, max=100000,
+            tooltip="Sampling only (advanced): draw from the k most likely tokens; 0 turns the filter off.",
+        )),
+        advanced(io.Float.Input(
+            "top_p", default=0.6, min=0.0, max=1.0, step=0.01,
+            tooltip="Sampling only (advanced): draw from the most likely tokens that together reach this "
+            "probability; 1 turns the filter off.",
+        )),
+        advanced(io.Float.Input(
+            "repetition_penalty", default=1.0, min=0.01, max=5.0, step=0.01,
+            tooltip="Advanced: above 1 discourages repeating tokens already generated (sampling and greedy); "
+            "1 turns it off.",
+        )),
+    ]
+
+
+def answer_output(tooltip: str, is_list: bool = False) -> io.String.Output:
+    return io.String.Output(display_name="answer", tooltip=tooltip, is_output_list=is_list)
+
+
+def text_sampling(do_sample: bool, temperature: float, top_k: int, top_p: float, repetition_penalty: float):
+    from ..vilau_backend.understand import TextSampling
+
+    return TextSampling(
+        do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty
+    )
+
+
+def check_question(question: str | None) -> bool | str:
+    if question is not None and not question.strip():
+        return "the question is empty: ask something, e.g. 'Describe the image in detail.'"
+    return True
+
+
+class ImageQA(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="VILAU_ImageQA",
+            display_name="VILA-U Image Q&A",
+            category=CATEGORY,
+            description=(
+                "Answers a question about images (captions, VQA). For a batch of images it answers each image on "
+                "its own by default, giving a list of answers: nodes after it run once per answer (as with "
+                "captioning/tagging nodes). The answer appears on the node as it is written."
+            ),
+            inputs=[
+                model_input(),
+                io.Image.Input("image", tooltip="The image(s) to ask about; any size, the model resizes them."),
+                question_input("Describe the image in detail.", "image"),
+                io.Combo.Input(
+                    "batch_mode", options=[EACH_IMAGE, ALL_IMAGES], default=EACH_IMAGE,
+                    tooltip=f"With several images: '{EACH_IMAGE}' answers each image separately (a list, in "
+                    f"batch order); '{ALL_IMAGES}' puts all of them in one prompt, in order, for one answer "
+                    "(to compare images).",
+                ),
+                *answer_inputs(),
+            ],
+            outputs=[answer_output("The answers: one per image, or one for all images.", is_list=True)],
+            hidden=[io.Hidden.unique_id],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def validate_inputs(cls, question: str | None = None) -> bool | str:
+        return check_question(question)
+
+    @classmethod
+    def execute(
+        cls, model, image, question: str, batch_mode: str, seed: int, max_new_tokens: int, do_sample: bool,
+        temperature: float, top_k: int, top_p: float, repetition_penalty: float,
+    ) -> io.NodeOutput:
+        from ..vilau_backend.errors import InputError
+        from ..vilau_backend.understand import describe_images
+
+        if batch_mode not in (EACH_IMAGE, ALL_IMAGES):  # ComfyUI 0.3.75 does not check V3 combo values
+            raise InputError(f"batch_mode must be '{EACH_IMAGE}' or '{ALL_IMAGES}', got '{batch_mode}'")
+        each = batch_mode == EACH_IMAGE
+        progress = AnswerProgress(cls.hidden.unique_id, image.shape[0] if each else 1, max_new_tokens)
+        with interrupts_pass_through():
+            answers = describe_images(
+                model.ready(), image, question, batch=each,
+                sampling=text_sampling(do_sample, temperature, top_k, top_p, repetition_penalty),
+                max_new_tokens=max_new_tokens, seed=seed, on_token=progress,
+            )
+        texts = [answer.text for answer in answers]
+        progress.done(texts)
+        return io.NodeOutput(texts, ui={"text": texts})
+
+
+class VideoQA(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="VILAU_VideoQA",
+            display_name="VILA-U Video Q&A",
+            category=CATEGORY,
+            description=(
+                "Answers a question about a video, given as frames (an IMAGE batch) or as a VIDEO. The model looks "
+                "at evenly spaced frames (8 for the published models). The answer appears on the node as it is "
+                "written."
+            ),
+            inputs=[
+                model_input(),
+                question_input("Describe the video in detail.", "video"),
+                io.Image.Input(
+                    "frames", optional=True,
+                    tooltip="The video as an IMAGE batch, one image per frame in order (e.g. from a video loader "
+                    "or VILA-U Text to Video). Connect this or video, not both.",
+                ),
+                io.Video.Input(
+                    "video", optional=True,
+                    tooltip="The video as a VIDEO (e.g. from Load Video); only the frames the model uses are "
+                    "decoded. Connect this or frames, not both.",
+                ),
+                *answer_inputs(),
+            ],
+            outputs=[answer_output("The answer about the video.")],
+            hidden=[io.Hidden.unique_id],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def validate_inputs(cls, question: str | None = None) -> bool | str:
+        return check_question(question)
+
+    @classmethod
+    def execute(
+        cls, model, question: str, seed: int, max_new_tokens: int, do_sample: bool, temperature: float,
+        top_k: int, top_p: float, repetition_penalty: float, frames=None, video=None,
+    ) -> io.NodeOutput:
+        from ..vilau_backend.errors import InputError
+        from ..vilau_backend.understand import describe_video
+
+        if (frames is None) == (video is None):
+            state = "both are connected; keep one" if frames is not None else "neither is connected"
+            raise InputError(f"VILA-U Video Q&A takes the video as frames (an IMAGE batch) or as a VIDEO: {state}")
+        vila = model.ready()
+        if video is not None:
+            frames = video_frames(video, vila.config.num_video_frames)
+        progress = AnswerProgress(cls.hidden.unique_id, 1, max_new_tokens)
+        with interrupts_pass_through():
+            answer = describe_video(
+                vila, frames, question,
+                sampling=text_sampling(do_sample, temperature, top_k, top_p, repetition_penalty),
+                max_new_tokens=max_new_tokens, seed=seed, on_token=progress,
+            )
+        progress.done([answer.text])
+        return io.NodeOutput(answer.text, ui={"text": [answer.text]})
+
+
+def video_frames(video, num_frames: int):
+    """A VIDEO's frames (F, H, W, 3): from a file only the evenly spaced frames the model takes are
+    decoded (as the original picks them); other videos give all their frames."""
+    from comfy_api.latest import InputImpl
+
+    from ..vilau_backend.video import read_video
+
+    if isinstance(video, InputImpl.VideoFromFile):
+        source = video.get_stream_source()
+        if isinstance(source, str):
+            return read_video(source, num_frames).frames
+    return video.get_components().images
