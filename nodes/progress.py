@@ -74,12 +74,16 @@ class AnswerProgress:
 
 
 def show_text(node_id: str | None, answers: list[str]) -> None:
-    """Text on the node (the front end's progress-text widget stays after the run)."""
+    """Text on the node (the front end's progress-text widget stays after the run).
+
+    Escaped: the front end renders this widget as HTML, and a model's answer is not markup."""
     if node_id is None:
         return
+    import html
+
     from server import PromptServer
 
-    PromptServer.instance.send_progress_text(format_answers(answers), node_id)
+    PromptServer.instance.send_progress_text(html.escape(format_answers(answers), quote=False), node_id)
 
 
 def format_answers(answers: list[str]) -> str:

@@ -3,22 +3,62 @@
 #
 #   bash scripts/run_tests.sh [pytest args...]
 #
-# Creates .venv (torch 2.14.1 + torchvision 0.29.1, the pack's requirements and
-# the test tools) and a pinned ComfyUI 0.3.75 in .cache/comfyui for the
-# end-to-end tests, then runs pytest. Re-running reuses both.
+# 1. .venv: torch 2.14.1 + torchvision 0.29.1, the pack's requirements, the test
+#    tools (pytest, playwright's Python package: it drives Debian's Chromium and
+#    never downloads a browser), and a pinned ComfyUI 0.3.75 in .cache/comfyui for
+#    the end-to-end and browser tests.
+# 2. Chromium for the browser tests: Debian's chromium + chromium-driver, installed
+#    with apt-get when this runs as root and they are missing (otherwise the browser
+#    tests fail, saying what to install).
+# 3. pytest over tests/ (the whole suite, or what the arguments say).
+# 4. The backend tests again under transformers 4.50.3, ComfyUI's floor: .cache/venv-transformers-4.50.3
+#    layers transformers 4.50.3 over .venv's packages (same torch, no second copy).
+#    VILAU_TF450=0 skips this pass.
+#
+# Re-running reuses everything. The exit code is pytest's (the first failing pass's).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 VENV=${VILAU_VENV:-.venv}
+VENV450=${VILAU_VENV450:-.cache/venv-transformers-4.50.3}
 PY="$VENV/bin/python"
-if [ ! -x "$PY" ]; then
-    python3 -m venv "$VENV"
+start=$(date +%s)
+
+# ---- 1. the test environment ------------------------------------------------------------
+bash scripts/setup_env.sh "pytest>=8" "requests>=2.31" "av>=12" "pillow>=10" "numpy>=1.24" "playwright>=1.40"
+
+# ---- 2. Chromium ------------------------------------------------------------------------
+if [ ! -x /usr/bin/chromium ]; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        echo "run_tests: installing Debian's chromium and chromium-driver for the browser tests"
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null
+    else
+        echo "run_tests: no /usr/bin/chromium (apt-get install chromium chromium-driver): the browser tests will fail"
+    fi
 fi
-"$PY" -m pip install --quiet --upgrade pip
-# torch is the user's own in ComfyUI; for the tests we pin the pair that runs here
-"$PY" -m pip install --quiet "torch==2.14.1" "torchvision==0.29.1"
-"$PY" -m pip install --quiet -r requirements.txt "pytest>=8" "requests>=2.31" "av>=12" "pillow>=10" "numpy>=1.24"
-if [ -f .ci/install_comfyui.sh ]; then
-    bash .ci/install_comfyui.sh .cache/comfyui "$VENV"
+echo "run_tests: environment ready ($(( $(date +%s) - start )) s)"
+
+# ---- 3. the suite -----------------------------------------------------------------------
+rc=0
+"$PY" -m pytest "$@" || rc=$?
+
+# ---- 4. the backend under transformers 4.50.3 -------------------------------------------
+BACKEND_TESTS=(tests/test_loading.py tests/test_vision_parity.py tests/test_prompts.py tests/test_depth.py
+               tests/test_generate.py tests/test_understand.py tests/test_cli.py)
+if [ "${VILAU_TF450:-1}" != 0 ]; then
+    PY450="$VENV450/bin/python"
+    if [ ! -x "$PY450" ]; then
+        python3 -m venv "$VENV450"
+    fi
+    # .venv's packages (torch, pytest, ...) come after its own, which hold transformers 4.50.3
+    purelib450=$("$PY450" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+    "$PY" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])" > "$purelib450/_vilau_test_env.pth"
+    "$PY450" -m pip install --quiet "transformers==4.50.3"
+    "$PY450" -c "import transformers, torch; print(f'run_tests: backend tests under transformers {transformers.__version__}, torch {torch.__version__}')"
+    rc450=0
+    "$PY450" -m pytest -q "${BACKEND_TESTS[@]}" || rc450=$?
+    if [ "$rc" = 0 ]; then rc=$rc450; fi
 fi
-exec "$PY" -m pytest "$@"
+echo "run_tests: done in $(( $(date +%s) - start )) s (exit $rc)"
+exit "$rc"

@@ -1,0 +1,233 @@
+"""The templates in ComfyUI's real front end, in headless Chromium (Debian's /usr/bin/chromium via Playwright).
+
+Every template is opened as the front end opens a file (app.loadGraphData),
+the model widget is switched to a tiny random model, and the graph is queued
+from the front end (app.queuePrompt, what the Run button does); outputs are read
+from /history and the output folder. The front end's API prompt must equal the
+one tests/workflow_api.py makes, which is what test_workflows.py and the demo
+queue. The Stable Diffusion part of the caption template is muted here (mode
+"never"), since there is no SD checkpoint on this machine; only the VILA-U
+caption runs.
+
+Answers must stream onto the Q&A nodes while they are written and stay there;
+the generation nodes must show "position i / n" (web/js/vilau.js). A screenshot
+of each run goes to tests/artifacts/browser/ (path printed; $VILAU_SCREENSHOTS
+moves it).
+
+Without Chromium or Playwright these tests fail with the command that installs
+them (scripts/run_tests.sh installs both when run as root, as CI does).
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+try:  # tests/ as a package or as a plain folder on sys.path
+    from . import comfy_browser as cb
+    from . import comfy_server as cs
+    from . import workflow_api as wa
+except ImportError:  # pragma: no cover - depends on pytest's import mode
+    import comfy_browser as cb
+    import comfy_server as cs
+    import workflow_api as wa
+
+PACK = "ComfyUI-VILA-U"
+TINY = "vila-u-tiny"
+WORKFLOWS = cs.REPO_ROOT / "workflows"
+TEMPLATES = sorted(p.stem for p in WORKFLOWS.glob("*.json"))
+SHORT_ANSWERS = {"max_new_tokens": 24}
+SCREENSHOTS = Path(os.environ.get("VILAU_SCREENSHOTS", cs.REPO_ROOT / "tests" / "artifacts" / "browser"))
+
+
+def browser_missing() -> str | None:
+    try:
+        import playwright  # noqa: F401
+    except ImportError:
+        return "the Python package playwright is not installed (pip install playwright)"
+    if cb.chromium_path() is None:
+        return "no Chromium at /usr/bin/chromium (apt-get install chromium chromium-driver)"
+    return None
+
+
+@pytest.fixture(scope="module", autouse=True)
+def need_browser():
+    reason = browser_missing()
+    if reason:
+        pytest.fail(f"the browser tests need a browser: {reason}", pytrace=False)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, need_browser):
+    from vilau_backend.tiny import write_tiny_checkpoint
+
+    comfy = cs.comfyui_dir()
+    if not (comfy / "main.py").is_file():
+        pytest.fail(cs.missing_comfyui_message(comfy), pytrace=False)
+    run = tmp_path_factory.mktemp("browser_run")
+    write_tiny_checkpoint(run / "models" / "vila-u" / TINY)
+    srv = cs.ComfyServer(comfy, run, {PACK: cs.REPO_ROOT}, env={"OMP_NUM_THREADS": "1"})
+    wa.put_example_inputs(srv.input_dir, comfy)
+    cb.write_quiet_settings(srv.user_dir)
+    srv.start(timeout=180)
+    assert not srv.import_failed(PACK), srv.log_tail()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def object_info(server):
+    return server.object_info()
+
+
+@pytest.fixture(scope="module")
+def page(server):
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    ignore = SCREENSHOTS.parent / ".gitignore"  # screenshots are for looking at, not for committing
+    if SCREENSHOTS.parent.name == "artifacts" and not ignore.exists():
+        ignore.write_text("*\n", encoding="utf-8")
+    with cb.ComfyPage(server.url, screenshot_dir=SCREENSHOTS) as p:
+        # record every text shown on a node (the server's streamed answers and our positions)
+        p.evaluate(
+            """() => {
+                window.__vilauTexts = [];
+                window.comfyAPI.api.api.addEventListener('progress_text',
+                    ({detail}) => window.__vilauTexts.push([String(detail.nodeId), detail.text]));
+            }"""
+        )
+        yield p
+
+
+def shown_texts(page, node_id) -> list[str]:
+    return [text for nid, text in page.evaluate("() => window.__vilauTexts") if nid == str(node_id)]
+
+
+def normalized(text: str) -> str:
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def comparable(prompt: dict, object_info: dict) -> dict:
+    """class_type and inputs; inputs the node does not have (LoadVideo's "video-preview" widget, which the
+    front end sends and the server ignores) left out."""
+    return {
+        k: {"class_type": v["class_type"],
+            "inputs": {n: x for n, x in v["inputs"].items() if n in wa.input_specs(object_info[v["class_type"]])}}
+        for k, v in prompt.items()
+    }
+
+
+def open_and_queue(page, server, object_info, name: str) -> tuple[dict, dict]:
+    """Load the template in the front end, swap in the tiny model, queue it; returns (workflow, history entry)."""
+    workflow = json.loads((WORKFLOWS / f"{name}.json").read_text(encoding="utf-8"))
+    page.evaluate("() => { window.__vilauTexts = []; }")
+    page.load_workflow(workflow)
+    assert not [t for t in page.toasts() if "Invalid workflow" in t], page.toasts()
+    page.dismiss_toasts()
+    loaded = {n["id"]: n for n in page.nodes()}
+    assert sorted(loaded) == sorted(n["id"] for n in workflow["nodes"]), "the front end dropped or added nodes"
+
+    overrides = wa.model_overrides(workflow, TINY, VILAU_ImageQA=SHORT_ANSWERS, VILAU_VideoQA=SHORT_ANSWERS)
+    for node_id, values in overrides.items():
+        for widget, value in values.items():
+            page.set_widget(node_id, widget, value)
+    muted = wa.sd_node_ids(workflow)
+    if muted:  # no SD checkpoint here: mute the Stable Diffusion part, as a person without one would
+        page.set_mode(muted, wa.MODE_NEVER)
+
+    ours = wa.to_api(workflow, object_info, overrides, muted=set(muted))
+    front_end = comparable(page.api_prompt(), object_info)
+    assert front_end == comparable(ours, object_info), "front end and tests/workflow_api.py disagree"
+
+    entry = server.wait(page.queue(), timeout=300)
+    page.page.wait_for_timeout(800)  # the last websocket messages and previews reach the page
+    return workflow, entry
+
+
+def screenshot(page, name: str) -> Path:
+    page.dismiss_toasts()
+    page.fit_view()
+    path = page.screenshot(name)
+    print(f"screenshot: {path}")
+    return path
+
+
+def node_ids(workflow: dict, node_type: str) -> list[int]:
+    return [n["id"] for n in wa.nodes_of_type(workflow, node_type)]
+
+
+# ---- tests ------------------------------------------------------------------------------
+
+
+def test_front_end_loads_the_pack_extension(page, server):
+    assert "VILA-U.NodeText" in page.extensions()
+    served = server.get("/extensions").json()
+    assert f"/extensions/{PACK}/vilau.js" in served, served
+    assert not [m for m in page.console if m.startswith("pageerror") and "vilau" in m.lower()], page.console_tail()
+
+
+def test_template_browser_lists_the_templates(page):
+    listed = page.evaluate("async () => await window.comfyAPI.api.api.getWorkflowTemplates()")
+    assert sorted(listed.get(PACK, [])) == TEMPLATES
+
+
+@pytest.mark.parametrize("name", TEMPLATES)
+def test_template_runs_from_the_front_end(page, server, object_info, name):
+    workflow, entry = open_and_queue(page, server, object_info, name)
+    outputs = entry["outputs"]
+    ran = {str(n) for n in outputs}
+    for node_type in ("SaveImage", "SaveVideo", "PreviewImage"):
+        for node_id in node_ids(workflow, node_type):
+            if node_id in wa.sd_node_ids(workflow):
+                assert str(node_id) not in ran, f"muted SD node {node_id} ran"
+                continue
+            files = server.output_files(entry, str(node_id))
+            assert files and all(f.is_file() for f in files), f"{name}: {node_type} {node_id} wrote {files}"
+    for qa_type in ("VILAU_ImageQA", "VILAU_VideoQA"):
+        for node_id in node_ids(workflow, qa_type):
+            answers = server.ui_text(entry, str(node_id))
+            assert answers and answers[0].strip(), f"{name}: no answer from node {node_id}: {outputs}"
+    screenshot(page, name)
+
+
+@pytest.mark.parametrize("name, qa_type", [("vila-u-image-qa", "VILAU_ImageQA"), ("vila-u-video-qa", "VILAU_VideoQA")])
+def test_answer_streams_onto_the_qa_node_and_stays(page, server, object_info, name, qa_type):
+    workflow, entry = open_and_queue(page, server, object_info, name)
+    (qa,) = node_ids(workflow, qa_type)
+    (answer,) = server.ui_text(entry, str(qa))
+
+    # the server may send the text as is or HTML-escaped (the box renders HTML); compare as text
+    streamed = [html.unescape(t) for t in shown_texts(page, qa)]
+    partial = [t for t in streamed[:-1] if t != answer]
+    assert len(partial) >= 3, f"expected the answer to grow on the node token by token, got {streamed}"
+    assert all(answer.startswith(t) for t in partial), "the streamed texts are not beginnings of the answer"
+
+    # after the run: the whole answer on the node, in the widget and on screen
+    assert page.node_text(qa) == html.escape(answer, quote=False)
+    assert normalized(answer) in [normalized(t) for t in page.dom_texts()], page.dom_texts()
+    path = screenshot(page, f"{name}-answer")
+    assert path.is_file()
+
+
+def test_text_to_image_node_shows_positions(page, server, object_info):
+    workflow, _ = open_and_queue(page, server, object_info, "vila-u-text-to-image-upscale")
+    (t2i,) = node_ids(workflow, "VILAU_TextToImage")
+    shown = shown_texts(page, t2i)
+    positions = [tuple(map(int, m.groups())) for t in shown if (m := re.fullmatch(r"position (\d+) / (\d+)", t))]
+    assert len(positions) >= 8, shown  # one per grid position of the 8x8 tiny model (the socket may merge a few)
+    assert positions[-1] == (64, 64), positions
+    assert [p for p, _ in positions] == sorted(p for p, _ in positions)
+    assert page.node_text(t2i) == "position 64 / 64"
+
+
+def test_answer_with_markup_shows_as_written(page):
+    """An answer is shown as text: '<b>' in it is not markup (the front end's box renders HTML)."""
+    page.load_workflow(json.loads((WORKFLOWS / "vila-u-image-qa.json").read_text(encoding="utf-8")))
+    qa = next(n["id"] for n in page.nodes() if n["type"] == "VILAU_ImageQA")
+    page.evaluate("(id) => window.app.graph.getNodeById(id).onExecuted({text: ['a <b>bold</b> & plain answer']})", qa)
+    page.page.wait_for_timeout(300)
+    assert "a <b>bold</b> & plain answer" in page.dom_texts()
