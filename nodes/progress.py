@@ -7,7 +7,6 @@ tokens.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 
 PREVIEWS_PER_IMAGE = 4  # a partial-grid preview every h/4 rows
 
@@ -90,19 +89,3 @@ def format_answers(answers: list[str]) -> str:
     if len(answers) == 1:
         return answers[0]
     return "\n\n".join(f"[{i + 1}] {text}" for i, text in enumerate(answers))
-
-
-@contextmanager
-def interrupts_pass_through():
-    """The understanding backend wraps anything its token callback raises in GenerationCancelled;
-    ComfyUI must see its own InterruptProcessingException to end the prompt as interrupted."""
-    import comfy.model_management as mm
-
-    from ..vilau_backend.errors import GenerationCancelled
-
-    try:
-        yield
-    except GenerationCancelled as exc:
-        if isinstance(exc.__cause__, mm.InterruptProcessingException):
-            raise exc.__cause__ from None
-        raise

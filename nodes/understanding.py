@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from .progress import AnswerProgress, interrupts_pass_through
+from .progress import AnswerProgress
 from .schema import CATEGORY, advanced, model_input, seed_input
 
 EACH_IMAGE = "one answer per image"
@@ -115,12 +115,11 @@ class ImageQA(io.ComfyNode):
             raise InputError(f"batch_mode must be '{EACH_IMAGE}' or '{ALL_IMAGES}', got '{batch_mode}'")
         each = batch_mode == EACH_IMAGE
         progress = AnswerProgress(cls.hidden.unique_id, image.shape[0] if each else 1, max_new_tokens)
-        with interrupts_pass_through():
-            answers = describe_images(
-                model.ready(), image, question, batch=each,
-                sampling=text_sampling(do_sample, temperature, top_k, top_p, repetition_penalty),
-                max_new_tokens=max_new_tokens, seed=seed, on_token=progress,
-            )
+        answers = describe_images(
+            model.ready(), image, question, batch=each,
+            sampling=text_sampling(do_sample, temperature, top_k, top_p, repetition_penalty),
+            max_new_tokens=max_new_tokens, seed=seed, on_token=progress,
+        )
         texts = [answer.text for answer in answers]
         progress.done(texts)
         return io.NodeOutput(texts, ui={"text": texts})
@@ -177,12 +176,11 @@ class VideoQA(io.ComfyNode):
         if video is not None:
             frames = video_frames(video, vila.config.num_video_frames)
         progress = AnswerProgress(cls.hidden.unique_id, 1, max_new_tokens)
-        with interrupts_pass_through():
-            answer = describe_video(
-                vila, frames, question,
-                sampling=text_sampling(do_sample, temperature, top_k, top_p, repetition_penalty),
-                max_new_tokens=max_new_tokens, seed=seed, on_token=progress,
-            )
+        answer = describe_video(
+            vila, frames, question,
+            sampling=text_sampling(do_sample, temperature, top_k, top_p, repetition_penalty),
+            max_new_tokens=max_new_tokens, seed=seed, on_token=progress,
+        )
         progress.done([answer.text])
         return io.NodeOutput(answer.text, ui={"text": [answer.text]})
 

@@ -181,13 +181,12 @@ def generate_codes(
     codes = torch.zeros(num_images, P, D, dtype=torch.long, device=model.device)  # (B, P, D)
     hidden = stream.prefill()  # (R, H)
     for p in range(P):
-        if p > 0:
-            hidden = stream.step(p - 1, next_embed)
         position_codes, _ = depth.generate(hidden, embed_codes, sampling.cfg, sample)  # (B, D)
         codes[:, p] = position_codes
-        next_embed = _next_input(model, position_codes)  # (R, H)
         if on_position is not None:
             on_position(p + 1, P, codes[:, : p + 1])
+        if p + 1 < P:
+            hidden = stream.step(p, _next_input(model, position_codes))  # (R, H)
     if video:
         return codes.reshape(num_images, frames, h, w, D)
     return codes.reshape(num_images, h, w, D)

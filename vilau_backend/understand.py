@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .errors import GenerationCancelled, InputError
+from .errors import InputError
 from .llm import forward_hidden, new_dynamic_cache
 from .prompts import IMAGE_PLACEHOLDER, IMAGE_TOKEN_INDEX, understanding_prompt
 from .video import uniform_frame_indices
@@ -300,13 +300,10 @@ def _logits_processors(sampling: TextSampling):
 
 def _report(on_token: TokenCallback, step: int, token: int, model, generated: list[int]) -> None:
     # the whole answer is decoded again each step (bytes of one character span tokens);
-    # cheap next to an LLM step, and only done when someone listens
-    try:
-        on_token(step, token, _answer_text(model, generated))
-    except GenerationCancelled:
-        raise
-    except Exception as exc:
-        raise GenerationCancelled(f"answer stopped after {step + 1} tokens by the token callback: {exc}") from exc
+    # cheap next to an LLM step, and only done when someone listens. Whatever the callback
+    # raises ends the answer and reaches the caller unchanged (ComfyUI's interrupt included);
+    # nothing outlives the call but the model's weights, so the next call starts clean.
+    on_token(step, token, _answer_text(model, generated))
 
 
 # ---- checks and small helpers ----------------------------------------------------------
