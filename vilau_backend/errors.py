@@ -20,4 +20,5 @@ class InputError(VilaUError, ValueError):
 
 
 class GenerationCancelled(VilaUError):
-    """Raised (or re-raised) when a progress callback asked to stop."""
+    """For progress callbacks to raise when the user asked to stop. The generation loops
+    let it (and anything else a callback raises) propagate unchanged."""
