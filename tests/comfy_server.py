@@ -470,6 +470,21 @@ class ComfyServer:
         return WSRecorder(self.url, client_id or uuid.uuid4().hex)
 
 
+PACK = "ComfyUI-VILA-U"
+
+
+def pack_server(run_dir: Path, tiny_model: str, *, extra_model_paths: Path | None = None) -> ComfyServer:
+    """A ComfyServer (not started) with this checkout loaded as the pack and a tiny VILA-U
+    model named `tiny_model` written into its models/vila-u. One intra-op thread: tiny models
+    gain nothing from more, and on a small machine shared with other torch processes spinning
+    OpenMP workers slow every step down by orders of magnitude."""
+    from vilau_backend.tiny import write_tiny_checkpoint
+
+    write_tiny_checkpoint(Path(run_dir) / "models" / "vila-u" / tiny_model)
+    return ComfyServer(comfyui_dir(), run_dir, {PACK: REPO_ROOT}, extra_model_paths=extra_model_paths,
+                       env={"OMP_NUM_THREADS": "1"})
+
+
 class WSRecorder:
     """Records the /ws stream in a background thread (uses aiohttp, a ComfyUI
     requirement). ``messages``: list of dicts {"type", "data"} for JSON messages;

@@ -37,7 +37,7 @@ except ImportError:  # pragma: no cover - depends on pytest's import mode
     import comfy_server as cs
     import workflow_api as wa
 
-PACK = "ComfyUI-VILA-U"
+PACK = cs.PACK
 TINY = "vila-u-tiny"
 WORKFLOWS = cs.REPO_ROOT / "workflows"
 TEMPLATES = sorted(p.stem for p in WORKFLOWS.glob("*.json"))
@@ -64,15 +64,8 @@ def need_browser():
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, need_browser):
-    from vilau_backend.tiny import write_tiny_checkpoint
-
-    comfy = cs.comfyui_dir()
-    if not (comfy / "main.py").is_file():
-        pytest.fail(cs.missing_comfyui_message(comfy), pytrace=False)
-    run = tmp_path_factory.mktemp("browser_run")
-    write_tiny_checkpoint(run / "models" / "vila-u" / TINY)
-    srv = cs.ComfyServer(comfy, run, {PACK: cs.REPO_ROOT}, env={"OMP_NUM_THREADS": "1"})
-    wa.put_example_inputs(srv.input_dir, comfy)
+    srv = cs.pack_server(tmp_path_factory.mktemp("browser_run"), TINY)
+    wa.put_example_inputs(srv.input_dir, srv.comfy_dir)
     cb.write_quiet_settings(srv.user_dir)
     srv.start(timeout=180)
     assert not srv.import_failed(PACK), srv.log_tail()

@@ -26,7 +26,7 @@ try:  # tests/ as a package or as a plain folder on sys.path
 except ImportError:  # pragma: no cover - depends on pytest's import mode
     import comfy_server as cs
 
-PACK = "ComfyUI-VILA-U"
+PACK = cs.PACK
 TINY = "vila-u-tiny-64"  # in <run>/models/vila-u
 TINY_EXTRA = "vila-u-tiny-256"  # in a folder listed under vila_u in extra_model_paths.yaml
 NODE_IDS = [
@@ -44,19 +44,12 @@ GEN_ADVANCED = ["temperature", "top_k", "top_p"]
 def server(tmp_path_factory):
     from vilau_backend.tiny import TinySizes, write_tiny_checkpoint
 
-    comfy = cs.comfyui_dir()
-    if not (comfy / "main.py").is_file():
-        pytest.fail(cs.missing_comfyui_message(comfy), pytrace=False)
-    run = tmp_path_factory.mktemp("run")
-    write_tiny_checkpoint(run / "models" / "vila-u" / TINY)
     extra = tmp_path_factory.mktemp("extra_models")
     # a 32x32 grid, 1024 positions: a text-to-image run long enough to interrupt (about 2 s on 2 idle cores)
     write_tiny_checkpoint(extra / "vila" / TINY_EXTRA, TinySizes(image_size=256, patch_size=8), seed=1)
     yaml = extra / "extra_model_paths.yaml"
     yaml.write_text(f"vilau_tests:\n    base_path: {extra}\n    vila_u: vila\n", encoding="utf-8")
-    # one intra-op thread: tiny models gain nothing from more, and on a small machine shared with other
-    # torch processes, spinning OpenMP workers slow every step down by orders of magnitude
-    srv = cs.ComfyServer(comfy, run, {PACK: cs.REPO_ROOT}, extra_model_paths=yaml, env={"OMP_NUM_THREADS": "1"})
+    srv = cs.pack_server(tmp_path_factory.mktemp("run"), TINY, extra_model_paths=yaml)
     srv.start(timeout=180)
     yield srv
     srv.stop()
