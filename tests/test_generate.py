@@ -32,6 +32,14 @@ from vilau_backend.generate import (
 GREEDY = ImageSampling(top_k=1)
 APPLE = "a red apple on a table"
 
+# Decoded pixels are compared with this tolerance, never bit-exactly: CPU convolution kernels
+# pick their algorithm by batch size, thread count and instruction set, so one frame decoded
+# in a batch and alone differs at float32 rounding level (measured on the tiny model: 3.5e-6
+# on raw decoder outputs of magnitude 3.6, and any fp32 decode is within 5e-6 of a float64
+# decode, whatever the batch). 1e-4 in 0..1 image units is 40x that, and still 100x below
+# the difference between two frames.
+PIXEL_ATOL = 1e-4
+
 
 def teacher_forced(model, ref: dict, cfg: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Run our LLM and depth transformer on the recorded codes, position by position.
@@ -124,8 +132,11 @@ def test_generate_video_decodes_every_frame(tiny_model):
     result = generate_video(tiny_model, "fireworks", frames=2, num_images=2, sampling=GREEDY)
     size = tiny_model.config.image_size
     assert result.codes.shape[:2] == (2, 2) and result.images.shape == (2, 2, size, size, 3)
-    frame = tiny_model.decode_codes(result.codes[1, 1][None])
-    assert torch.allclose(result.images[1, 1], frame[0], atol=1e-6)
+    frames = tiny_model.decode_codes(result.codes[1])  # video 1 alone: (F, H, W, 3)
+    torch.testing.assert_close(result.images[1], frames, rtol=0, atol=PIXEL_ATOL)
+    alone = tiny_model.decode_codes(result.codes[1, 1][None])[0]  # one frame alone, another batch size
+    torch.testing.assert_close(result.images[1, 1], alone, rtol=0, atol=PIXEL_ATOL)
+    assert (result.images[1, 1] - result.images[1, 0]).abs().max() > 100 * PIXEL_ATOL, "frames must differ"
 
 
 def test_same_seed_same_images_and_different_seed_differs(tiny_model):
@@ -197,7 +208,7 @@ def test_generate_images_returns_codes_features_and_decoded_conditional_images(t
     assert result.codes.shape == (2, h, w, 4) and result.codes.dtype == torch.int64
     assert result.features.shape == (2, h, w, 64)
     assert result.images.shape == (2, size, size, 3) and 0 <= result.images.min() and result.images.max() <= 1
-    assert torch.allclose(result.images, tiny_model.decode_codes(result.codes), atol=1e-6)
+    torch.testing.assert_close(result.images, tiny_model.decode_codes(result.codes), rtol=0, atol=PIXEL_ATOL)
 
 
 def test_preview_shows_generated_rows_and_grey_elsewhere(tiny_model):
