@@ -1,4 +1,4 @@
-"""Reporting from the backend's callbacks to ComfyUI: progress bars, previews, text on the node, cancel.
+"""Reporting from the backend's callbacks to ComfyUI: progress bars, previews, answers on the node, cancel.
 
 Every callback first asks ComfyUI whether the run was interrupted, and raising
 there is how the cancel button stops a generation between two positions or two
@@ -43,6 +43,9 @@ class PositionProgress:
         return "JPEG", Image.fromarray(pixels), args.preview_size
 
 
+ANSWER_EVENT = "vilau.answer"  # as web/js/vilau.js: the Q&A nodes' answer box listens for it
+
+
 class AnswerProgress:
     """on_token callback for understanding: the answer so far is shown on the node while it grows,
     and the bar counts tokens out of max_new_tokens for each answer."""
@@ -63,26 +66,34 @@ class AnswerProgress:
         if step == 0 and self._current is not None:  # a new answer began
             self.finished.append(self._current)
         self._current = text
-        show_text(self.node_id, self.finished + [text])
+        send_answer(self.node_id, self.finished + [text], done=False)
         self.bar.update_absolute(len(self.finished) * self.max_new_tokens + step + 1)
 
     def done(self, answers: list[str]) -> None:
-        """The final answers stay on the node (answers that ended early leave the bar short: fill it)."""
+        """The final answers (answers that ended early leave the bar short: fill it)."""
         self.bar.update_absolute(self.bar.total)
-        show_text(self.node_id, answers)
+        send_answer(self.node_id, answers, done=True)
 
 
-def show_text(node_id: str | None, answers: list[str]) -> None:
-    """Text on the node (the front end's progress-text widget stays after the run).
+def send_answer(node_id: str | None, answers: list[str], done: bool) -> None:
+    """The answer so far, to the node's answer box (web/js/vilau.js).
 
-    Escaped: the front end renders this widget as HTML, and a model's answer is not markup."""
+    A message of the pack's own rather than the core progress text: newer front ends
+    remove every node's progress-text box when a job resets, and the answer must stay.
+    API clients read the same message: {"node", "prompt_id", "text", "answers", "done"}."""
     if node_id is None:
         return
-    import html
-
     from server import PromptServer
 
-    PromptServer.instance.send_progress_text(html.escape(format_answers(answers), quote=False), node_id)
+    server = PromptServer.instance
+    message = {
+        "node": node_id,
+        "prompt_id": getattr(server, "last_prompt_id", None),
+        "text": format_answers(answers),
+        "answers": list(answers),
+        "done": done,
+    }
+    server.send_sync(ANSWER_EVENT, message, server.client_id)
 
 
 def format_answers(answers: list[str]) -> str:

@@ -42,6 +42,9 @@ QUIET_SETTINGS = {
 }
 
 
+ROOT_GRAPH = "(window.app.rootGraph ?? window.app.graph)"
+
+
 def chromium_path() -> str | None:
     """The Chromium to drive: $CHROMIUM, else Debian's /usr/bin/chromium."""
     for candidate in (os.environ.get("CHROMIUM"), "/usr/bin/chromium", shutil.which("chromium")):
@@ -89,12 +92,21 @@ class ComfyPage:
         self.page.on("console", lambda m: self.console.append(f"console.{m.type}: {m.text}"))
         self.page.on("pageerror", lambda e: self.console.append(f"pageerror: {e}"))
         self.page.goto(self.url, wait_until="domcontentloaded", timeout=timeout * 1000)
+        self._wait_for_app(timeout)
+        return self
+
+    def _wait_for_app(self, timeout: float) -> None:
         # the app is ready when the graph exists and every extension (ours too) has been set up
         self.page.wait_for_function(
-            "() => window.app && window.app.graph && window.app.canvas && window.app.vueAppReady",
+            "() => window.app && GRAPH && window.app.canvas && window.app.vueAppReady".replace("GRAPH", ROOT_GRAPH),
             timeout=timeout * 1000,
         )
-        return self
+
+    def reload(self, timeout: float = 90.0) -> None:
+        """Reload the page as a person pressing F5 does: the front end restores the open workflow."""
+        self.page.reload(wait_until="domcontentloaded", timeout=timeout * 1000)
+        self._wait_for_app(timeout)
+        self.page.wait_for_timeout(500)  # the restored workflow is configured after the app is ready
 
     def close(self) -> None:
         for thing in (self._browser, self._playwright):
@@ -118,7 +130,9 @@ class ComfyPage:
 
     # ------------------------------------------------------------------ graph
     def evaluate(self, script: str, arg: Any = None) -> Any:
-        return self.page.evaluate(script, arg)
+        """Run a JS function in the page; GRAPH in it stands for the root graph (app.rootGraph in
+        newer front ends, app.graph, its deprecated name, in older ones)."""
+        return self.page.evaluate(script.replace("GRAPH", ROOT_GRAPH), arg)
 
     def extensions(self) -> list[str]:
         """Names of the registered front-end extensions."""
@@ -131,12 +145,12 @@ class ComfyPage:
 
     def serialize(self) -> dict:
         """The graph as the front end saves it (UI format)."""
-        return self.evaluate("() => window.app.graph.serialize()")
+        return self.evaluate("() => GRAPH.serialize()")
 
     def nodes(self) -> list[dict]:
         """[{id, type, mode, title, widgets: {name: value}}] of the current graph."""
         return self.evaluate(
-            """() => window.app.graph._nodes.map(n => ({
+            """() => GRAPH._nodes.map(n => ({
                 id: n.id, type: n.type, mode: n.mode, title: n.title,
                 widgets: Object.fromEntries((n.widgets || []).map(w => [w.name, w.value])),
             }))"""
@@ -145,7 +159,7 @@ class ComfyPage:
     def set_widget(self, node_id: int, name: str, value: Any) -> None:
         ok = self.evaluate(
             """([id, name, value]) => {
-                const node = window.app.graph.getNodeById(id);
+                const node = GRAPH.getNodeById(id);
                 const widget = node?.widgets?.find(w => w.name === name);
                 if (!widget) return false;
                 widget.value = value;
@@ -160,8 +174,8 @@ class ComfyPage:
     def set_mode(self, node_ids: list[int], mode: int) -> None:
         """0 always, 2 never (muted), 4 bypass."""
         self.evaluate(
-            """([ids, mode]) => { for (const id of ids) window.app.graph.getNodeById(id).mode = mode;
-                                  window.app.graph.setDirtyCanvas(true, true); }""",
+            """([ids, mode]) => { for (const id of ids) GRAPH.getNodeById(id).mode = mode;
+                                  GRAPH.setDirtyCanvas(true, true); }""",
             [node_ids, mode],
         )
 
@@ -171,7 +185,6 @@ class ComfyPage:
 
     def queue(self, timeout: float = 30.0) -> str:
         """Queue the graph as the Queue button does; returns the new prompt id."""
-        before = self.evaluate("async () => (await window.comfyAPI.api.api.getHistory(1000)).History.map(h => h.prompt[1])")
         self.evaluate(
             """async () => {
                 window.__vilauQueued = [];
@@ -194,17 +207,34 @@ class ComfyPage:
             if queued:
                 return queued[-1]
             self.page.wait_for_timeout(100)
-        raise TimeoutError(f"the front end queued nothing; history had {len(before)} entries\n" + self.console_tail())
+        raise TimeoutError("the front end queued nothing\n" + self.console_tail())
 
     def node_text(self, node_id: int) -> str | None:
         """The text in the front end's text box on a node (progress text / answer), if any."""
         return self.evaluate(
             """(id) => {
-                const node = window.app.graph.getNodeById(id);
+                const node = GRAPH.getNodeById(id);
                 const widget = node?.widgets?.find(w => w.name === '$$node-text-preview');
                 return widget ? widget.value : null;
             }""",
             node_id,
+        )
+
+    def widget_value(self, node_id: int, name: str) -> Any:
+        """The value of a node's widget (None when the node or the widget is missing)."""
+        return self.evaluate(
+            """([id, name]) => {
+                const widget = GRAPH.getNodeById(id)?.widgets?.find(w => w.name === name);
+                return widget === undefined ? null : widget.value;
+            }""",
+            [node_id, name],
+        )
+
+    def text_boxes(self) -> list[str]:
+        """What the text areas drawn over nodes show (DOM widgets: prompts, answer boxes), visible ones only."""
+        return self.evaluate(
+            """() => Array.from(document.querySelectorAll('textarea'))
+                .filter(e => e.offsetParent !== null).map(e => e.value)"""
         )
 
     def dom_texts(self) -> list[str]:
@@ -217,7 +247,7 @@ class ComfyPage:
         """Zoom and pan so that every node and group is on screen, below the tabs and right of the side bar."""
         self.evaluate(
             """([left, top, margin, maxScale]) => {
-                const c = window.app.canvas, g = window.app.graph;
+                const c = window.app.canvas, g = GRAPH;
                 const boxes = [...g._nodes.map(n => [n.pos[0], n.pos[1] - 30, n.size[0], n.size[1] + 30]),
                                ...(g._groups || []).map(gr => gr._bounding ? Array.from(gr._bounding) : [...gr.pos, ...gr.size])];
                 if (!boxes.length) return;

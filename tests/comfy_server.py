@@ -489,7 +489,8 @@ class WSRecorder:
     """Records the /ws stream in a background thread (uses aiohttp, a ComfyUI
     requirement). ``messages``: list of dicts {"type", "data"} for JSON messages;
     binary frames become {"type": "binary", "event": int, "data": bytes}.
-    Binary event 3 (TEXT) is ``send_progress_text``: see ``progress_texts``."""
+    Binary event 3 (TEXT) is ``send_progress_text``: see ``progress_texts``; the Q&A nodes'
+    answers: see ``answer_texts``."""
 
     def __init__(self, base_url: str, client_id: str):
         import asyncio
@@ -550,6 +551,10 @@ class WSRecorder:
             if node_id is None or nid == str(node_id):
                 out.append(text)
         return out
+
+    def answer_texts(self, node_id: str) -> list[str]:
+        """Answers so far that a VILA-U Q&A node sent to its answer box ("vilau.answer" messages)."""
+        return [m["data"]["text"] for m in self.of_type("vilau.answer") if m["data"]["node"] == str(node_id)]
 
     def wait_for(self, pred, timeout: float = 30.0) -> dict:
         """Block until a recorded message satisfies pred(msg); return it."""

@@ -1,20 +1,25 @@
 // ComfyUI-VILA-U front-end extension: text on the VILA-U nodes.
 //
-// - Q&A nodes: the server streams the answer so far with send_progress_text (the front
-//   end shows it in a text box on the node); when the node has run, its ui output
-//   {"text": [answer, ...]} is put in the same box (HTML-escaped), so the answer stays
-//   visible, also for a run that came from the cache or another tab.
-// - Generation nodes: the server reports one `progress` step per grid position; the
-//   node shows "position i / n" in the same kind of box while it generates.
+// - Q&A nodes own an "answer" box (a read-only text area). The server streams the answer
+//   so far as "vilau.answer" messages while it is written; when the node has run, its ui
+//   output {"text": [answer, ...]} fills the box with the final answers. The box is the
+//   pack's own widget, so it stays after the run (newer front ends remove the core
+//   progress-text box of every node when a job resets), it is saved in the workflow
+//   (a serialized widget value, restored on load and page reload), and it is never sent
+//   with the prompt.
+// - Generation nodes: the server reports one `progress` step per grid position; the node
+//   shows "position i / n" in the front end's own progress-text box while it generates.
 //
-// Only the extension API is used: app.registerExtension, the api's events, and the
-// front end's own "progress_text" event (re-dispatched), so the box is the front
-// end's own text-preview widget.
+// Only APIs present in the pinned front end (1.32) and the newest (1.5x) are used:
+// app.registerExtension, the api's events, node.addDOMWidget, and app.rootGraph (with
+// app.graph, its older name, as the fallback).
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 
 const QA_NODES = new Set(["VILAU_ImageQA", "VILAU_VideoQA"]);
 const GENERATION_NODES = new Set(["VILAU_TextToImage", "VILAU_TextToVideo"]);
+export const ANSWER_EVENT = "vilau.answer"; // as nodes/progress.py ANSWER_EVENT
+export const ANSWER_WIDGET = "answer";
 
 // as nodes/progress.py format_answers: one answer as is, several numbered
 export function formatAnswers(answers) {
@@ -22,23 +27,63 @@ export function formatAnswers(answers) {
   return answers.map((text, i) => `[${i + 1}] ${text}`).join("\n\n");
 }
 
-// the front end's text box renders its text as HTML (links, line breaks): an answer that
-// contains "<b>" must show as written, not as markup
-export function escapeHtml(text) {
-  return String(text).replace(/&/g, "&amp;").replace(/</g, "&lt;").replace(/>/g, "&gt;");
-}
-
 export function positionText(value, max) {
   return `position ${value} / ${max}`;
 }
 
-function nodeType(nodeId) {
-  // execution ids inside subgraphs are "outer:inner"; those are left to the front end
-  const node = app.graph?.getNodeById(String(nodeId));
+function rootGraph() {
+  return app.rootGraph ?? app.graph; // app.graph is deprecated in newer front ends
+}
+
+// A node by its execution id: "7" at the top level, "5:7" for node 7 inside the subgraph
+// of node 5 (the same node, whichever graph the canvas shows).
+export function nodeByExecutionId(executionId) {
+  const path = String(executionId).split(":");
+  let graph = rootGraph();
+  for (const id of path.slice(0, -1)) {
+    graph = graph?.getNodeById(id)?.subgraph;
+  }
+  return graph?.getNodeById(path[path.length - 1]) ?? null;
+}
+
+function nodeClass(node) {
   return node?.comfyClass ?? node?.type;
 }
 
-function showText(nodeId, text) {
+function answerWidget(node) {
+  return node?.widgets?.find((w) => w.name === ANSWER_WIDGET);
+}
+
+function addAnswerWidget(node) {
+  const box = document.createElement("textarea");
+  box.readOnly = true;
+  box.className = "comfy-multiline-input vilau-answer";
+  box.placeholder = "The answer appears here while the node runs.";
+  box.spellcheck = false;
+  const widget = node.addDOMWidget(ANSWER_WIDGET, "vilau_answer", box, {
+    getValue: () => box.value,
+    setValue: (value) => {
+      box.value = value ?? "";
+    },
+    getMinHeight: () => 80,
+  });
+  widget.options.serialize = false; // not an input of the node: never sent with the prompt
+  widget.serialize = true; // but saved in the workflow, so the answer comes back on load
+  return widget;
+}
+
+function showAnswer(node, text, { final = false } = {}) {
+  const widget = answerWidget(node);
+  if (!widget) return;
+  // the final answer is a change of the workflow: the front end's change tracker then saves it
+  // (the workflow kept for a page reload, the "modified" mark); streamed steps are not
+  if (final) app.canvas?.emitBeforeChange?.();
+  widget.value = text;
+  node.setDirtyCanvas?.(true, true);
+  if (final) app.canvas?.emitAfterChange?.();
+}
+
+function showPosition(nodeId, text) {
   api.dispatchCustomEvent("progress_text", { nodeId: String(nodeId), text });
 }
 
@@ -46,22 +91,31 @@ app.registerExtension({
   name: "VILA-U.NodeText",
 
   setup() {
+    api.addEventListener(ANSWER_EVENT, ({ detail }) => {
+      const node = detail?.node != null ? nodeByExecutionId(detail.node) : null;
+      if (node && QA_NODES.has(nodeClass(node))) showAnswer(node, String(detail.text ?? ""));
+    });
     api.addEventListener("progress", ({ detail }) => {
-      if (detail?.node != null && GENERATION_NODES.has(nodeType(detail.node))) {
-        showText(detail.node, positionText(detail.value, detail.max));
+      if (detail?.node == null) return;
+      if (GENERATION_NODES.has(nodeClass(nodeByExecutionId(detail.node)))) {
+        showPosition(detail.node, positionText(detail.value, detail.max));
       }
     });
   },
 
-  async beforeRegisterNodeDef(nodeType_, nodeData) {
+  async beforeRegisterNodeDef(nodeType, nodeData) {
     if (!QA_NODES.has(nodeData.name)) return;
-    const onExecuted = nodeType_.prototype.onExecuted;
-    nodeType_.prototype.onExecuted = function (output) {
+    const onNodeCreated = nodeType.prototype.onNodeCreated;
+    nodeType.prototype.onNodeCreated = function () {
+      const result = onNodeCreated?.apply(this, arguments);
+      addAnswerWidget(this);
+      return result;
+    };
+    const onExecuted = nodeType.prototype.onExecuted;
+    nodeType.prototype.onExecuted = function (output) {
       onExecuted?.apply(this, arguments);
       const answers = output?.text;
-      if (Array.isArray(answers) && answers.length > 0) {
-        showText(this.id, escapeHtml(formatAnswers(answers)));
-      }
+      if (Array.isArray(answers) && answers.length > 0) showAnswer(this, formatAnswers(answers), { final: true });
     };
   },
 });
