@@ -135,6 +135,7 @@ def test_fp32_greedy_generate_gives_original_codes(inputs, cfg):
     codes, feature_sum = depth.generate(hidden, quantizer.embed_codes, cfg, greedy)
     want_codes = expected[f"gen_codes_cfg{cfg:g}"][:, 0]  # (R, D), halves identical
     assert codes.dtype == torch.int64
+    # exact on any CPU: the smallest top-1/top-2 gap here is 3.6e-3 (cfg 3), far above fp32 rounding
     assert codes.tolist() == want_codes[:2].tolist()
     want_features = expected[f"gen_out_features_cfg{cfg:g}"][:, 0]  # (R, C)
     torch.testing.assert_close(feature_sum, want_features[:2], rtol=0, atol=1e-6)
@@ -199,8 +200,12 @@ def from_scratch_step_logits(depth: DepthTransformer, quantizer, hidden, codes, 
 @pytest.mark.parametrize("cfg", [3.0, 1.0, 5.0])
 def test_cached_generate_equals_from_scratch_recomputation(models, cfg):
     """Each KV-cached step's guided logits equal the original's from-scratch
-    recomputation over the generated prefix (bit-exact in bf16), and the
-    chosen codes are their argmax."""
+    recomputation over the generated prefix, and the chosen codes are their argmax
+    wherever the recomputed logits are clear of a tie.
+
+    bf16: bit-exact on the CPUs measured, but the two paths run matmuls of other shapes,
+    and another CPU's bf16 kernels may accumulate them in another order: each rounding
+    may then land one ulp away, which guidance amplifies by up to 2*cfg - 1."""
     depth, quantizer = models
     B = 3
     hidden = torch.randn(2 * B, depth.spec.llm_dim, generator=torch.Generator().manual_seed(7)).to(depth.pos_emb_d.dtype)
@@ -212,10 +217,16 @@ def test_cached_generate_equals_from_scratch_recomputation(models, cfg):
     diff = (cached.float() - recomputed.float()).abs().max().item()
     print(f"{cached.dtype} cfg {cfg:g}: cached vs from-scratch guided logits max |diff| {diff:.3e}")
     if cached.dtype == torch.bfloat16:
-        assert torch.equal(cached, recomputed), f"bf16 cached logits differ by up to {diff}"
+        tolerance = 2 * cfg * bf16_ulp(recomputed.float().abs().amax(-1, keepdim=True))  # (B, D, 1)
+        assert ((cached.float() - recomputed.float()).abs() <= tolerance).all(), f"bf16 cached logits differ by up to {diff}"
     else:
+        tolerance = torch.full((*recomputed.shape[:-1], 1), 1e-5)
         torch.testing.assert_close(cached, recomputed, rtol=1e-5, atol=1e-5)
-    assert codes.tolist() == greedy(recomputed).tolist()
+    gap, _ = top2_gap(recomputed)
+    clear = gap > 2 * tolerance[..., 0]  # (B, D)
+    # bf16 at cfg 5: only 1 in 6 decisions is clear of twice the tolerance (20 ulps)
+    assert clear.float().mean() >= 0.15, f"only {clear.float().mean():.2f} of decisions clear of ties"
+    assert (codes == greedy(recomputed))[clear].all(), f"codes {codes.tolist()} are not the argmax (gaps {gap.tolist()})"
     want_features = torch.cumsum(quantizer.embed_codes(codes), dim=-2)[:, -1]  # (B, C)
     torch.testing.assert_close(feature_sum, want_features, rtol=0, atol=0)
 
@@ -252,6 +263,7 @@ def test_generate_reproduces_the_original_image_generation_steps(dtype):
     matches = codes == want
     print(f"{name}: {matches.float().mean().item():.4f} of {matches.numel()} codes match")
     if dtype == torch.float32:
+        # exact on any CPU: the smallest fp32 top-1/top-2 gap of these 1024 decisions is 3.1e-3
         assert matches.all(), f"positions {(~matches).any(-1).nonzero().flatten().tolist()} differ"
         return
     assert matches.float().mean() >= 0.99
@@ -300,6 +312,8 @@ def test_generate_with_seeded_sampler_is_reproducible_per_image(config):
         cfg_rows = rows + [r + 3 for r in rows]
         return depth.generate(hidden[cfg_rows], quantizer.embed_codes, 3.0, sample)[0]
 
+    # batch sizes 1 and 3 round differently (~1e-7 in probability); the draws closest to a
+    # boundary of their cumulative distribution are 7e-5 from it, so none can flip
     all_three = run([0, 1, 2])
     assert run([0, 1, 2]).tolist() == all_three.tolist()
     assert run([2]).tolist() == all_three[2:].tolist()

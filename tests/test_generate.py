@@ -63,6 +63,8 @@ def teacher_forced(model, ref: dict, cfg: float) -> tuple[torch.Tensor, torch.Te
 
 
 def test_fp32_greedy_codes_equal_original_exactly(golden_fp32):
+    # exact on any CPU: the smallest top-1/top-2 gap of the 1024 guided decisions is 3.1e-3,
+    # 300x the float32 rounding differences between kernels (about 1e-5 on these logits)
     ref = reference("imagegen_cfg3_fp32_codes.safetensors")
     codes = generate_codes(golden_fp32, APPLE, num_images=2, sampling=GREEDY)
     assert codes.shape == (2, 16, 16, 4)
@@ -148,8 +150,14 @@ def test_same_seed_same_images_and_different_seed_differs(tiny_model):
 
 
 def test_image_i_is_the_same_in_a_batch_of_one_and_of_three(tiny_model):
-    batch = generate_codes(tiny_model, APPLE, num_images=3, seed=11)
-    single = generate_codes(tiny_model, APPLE, num_images=1, seed=11)
+    # A batch changes image 0's logits by float rounding only (measured: up to 1e-5), and a
+    # draw flips when its uniform lies that close to a boundary of the cumulative distribution.
+    # With the default top-k/top-p there are ~200 boundaries and this happens (the nearest draw
+    # of a 64-position run was 1e-6 from one); top-2 sampling has one boundary per draw, and
+    # for seed 5 the nearest draw is 9e-4 from it, 200x the probability change a batch causes.
+    two = ImageSampling(top_k=2, top_p=1.0)
+    batch = generate_codes(tiny_model, APPLE, num_images=3, seed=5, sampling=two)
+    single = generate_codes(tiny_model, APPLE, num_images=1, seed=5, sampling=two)
     assert torch.equal(batch[0], single[0])
     assert not torch.equal(batch[0], batch[1]), "images of one batch must differ"
 
@@ -163,7 +171,9 @@ def test_generators_are_distinct_per_seed_and_index():
 
 def test_kv_cached_loop_equals_full_recomputation(tiny_model):
     """The optimised loop (static cache, one position per step) against recomputing the
-    whole sequence at every position without any cache."""
+    whole sequence at every position without any cache. Other kernel shapes, other roundings
+    (about 1e-5 on the logits), but the smallest top-1/top-2 gap of these greedy decisions
+    is 7.6e-4, so the codes agree exactly."""
     from vilau_backend.llm import padded_positions
     from vilau_backend.prompts import cfg_batch
     from vilau_backend.sampling import greedy

@@ -1,7 +1,8 @@
 """The vision tower against the original's recorded outputs (golden fixture vilau-tiny-256).
 
-Tolerances: fp32 encode must give the same codes bit for bit and z_q / projected
-features within float32 rounding (measured: max abs error about 1e-6). The decoder
+Tolerances: fp32 encode must give the original's codes wherever the nearest code is
+clear of a near-tie (see NEAR_TIE), and z_q / projected features within float32 rounding
+(measured: max abs error about 1e-6). The decoder
 is compared in bf16, the only dtype the original's decoder can run in; our bf16
 decode differs from the recorded raw output by at most 0.043 (about 3 bf16 ulps at
 the output's magnitude of ~2.3) and 0.0037 on average, so the test allows 0.08 max
@@ -49,14 +50,42 @@ def test_pad_mode_centres_image_on_grey_square():
     assert torch.allclose(pixels[0, :, 30:, :], torch.full((3, 10, 40), grey), atol=1e-6)
 
 
+# Nearest-code search in float32 is off by up to 7.6e-5 in squared distance (measured against
+# float64 on these features, distances up to 416), and another CPU's kernels are off by as much
+# in another direction. A recorded code is "clear" when it is nearer than the runner-up by more
+# than NEAR_TIE, 13x that error; one decision of the 2048 here is closer (gap 1.2e-4).
+NEAR_TIE = 1e-3
+
+
+def clear_decisions(model, pixels: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """(B, h, w, D) bool: the recorded code at this depth and at every earlier depth of the
+    position is the nearest by more than NEAR_TIE, in float64 on our features and the recorded
+    codes' residuals (a flipped near-tie changes every later residual of its position)."""
+    with torch.inference_mode():
+        residual = model.vision.siglip(pixels).double()  # (B, h, w, C)
+    quantizer = model.vision.quantizer
+    clear = []
+    for d in range(codes.shape[-1]):
+        book = quantizer.codebook(d).weight[:-1].double()  # (K, C)
+        distances = residual.pow(2).sum(-1, keepdim=True) + book.pow(2).sum(-1) - 2 * residual @ book.t()  # (B, h, w, K)
+        nearest, runner_up = distances.topk(2, dim=-1, largest=False).values.unbind(-1)
+        clear.append(runner_up - nearest > NEAR_TIE)
+        residual = residual - quantizer.codebook(d).weight.double()[codes[..., d]]
+    return torch.stack(clear, dim=-1).cumprod(dim=-1).bool()
+
+
 def test_fp32_codes_from_recorded_pixels_equal_original_codes(golden_fp32):
     pixels = reference("preprocess.safetensors")["pixel_values"]
     expected = reference("encode_fp32.safetensors")
     encoded = golden_fp32.encode_pixels(pixels)
     assert encoded.codes.shape == (2, 16, 16, 4)
-    mismatches = (encoded.codes != expected["codes"]).sum().item()
-    assert mismatches == 0, f"{mismatches} of {encoded.codes.numel()} codes differ"
-    assert torch.allclose(encoded.z_q, expected["z_q"], atol=1e-5, rtol=0)
+    clear = clear_decisions(golden_fp32, pixels, expected["codes"])
+    assert clear.float().mean() > 0.99, "too few clear decisions to be a test"
+    mismatches = ((encoded.codes != expected["codes"]) & clear).sum().item()
+    assert mismatches == 0, f"{mismatches} of {clear.sum().item()} clear codes differ"
+    same = (encoded.codes == expected["codes"]).all(-1)  # (B, h, w): positions whose codes all agree
+    assert same.float().mean() > 0.99
+    torch.testing.assert_close(encoded.z_q[same], expected["z_q"][same], atol=1e-5, rtol=0)
 
 
 def test_fp32_projected_features_match_original(golden_fp32):
