@@ -47,27 +47,38 @@ ANSWER_EVENT = "vilau.answer"  # as web/js/vilau.js: the Q&A nodes' answer box l
 
 
 class AnswerProgress:
-    """on_token callback for understanding: the answer so far is shown on the node while it grows,
-    and the bar counts tokens out of max_new_tokens for each answer."""
+    """Callbacks for understanding: the answers so far are shown on the node while they grow, and
+    the bar counts tokens out of max_new_tokens for each pass (one answer, or up to `batch_size`
+    answers generated together)."""
 
-    def __init__(self, node_id: str | None, answers: int, max_new_tokens: int):
+    def __init__(self, node_id: str | None, answers: int, max_new_tokens: int, batch_size: int = 1):
         import comfy.utils
 
         self.node_id = node_id
         self.max_new_tokens = max_new_tokens
-        self.finished: list[str] = []  # answers already complete
+        self.batch_size = batch_size
+        self.finished: list[str] = []  # answers already complete (one answer at a time)
         self._current: str | None = None  # the answer being generated
-        self.bar = comfy.utils.ProgressBar(answers * max_new_tokens)
+        passes = -(-answers // batch_size)
+        self.bar = comfy.utils.ProgressBar(passes * max_new_tokens)
 
     def __call__(self, step: int, token: int, text: str) -> None:
-        import comfy.model_management as mm
-
-        mm.throw_exception_if_processing_interrupted()
+        """on_token: one answer at a time."""
         if step == 0 and self._current is not None:  # a new answer began
             self.finished.append(self._current)
         self._current = text
-        send_answer(self.node_id, self.finished + [text], done=False)
-        self.bar.update_absolute(len(self.finished) * self.max_new_tokens + step + 1)
+        self._show(len(self.finished), step, self.finished + [text])
+
+    def on_answers(self, step: int, texts: list[str]) -> None:
+        """on_answers: answers generated together; `texts` holds every answer begun so far."""
+        self._show((len(texts) - 1) // self.batch_size, step, texts)
+
+    def _show(self, passes_done: int, step: int, texts: list[str]) -> None:
+        import comfy.model_management as mm
+
+        mm.throw_exception_if_processing_interrupted()
+        send_answer(self.node_id, texts, done=False)
+        self.bar.update_absolute(passes_done * self.max_new_tokens + step + 1)
 
     def done(self, answers: list[str]) -> None:
         """The final answers (answers that ended early leave the bar short: fill it)."""

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
+from ..vilau_backend.prompts import SYSTEM_PROMPT
+from ..vilau_backend.understand import DEFAULT_BATCH_SIZE, DEFAULT_MAX_NEW_TOKENS, TextSampling
 from .progress import AnswerProgress
 from .schema import CATEGORY, advanced, model_input, seed_input
 
 EACH_IMAGE = "one answer per image"
 ALL_IMAGES = "one answer about all images"
 MAX_NEW_TOKENS = 4096
+MAX_BATCH_SIZE = 64
 
 
 def question_input(default: str, what: str) -> io.String.Input:
@@ -19,37 +22,49 @@ def question_input(default: str, what: str) -> io.String.Input:
 
 
 def answer_inputs() -> list[io.Input]:
-    """Seed, answer length and sampling; the defaults are the published checkpoints' generation_config."""
+    """Seed, answer length and sampling; the defaults are the backend's (the published checkpoints'
+    generation_config)."""
+    defaults = TextSampling()
     return [
         seed_input("Seed of the token sampling. Same seed, same answer; unused with greedy decoding."),
         io.Int.Input(
-            "max_new_tokens", default=512, min=1, max=MAX_NEW_TOKENS,
+            "max_new_tokens", default=DEFAULT_MAX_NEW_TOKENS, min=1, max=MAX_NEW_TOKENS,
             tooltip="The longest answer, in tokens; the answer usually ends earlier, when the model says it is done.",
         ),
         io.Boolean.Input(
-            "do_sample", default=True, label_on="sample", label_off="greedy",
+            "do_sample", default=defaults.do_sample, label_on="sample", label_off="greedy",
             tooltip="sample: draw each token (temperature, top_k, top_p apply), as the original's defaults. "
             "greedy: always the most likely token, the same answer whatever the seed.",
         ),
         advanced(io.Float.Input(
-            "temperature", default=0.9, min=0.01, max=5.0, step=0.01,
+            "temperature", default=defaults.temperature, min=0.01, max=5.0, step=0.01,
             tooltip="Sampling only (advanced): below 1 sharper and more predictable, above 1 more varied.",
         )),
         advanced(io.Int.Input(
-            "top_k", default=50, min=0, max=100000,
+            "top_k", default=defaults.top_k, min=0, max=100000,
             tooltip="Sampling only (advanced): draw from the k most likely tokens; 0 turns the filter off.",
         )),
         advanced(io.Float.Input(
-            "top_p", default=0.6, min=0.0, max=1.0, step=0.01,
+            "top_p", default=defaults.top_p, min=0.0, max=1.0, step=0.01,
             tooltip="Sampling only (advanced): draw from the most likely tokens that together reach this "
             "probability; 1 turns the filter off.",
         )),
         advanced(io.Float.Input(
-            "repetition_penalty", default=1.0, min=0.01, max=5.0, step=0.01,
+            "repetition_penalty", default=defaults.repetition_penalty, min=0.01, max=5.0, step=0.01,
             tooltip="Advanced: above 1 discourages repeating tokens already generated (sampling and greedy); "
             "1 turns it off.",
         )),
+        system_prompt_input(),
     ]
+
+
+def system_prompt_input() -> io.String.Input:
+    # optional: graphs saved before this input existed still run, with the original's message
+    return advanced(io.String.Input(
+        "system_prompt", multiline=True, default=SYSTEM_PROMPT, optional=True,
+        tooltip="Advanced: the conversation's system message, before the question. The default is the original "
+        "VILA-U's (vicuna_v1); e.g. ask for short, comma-separated captions here.",
+    ))
 
 
 def answer_output(tooltip: str, is_list: bool = False) -> io.String.Output:
@@ -93,6 +108,11 @@ class ImageQA(io.ComfyNode):
                     "(to compare images).",
                 ),
                 *answer_inputs(),
+                advanced(io.Int.Input(
+                    "batch_size", default=DEFAULT_BATCH_SIZE, min=1, max=MAX_BATCH_SIZE, optional=True,
+                    tooltip=f"Advanced, with '{EACH_IMAGE}': how many answers are generated together in one "
+                    "pass. Larger is faster per answer and takes more memory (one KV cache row per answer).",
+                )),
             ],
             outputs=[answer_output("The answers: one per image, or one for all images.", is_list=True)],
             hidden=[io.Hidden.unique_id],
@@ -107,6 +127,7 @@ class ImageQA(io.ComfyNode):
     def execute(
         cls, model, image, question: str, batch_mode: str, seed: int, max_new_tokens: int, do_sample: bool,
         temperature: float, top_k: int, top_p: float, repetition_penalty: float,
+        system_prompt: str = SYSTEM_PROMPT, batch_size: int = DEFAULT_BATCH_SIZE,
     ) -> io.NodeOutput:
         from ..vilau_backend.errors import InputError
         from ..vilau_backend.understand import describe_images
@@ -114,11 +135,12 @@ class ImageQA(io.ComfyNode):
         if batch_mode not in (EACH_IMAGE, ALL_IMAGES):  # ComfyUI 0.3.75 does not check V3 combo values
             raise InputError(f"batch_mode must be '{EACH_IMAGE}' or '{ALL_IMAGES}', got '{batch_mode}'")
         each = batch_mode == EACH_IMAGE
-        progress = AnswerProgress(cls.hidden.unique_id, image.shape[0] if each else 1, max_new_tokens)
+        progress = AnswerProgress(cls.hidden.unique_id, image.shape[0] if each else 1, max_new_tokens, batch_size)
         answers = describe_images(
-            model.ready(), image, question, batch=each,
+            model.ready(), image, question, batch=each, batch_size=batch_size, system=system_prompt,
             sampling=text_sampling(do_sample, temperature, top_k, top_p, repetition_penalty),
-            max_new_tokens=max_new_tokens, seed=seed, on_token=progress,
+            max_new_tokens=max_new_tokens, seed=seed,
+            **(dict(on_answers=progress.on_answers) if each else dict(on_token=progress)),
         )
         texts = [answer.text for answer in answers]
         progress.done(texts)
@@ -164,7 +186,8 @@ class VideoQA(io.ComfyNode):
     @classmethod
     def execute(
         cls, model, question: str, seed: int, max_new_tokens: int, do_sample: bool, temperature: float,
-        top_k: int, top_p: float, repetition_penalty: float, frames=None, video=None,
+        top_k: int, top_p: float, repetition_penalty: float, system_prompt: str = SYSTEM_PROMPT, frames=None,
+        video=None,
     ) -> io.NodeOutput:
         from ..vilau_backend.errors import InputError
         from ..vilau_backend.understand import describe_video
@@ -177,7 +200,7 @@ class VideoQA(io.ComfyNode):
             frames = video_frames(video, vila.config.num_video_frames)
         progress = AnswerProgress(cls.hidden.unique_id, 1, max_new_tokens)
         answer = describe_video(
-            vila, frames, question,
+            vila, frames, question, system=system_prompt,
             sampling=text_sampling(do_sample, temperature, top_k, top_p, repetition_penalty),
             max_new_tokens=max_new_tokens, seed=seed, on_token=progress,
         )

@@ -278,22 +278,29 @@ class VilaTokenizer:
         return text + self._sp.decode_pieces(run)
 
 
-def conversation_prompt(message: str) -> str:
-    """One vicuna_v1 user turn and the open assistant turn (``conv.get_prompt()``)."""
+def conversation_prompt(message: str, system: str = SYSTEM_PROMPT) -> str:
+    """One vicuna_v1 user turn and the open assistant turn (``conv.get_prompt()``).
+
+    `system` replaces the template's system message (the original's is SYSTEM_PROMPT)."""
+    if IMAGE_PLACEHOLDER in system:
+        raise InputError(
+            f"the system prompt contains '{IMAGE_PLACEHOLDER}', which VILA-U reserves for image inputs; remove it"
+        )
     message = message.strip()
     # as the original (SeparatorStyle.TWO): an empty turn renders as "USER:",
-    # with neither a space nor the separator
+    # with neither a space nor the separator; the system message is followed by
+    # the separator " " even when empty
     user_turn = f"USER: {message} " if message else "USER:"
-    return f"{SYSTEM_PROMPT} {user_turn}ASSISTANT:"
+    return f"{system} {user_turn}ASSISTANT:"
 
 
-def understanding_prompt(query: str, n_images: int = 1) -> str:
+def understanding_prompt(query: str, n_images: int = 1, system: str = SYSTEM_PROMPT) -> str:
     """Prompt for describing images; a video brings one image slot per frame."""
     if n_images < 0:
         raise InputError(f"n_images must be 0 or more, got {n_images}")
     # as extract_media: the media come first, one "<image>\n" each; the whole
     # message is stripped afterwards
-    return conversation_prompt(f"{IMAGE_PLACEHOLDER}\n" * n_images + query)
+    return conversation_prompt(f"{IMAGE_PLACEHOLDER}\n" * n_images + query, system)
 
 
 def generation_prompt(text: str, video: bool = False) -> str:

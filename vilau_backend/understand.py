@@ -46,8 +46,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from .errors import InputError
-from .llm import forward_hidden, new_dynamic_cache
-from .prompts import IMAGE_PLACEHOLDER, IMAGE_TOKEN_INDEX, understanding_prompt
+from .llm import additive_mask, forward_hidden, new_dynamic_cache, padded_positions
+from .prompts import IMAGE_PLACEHOLDER, IMAGE_TOKEN_INDEX, SYSTEM_PROMPT, understanding_prompt
 from .video import uniform_frame_indices
 
 if TYPE_CHECKING:
@@ -56,9 +56,16 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_NEW_TOKENS = 512
+# answers generated together in one pass: memory grows with it (one KV cache row per answer)
+DEFAULT_BATCH_SIZE = 8
+REPLACEMENT_CHARACTER = "\ufffd"  # what decoding gives for an incomplete UTF-8 byte sequence
 
 # on_token(step, token_id, text_so_far): step counts from 0 within one answer
 TokenCallback = Callable[[int, int, str], object]
+# on_answers(step, texts): the answers' texts so far after `step` (from 0) of their pass
+AnswersCallback = Callable[[int, list[str]], object]
+# on_step(step, tokens, texts): each row's new token (None once stopped) and text so far
+StepCallback = Callable[[int, list["int | None"], list[str]], object]
 
 
 @dataclass(frozen=True)
@@ -106,32 +113,74 @@ def describe_images(
     query: str,
     *,
     batch: bool = False,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    system: str = SYSTEM_PROMPT,
     sampling: TextSampling = TextSampling(),
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     seed: int = 0,
     on_token: TokenCallback | None = None,
+    on_answers: AnswersCallback | None = None,
 ) -> list[Answer]:
     """Answer `query` about images: ComfyUI IMAGE (B, H, W, C) float 0..1, or a list of such
     batches (each may have its own size).
 
     ``batch=False``: all images go into one prompt, in order, and one answer comes back
-    (the original's ``generate_content([img1, img2, query])``). ``batch=True``: every image
-    is its own prompt and gets its own answer, in input order.
-
-    Batched answers are computed one image after another, each exactly as if it were
-    described alone (vision encoding included): that makes them bit-identical to single
-    answers on any device, which a padded batch cannot promise (other kernel shapes,
-    other roundings, flipped near-ties). Each answer samples from its own generator
-    seeded with `seed`. `on_token` is called for every token of every answer, in order.
+    (the original's ``generate_content([img1, img2, query])``); `on_token` streams it.
+    ``batch=True``: every image is its own prompt and gets its own answer, in input order;
+    up to `batch_size` answers are generated together in one padded pass
+    (:func:`answer_each_image`), and `on_answers(step, texts)` streams them: `texts` holds
+    every answer begun so far (earlier passes' finished ones first), `step` counts the
+    tokens of the current pass. Each answer samples from its own generator seeded with
+    `seed`, so an answer does not depend on the other images or on `batch_size`
+    (see :func:`answer_each_image` for how far that holds bit for bit).
     """
     _check_query(query)
+    _check_batch_size(batch_size)
     pixels = _pixel_values(model, images)  # (N, 3, S, S)
+    options = dict(system=system, sampling=sampling, max_new_tokens=max_new_tokens, seed=seed)
     if not batch:
-        return [_answer_about(model, pixels, query, sampling, max_new_tokens, seed, on_token)]
-    return [
-        _answer_about(model, pixels[i : i + 1], query, sampling, max_new_tokens, seed, on_token)
-        for i in range(pixels.shape[0])
-    ]
+        if on_answers is not None:
+            raise TypeError("one answer about all images streams through on_token; on_answers is for batch=True")
+        return [_answer_about(model, pixels, query, on_token=on_token, **options)]
+    if on_token is not None:
+        raise TypeError("answers generated together stream through on_answers(step, texts), not on_token")
+    answers: list[Answer] = []
+    for first in range(0, pixels.shape[0], batch_size):
+        done = [answer.text for answer in answers]
+        report = None if on_answers is None else (lambda step, texts, done=done: on_answers(step, done + texts))
+        answers += answer_each_image(model, pixels[first : first + batch_size], query, on_answers=report, **options)
+    return answers
+
+
+def answer_each_image(
+    model: VilaUModel,
+    pixels: torch.Tensor,
+    query: str,
+    *,
+    system: str = SYSTEM_PROMPT,
+    sampling: TextSampling = TextSampling(),
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    seed: int = 0,
+    on_answers: AnswersCallback | None = None,
+) -> list[Answer]:
+    """pixels (B, 3, S, S) -> B answers to the same question, one per image, generated together.
+
+    Each image is encoded on its own, exactly as for a single answer (a batched vision pass
+    would expose the quantizer's nearest-code choice to other GEMM roundings); the B prompts
+    then share one LLM pass (:func:`generate_texts`). That pass runs other kernel shapes than
+    B single runs, so its logits may differ from theirs in the last bits: greedy answers are
+    the same tokens unless two candidates were tied to that precision (tests/test_batch_answers.py
+    measures it). `on_answers(step, texts)` gets the B texts so far after each token."""
+    _check_query(query)
+    input_ids = model.tokenizer.tokenize_with_image_slots(understanding_prompt(query, 1, system=system))
+    _check_context(model, input_ids, max_new_tokens)
+    prompts = [_prompt_embeddings(model, input_ids, pixels[i : i + 1]) for i in range(pixels.shape[0])]  # B x (T, H)
+    generators = [_seeded_generator(seed) for _ in prompts]
+    on_step = None if on_answers is None else (lambda step, tokens, texts: on_answers(step, texts))
+    outputs = generate_texts(
+        model, prompts, sampling=sampling, max_new_tokens=max_new_tokens, generators=generators, on_step=on_step
+    )
+    return [Answer(text=_answer_text(model, ids), input_ids=input_ids, output_ids=ids) for ids in outputs]
 
 
 def describe_video(
@@ -139,6 +188,7 @@ def describe_video(
     frames: torch.Tensor,
     query: str,
     *,
+    system: str = SYSTEM_PROMPT,
     sampling: TextSampling = TextSampling(),
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     seed: int = 0,
@@ -148,7 +198,10 @@ def describe_video(
     model's ``num_video_frames`` (all of them when there are fewer)."""
     _check_query(query)
     frames, _ = sample_video_frames(frames, model.config.num_video_frames)
-    return _answer_about(model, model.preprocess(frames), query, sampling, max_new_tokens, seed, on_token)
+    return _answer_about(
+        model, model.preprocess(frames), query, system=system, sampling=sampling, max_new_tokens=max_new_tokens,
+        seed=seed, on_token=on_token,
+    )
 
 
 def sample_video_frames(frames: torch.Tensor, num_frames: int) -> tuple[torch.Tensor, list[int]]:
@@ -169,26 +222,32 @@ def _answer_about(
     model: VilaUModel,
     pixels: torch.Tensor,
     query: str,
+    *,
+    system: str,
     sampling: TextSampling,
     max_new_tokens: int,
     seed: int,
     on_token: TokenCallback | None,
 ) -> Answer:
     """pixels (N, 3, S, S) -> one answer to a prompt with N image slots."""
-    n_images = pixels.shape[0]
-    input_ids = model.tokenizer.tokenize_with_image_slots(understanding_prompt(query, n_images))
+    input_ids = model.tokenizer.tokenize_with_image_slots(understanding_prompt(query, pixels.shape[0], system=system))
     _check_context(model, input_ids, max_new_tokens)
+    inputs_embeds = _prompt_embeddings(model, input_ids, pixels)  # (T, H)
+    output_ids = generate_text(
+        model, inputs_embeds, sampling=sampling, max_new_tokens=max_new_tokens, generator=_seeded_generator(seed),
+        on_token=on_token,
+    )
+    return Answer(text=_answer_text(model, output_ids), input_ids=input_ids, output_ids=output_ids)
+
+
+@torch.inference_mode()
+def _prompt_embeddings(model: VilaUModel, input_ids: list[int], pixels: torch.Tensor) -> torch.Tensor:
+    """Prompt ids with N image slots + pixels (N, 3, S, S) -> the LLM's inputs_embeds (T, H)."""
+    n_images = pixels.shape[0]
     z_q = model.encode_pixels(pixels).z_q  # (N, h, w, C)
     # as the original: understanding feeds the quantizer's z_q (not the code-embedding sum)
     image_embeds = model.project(z_q.reshape(n_images, -1, z_q.shape[-1]))  # (N, P, H)
-    generator = _seeded_generator(seed)
-    with torch.inference_mode():
-        inputs_embeds = splice_image_embeddings(model, input_ids, image_embeds)  # (T, H)
-        output_ids = generate_text(
-            model, inputs_embeds, sampling=sampling, max_new_tokens=max_new_tokens, generator=generator,
-            on_token=on_token,
-        )
-    return Answer(text=_answer_text(model, output_ids), input_ids=input_ids, output_ids=output_ids)
+    return splice_image_embeddings(model, input_ids, image_embeds)
 
 
 @torch.inference_mode()
@@ -220,59 +279,139 @@ def generate_text(
     generator: torch.Generator | None = None,
     on_token: TokenCallback | None = None,
 ) -> list[int]:
-    """inputs_embeds (T, H) -> new token ids, ending at EOS or after max_new_tokens.
+    """inputs_embeds (T, H) -> new token ids, ending at EOS or after max_new_tokens: one prompt
+    through :func:`generate_texts` (a batch of one needs no padding and runs the same kernels)."""
+    on_step = None
+    if on_token is not None:
+        def on_step(step: int, tokens: list[int | None], texts: list[str]) -> None:
+            on_token(step, tokens[0], texts[0])
+    return generate_texts(
+        model, [inputs_embeds], sampling=sampling, max_new_tokens=max_new_tokens, generators=[generator],
+        on_step=on_step,
+    )[0]
 
-    The cache lives only in this call: if `on_token` raises, the model is left as it was."""
+
+@torch.inference_mode()
+def generate_texts(
+    model,
+    prompts: Sequence[torch.Tensor],
+    *,
+    sampling: TextSampling = GREEDY,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    generators: Sequence[torch.Generator | None] | None = None,
+    on_step: StepCallback | None = None,
+) -> list[list[int]]:
+    """B prompts' inputs_embeds, each (T_b, H) -> B lists of new token ids, each ending at its EOS
+    or after max_new_tokens. Row b samples only from generators[b].
+
+    The prompts are left-padded into one batch and step together; a row that has stopped is fed
+    its EOS until all have (its outputs ignored, no draws from its generator). `on_step(step,
+    tokens, texts)` follows every step: the new token of each row (None once it has stopped) and
+    each row's text so far, up to its last complete character (:func:`streamed_text`).
+    The cache lives only in this call: if `on_step` raises, the model is left as it was."""
+    rows = len(prompts)
     if max_new_tokens < 1:
         raise InputError(f"max_new_tokens must be 1 or more, got {max_new_tokens}")
-    if sampling.do_sample and generator is None:
-        raise InputError("sampling needs a torch.Generator; pass a seeded one (or use greedy decoding)")
+    generators = list(generators) if generators is not None else [None] * rows
+    if rows < 1 or len(generators) != rows:
+        raise InputError(f"give one generator per prompt: {rows} prompt(s), {len(generators)} generator(s)")
+    if sampling.do_sample and any(g is None for g in generators):
+        raise InputError("sampling needs a torch.Generator per prompt; pass seeded ones (or use greedy decoding)")
     eos = model.tokenizer.eos_token_id
     processors = _logits_processors(sampling)
+    batch = PromptBatch(prompts)
     cache = new_dynamic_cache(model.llm)
-    logits = prefill(model.llm, inputs_embeds, cache)  # (1, V)
-    prompt_length = inputs_embeds.shape[0]
-    generated: list[int] = []
+    logits = batch.prefill(model.llm, cache)  # (B, V)
+    outputs: list[list[int]] = [[] for _ in range(rows)]
+    live = [True] * rows
+    seen = torch.empty((rows, 0), dtype=torch.long, device=logits.device)  # (B, n) generated so far
     for step in range(max_new_tokens):
-        token = next_token(logits, generated, processors, sampling.do_sample, generator)
-        generated.append(token)
-        if on_token is not None:
-            _report(on_token, step, token, model, generated)
-        if token == eos or step == max_new_tokens - 1:
+        tokens = next_tokens(logits, seen, processors, sampling.do_sample, generators, live, eos)  # (B,)
+        seen = torch.cat([seen, tokens[:, None]], dim=1)
+        new = [int(t) if alive else None for t, alive in zip(tokens.tolist(), live)]
+        for b, token in enumerate(new):
+            if token is not None:
+                outputs[b].append(token)
+                live[b] = token != eos
+        if on_step is not None:
+            on_step(step, new, [streamed_text(model, ids) for ids in outputs])
+        if not any(live) or step == max_new_tokens - 1:
             break
-        logits = decode_step(model.llm, token, prompt_length + step, cache)
-    return generated
+        logits = batch.decode_step(model.llm, tokens, step, cache)
+    return outputs
+
+
+class PromptBatch:
+    """B prompt embeddings of lengths T_b, left-padded to T = max T_b, with the masks and positions
+    that keep the padding invisible (as the CFG rows of generation: additive 4-D masks,
+    positions counted from each row's first real token). Rows of one length need none of that:
+    they run with the causal mask transformers derives, as a single prompt always does."""
+
+    def __init__(self, prompts: Sequence[torch.Tensor]):
+        lengths = [p.shape[0] for p in prompts]
+        rows, length = len(prompts), max(lengths)
+        first = prompts[0]
+        self.embeds = first.new_zeros((rows, length, first.shape[-1]))  # (B, T, H)
+        self.key_mask = torch.zeros((rows, length), dtype=torch.bool, device=first.device)  # (B, K), K grows
+        for b, prompt in enumerate(prompts):
+            self.embeds[b, length - prompt.shape[0] :] = prompt
+            self.key_mask[b, length - prompt.shape[0] :] = True
+        self.padded = min(lengths) != length
+        self.lengths = torch.tensor(lengths, device=first.device)[:, None]  # (B, 1)
+
+    def prefill(self, llm, cache) -> torch.Tensor:
+        """The whole batch into `cache` -> logits at the last position (B, V) float32."""
+        options = {}
+        if self.padded:
+            length = self.embeds.shape[1]
+            causal = torch.ones(length, length, dtype=torch.bool, device=self.embeds.device).tril()
+            allowed = self.key_mask[:, None, None, :] & causal[None, None]  # (B, 1, T, T)
+            options = dict(attention_mask=additive_mask(allowed, self.embeds.dtype),
+                           position_ids=padded_positions(self.key_mask))
+        hidden = forward_hidden(llm, cache, inputs_embeds=self.embeds, **options)  # (B, T, H)
+        # as the original: logits = lm_head(hidden).float(), only the last position is needed
+        return llm.lm_head(hidden[:, -1]).float()
+
+    def decode_step(self, llm, tokens: torch.Tensor, step: int, cache) -> torch.Tensor:
+        """Feed each row's token (B,) of generation step `step` -> next logits (B, V) float32."""
+        device = llm.lm_head.weight.device
+        options = {}
+        if self.padded:
+            self.key_mask = torch.cat([self.key_mask, self.key_mask.new_ones((self.key_mask.shape[0], 1))], dim=1)
+            options = dict(attention_mask=additive_mask(self.key_mask[:, None, None, :], self.embeds.dtype))
+        hidden = forward_hidden(
+            llm, cache, input_ids=tokens[:, None].to(device), position_ids=(self.lengths + step).to(device), **options
+        )  # (B, 1, H)
+        return llm.lm_head(hidden[:, -1]).float()
 
 
 def prefill(llm, inputs_embeds: torch.Tensor, cache) -> torch.Tensor:
-    """Run the whole prompt (T, H) into `cache`; logits at its last position (1, V) float32."""
-    hidden = forward_hidden(llm, cache, inputs_embeds=inputs_embeds.unsqueeze(0))  # (1, T, H)
-    # as the original: logits = lm_head(hidden).float(), only the last position is needed
-    return llm.lm_head(hidden[:, -1]).float()
-
-
-def decode_step(llm, token: int, position: int, cache) -> torch.Tensor:
-    """Feed one token at `position` (0-based, counting image features) -> next logits (1, V) float32."""
-    device = llm.lm_head.weight.device
-    hidden = forward_hidden(
-        llm,
-        cache,
-        input_ids=torch.tensor([[token]], device=device),
-        position_ids=torch.tensor([[position]], device=device),
-    )  # (1, 1, H)
-    return llm.lm_head(hidden[:, -1]).float()
+    """Run one prompt (T, H) into `cache`; logits at its last position (1, V) float32."""
+    return PromptBatch([inputs_embeds]).prefill(llm, cache)
 
 
 def next_token(logits: torch.Tensor, generated: list[int], processors, do_sample: bool, generator) -> int:
     """logits (1, V) float32 -> the chosen token id."""
-    # the processors see the generated ids only, as `generate` does when given embeddings
     seen = torch.tensor([generated], dtype=torch.long, device=logits.device)  # (1, n)
-    scores = processors(seen, logits)  # (1, V)
+    return int(next_tokens(logits, seen, processors, do_sample, [generator], [True], eos=0)[0])
+
+
+def next_tokens(
+    logits: torch.Tensor, seen: torch.Tensor, processors, do_sample: bool, generators, live: list[bool], eos: int
+) -> torch.Tensor:
+    """logits (B, V) float32, generated ids seen (B, n) -> the chosen ids (B,); `eos` for stopped rows."""
+    # the processors see the generated ids only, as `generate` does when given embeddings
+    scores = processors(seen, logits)  # (B, V)
     if not do_sample:
-        return int(scores.argmax(dim=-1))
-    # drawn on the CPU: the same seed picks the same token on any device
-    probs = torch.softmax(scores, dim=-1).cpu()  # (1, V)
-    return int(torch.multinomial(probs, num_samples=1, generator=generator))
+        return scores.argmax(dim=-1).masked_fill_(~torch.tensor(live, device=scores.device), eos)
+    # drawn on the CPU, row by row from each row's generator: the same seed picks the same
+    # token on any device and whatever the other rows are
+    probs = torch.softmax(scores, dim=-1).cpu()  # (B, V)
+    chosen = [
+        int(torch.multinomial(probs[b : b + 1], num_samples=1, generator=generators[b])) if alive else eos
+        for b, alive in enumerate(live)
+    ]
+    return torch.tensor(chosen, dtype=torch.long, device=logits.device)
 
 
 def _logits_processors(sampling: TextSampling):
@@ -298,12 +437,15 @@ def _logits_processors(sampling: TextSampling):
     return processors
 
 
-def _report(on_token: TokenCallback, step: int, token: int, model, generated: list[int]) -> None:
-    # the whole answer is decoded again each step (bytes of one character span tokens);
-    # cheap next to an LLM step, and only done when someone listens. Whatever the callback
-    # raises ends the answer and reaches the caller unchanged (ComfyUI's interrupt included);
-    # nothing outlives the call but the model's weights, so the next call starts clean.
-    on_token(step, token, _answer_text(model, generated))
+def streamed_text(model, output_ids: list[int]) -> str:
+    """The answer so far for streaming, up to its last complete character.
+
+    A character the vocabulary lacks arrives as one byte-fallback token per UTF-8 byte, and
+    decoding before its last byte ends in U+FFFD; that tail is held back until the character
+    is complete (the final answer is decoded whole, see :func:`_answer_text`). The ids are
+    decoded again each step: bytes of one character span tokens, and sentencepiece's spacing
+    depends on the pieces around; cheap next to an LLM step, and only done when someone listens."""
+    return _answer_text(model, output_ids).rstrip(REPLACEMENT_CHARACTER).rstrip()
 
 
 # ---- checks and small helpers ----------------------------------------------------------
@@ -329,6 +471,11 @@ def _check_query(query: str) -> None:
         raise InputError(
             f"the question contains '{IMAGE_PLACEHOLDER}', which VILA-U reserves for image inputs; remove it"
         )
+
+
+def _check_batch_size(batch_size: int) -> None:
+    if batch_size < 1:
+        raise InputError(f"batch_size (answers generated together) must be 1 or more, got {batch_size}")
 
 
 def _check_context(model, input_ids: list[int], max_new_tokens: int) -> None:
