@@ -48,7 +48,7 @@ import torch
 from .errors import InputError
 from .llm import additive_mask, forward_hidden, new_dynamic_cache, padded_positions
 from .prompts import IMAGE_PLACEHOLDER, IMAGE_TOKEN_INDEX, SYSTEM_PROMPT, understanding_prompt
-from .video import uniform_frame_indices
+from .video import FrameChoice
 
 if TYPE_CHECKING:
     from .model import VilaUModel
@@ -188,30 +188,38 @@ def describe_video(
     frames: torch.Tensor,
     query: str,
     *,
+    choice: FrameChoice | None = FrameChoice(),
     system: str = SYSTEM_PROMPT,
     sampling: TextSampling = TextSampling(),
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     seed: int = 0,
     on_token: TokenCallback | None = None,
 ) -> Answer:
-    """Answer `query` about a video: frames (F, H, W, C) float 0..1, sampled evenly to the
-    model's ``num_video_frames`` (all of them when there are fewer)."""
+    """Answer `query` about a video: frames (F, H, W, C) float 0..1, of which the model looks at
+    those `choice` picks; by default the original's: the model's ``num_video_frames`` spread
+    evenly (all of them when there are fewer). `choice` None takes every given frame (frames
+    already chosen, e.g. by :func:`vilau_backend.video.read_video`)."""
     _check_query(query)
-    frames, _ = sample_video_frames(frames, model.config.num_video_frames)
+    if choice is not None:
+        frames, _ = sample_video_frames(frames, model.config.num_video_frames, choice)
     return _answer_about(
         model, model.preprocess(frames), query, system=system, sampling=sampling, max_new_tokens=max_new_tokens,
         seed=seed, on_token=on_token,
     )
 
 
-def sample_video_frames(frames: torch.Tensor, num_frames: int) -> tuple[torch.Tensor, list[int]]:
-    """(F, H, W, C) -> (min(F, num_frames), H, W, C) evenly spaced frames and their indices."""
+def sample_video_frames(
+    frames: torch.Tensor, num_frames: int, choice: FrameChoice = FrameChoice()
+) -> tuple[torch.Tensor, list[int]]:
+    """(F, H, W, C) -> the frames `choice` picks (by default min(F, num_frames) evenly spaced ones)
+    and their indices."""
     if frames.ndim != 4:
         raise InputError(f"video frames must be shaped (frames, height, width, channels), got {tuple(frames.shape)}")
-    n = frames.shape[0]
-    indices = uniform_frame_indices(n, num_frames)
-    if n < num_frames:
-        log.warning("the video has %d frames, fewer than the %d this model takes; using all %d", n, num_frames, n)
+    indices = choice.indices(frames.shape[0], num_frames)
+    wanted = choice.count or num_frames
+    if len(indices) < wanted:
+        log.warning("the chosen part of the video gives %d frames, fewer than the %d asked for; using them",
+                    len(indices), wanted)
     return frames[indices], indices
 
 

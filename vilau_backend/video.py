@@ -53,26 +53,81 @@ def uniform_frame_indices(n_frames: int, num_frames: int | None) -> list[int]:
     return np.round(np.linspace(0, n_frames - 1, num_frames)).astype(int).tolist()
 
 
-def read_video(path: str | os.PathLike, num_frames: int | None = None) -> VideoFrames:
-    """A video file or a folder of frames -> VideoFrames; `num_frames` selects evenly spaced frames."""
+FRAME_METHODS = ("uniform", "first", "every")
+
+
+@dataclass(frozen=True)
+class FrameChoice:
+    """Which frames of a video the model looks at.
+
+    Frames are taken from the window ``start``..``end`` (frame indices, both included; ``end``
+    None is the last frame), at most ``count`` of them (None: the count the caller gives, the
+    model's ``num_video_frames``), picked by ``method``:
+
+    - ``uniform``: spread evenly over the window, as the original picks them (the default:
+      with the whole video as the window, exactly the original's frames);
+    - ``first``: the first ``count`` frames of the window;
+    - ``every``: every ``step``-th frame from the window's start, at most ``count``.
+    """
+
+    count: int | None = None
+    method: str = "uniform"
+    step: int = 1
+    start: int = 0
+    end: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.method not in FRAME_METHODS:
+            raise InputError(f"frame method must be one of {', '.join(FRAME_METHODS)}, got '{self.method}'")
+        if self.count is not None and self.count < 1:
+            raise InputError(f"the number of frames to take must be 1 or more, got {self.count}")
+        if self.step < 1:
+            raise InputError(f"the frame step must be 1 or more, got {self.step}")
+        if self.start < 0 or (self.end is not None and self.end < self.start):
+            raise InputError(
+                f"the frame window {self.start}..{self.end} is empty or negative; give 0 <= start <= end"
+            )
+
+    def indices(self, n_frames: int, default_count: int | None = None) -> list[int]:
+        """Indices of the chosen frames among `n_frames`, in order."""
+        if n_frames < 1:
+            raise InputError("the video has no frames")
+        if self.start >= n_frames:
+            raise InputError(f"the frame window starts at frame {self.start}, but the video has {n_frames} frames")
+        window = range(self.start, n_frames if self.end is None else min(self.end + 1, n_frames))
+        count = self.count if self.count is not None else default_count
+        if self.method == "uniform":
+            return [window[i] for i in uniform_frame_indices(len(window), count)]
+        chosen = window if self.method == "first" else window[:: self.step]
+        return list(chosen if count is None else chosen[:count])
+
+
+def read_video(
+    path: str | os.PathLike, num_frames: int | None = None, *, choice: FrameChoice | None = None
+) -> VideoFrames:
+    """A video file or a folder of frames -> VideoFrames; `num_frames` selects evenly spaced frames,
+    `choice` other ones (`num_frames` is then its default count). Only the chosen frames are decoded."""
     path = Path(path)
+    choice = choice or FrameChoice()
     if path.is_dir():
-        return read_frame_folder(path, num_frames)
+        return read_frame_folder(path, num_frames, choice=choice)
     if path.is_file():
-        return read_video_file(path, num_frames)
+        return read_video_file(path, num_frames, choice=choice)
     raise InputError(
         f"video '{path}' does not exist; give a video file ({', '.join(VIDEO_SUFFIXES)}) or a folder of frames"
     )
 
 
-def read_frame_folder(folder: str | os.PathLike, num_frames: int | None = None) -> VideoFrames:
+def read_frame_folder(
+    folder: str | os.PathLike, num_frames: int | None = None, *, choice: FrameChoice = FrameChoice()
+) -> VideoFrames:
     from PIL import Image, UnidentifiedImageError
 
     # as the original: sorted(glob(folder/*)), i.e. by file name, hidden files excluded
     paths = [p for p in sorted(glob.glob(os.path.join(str(folder), "*"))) if p.lower().endswith(FRAME_SUFFIXES)]
     if not paths:
         raise InputError(f"frame folder '{folder}' holds no image files ({', '.join(FRAME_SUFFIXES)})")
-    indices = uniform_frame_indices(len(paths), num_frames)
+    indices = choice.indices(len(paths), num_frames)
     frames = []
     for index in indices:
         try:
@@ -83,20 +138,22 @@ def read_frame_folder(folder: str | os.PathLike, num_frames: int | None = None) 
     return VideoFrames(_stack(frames, str(folder)), fps=None, source_frame_count=len(paths), frame_indices=indices)
 
 
-def read_video_file(path: str | os.PathLike, num_frames: int | None = None) -> VideoFrames:
+def read_video_file(
+    path: str | os.PathLike, num_frames: int | None = None, *, choice: FrameChoice = FrameChoice()
+) -> VideoFrames:
     try:
         import av
     except ImportError as exc:
         raise InputError(f"reading video '{path}' needs PyAV; install it with `pip install av`") from exc
 
     try:
-        if num_frames is None:
+        if num_frames is None and choice == FrameChoice():
             frames, fps = _decode_frames(av, path, wanted=None)
             indices = list(range(len(frames)))
             count = len(frames)
         else:
             count = _count_frames(av, path)
-            indices = uniform_frame_indices(count, num_frames)
+            indices = choice.indices(count, num_frames)
             frames, fps = _decode_frames(av, path, wanted=set(indices))
     except av.error.FFmpegError as exc:
         raise InputError(f"cannot read video '{path}': {exc}") from exc
