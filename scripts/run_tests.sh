@@ -6,7 +6,8 @@
 # 1. .venv: torch 2.14.1 + torchvision 0.29.1, the pack's requirements, the test
 #    tools (pytest, playwright's Python package: it drives Debian's Chromium and
 #    never downloads a browser), and a pinned ComfyUI 0.3.75 in .cache/comfyui for
-#    the end-to-end and browser tests.
+#    the end-to-end and browser tests; the newest front end (comfyui-frontend-package, its
+#    static folder in .cache/frontend/<version>) for the browser tests, which run against both.
 # 2. Chromium for the browser tests: Debian's chromium + chromium-driver, installed
 #    with apt-get when this runs as root and they are missing (otherwise the browser
 #    tests fail, saying what to install).
@@ -26,6 +27,37 @@ start=$(date +%s)
 
 # ---- 1. the test environment ------------------------------------------------------------
 bash scripts/setup_env.sh "pytest>=8" "requests>=2.31" "av>=12" "pillow>=10" "numpy>=1.24" "playwright>=1.40"
+
+# ---- 1b. the newest front end, served by the pinned backend in the browser tests -------------
+# (tests/comfy_browser.py NEWEST_FRONT_END; the pinned ComfyUI's own front end is 1.32.9)
+FRONT_END=${VILAU_NEWEST_FRONT_END:-1.58.1}
+FRONT_END_DIR=.cache/frontend/$FRONT_END
+if [ ! -f "$FRONT_END_DIR/static/index.html" ]; then
+    echo "run_tests: downloading comfyui-frontend-package==$FRONT_END"
+    work=$(mktemp -d)
+    "$PY" -m pip download --quiet --no-deps --dest "$work" "comfyui-frontend-package==$FRONT_END"
+    "$PY" - "$work"/comfyui_frontend_package-*.whl "$FRONT_END_DIR" <<'EOF'
+import shutil, sys, zipfile
+from pathlib import Path
+wheel, dest = sys.argv[1], Path(sys.argv[2])
+prefix = "comfyui_frontend_package/static/"
+stage = dest.with_name(dest.name + ".partial")  # moved into place only when complete
+shutil.rmtree(stage, ignore_errors=True)
+with zipfile.ZipFile(wheel) as zf:
+    members = [m for m in zf.namelist() if m.startswith(prefix) and not m.endswith("/")]
+    for name in members:
+        target = stage / "static" / name[len(prefix):]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(zf.read(name))
+if not (stage / "static" / "index.html").is_file():
+    sys.exit(f"run_tests: no {prefix}index.html in {wheel}")
+shutil.rmtree(dest, ignore_errors=True)
+stage.rename(dest)
+print(f"run_tests: front end extracted into {dest} ({len(members)} files)")
+EOF
+    rm -rf "$work"
+fi
+export VILAU_NEWEST_FRONT_END=$FRONT_END
 
 # ---- 2. Chromium ------------------------------------------------------------------------
 if [ ! -x /usr/bin/chromium ]; then

@@ -43,6 +43,8 @@ QUIET_SETTINGS = {
 
 
 ROOT_GRAPH = "(window.app.rootGraph ?? window.app.graph)"
+# newer front ends keep node ids as strings ("3"), older ones as numbers (3): look up either
+NODE_BY_ID = f"((id) => {ROOT_GRAPH}.getNodeById(id) ?? {ROOT_GRAPH}.getNodeById(String(id)))"
 
 
 def chromium_path() -> str | None:
@@ -51,6 +53,30 @@ def chromium_path() -> str | None:
         if candidate and Path(candidate).is_file():
             return candidate
     return None
+
+
+# The front ends the browser tests run: the pinned ComfyUI's own (its requirements.txt pins
+# comfyui-frontend-package 1.32.9) and the newest on PyPI, served by the same pinned backend with
+# --front-end-root. scripts/run_tests.sh extracts the newest one into .cache/frontend/<version>/.
+NEWEST_FRONT_END = os.environ.get("VILAU_NEWEST_FRONT_END", "1.58.1")
+
+
+def front_end_root(version: str) -> Path:
+    """Where scripts/run_tests.sh puts the static files of comfyui-frontend-package==version."""
+    return Path(__file__).resolve().parents[1] / ".cache" / "frontend" / version / "static"
+
+
+def front_end_args(front_end: str) -> list[str]:
+    """ComfyUI arguments that serve a front end: "pinned" (the one ComfyUI installed) or a version."""
+    if front_end == "pinned":
+        return []
+    root = front_end_root(front_end)
+    if not (root / "index.html").is_file():
+        raise FileNotFoundError(
+            f"no comfyui-frontend-package {front_end} at {root}: run scripts/run_tests.sh, which downloads "
+            "the wheel and extracts its static folder there"
+        )
+    return ["--front-end-root", str(root)]
 
 
 def write_quiet_settings(user_dir: Path) -> None:
@@ -130,9 +156,13 @@ class ComfyPage:
 
     # ------------------------------------------------------------------ graph
     def evaluate(self, script: str, arg: Any = None) -> Any:
-        """Run a JS function in the page; GRAPH in it stands for the root graph (app.rootGraph in
-        newer front ends, app.graph, its deprecated name, in older ones)."""
-        return self.page.evaluate(script.replace("GRAPH", ROOT_GRAPH), arg)
+        """Run a JS function in the page. In it, NODE(id) is the node of that id, number or string,
+        and GRAPH the root graph (app.rootGraph in newer front ends, app.graph, its deprecated
+        name, in older ones)."""
+        return self.page.evaluate(script.replace("NODE(", NODE_BY_ID + "(").replace("GRAPH", ROOT_GRAPH), arg)
+
+    def front_end_version(self) -> str:
+        return self.evaluate("() => window.__COMFYUI_FRONTEND_VERSION__")
 
     def extensions(self) -> list[str]:
         """Names of the registered front-end extensions."""
@@ -151,7 +181,7 @@ class ComfyPage:
         """[{id, type, mode, title, widgets: {name: value}}] of the current graph."""
         return self.evaluate(
             """() => GRAPH._nodes.map(n => ({
-                id: n.id, type: n.type, mode: n.mode, title: n.title,
+                id: /^\\d+$/.test(String(n.id)) ? Number(n.id) : n.id, type: n.type, mode: n.mode, title: n.title,
                 widgets: Object.fromEntries((n.widgets || []).map(w => [w.name, w.value])),
             }))"""
         )
@@ -159,7 +189,7 @@ class ComfyPage:
     def set_widget(self, node_id: int, name: str, value: Any) -> None:
         ok = self.evaluate(
             """([id, name, value]) => {
-                const node = GRAPH.getNodeById(id);
+                const node = NODE(id);
                 const widget = node?.widgets?.find(w => w.name === name);
                 if (!widget) return false;
                 widget.value = value;
@@ -174,7 +204,7 @@ class ComfyPage:
     def set_mode(self, node_ids: list[int], mode: int) -> None:
         """0 always, 2 never (muted), 4 bypass."""
         self.evaluate(
-            """([ids, mode]) => { for (const id of ids) GRAPH.getNodeById(id).mode = mode;
+            """([ids, mode]) => { for (const id of ids) NODE(id).mode = mode;
                                   GRAPH.setDirtyCanvas(true, true); }""",
             [node_ids, mode],
         )
@@ -213,7 +243,7 @@ class ComfyPage:
         """The text in the front end's text box on a node (progress text / answer), if any."""
         return self.evaluate(
             """(id) => {
-                const node = GRAPH.getNodeById(id);
+                const node = NODE(id);
                 const widget = node?.widgets?.find(w => w.name === '$$node-text-preview');
                 return widget ? widget.value : null;
             }""",
@@ -224,7 +254,7 @@ class ComfyPage:
         """The value of a node's widget (None when the node or the widget is missing)."""
         return self.evaluate(
             """([id, name]) => {
-                const widget = GRAPH.getNodeById(id)?.widgets?.find(w => w.name === name);
+                const widget = NODE(id)?.widgets?.find(w => w.name === name);
                 return widget === undefined ? null : widget.value;
             }""",
             [node_id, name],

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+from importlib import metadata
 import re
 from pathlib import Path
 
@@ -62,9 +63,16 @@ def need_browser():
         pytest.fail(f"the browser tests need a browser: {reason}", pytrace=False)
 
 
+@pytest.fixture(scope="module", params=["pinned", cb.NEWEST_FRONT_END])
+def front_end(request) -> str:
+    """Every test runs against the pinned ComfyUI's own front end and against the newest one."""
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, need_browser):
+def server(tmp_path_factory, need_browser, front_end):
     srv = cs.pack_server(tmp_path_factory.mktemp("browser_run"), TINY)
+    srv.extra_args += cb.front_end_args(front_end)
     wa.put_example_inputs(srv.input_dir, srv.comfy_dir)
     cb.write_quiet_settings(srv.user_dir)
     srv.start(timeout=180)
@@ -79,12 +87,15 @@ def object_info(server):
 
 
 @pytest.fixture(scope="module")
-def page(server):
+def page(server, front_end):
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     ignore = SCREENSHOTS.parent / ".gitignore"  # screenshots are for looking at, not for committing
     if SCREENSHOTS.parent.name == "artifacts" and not ignore.exists():
         ignore.write_text("*\n", encoding="utf-8")
-    with cb.ComfyPage(server.url, screenshot_dir=SCREENSHOTS) as p:
+    with cb.ComfyPage(server.url, screenshot_dir=SCREENSHOTS / f"front-end-{front_end}") as p:
+        # the front end served is the one asked for (the pinned ComfyUI's is the installed package)
+        expected = metadata.version("comfyui-frontend-package") if front_end == "pinned" else front_end
+        assert p.front_end_version() == expected
         record_node_texts(p)
         yield p
 
@@ -216,7 +227,7 @@ def test_answer_streams_into_the_answer_box_and_stays(page, server, object_info,
     # answer in the node's answer box, on screen, and in the workflow the front end saves
     assert page.widget_value(qa, "answer") == answer
     assert answer in page.text_boxes(), page.text_boxes()
-    saved = next(n for n in page.serialize()["nodes"] if n["id"] == qa)
+    saved = next(n for n in page.serialize()["nodes"] if str(n["id"]) == str(qa))
     assert saved["widgets_values"][-1] == answer, saved["widgets_values"]
     assert "answer" not in page.api_prompt()[str(qa)]["inputs"], "the answer box must not be sent with the prompt"
     path = screenshot(page, f"{name}-answer")
@@ -243,7 +254,7 @@ def test_answer_with_markup_shows_as_written(page):
     """An answer is shown as text: '<b>' in it is not markup."""
     page.load_workflow(json.loads((WORKFLOWS / "vila-u-image-qa.json").read_text(encoding="utf-8")))
     qa = next(n["id"] for n in page.nodes() if n["type"] == "VILAU_ImageQA")
-    page.evaluate("(id) => GRAPH.getNodeById(id).onExecuted({text: ['a <b>bold</b> & plain answer']})", qa)
+    page.evaluate("(id) => NODE(id).onExecuted({text: ['a <b>bold</b> & plain answer']})", qa)
     page.page.wait_for_timeout(300)
     assert "a <b>bold</b> & plain answer" in page.text_boxes()
     assert page.widget_value(qa, "answer") == "a <b>bold</b> & plain answer"
@@ -252,5 +263,5 @@ def test_answer_with_markup_shows_as_written(page):
 def test_answers_of_a_batch_are_numbered(page):
     page.load_workflow(json.loads((WORKFLOWS / "vila-u-image-qa.json").read_text(encoding="utf-8")))
     qa = next(n["id"] for n in page.nodes() if n["type"] == "VILAU_ImageQA")
-    page.evaluate("(id) => GRAPH.getNodeById(id).onExecuted({text: ['first', 'second']})", qa)
+    page.evaluate("(id) => NODE(id).onExecuted({text: ['first', 'second']})", qa)
     assert page.widget_value(qa, "answer") == "[1] first\n\n[2] second"
