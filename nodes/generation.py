@@ -7,8 +7,8 @@ from fractions import Fraction
 from comfy_api.latest import io
 
 from .progress import PositionProgress
-from .rqvae import vilau_latent
 from .schema import CATEGORY, advanced, model_input, seed_input
+from .vilau_latent import make_vilau_latent
 
 MAX_IMAGES = 16
 MAX_VIDEOS = 4
@@ -110,7 +110,7 @@ class TextToImage(io.ComfyNode):
         vila = model.ready()
         h, w = vila.config.grid
         result = generate_images(vila, prompt, **generation_options(vila, h * w, **options))
-        return io.NodeOutput(result.images, vilau_latent(result.features, result.codes))
+        return io.NodeOutput(result.images, make_vilau_latent(vila, result.features, result.codes))
 
 
 class TextToVideo(io.ComfyNode):
@@ -161,5 +161,5 @@ class TextToVideo(io.ComfyNode):
         images = result.images.flatten(0, 1)  # (B*F, H, W, 3)
         components = Types.VideoComponents(images=images, audio=None, frame_rate=Fraction(fps))
         video = InputImpl.VideoFromComponents(components)
-        latent = vilau_latent(result.features.flatten(0, 1), result.codes.flatten(0, 1))
+        latent = make_vilau_latent(vila, result.features.flatten(0, 1), result.codes.flatten(0, 1))
         return io.NodeOutput(images, video, latent)

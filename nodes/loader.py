@@ -71,6 +71,7 @@ class ModelLoader(io.ComfyNode):
 
     @classmethod
     def execute(cls, model: str, dtype: str, device: str, download_if_missing: bool) -> io.NodeOutput:
+        import comfy.model_management
         import comfy.utils
 
         from ..vilau_backend.errors import InputError
@@ -84,11 +85,14 @@ class ModelLoader(io.ComfyNode):
 
         def progress(done: int, total: int) -> None:
             nonlocal bar
+            # first, and at every call: newer ComfyUI throttles progress-bar updates, and while the
+            # file list is not known yet (total 0) there is no bar to update at all
+            comfy.model_management.throw_exception_if_processing_interrupted()
             if total <= 0:
                 return
             if bar is None:
                 bar = comfy.utils.ProgressBar(total)
-            bar.update_absolute(done, total)  # also where a cancel stops the download
+            bar.update_absolute(done, total)
 
         folder = model_files.resolve_model(model, download_if_missing, progress)
         return io.NodeOutput(model_cache.get_model(model, folder, dtype, device))

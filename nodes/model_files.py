@@ -11,7 +11,6 @@ otherwise (resuming an interrupted download).
 from __future__ import annotations
 
 import os
-import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -86,7 +85,7 @@ def _subfolders(folder: Path) -> list[Path]:
 
 # ---- resolving a choice to a folder -------------------------------------------------------
 
-DownloadProgress = Callable[[int, int], None]  # (done, total); raising stops the download
+DownloadProgress = Callable[[int, int], None]  # (bytes done, bytes in total or 0); raising stops the download
 
 
 def resolve_model(name: str, download: bool, progress: DownloadProgress | None = None) -> Path:
@@ -140,45 +139,25 @@ def unfinished_marker(folder: Path) -> Path:
 
 
 def download_published(repo_id: str, folder: Path, progress: DownloadProgress | None = None) -> None:
-    """snapshot_download into `folder`, resuming what an earlier try left. `progress(done, total)` is
-    called about twice a second from this thread (bytes when huggingface_hub reports them, files
-    otherwise); if it raises, the download is stopped and the exception re-raised."""
+    """Download a published model into `folder`, resuming what an earlier try left. `progress(done, total)`
+    (bytes; total 0 while the file list is not known yet) is called about ten times a second from this
+    thread whatever the network does; if it raises, the wait ends at once and the exception propagates."""
     try:
-        from huggingface_hub import snapshot_download
+        import huggingface_hub  # noqa: F401
     except ImportError as exc:
         raise CheckpointError(
             f"downloading {repo_id} needs huggingface_hub", hint="install it with `pip install huggingface_hub`"
         ) from exc
+    from ..vilau_backend.hub import DownloadFailed, download_repo
 
     folder.mkdir(parents=True, exist_ok=True)
     unfinished_marker(folder).write_text(f"{repo_id}\n", encoding="utf-8")
-    tracker = _DownloadTracker()
-    outcome: dict[str, BaseException] = {}
-
-    def run() -> None:
-        try:
-            snapshot_download(
-                repo_id, local_dir=str(folder), ignore_patterns=IGNORED_PATTERNS, tqdm_class=tracker.tqdm_class()
-            )
-        except BaseException as exc:  # noqa: BLE001 - handed to the calling thread
-            outcome["error"] = exc
-
-    worker = threading.Thread(target=run, name=f"download {repo_id}", daemon=True)
-    worker.start()
     try:
-        while worker.is_alive():
-            worker.join(0.5)
-            if progress is not None:
-                progress(*tracker.state())
-    except BaseException:
-        tracker.cancel.set()  # the next progress update inside huggingface_hub raises
-        worker.join(30)
-        raise
-    if "error" in outcome:
-        raise _download_failed(repo_id, folder, _first_line(outcome["error"])) from outcome["error"]
+        download_repo(repo_id, folder, ignore_patterns=IGNORED_PATTERNS, on_progress=progress)
+    except DownloadFailed as exc:
+        raise _download_failed(repo_id, folder, exc.reason) from exc
     if not has_all_files(folder):
-        # huggingface_hub returns a non-empty folder as it is when it cannot reach the hub
-        raise _download_failed(repo_id, folder, "the hub could not be reached and the folder is still incomplete")
+        raise _download_failed(repo_id, folder, "the download ended but the folder is still incomplete")
     unfinished_marker(folder).unlink()
 
 
@@ -191,45 +170,3 @@ def _download_failed(repo_id: str, folder: Path, reason: str) -> CheckpointError
         "huggingface_hub) on a machine with internet access (an interrupted download resumes), or put the files "
         f"of https://huggingface.co/{repo_id} there by hand: {FILES_HINT}",
     )
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0].rstrip(".") if text else type(exc).__name__
-
-
-class _DownloadTracker:
-    """Collects huggingface_hub's progress bars (from its worker threads) for one download."""
-
-    def __init__(self):
-        self.cancel = threading.Event()
-        self._lock = threading.Lock()
-        self._bars: list = []
-
-    def tqdm_class(self):
-        from huggingface_hub.utils import tqdm as hf_tqdm
-
-        tracker = self
-
-        class TrackedTqdm(hf_tqdm):
-            def __init__(self, *args, **kwargs):
-                super().__init__(*args, **kwargs)
-                with tracker._lock:
-                    tracker._bars.append(self)
-
-            def update(self, n=1):
-                if tracker.cancel.is_set():
-                    raise InterruptedError("download stopped")
-                return super().update(n)
-
-        return TrackedTqdm
-
-    def state(self) -> tuple[int, int]:
-        """(done, total) of the byte bar if there is one, else of the file-count bar."""
-        with self._lock:
-            bars = list(self._bars)
-        byte_bars = [b for b in bars if getattr(b, "unit", "") == "B" and b.total]
-        chosen = max(byte_bars, key=lambda b: b.total, default=None) or next((b for b in bars if b.total), None)
-        if chosen is None:
-            return 0, 0
-        return int(chosen.n), int(chosen.total)

@@ -77,7 +77,7 @@ rc=0
 
 # ---- 4. the backend under transformers 4.50.3 -------------------------------------------
 BACKEND_TESTS=(tests/test_loading.py tests/test_vision_parity.py tests/test_prompts.py tests/test_depth.py
-               tests/test_generate.py tests/test_understand.py tests/test_cli.py)
+               tests/test_generate.py tests/test_understand.py tests/test_cli.py tests/test_downloads.py)
 if [ "${VILAU_TF450:-1}" != 0 ]; then
     PY450="$VENV450/bin/python"
     if [ ! -x "$PY450" ]; then
