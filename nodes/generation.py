@@ -37,19 +37,22 @@ def generation_inputs(what: str, max_batch: int) -> list[io.Input]:
             "batch_size", default=1, min=1, max=max_batch,
             tooltip=f"How many {what}s to generate at once (at most {max_batch}); memory grows with it.",
         ),
-        advanced(io.Float.Input(
+        advanced(
+            io.Float.Input,
             "temperature", default=1.0, min=0.0, max=5.0, step=0.01,
             tooltip="Advanced: sampling temperature of the depth codes; 0 picks the most likely code (greedy).",
-        )),
-        advanced(io.Int.Input(
+        ),
+        advanced(
+            io.Int.Input,
             "top_k", default=900, min=0, max=1_000_000,
             tooltip="Advanced: draw each code from the k most likely; 0 turns the filter off.",
-        )),
-        advanced(io.Float.Input(
+        ),
+        advanced(
+            io.Float.Input,
             "top_p", default=0.96, min=0.01, max=1.0, step=0.01,
             tooltip="Advanced: draw each code from the most likely codes that together reach this probability; "
             "1 turns the filter off.",
-        )),
+        ),
     ]
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from . import model_cache, model_files
-from .schema import CATEGORY, VilaUModelSocket
+from .schema import CATEGORY, VilaUModelSocket, check_combo
 
 
 class ModelLoader(io.ComfyNode):
@@ -60,7 +60,8 @@ class ModelLoader(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, model: str | None = None) -> bool | str:
-        # ComfyUI 0.3.75 does not check V3 combo values against their options itself
+        # core never checks the options of an input that validate_inputs takes (0.3.75 and newer alike):
+        # this check is the only one, and says where models are looked for
         if model is not None and model not in model_files.model_choices():
             roots = ", ".join(str(root) for root in model_files.model_roots())
             return (
@@ -74,13 +75,8 @@ class ModelLoader(io.ComfyNode):
         import comfy.model_management
         import comfy.utils
 
-        from ..vilau_backend.errors import InputError
-
-        for name, value, options in (
-            ("dtype", dtype, list(model_cache.DTYPE_CHOICES)), ("device", device, model_cache.device_choices())
-        ):
-            if value not in options:
-                raise InputError(f"{name} '{value}' is not available here; choose one of: {', '.join(options)}")
+        check_combo("dtype", dtype, list(model_cache.DTYPE_CHOICES))
+        check_combo("device", device, model_cache.device_choices())
         bar = None
 
         def progress(done: int, total: int) -> None:

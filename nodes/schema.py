@@ -1,6 +1,10 @@
-"""Schema pieces every VILA-U node shares: the model socket, the category, seeds, advanced knobs."""
+"""Schema pieces every VILA-U node shares: the model socket, the category, seeds, advanced knobs,
+and checking combo values where the running ComfyUI does not."""
 
 from __future__ import annotations
+
+import functools
+import inspect
 
 from comfy_api.latest import io
 
@@ -22,9 +26,42 @@ def seed_input(tooltip: str) -> io.Int.Input:
     )
 
 
-def advanced(widget: io.Input) -> io.Input:
-    """Mark an expert knob: the front end (1.32+) folds inputs with `advanced` away by default.
+def advanced(input_class: type[io.Input], id: str, **options) -> io.Input:
+    """input_class(id, **options), marked as an expert knob: front ends fold such inputs away
+    (Nodes 2.0 and the properties panel of front ends 1.3x and newer).
 
-    ComfyUI 0.3.75's V3 inputs have no `advanced` argument; the option is passed through as is."""
-    widget.extra_dict["advanced"] = True
+    Newer ComfyUI takes `advanced=True` as an argument of every V3 input, and that is used when the
+    running ComfyUI has it; ComfyUI 0.3.75's inputs have no such argument (most not even
+    `extra_dict`), and there the same key is added to the input's definition after it is made."""
+    if "advanced" in inspect.signature(input_class.__init__).parameters:
+        return input_class(id, advanced=True, **options)
+    widget = input_class(id, **options)
+    widget.extra_dict["advanced"] = True  # as_dict() merges extra_dict into the definition
     return widget
+
+
+@functools.cache
+def core_checks_combo_values() -> bool:
+    """Whether the running ComfyUI refuses a prompt whose V3 combo value is not one of the options.
+
+    ComfyUI 0.3.75 checks only old-style combos (options given as the input's type); newer
+    versions also check V3 ones (type "COMBO", options in the definition). Read from the running
+    validation code itself; when it cannot be read, the pack checks (a duplicate message at worst).
+    Either way core skips inputs that a node's validate_inputs takes as arguments."""
+    import execution
+
+    try:
+        source = inspect.getsource(execution.validate_inputs)
+    except (AttributeError, OSError, TypeError):
+        return False
+    return "Combo.io_type" in source
+
+
+def check_combo(name: str, value, options: list) -> None:
+    """Refuse a combo value that is not one of its options (sent through the API, or an option of
+    another machine, e.g. a cuda device), unless core has already refused such a prompt."""
+    from ..vilau_backend.errors import InputError
+
+    if core_checks_combo_values() or value in options:
+        return
+    raise InputError(f"{name} '{value}' is not available here; choose one of: {', '.join(map(str, options))}")

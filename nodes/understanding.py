@@ -7,7 +7,7 @@ from comfy_api.latest import io
 from ..vilau_backend.prompts import SYSTEM_PROMPT
 from ..vilau_backend.understand import DEFAULT_BATCH_SIZE, DEFAULT_MAX_NEW_TOKENS, TextSampling
 from .progress import AnswerProgress
-from .schema import CATEGORY, advanced, model_input, seed_input
+from .schema import CATEGORY, advanced, check_combo, model_input, seed_input
 
 EACH_IMAGE = "one answer per image"
 ALL_IMAGES = "one answer about all images"
@@ -36,35 +36,40 @@ def answer_inputs() -> list[io.Input]:
             tooltip="sample: draw each token (temperature, top_k, top_p apply), as the original's defaults. "
             "greedy: always the most likely token, the same answer whatever the seed.",
         ),
-        advanced(io.Float.Input(
+        advanced(
+            io.Float.Input,
             "temperature", default=defaults.temperature, min=0.01, max=5.0, step=0.01,
             tooltip="Sampling only (advanced): below 1 sharper and more predictable, above 1 more varied.",
-        )),
-        advanced(io.Int.Input(
+        ),
+        advanced(
+            io.Int.Input,
             "top_k", default=defaults.top_k, min=0, max=100000,
             tooltip="Sampling only (advanced): draw from the k most likely tokens; 0 turns the filter off.",
-        )),
-        advanced(io.Float.Input(
+        ),
+        advanced(
+            io.Float.Input,
             "top_p", default=defaults.top_p, min=0.0, max=1.0, step=0.01,
             tooltip="Sampling only (advanced): draw from the most likely tokens that together reach this "
             "probability; 1 turns the filter off.",
-        )),
-        advanced(io.Float.Input(
+        ),
+        advanced(
+            io.Float.Input,
             "repetition_penalty", default=defaults.repetition_penalty, min=0.01, max=5.0, step=0.01,
             tooltip="Advanced: above 1 discourages repeating tokens already generated (sampling and greedy); "
             "1 turns it off.",
-        )),
+        ),
         system_prompt_input(),
     ]
 
 
 def system_prompt_input() -> io.String.Input:
     # optional: graphs saved before this input existed still run, with the original's message
-    return advanced(io.String.Input(
+    return advanced(
+        io.String.Input,
         "system_prompt", multiline=True, default=SYSTEM_PROMPT, optional=True,
         tooltip="Advanced: the conversation's system message, before the question. The default is the original "
         "VILA-U's (vicuna_v1); e.g. ask for short, comma-separated captions here.",
-    ))
+    )
 
 
 def answer_output(tooltip: str, is_list: bool = False) -> io.String.Output:
@@ -108,11 +113,12 @@ class ImageQA(io.ComfyNode):
                     "(to compare images).",
                 ),
                 *answer_inputs(),
-                advanced(io.Int.Input(
+                advanced(
+                    io.Int.Input,
                     "batch_size", default=DEFAULT_BATCH_SIZE, min=1, max=MAX_BATCH_SIZE, optional=True,
                     tooltip=f"Advanced, with '{EACH_IMAGE}': how many answers are generated together in one "
                     "pass. Larger is faster per answer and takes more memory (one KV cache row per answer).",
-                )),
+                ),
             ],
             outputs=[answer_output("The answers: one per image, or one for all images.", is_list=True)],
             hidden=[io.Hidden.unique_id],
@@ -129,11 +135,9 @@ class ImageQA(io.ComfyNode):
         temperature: float, top_k: int, top_p: float, repetition_penalty: float,
         system_prompt: str = SYSTEM_PROMPT, batch_size: int = DEFAULT_BATCH_SIZE,
     ) -> io.NodeOutput:
-        from ..vilau_backend.errors import InputError
         from ..vilau_backend.understand import describe_images
 
-        if batch_mode not in (EACH_IMAGE, ALL_IMAGES):  # ComfyUI 0.3.75 does not check V3 combo values
-            raise InputError(f"batch_mode must be '{EACH_IMAGE}' or '{ALL_IMAGES}', got '{batch_mode}'")
+        check_combo("batch_mode", batch_mode, [EACH_IMAGE, ALL_IMAGES])
         each = batch_mode == EACH_IMAGE
         progress = AnswerProgress(cls.hidden.unique_id, image.shape[0] if each else 1, max_new_tokens, batch_size)
         answers = describe_images(

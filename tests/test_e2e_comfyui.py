@@ -437,6 +437,28 @@ def test_unavailable_device_says_which_are_available(server):
     assert "device 'cuda:7' is not available here; choose one of: auto, cpu" in exc.value.error["exception_message"]
 
 
+def test_combo_value_not_in_the_list_says_which_are(server):
+    """Through the API a combo can get any value. ComfyUI 0.3.75 does not check V3 combo values, so the
+    node says which values there are (newer ComfyUI refuses the prompt itself, and the node stays quiet)."""
+    graph = {"1": loader(),
+             "2": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}},
+             "3": {"class_type": "VILAU_ImageQA", "inputs": {"model": ["1", 0], "image": ["2", 0],
+                                                             "batch_mode": "every other image", **qa_inputs("Hi?")}}}
+    with pytest.raises(cs.ExecutionFailed) as exc:
+        server.run(graph, timeout=60)
+    assert exc.value.error["exception_message"].strip() == (
+        "batch_mode 'every other image' is not available here; "
+        "choose one of: one answer per image, one answer about all images"
+    )
+    graph["3"]["inputs"]["batch_mode"] = "one answer per image"
+    graph["1"]["inputs"]["dtype"] = "fp64"
+    with pytest.raises(cs.ExecutionFailed) as exc:
+        server.run(graph, timeout=60)
+    assert exc.value.error["exception_message"].strip() == (
+        "dtype 'fp64' is not available here; choose one of: auto, bf16, fp16, fp32"
+    )
+
+
 def test_empty_prompt_is_a_validation_error(server):
     graph = {"1": loader(), "2": t2i(["1", 0], prompt="  \n"), "3": save(["2", 0], "x")}
     with pytest.raises(cs.PromptRejected) as exc:
