@@ -1,11 +1,20 @@
-"""Shared fixtures: the golden checkpoint from the original implementation and tiny checkpoints we write."""
+"""Shared fixtures: the golden checkpoint from the original implementation and tiny checkpoints we write.
+
+Markers: `comfyui` marks the tests that start the pinned ComfyUI (or install into its
+environment). scripts/run_tests.sh runs every other test again under transformers 4.50.3,
+so a new backend test file joins that pass without being listed anywhere.
+"""
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
+from PIL import Image
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -13,6 +22,13 @@ sys.path.insert(0, str(REPO))
 FIXTURE = Path(__file__).parent / "fixtures" / "vilau-tiny-256"
 GOLDEN_CHECKPOINT = FIXTURE / "checkpoint"
 REFERENCE = FIXTURE / "reference"
+FRAMES_DIR = REFERENCE / "inputs" / "video_frames"  # the 12 frames of the recorded video runs
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "comfyui: starts the pinned ComfyUI or installs into its environment (not in the transformers 4.50.3 pass)"
+    )
 
 
 def reference(name: str) -> dict:
@@ -20,6 +36,17 @@ def reference(name: str) -> dict:
 
     # clone: mmap-loaded tensors can be mis-aligned, which changes fp32 GEMMs at ulp level
     return {k: v.clone() for k, v in load_file(str(REFERENCE / name)).items()}
+
+
+def recorded(name: str) -> dict:
+    """A JSON record of the original's run, `reference/<name>.json`."""
+    return json.loads((REFERENCE / f"{name}.json").read_text(encoding="utf-8"))
+
+
+def load_photo(name: str) -> torch.Tensor:
+    """A PNG as ComfyUI's LoadImage gives it: (1, H, W, 3) float32 k/255."""
+    array = np.asarray(Image.open(REFERENCE / "inputs" / f"{name}.png").convert("RGB"), dtype=np.float32) / 255.0
+    return torch.from_numpy(array)[None]
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,8 @@
-"""`python -m vilau_backend` encode / decode / generate-image / generate-video, as other tools call it."""
+"""`python -m vilau_backend` encode / decode / generate-image / generate-video / describe, as other tools call it."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -11,8 +12,12 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from conftest import GOLDEN_CHECKPOINT, REFERENCE, REPO, reference
+from conftest import FRAMES_DIR, GOLDEN_CHECKPOINT, REFERENCE, REPO, recorded, reference
+from vilau_backend.cli import main as cli_main
 from vilau_backend.generate import ImageSampling, generate_codes
+
+IMAGE_QUERY = "Describe the image."
+VIDEO_QUERY = "Describe the video."
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
@@ -79,3 +84,41 @@ def test_generate_video_writes_mp4_frames_and_codes(tmp_path, tiny_checkpoint):
         assert stream.average_rate == 6
     assert len(frames) == 3 and frames[0].shape == (64, 64, 3)
     assert sorted(p.name for p in tmp_path.glob("video_0_frame_*.png")) == [f"video_0_frame_{i:03d}.png" for i in range(3)]
+
+
+# ---- describe --------------------------------------------------------------------------
+
+
+def describe_json(*args: str) -> dict:
+    done = run_cli("describe", "--model", str(GOLDEN_CHECKPOINT), "--dtype", "float32", "--device", "cpu", "--json", *args)
+    return json.loads(done.stdout)
+
+
+def test_describe_images_prints_the_recorded_answer_as_json():
+    expected = recorded("understanding_image_fp32")
+    photo = str(REFERENCE / "inputs" / "chelsea.png")
+    coffee = str(REFERENCE / "inputs" / "coffee.png")
+    out = describe_json("--image", photo, "--image", coffee, "--batch", "--query", IMAGE_QUERY, "--greedy",
+                    "--max-new-tokens", "12")
+    assert set(out) == {"answers", "input_ids", "output_ids"}
+    assert len(out["answers"]) == len(out["input_ids"]) == len(out["output_ids"]) == 2
+    assert out["answers"][0] == expected["response"]
+    assert out["input_ids"] == [expected["input_ids"]] * 2
+    assert out["output_ids"][0] == expected["output_ids"][1:]
+
+
+def test_describe_video_folder_prints_the_recorded_answer_as_json():
+    expected = recorded("understanding_video_fp32")
+    out = describe_json("--video", str(FRAMES_DIR), "--query", VIDEO_QUERY, "--greedy", "--max-new-tokens", "12")
+    assert out == {
+        "answers": [expected["response"]],
+        "input_ids": [expected["input_ids"]],
+        "output_ids": [expected["output_ids"][1:]],
+    }
+
+
+def test_describe_rejects_greedy_with_sampling_settings(capsys):
+    code = cli_main(["describe", "--model", str(GOLDEN_CHECKPOINT), "--image", "x.png", "--query", "q",
+                     "--greedy", "--temperature", "0.5"])
+    assert code == 2
+    assert "--greedy" in capsys.readouterr().err

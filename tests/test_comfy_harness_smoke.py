@@ -19,6 +19,8 @@ try:  # tests/ as a package or as a plain folder on sys.path
 except ImportError:  # pragma: no cover - depends on pytest's import mode
     import comfy_server as cs
 
+pytestmark = pytest.mark.comfyui  # starts the pinned ComfyUI: not part of the transformers 4.50.3 pass
+
 PACK = "vilau_harness_smoke_pack"
 NODE = "VILAUSmoke_Echo"
 

@@ -25,6 +25,8 @@ try:  # tests/ as a package or as a plain folder on sys.path
 except ImportError:  # pragma: no cover - depends on pytest's import mode
     import comfy_server as cs
 
+pytestmark = pytest.mark.comfyui  # starts the pinned ComfyUI: not part of the transformers 4.50.3 pass
+
 PACK = cs.PACK
 TINY = "vila-u-tiny-64"  # in <run>/models/vila-u
 TINY_EXTRA = "vila-u-tiny-256"  # in a folder listed under vila_u in extra_model_paths.yaml

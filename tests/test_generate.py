@@ -149,7 +149,7 @@ def test_same_seed_same_images_and_different_seed_differs(tiny_model):
     assert (a != c).float().mean().item() > 0.3
 
 
-def test_image_i_is_the_same_in_a_batch_of_one_and_of_three(tiny_model):
+def test_first_image_of_a_batch_of_three_equals_a_batch_of_one_with_the_same_seed(tiny_model):
     # A batch changes image 0's logits by float rounding only (measured: up to 1e-5), and a
     # draw flips when its uniform lies that close to a boundary of the cumulative distribution.
     # With the default top-k/top-p there are ~200 boundaries and this happens (the nearest draw

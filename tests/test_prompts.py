@@ -11,6 +11,7 @@ import sentencepiece as spm
 import torch
 from safetensors import safe_open
 
+from conftest import FIXTURE, GOLDEN_CHECKPOINT, REFERENCE, recorded
 from vilau_backend.errors import CheckpointError, InputError
 from vilau_backend.prompts import (
     IMAGE_TOKEN_INDEX,
@@ -22,9 +23,7 @@ from vilau_backend.prompts import (
     understanding_prompt,
 )
 
-FIXTURE = Path(__file__).parent / "fixtures" / "vilau-tiny-256"
-LLM_DIR = FIXTURE / "checkpoint" / "llm"
-REFERENCE = FIXTURE / "reference"
+LLM_DIR = GOLDEN_CHECKPOINT / "llm"
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
 
 
@@ -90,9 +89,9 @@ def test_decode_keeps_special_tokens_spaced_like_the_original(tokenizer):
 
 @pytest.mark.parametrize("kind", ["image", "video"])
 def test_decode_of_generated_ids_gives_the_recorded_response(tokenizer, kind):
-    recorded = _read_json(REFERENCE / f"understanding_{kind}_fp32.json")
+    run = recorded(f"understanding_{kind}_fp32")
     # as generate_content: decode(skip_special_tokens=True).strip()
-    assert tokenizer.decode(recorded["output_ids"], skip_special_tokens=True).strip() == recorded["response"]
+    assert tokenizer.decode(run["output_ids"], skip_special_tokens=True).strip() == run["response"]
 
 
 def test_special_token_ids_are_those_of_the_checkpoint(tokenizer, manifest):
@@ -169,13 +168,13 @@ def test_empty_user_turn_renders_without_a_space():
 
 @pytest.mark.parametrize("kind", ["image", "video"])
 def test_understanding_prompt_and_ids_equal_the_recorded_ones(tokenizer, kind):
-    recorded = _read_json(REFERENCE / f"understanding_{kind}_fp32.json")
+    run = recorded(f"understanding_{kind}_fp32")
     # a video brings one <image> slot per frame used
-    prompt = understanding_prompt(recorded["query"], n_images=recorded["num_frames_used"])
-    assert prompt == recorded["prompt_string"]
+    prompt = understanding_prompt(run["query"], n_images=run["num_frames_used"])
+    assert prompt == run["prompt_string"]
     ids = tokenizer.tokenize_with_image_slots(prompt)
-    assert ids == recorded["input_ids"]
-    assert ids.count(IMAGE_TOKEN_INDEX) == recorded["num_frames_used"]
+    assert ids == run["input_ids"]
+    assert ids.count(IMAGE_TOKEN_INDEX) == run["num_frames_used"]
 
 
 def test_understanding_prompt_puts_one_slot_per_image_before_the_query():

@@ -23,7 +23,10 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.version import Version
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import REPO
+
+pytestmark = pytest.mark.comfyui  # installs into a ComfyUI-like environment: not part of the transformers 4.50.3 pass
+
 REQUIREMENTS = REPO / "requirements.txt"
 TRANSFORMERS_FLOOR = "4.50.3"
 WATCHED = ("torch", "torchvision", "transformers")

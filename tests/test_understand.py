@@ -15,18 +15,12 @@ from __future__ import annotations
 
 import json
 import logging
-import subprocess
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-from conftest import GOLDEN_CHECKPOINT, REFERENCE, REPO, reference
-from vilau_backend.cli import main as cli_main
+from conftest import FRAMES_DIR, GOLDEN_CHECKPOINT, load_photo, recorded, reference
 from vilau_backend.errors import GenerationCancelled, InputError
 from vilau_backend.prompts import IMAGE_TOKEN_INDEX, understanding_prompt
 from vilau_backend.understand import (
@@ -41,22 +35,11 @@ from vilau_backend.understand import (
     sample_video_frames,
     splice_image_embeddings,
 )
-from vilau_backend.video import read_video, uniform_frame_indices
+from vilau_backend.video import read_video
 
-FRAMES_DIR = REFERENCE / "inputs" / "video_frames"
 IMAGE_QUERY = "Describe the image."
 VIDEO_QUERY = "Describe the video."
 LOGITS_RTOL = 1e-4
-
-
-def recorded(name: str) -> dict:
-    return json.loads((REFERENCE / f"{name}.json").read_text(encoding="utf-8"))
-
-
-def load_photo(name: str) -> torch.Tensor:
-    """A PNG as ComfyUI's LoadImage gives it: (1, H, W, 3) float32 k/255."""
-    array = np.asarray(Image.open(REFERENCE / "inputs" / f"{name}.png").convert("RGB"), dtype=np.float32) / 255.0
-    return torch.from_numpy(array)[None]
 
 
 def golden_video_frames() -> torch.Tensor:
@@ -289,119 +272,9 @@ def test_query_with_image_placeholder_is_rejected(golden_fp32):
         describe_images(golden_fp32, load_photo("chelsea"), "what is in <image>?")
 
 
-# ---- videos ----------------------------------------------------------------------------
-
-
-def test_frame_folder_is_sampled_as_the_original():
-    video = read_video(FRAMES_DIR, num_frames=8)
-    assert video.source_frame_count == 12
-    assert video.frame_indices == recorded("understanding_video_fp32")["frame_indices_expected"]
-    assert video.fps is None
-    assert video.frames.shape == (8, 120, 160, 3)
-    for frame, index in zip(video.frames, video.frame_indices):
-        png = np.asarray(Image.open(FRAMES_DIR / f"frame_{index:03d}.png").convert("RGB"), dtype=np.float32) / 255.0
-        assert torch.equal(frame, torch.from_numpy(png)), f"frame {index}"
-
-
-def test_describe_video_samples_frames_uniformly():
-    frames = torch.arange(12, dtype=torch.float32).reshape(12, 1, 1, 1).expand(12, 4, 4, 3) / 12
-    picked, indices = sample_video_frames(frames, 8)
-    assert indices == [0, 2, 3, 5, 6, 8, 9, 11]  # np.round(np.linspace(0, 11, 8))
-    assert torch.equal(picked, frames[indices])
-    assert uniform_frame_indices(3, 8) == [0, 1, 2]
-
-
 def test_video_with_fewer_frames_uses_them_all_and_logs(golden_fp32, caplog):
     frames = golden_video_frames()[:5]
     with caplog.at_level(logging.WARNING, logger="vilau_backend.understand"):
         answer = describe_video(golden_fp32, frames, VIDEO_QUERY, sampling=GREEDY, max_new_tokens=1)
     assert answer.input_ids.count(IMAGE_TOKEN_INDEX) == 5
     assert "5 frames, fewer than the 8" in caplog.text
-
-
-def _write_video(path: Path, codec: str, n_frames: int, fps: int = 24) -> None:
-    """Frames of one flat grey each, level 10 + 20*i, so each can be told apart after compression."""
-    import av
-
-    with av.open(str(path), mode="w") as container:
-        stream = container.add_stream(codec, rate=fps)
-        stream.width, stream.height = 64, 48
-        stream.pix_fmt = "rgb8" if codec == "gif" else "yuv420p"
-        for i in range(n_frames):
-            array = np.full((48, 64, 3), 10 + 20 * i, dtype=np.uint8)
-            for packet in stream.encode(av.VideoFrame.from_ndarray(array, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-
-
-@pytest.mark.parametrize(
-    "suffix, codec", [(".mp4", "mpeg4"), (".webm", "libvpx-vp9"), (".mov", "libx264"), (".gif", "gif")]
-)
-def test_video_file_is_read_and_sampled(tmp_path, suffix, codec):
-    path = tmp_path / f"clip{suffix}"
-    _write_video(path, codec, n_frames=12)
-    video = read_video(path, num_frames=8)
-    assert video.source_frame_count == 12
-    assert video.frame_indices == [0, 2, 3, 5, 6, 8, 9, 11]
-    assert video.frames.shape == (8, 48, 64, 3) and video.frames.dtype == torch.float32
-    levels = (video.frames.mean(dim=(1, 2, 3)) * 255 - 10) / 20
-    assert torch.allclose(levels, torch.tensor(video.frame_indices, dtype=torch.float32), atol=0.25), levels
-    if suffix != ".gif":
-        assert video.fps == pytest.approx(24)
-
-
-def test_whole_video_file_without_num_frames(tmp_path):
-    path = tmp_path / "clip.mp4"
-    _write_video(path, "mpeg4", n_frames=5)
-    video = read_video(path)
-    assert video.frame_indices == [0, 1, 2, 3, 4] and video.frames.shape[0] == 5
-
-
-def test_missing_video_is_an_input_error(tmp_path):
-    with pytest.raises(InputError, match="does not exist"):
-        read_video(tmp_path / "nope.mp4")
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(InputError, match="no image files"):
-        read_video(tmp_path / "empty")
-
-
-# ---- CLI -------------------------------------------------------------------------------
-
-
-def _cli_json(*args: str) -> dict:
-    command = [sys.executable, "-m", "vilau_backend", "describe", "--model", str(GOLDEN_CHECKPOINT),
-               "--dtype", "float32", "--device", "cpu", "--json", *args]
-    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
-    return json.loads(done.stdout)
-
-
-def test_cli_describe_image_json_equals_recorded():
-    expected = recorded("understanding_image_fp32")
-    photo = str(REFERENCE / "inputs" / "chelsea.png")
-    coffee = str(REFERENCE / "inputs" / "coffee.png")
-    out = _cli_json("--image", photo, "--image", coffee, "--batch", "--query", IMAGE_QUERY, "--greedy",
-                    "--max-new-tokens", "12")
-    assert set(out) == {"answers", "input_ids", "output_ids"}
-    assert len(out["answers"]) == len(out["input_ids"]) == len(out["output_ids"]) == 2
-    assert out["answers"][0] == expected["response"]
-    assert out["input_ids"] == [expected["input_ids"]] * 2
-    assert out["output_ids"][0] == expected["output_ids"][1:]
-
-
-def test_cli_describe_video_folder_json_equals_recorded():
-    expected = recorded("understanding_video_fp32")
-    out = _cli_json("--video", str(FRAMES_DIR), "--query", VIDEO_QUERY, "--greedy", "--max-new-tokens", "12")
-    assert out == {
-        "answers": [expected["response"]],
-        "input_ids": [expected["input_ids"]],
-        "output_ids": [expected["output_ids"][1:]],
-    }
-
-
-def test_cli_rejects_greedy_with_sampling_settings(capsys):
-    code = cli_main(["describe", "--model", str(GOLDEN_CHECKPOINT), "--image", "x.png", "--query", "q",
-                     "--greedy", "--temperature", "0.5"])
-    assert code == 2
-    assert "--greedy" in capsys.readouterr().err

@@ -15,14 +15,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from conftest import REFERENCE, reference
+from conftest import REFERENCE, load_photo, reference
 from vilau_backend.preprocess import preprocess_images
-
-
-def load_photo(name: str) -> torch.Tensor:
-    """A PNG as ComfyUI's LoadImage gives it: (1, H, W, 3) float32 k/255."""
-    array = np.asarray(Image.open(REFERENCE / "inputs" / f"{name}.png").convert("RGB"), dtype=np.float32) / 255.0
-    return torch.from_numpy(array)[None]
 
 
 def test_preprocessing_reproduces_original_pixel_values_exactly():

@@ -28,6 +28,8 @@ except ImportError:  # pragma: no cover - depends on pytest's import mode
     import comfy_server as cs
     import workflow_api as wa
 
+pytestmark = pytest.mark.comfyui  # starts the pinned ComfyUI: not part of the transformers 4.50.3 pass
+
 PACK = cs.PACK
 TINY = "vila-u-tiny"  # 64 px images, an 8x8 grid
 WORKFLOWS = cs.REPO_ROOT / "workflows"
