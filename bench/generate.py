@@ -37,7 +37,7 @@ from vilau_backend.config import (  # noqa: E402
 from vilau_backend.generate import ImageSampling, generate_codes  # noqa: E402
 from vilau_backend.model import VilaUModel, VisionTower, resolve_device, resolve_dtype  # noqa: E402
 from vilau_backend.projector import Projector  # noqa: E402
-from vilau_backend.prompts import VilaTokenizer  # noqa: E402
+from vilau_backend.tokenizer import VilaTokenizer  # noqa: E402
 from vilau_backend.tiny import write_tokenizer  # noqa: E402
 
 PRESETS = {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -35,7 +36,7 @@ def test_golden_checkpoint_loads_with_configured_geometry(golden_fp32):
     assert cfg.quantizer.n_embed == 1024 and cfg.quantizer.shared_codebook
     assert cfg.projector.kind == "mlp2x_gelu" and cfg.num_video_frames == 8
     assert len(golden_fp32.tokenizer) == cfg.llm.vocab_size == 1004
-    assert golden_fp32.tokenizer.im_start_id == 1000 and golden_fp32.tokenizer.vi_start_id == 1002
+    assert golden_fp32.tokenizer.token_id("<im_start>") == 1000 and golden_fp32.tokenizer.token_id("<vi_start>") == 1002
 
 
 def test_siglip_is_built_without_its_last_layer_head_or_text_tower(golden_fp32):
@@ -188,6 +189,41 @@ def test_tokenizer_without_added_tokens(broken):
 def test_unsupported_aspect_ratio(broken):
     edit_json(broken / "config.json", image_aspect_ratio="square")
     with pytest.raises(CheckpointError, match=r"image_aspect_ratio 'square' is not supported"):
+        load_config(broken)
+
+
+@pytest.mark.parametrize(
+    "section, path, key",
+    [
+        ("rqvaesiglip", ["ddconfig", "ch"], "rqvaesiglip.ddconfig.ch"),
+        ("rqvaesiglip", ["ddconfig"], "rqvaesiglip.ddconfig.ch"),
+        ("rqvaesiglip", ["code_shape"], "rqvaesiglip.code_shape"),
+        ("rqtransformer", ["head", "block", "n_head"], "rqtransformer.head.block.n_head"),
+        ("rqtransformer", ["head", "n_layer"], "rqtransformer.head.n_layer"),
+    ],
+)
+def test_missing_nested_vision_tower_key_names_the_file_and_the_key(broken, section, path, key):
+    vt = broken / "vision_tower" / "config.json"
+    data = json.loads(vt.read_text())
+    parent = data[section]
+    for name in path[:-1]:
+        parent = parent[name]
+    del parent[path[-1]]
+    vt.write_text(json.dumps(data))
+    with pytest.raises(CheckpointError, match=rf"vision_tower/config.json has no '{re.escape(key)}' entry"):
+        load_config(broken)
+
+
+@pytest.mark.parametrize("kind, depth", [("linear", 1), ("mlp2x_gelu", 2), ("mlp3x_gelu", 3)])
+def test_projector_kind_is_parsed_into_its_depth(broken, kind, depth):
+    edit_json(broken / "mm_projector" / "config.json", mm_projector_type=kind)
+    spec = load_config(broken).projector
+    assert (spec.kind, spec.mlp_depth) == (kind, depth)
+
+
+def test_unknown_projector_kind_names_the_file(broken):
+    edit_json(broken / "mm_projector" / "config.json", mm_projector_type="mlp2x_relu")
+    with pytest.raises(CheckpointError, match=r"mm_projector/config.json: unsupported mm_projector_type 'mlp2x_relu'"):
         load_config(broken)
 
 

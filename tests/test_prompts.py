@@ -13,14 +13,16 @@ from safetensors import safe_open
 
 from conftest import FIXTURE, GOLDEN_CHECKPOINT, REFERENCE, recorded
 from vilau_backend.errors import CheckpointError, InputError
-from vilau_backend.prompts import (
+from vilau_backend.prompts import cfg_batch, conversation_prompt, generation_prompt, understanding_prompt
+from vilau_backend.tokenizer import (
+    IM_END,
+    IM_PATCH,
+    IM_START,
     IMAGE_TOKEN_INDEX,
+    VI_END,
+    VI_START,
     MissingVilaTokensError,
     VilaTokenizer,
-    cfg_batch,
-    conversation_prompt,
-    generation_prompt,
-    understanding_prompt,
 )
 
 LLM_DIR = GOLDEN_CHECKPOINT / "llm"
@@ -98,12 +100,15 @@ def test_special_token_ids_are_those_of_the_checkpoint(tokenizer, manifest):
     expected = manifest["checkpoint"]["config_summary"]["tokenizer"]
     vocab_size = _read_json(LLM_DIR / "config.json")["vocab_size"]
     assert len(tokenizer) == expected["len"] == vocab_size
-    assert (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id, tokenizer.pad_token_id) == (1, 2, 0, 0)
+    assert (tokenizer.bos_token, tokenizer.eos_token, tokenizer.unk_token, tokenizer.pad_token) == ("<s>", "</s>", "<unk>", "<unk>")
+    named = (tokenizer.bos_token, tokenizer.eos_token, tokenizer.unk_token, tokenizer.pad_token)
+    assert [tokenizer.token_id(token) for token in named] == [1, 2, 0, 0]
+    assert (tokenizer.bos_token_id, tokenizer.eos_token_id) == (1, 2)
     # the LLM recognises the start tokens as vocab-4 and vocab-2
-    assert tokenizer.im_start_id == expected["im_start"] == vocab_size - 4
-    assert tokenizer.vi_start_id == expected["vi_start"] == vocab_size - 2
-    assert (tokenizer.im_end_id, tokenizer.vi_end_id) == (vocab_size - 3, vocab_size - 1)
-    assert tokenizer.im_patch_id is None
+    assert tokenizer.token_id(IM_START) == expected["im_start"] == vocab_size - 4
+    assert tokenizer.token_id(VI_START) == expected["vi_start"] == vocab_size - 2
+    assert (tokenizer.token_id(IM_END), tokenizer.token_id(VI_END)) == (vocab_size - 3, vocab_size - 1)
+    assert tokenizer.token_id(IM_PATCH) is None
 
 
 def test_ids_ignore_the_models_dummy_prefix_setting(tmp_path):
@@ -122,7 +127,7 @@ def test_ids_ignore_the_models_dummy_prefix_setting(tmp_path):
 def test_im_patch_token_takes_the_next_id_when_the_config_asks_for_it():
     tokenizer = VilaTokenizer(LLM_DIR, add_im_patch_token=True)
     # recorded with the original after tokenizer.add_tokens(["<im_patch>"], special_tokens=True)
-    assert (tokenizer.im_patch_id, len(tokenizer)) == (1004, 1005)
+    assert (tokenizer.token_id(IM_PATCH), len(tokenizer)) == (1004, 1005)
     assert tokenizer.encode("<im_patch>") == [1, 1004]
     assert tokenizer.encode("a<im_patch> b") == [1, 260, 1004, 279]
     assert tokenizer.decode([1, 260, 1004, 279], skip_special_tokens=True) == "a b"

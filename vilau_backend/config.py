@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -118,6 +118,9 @@ class DepthSpec:
     llm_dim: int  # input_embed_dim_2: width of the LLM hidden state
 
 
+_PROJECTOR_KIND = re.compile(r"linear|mlp(\d+)x_gelu")
+
+
 @dataclass(frozen=True)
 class ProjectorSpec:
     """Vision features -> LLM embeddings: 'linear' or 'mlp{N}x_gelu'."""
@@ -125,14 +128,13 @@ class ProjectorSpec:
     kind: str
     in_dim: int
     out_dim: int
+    mlp_depth: int = field(init=False)  # N Linear layers, from `kind`; 1 for 'linear'
 
-    @property
-    def mlp_depth(self) -> int:
-        if self.kind == "linear":
-            return 1
-        match = re.fullmatch(r"mlp(\d+)x_gelu", self.kind)
-        assert match, self.kind  # validated in _projector_spec
-        return int(match.group(1))
+    def __post_init__(self) -> None:
+        match = _PROJECTOR_KIND.fullmatch(self.kind) if isinstance(self.kind, str) else None
+        if match is None:
+            raise ValueError(f"unsupported mm_projector_type {self.kind!r}; expected 'linear' or 'mlpNx_gelu'")
+        object.__setattr__(self, "mlp_depth", int(match.group(1) or 1))
 
 
 @dataclass(frozen=True)
@@ -229,6 +231,36 @@ def is_vila_u_folder(path: Path) -> bool:
 def load_config(root: str | Path) -> VilaUConfig:
     """Read and check the whole config tree of a model folder."""
     root = Path(root)
+    top = _top_config(root)
+    # The sub-folders' own config.json files are what the original builds from;
+    # the copies inside the root config are only a fallback.
+    llm = _llm_spec(root / "llm" / "config.json")
+    vt_path = root / "vision_tower" / "config.json"
+    vision_tower = read_json(vt_path)
+    siglip = _siglip_spec(_req(vision_tower, "rqvaesiglip", vt_path), root / "vision_tower")
+    quantizer = _quantizer_spec(vision_tower, vt_path, siglip)
+    depth = _depth_spec(vision_tower, vt_path, quantizer)
+    projector = _projector_spec(
+        root / "mm_projector" / "config.json", in_dim=top.get("mm_hidden_size", siglip.hidden_size), out_dim=llm.hidden_size
+    )
+    return VilaUConfig(
+        root=root,
+        llm=llm,
+        siglip=siglip,
+        quantizer=quantizer,
+        decoder=_decoder_spec(vision_tower, vt_path),
+        depth=depth,
+        projector=projector,
+        image_aspect_ratio=_image_aspect_ratio(top, root / "config.json"),
+        num_video_frames=int(top.get("num_video_frames", 8)),
+        mm_use_im_start_end=bool(top.get("mm_use_im_start_end", False)),
+        mm_use_vi_start_end=bool(top.get("mm_use_vi_start_end", False)),
+        mm_use_im_patch_token=bool(top.get("mm_use_im_patch_token", True)),  # the original's default
+    )
+
+
+def _top_config(root: Path) -> dict[str, Any]:
+    """The root config.json, once the folder is known to hold a VILA-U model's three parts."""
     if not root.is_dir():
         raise CheckpointError(f"model folder {root} does not exist", hint=_LAYOUT_HINT)
     top = read_json(root / "config.json")
@@ -242,107 +274,106 @@ def load_config(root: str | Path) -> VilaUConfig:
     for sub in ("llm", "vision_tower", "mm_projector"):
         if not (root / sub).is_dir():
             raise CheckpointError(f"model folder {root} has no {sub}/ sub-folder", hint=_LAYOUT_HINT)
+    return top
 
-    # The sub-folders' own config.json files are what the original builds from;
-    # the copies inside the root config are only a fallback.
-    llm_cfg = read_json(root / "llm" / "config.json")
-    vt_cfg = read_json(root / "vision_tower" / "config.json")
-    proj_path = root / "mm_projector" / "config.json"
-    proj_cfg = read_json(proj_path)
 
-    llm = LlmSpec(
-        hidden_size=_req(llm_cfg, "hidden_size", root / "llm" / "config.json"),
-        vocab_size=_req(llm_cfg, "vocab_size", root / "llm" / "config.json"),
-        num_hidden_layers=_req(llm_cfg, "num_hidden_layers", root / "llm" / "config.json"),
-        max_position_embeddings=_req(llm_cfg, "max_position_embeddings", root / "llm" / "config.json"),
-        rope_linear_factor=_rope_linear_factor(llm_cfg),
-        tokenizer_model_max_length=llm_cfg.get("tokenizer_model_max_length"),
+def _llm_spec(path: Path) -> LlmSpec:
+    cfg = read_json(path)
+    return LlmSpec(
+        hidden_size=_req(cfg, "hidden_size", path),
+        vocab_size=_req(cfg, "vocab_size", path),
+        num_hidden_layers=_req(cfg, "num_hidden_layers", path),
+        max_position_embeddings=_req(cfg, "max_position_embeddings", path),
+        rope_linear_factor=_rope_linear_factor(cfg),
+        tokenizer_model_max_length=cfg.get("tokenizer_model_max_length"),
     )
-    vt_path = root / "vision_tower" / "config.json"
-    rqvae = _req(vt_cfg, "rqvaesiglip", vt_path)
-    rqt = _req(vt_cfg, "rqtransformer", vt_path)
-    siglip = _siglip_spec(rqvae, root / "vision_tower")
 
-    code_shape = _req(rqvae, "code_shape", vt_path)
-    latent_shape = _req(rqvae, "latent_shape", vt_path)
+
+def _quantizer_spec(vision_tower: dict[str, Any], path: Path, siglip: SiglipVisionSpec) -> QuantizerSpec:
+    code_shape = _req(vision_tower, "rqvaesiglip.code_shape", path)  # (h, w, D)
+    latent_shape = _req(vision_tower, "rqvaesiglip.latent_shape", path)
     if list(code_shape[:2]) != list(latent_shape[:2]):
         # the original supports pooling latents into coarser codes, but no published model does
         raise CheckpointError(
-            f"{vt_path}: code_shape {code_shape} and latent_shape {latent_shape} differ in their grid; "
+            f"{path}: code_shape {code_shape} and latent_shape {latent_shape} differ in their grid; "
             "only checkpoints whose code grid equals the SigLIP grid are supported"
         )
     if tuple(code_shape[:2]) != (siglip.grid, siglip.grid):
         raise CheckpointError(
-            f"{vt_path}: code grid {code_shape[:2]} does not match the SigLIP grid "
+            f"{path}: code grid {code_shape[:2]} does not match the SigLIP grid "
             f"{siglip.image_size}/{siglip.patch_size} = {siglip.grid} of {siglip.source}"
         )
     quantizer = QuantizerSpec(
-        n_embed=_req(rqvae, "n_embed", vt_path),
-        embed_dim=_req(rqvae, "embed_dim", vt_path),
+        n_embed=_req(vision_tower, "rqvaesiglip.n_embed", path),
+        embed_dim=_req(vision_tower, "rqvaesiglip.embed_dim", path),
         grid=(int(code_shape[0]), int(code_shape[1])),
         depth=int(code_shape[2]),
-        shared_codebook=bool(rqvae.get("shared_codebook", False)),
+        shared_codebook=bool(vision_tower["rqvaesiglip"].get("shared_codebook", False)),
     )
     if quantizer.embed_dim != siglip.hidden_size:
         raise CheckpointError(
-            f"{vt_path}: rqvaesiglip.embed_dim {quantizer.embed_dim} differs from the SigLIP width "
+            f"{path}: rqvaesiglip.embed_dim {quantizer.embed_dim} differs from the SigLIP width "
             f"{siglip.hidden_size} of {siglip.source}"
         )
-    dd = _req(rqvae, "ddconfig", vt_path)
+    return quantizer
+
+
+def _decoder_spec(vision_tower: dict[str, Any], path: Path) -> DecoderSpec:
+    def dd(key: str) -> Any:
+        return _req(vision_tower, f"rqvaesiglip.ddconfig.{key}", path)
+
+    rqvae = vision_tower["rqvaesiglip"]
     latent = rqvae.get("decoder_latent_shape")
-    decoder = DecoderSpec(
-        ch=dd["ch"],
-        out_ch=dd["out_ch"],
-        ch_mult=tuple(dd["ch_mult"]),
-        num_res_blocks=dd["num_res_blocks"],
-        attn_resolutions=tuple(dd.get("attn_resolutions", ())),
-        resolution=dd["resolution"],
-        z_channels=dd["z_channels"],
+    return DecoderSpec(
+        ch=dd("ch"),
+        out_ch=dd("out_ch"),
+        ch_mult=tuple(dd("ch_mult")),
+        num_res_blocks=dd("num_res_blocks"),
+        attn_resolutions=tuple(rqvae["ddconfig"].get("attn_resolutions", ())),
+        resolution=dd("resolution"),
+        z_channels=dd("z_channels"),
         latent_shape=tuple(latent) if latent else None,
     )
-    block_size = _req(rqt, "block_size", vt_path)
-    head = _req(rqt, "head", vt_path)
+
+
+def _depth_spec(vision_tower: dict[str, Any], path: Path, quantizer: QuantizerSpec) -> DepthSpec:
+    def rqt(key: str) -> Any:
+        return _req(vision_tower, f"rqtransformer.{key}", path)
+
     depth = DepthSpec(
-        embed_dim=_req(rqt, "embed_dim", vt_path),
-        n_layer=head["n_layer"],
-        n_head=head["block"]["n_head"],
-        vocab_size=_req(rqt, "vocab_size", vt_path),
-        depth=int(block_size[2]),
-        code_dim=_req(rqt, "input_embed_dim_1", vt_path),
-        llm_dim=_req(rqt, "input_embed_dim_2", vt_path),
+        embed_dim=rqt("embed_dim"),
+        n_layer=rqt("head.n_layer"),
+        n_head=rqt("head.block.n_head"),
+        vocab_size=rqt("vocab_size"),
+        depth=int(rqt("block_size")[2]),  # block_size (h, w, D)
+        code_dim=rqt("input_embed_dim_1"),
+        llm_dim=rqt("input_embed_dim_2"),
     )
     if depth.depth != quantizer.depth:
         raise CheckpointError(
-            f"{vt_path}: the depth transformer predicts {depth.depth} codes per position but the quantizer has depth {quantizer.depth}"
+            f"{path}: the depth transformer predicts {depth.depth} codes per position but the quantizer has depth {quantizer.depth}"
         )
-    projector = _projector_spec(proj_cfg, proj_path, in_dim=top.get("mm_hidden_size", siglip.hidden_size), out_dim=llm.hidden_size)
+    return depth
 
+
+def _image_aspect_ratio(top: dict[str, Any], path: Path) -> str:
     aspect = top.get("image_aspect_ratio", "resize")
     if aspect not in ("resize", "pad"):
         raise CheckpointError(
-            f"{root / 'config.json'}: image_aspect_ratio {aspect!r} is not supported at inference; "
+            f"{path}: image_aspect_ratio {aspect!r} is not supported at inference; "
             "the original accepts 'resize' or 'pad'"
         )
-    return VilaUConfig(
-        root=root,
-        llm=llm,
-        siglip=siglip,
-        quantizer=quantizer,
-        decoder=decoder,
-        depth=depth,
-        projector=projector,
-        image_aspect_ratio=aspect,
-        num_video_frames=int(top.get("num_video_frames", 8)),
-        mm_use_im_start_end=bool(top.get("mm_use_im_start_end", False)),
-        mm_use_vi_start_end=bool(top.get("mm_use_vi_start_end", False)),
-        mm_use_im_patch_token=bool(top.get("mm_use_im_patch_token", True)),  # the original's default
-    )
+    return aspect
 
 
 def _req(cfg: dict[str, Any], key: str, path: Path) -> Any:
-    if key not in cfg:
-        raise CheckpointError(f"{path} has no {key!r} entry; the file is incomplete or not a VILA-U config")
-    return cfg[key]
+    """`cfg[key]`, where a dotted key ('ddconfig.ch') walks nested objects."""
+    value: Any = cfg
+    for part in key.split("."):
+        if not isinstance(value, dict) or part not in value:
+            raise CheckpointError(f"{path} has no {key!r} entry; the file is incomplete or not a VILA-U config")
+        value = value[part]
+    return value
 
 
 def _rope_linear_factor(llm_cfg: dict[str, Any]) -> float:
@@ -388,8 +419,9 @@ def _siglip_spec(rqvae: dict[str, Any], vision_tower_dir: Path) -> SiglipVisionS
         raise CheckpointError(f"SigLIP config from {source} lacks {exc.args[0]!r}") from exc
 
 
-def _projector_spec(cfg: dict[str, Any], path: Path, in_dim: int, out_dim: int) -> ProjectorSpec:
-    kind = cfg.get("mm_projector_type")
-    if kind != "linear" and not (isinstance(kind, str) and re.fullmatch(r"mlp(\d+)x_gelu", kind)):
-        raise CheckpointError(f"{path}: unsupported mm_projector_type {kind!r}; expected 'linear' or 'mlpNx_gelu'")
-    return ProjectorSpec(kind=kind, in_dim=in_dim, out_dim=out_dim)
+def _projector_spec(path: Path, in_dim: int, out_dim: int) -> ProjectorSpec:
+    kind = read_json(path).get("mm_projector_type")
+    try:
+        return ProjectorSpec(kind=kind, in_dim=in_dim, out_dim=out_dim)
+    except ValueError as exc:
+        raise CheckpointError(f"{path}: {exc}") from exc

@@ -21,7 +21,7 @@ from .errors import CheckpointError, InputError
 from .loading import SafetensorsFolder, build_empty, load_weights
 from .preprocess import preprocess_images, to_comfy_images
 from .projector import Projector
-from .prompts import VilaTokenizer
+from .tokenizer import VilaTokenizer
 from .quantizer import ResidualQuantizer
 from .siglip import SiglipFeatureEncoder
 
