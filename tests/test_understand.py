@@ -267,6 +267,14 @@ def test_prompt_beyond_context_is_an_input_error(golden_fp32):
         describe_images(golden_fp32, load_photo("chelsea"), IMAGE_QUERY, max_new_tokens=8192 - 352, on_token=stop)
 
 
+@pytest.mark.parametrize("max_new_tokens", [0, -3])
+def test_max_new_tokens_below_one_is_an_input_error(golden_fp32, max_new_tokens):
+    with pytest.raises(InputError, match=f"max_new_tokens must be 1 or more, got {max_new_tokens}"):
+        describe_images(golden_fp32, load_photo("chelsea"), IMAGE_QUERY, max_new_tokens=max_new_tokens)
+    with pytest.raises(InputError, match=f"max_new_tokens must be 1 or more, got {max_new_tokens}"):
+        describe_video(golden_fp32, golden_video_frames(), VIDEO_QUERY, max_new_tokens=max_new_tokens)
+
+
 def test_query_with_image_placeholder_is_rejected(golden_fp32):
     with pytest.raises(InputError, match="<image>"):
         describe_images(golden_fp32, load_photo("chelsea"), "what is in <image>?")
