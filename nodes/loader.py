@@ -56,6 +56,7 @@ class ModelLoader(io.ComfyNode):
                 ),
             ],
             outputs=[VilaUModelSocket.Output(display_name="model", tooltip="The loaded VILA-U model.")],
+            hidden=[io.Hidden.unique_id],
         )
 
     @classmethod
@@ -91,4 +92,30 @@ class ModelLoader(io.ComfyNode):
             bar.update_absolute(done, total)
 
         folder = model_files.resolve_model(model, download_if_missing, progress)
-        return io.NodeOutput(model_cache.get_model(model, folder, dtype, device))
+        loaded = model_cache.get_model(model, folder, dtype, device)
+        warn_if_slow_on_cpu(loaded.key.dtype, loaded.key.device, cls.hidden.unique_id)
+        return io.NodeOutput(loaded)
+
+
+def slow_on_cpu_warning(dtype: str, device: str) -> str | None:
+    """What to tell someone who runs bf16 or fp16 on the CPU, where few CPUs compute in those types."""
+    if device != "cpu" or dtype not in ("bfloat16", "float16"):
+        return None
+    return (
+        f"VILA-U: {dtype} on the CPU is 30-50x slower than float32 (most CPUs have no fast {dtype} kernels; "
+        "encoding plus decoding one image took 31 s against 0.7 s). Choose dtype fp32 or auto for CPU runs"
+    )
+
+
+def warn_if_slow_on_cpu(dtype: str, device: str, node_id: str | None) -> None:
+    """In the log, and as text on the loader node."""
+    import logging
+
+    message = slow_on_cpu_warning(dtype, device)
+    if message is None:
+        return
+    logging.warning(message)
+    if node_id is not None:
+        from server import PromptServer
+
+        PromptServer.instance.send_progress_text(message, node_id)

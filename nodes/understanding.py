@@ -213,14 +213,14 @@ class VideoQA(io.ComfyNode):
 
 
 def video_frames(video, num_frames: int):
-    """A VIDEO's frames (F, H, W, 3): from a file only the evenly spaced frames the model takes are
-    decoded (as the original picks them); other videos give all their frames."""
+    """A VIDEO's frames (F, H, W, 3): from an untrimmed, uncropped file only the evenly spaced frames
+    the model takes are decoded (as the original picks them); other videos give all their frames."""
     from comfy_api.latest import InputImpl
 
     from ..vilau_backend.video import read_video
+    from .video_source import whole_file_path
 
-    if isinstance(video, InputImpl.VideoFromFile):
-        source = video.get_stream_source()
-        if isinstance(source, str):
-            return read_video(source, num_frames).frames
+    path = whole_file_path(video, InputImpl.VideoFromFile)
+    if path is not None:
+        return read_video(path, num_frames).frames
     return video.get_components().images

@@ -75,3 +75,17 @@ def tiny_model(tiny_checkpoint):
     from vilau_backend.model import VilaUModel
 
     return VilaUModel.load(tiny_checkpoint, dtype="float32", device="cpu")
+
+
+def pack_module(name: str):
+    """A module of the pack's nodes/ package without running nodes/__init__.py (which needs
+    ComfyUI): the repository is registered as the package `vilau_pack`, as ComfyUI registers a pack."""
+    import importlib
+    import types
+
+    for package, path in (("vilau_pack", REPO), ("vilau_pack.nodes", REPO / "nodes")):
+        if package not in sys.modules:
+            module = types.ModuleType(package)
+            module.__path__ = [str(path)]
+            sys.modules[package] = module
+    return importlib.import_module(f"vilau_pack.nodes.{name}")

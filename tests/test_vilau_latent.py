@@ -4,25 +4,10 @@ ComfyUI 0.3.75 and the newest ComfyUI: copy it, replace `samples`, keep every ot
 
 from __future__ import annotations
 
-import importlib
-import sys
-import types
-
 import pytest
 import torch
 
-from conftest import REPO
-
-
-def pack_module(name: str):
-    """A module of the pack's nodes/ package without running nodes/__init__.py (which needs
-    ComfyUI): the pack is registered as the package `vilau_pack`, as ComfyUI registers it."""
-    for package, path in (("vilau_pack", REPO), ("vilau_pack.nodes", REPO / "nodes")):
-        if package not in sys.modules:
-            module = types.ModuleType(package)
-            module.__path__ = [str(path)]
-            sys.modules[package] = module
-    return importlib.import_module(f"vilau_pack.nodes.{name}")
+from conftest import pack_module
 
 
 @pytest.fixture(scope="module")

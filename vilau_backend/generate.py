@@ -24,6 +24,7 @@ D depth, H LLM hidden, C code width.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -54,6 +55,10 @@ class ImageSampling:
     top_p: float = 0.96
 
     def validate(self) -> None:
+        for name in ("cfg", "temperature", "top_p"):
+            value = getattr(self, name)
+            if not math.isfinite(value):  # NaN passes every range check (and JSON can carry it)
+                raise InputError(f"{name} must be a finite number, got {value}")
         if self.temperature < 0:
             raise InputError(f"temperature must be >= 0, got {self.temperature}")
         if self.top_k < 0:
@@ -163,9 +168,13 @@ def generate_codes(
     input_ids, attention_mask = cfg_batch(model.tokenizer, prompt, negative_prompt, n=num_images, video=video)
     total = input_ids.shape[1] + P
     if total > model.config.llm.context_length:
+        # the CFG batch is as long as the longer of the prompt and the negative prompt: name that one
+        lengths = attention_mask.sum(-1)  # (R,): conditional rows, then unconditional rows
+        negative = int(lengths[num_images:].max()) > int(lengths[:num_images].max())
+        which = "negative prompt" if negative else "prompt"
         raise InputError(
-            f"prompt ({input_ids.shape[1]} tokens) plus {P} image positions exceeds the model's context of "
-            f"{model.config.llm.context_length}; shorten the prompt or generate fewer frames"
+            f"{which} ({input_ids.shape[1]} tokens) plus {P} image positions exceeds the model's context of "
+            f"{model.config.llm.context_length}; shorten the {which} or generate fewer frames"
         )
     sample = partial(
         sample_codes,

@@ -241,7 +241,13 @@ def _load_sentencepiece(llm_dir: Path) -> spm.SentencePieceProcessor:
             "download the full model folder again, or copy tokenizer.model into it",
         )
     sp = spm.SentencePieceProcessor()
-    sp.LoadFromSerializedProto(model_file.read_bytes() + _NO_DUMMY_PREFIX)
+    try:
+        sp.LoadFromSerializedProto(model_file.read_bytes() + _NO_DUMMY_PREFIX)
+    except (RuntimeError, OSError) as exc:  # sentencepiece only says "ParseFromArray ... failed"
+        raise CheckpointError(
+            f"{model_file} is not a sentencepiece tokenizer model (it is truncated or corrupt)",
+            "download the model's llm/tokenizer.model again",
+        ) from exc
     return sp
 
 
