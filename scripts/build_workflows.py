@@ -25,15 +25,13 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO))  # vilau_backend and comfy_harness
 
-import comfy_browser  # noqa: E402
-import comfy_server as cs  # noqa: E402
-import workflow_api  # noqa: E402
+from comfy_harness import browser as comfy_browser  # noqa: E402
+from comfy_harness import server as cs  # noqa: E402
+from comfy_harness import workflow_api  # noqa: E402
 
 WORKFLOWS = REPO / "workflows"
-PACK = "ComfyUI-VILA-U"
 DEFAULT_MODEL = "mit-han-lab/vila-u-7b-256"
 EXAMPLE_IMAGE = "example.png"  # ComfyUI ships input/example.png
 EXAMPLE_VIDEO = "vila-u-example.mp4"
@@ -287,15 +285,12 @@ def main() -> None:
 
     run = Path(tempfile.mkdtemp(prefix="vilau-build-workflows-"))
     tiny = "vila-u-tiny"
-    from vilau_backend.tiny import write_tiny_checkpoint
-
-    write_tiny_checkpoint(run / "models" / "vila-u" / tiny)
-    server = cs.ComfyServer(cs.comfyui_dir(), run, {PACK: REPO}, env={"OMP_NUM_THREADS": "1"})
+    server = cs.pack_server(run, tiny)
     workflow_api.put_example_inputs(server.input_dir, cs.comfyui_dir())
     comfy_browser.write_quiet_settings(server.user_dir)
     server.start()
     try:
-        if server.import_failed(PACK):
+        if server.import_failed(cs.PACK):
             raise SystemExit(server.log_tail())
         with comfy_browser.ComfyPage(server.url, screenshot_dir=run / "shots") as page:
             for name, spec in TEMPLATES.items():

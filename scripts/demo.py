@@ -22,28 +22,14 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO))  # vilau_backend and comfy_harness
 
-import comfy_server as cs  # noqa: E402
-import workflow_api as wa  # noqa: E402
+from comfy_harness import server as cs  # noqa: E402
+from comfy_harness import workflow_api as wa  # noqa: E402
 
-PACK = "ComfyUI-VILA-U"
 PUBLISHED_FOLDERS = ("vila-u-7b-256", "vila-u-7b-384")
 TINY = "vila-u-tiny-demo"
 TEMPLATES = ("vila-u-text-to-image-upscale", "vila-u-image-qa")
-
-
-class DemoServer(cs.ComfyServer):
-    """The test harness's server, on the GPU when there is one."""
-
-    def __init__(self, *args, gpu: bool = False, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.gpu = gpu
-
-    def command(self) -> list[str]:
-        cmd = super().command()
-        return [c for c in cmd if c != "--cpu"] if self.gpu else cmd
 
 
 def find_published(candidates: list[Path]) -> Path | None:
@@ -76,11 +62,7 @@ def main() -> int:
         extra_yaml.write_text(f"vila_u_demo:\n    vila_u: {published.parent}\n", encoding="utf-8")
         what = f"the published model {model} from {published}"
     else:
-        from vilau_backend.tiny import write_tiny_checkpoint
-
         model = TINY
-        if not (run / "models" / "vila-u" / TINY / "config.json").is_file():
-            write_tiny_checkpoint(run / "models" / "vila-u" / TINY)
         where = ", ".join(str(c) for c in candidates)
         what = (f"the TINY RANDOM demo model {TINY} (no vila-u-7b-256/384 folder in {where}): the image is noise "
                 "and the answer random tokens; put a published model in one of those folders for real output")
@@ -89,11 +71,11 @@ def main() -> int:
 
     gpu = torch.cuda.is_available()
     print(f"demo: using {what}; running on {'the GPU' if gpu else 'the CPU'}", flush=True)
-    server = DemoServer(cs.comfyui_dir(), run, {PACK: REPO}, extra_model_paths=extra_yaml, gpu=gpu)
+    server = cs.pack_server(run, None if published else TINY, extra_model_paths=extra_yaml, cpu=not gpu)
     wa.put_example_inputs(server.input_dir, cs.comfyui_dir())
     server.start(timeout=300)
     try:
-        if server.import_failed(PACK):
+        if server.import_failed(cs.PACK):
             print(server.log_tail(), file=sys.stderr)
             print("demo: ComfyUI could not import the pack (IMPORT FAILED above)", file=sys.stderr)
             return 1

@@ -30,7 +30,7 @@ start=$(date +%s)
 bash scripts/setup_env.sh "pytest>=8" "requests>=2.31" "av>=12" "pillow>=10" "numpy>=1.24" "playwright>=1.40"
 
 # ---- 1b. the newest front end, served by the pinned backend in the browser tests -------------
-# (tests/comfy_browser.py NEWEST_FRONT_END; the pinned ComfyUI's own front end is 1.32.9)
+# (comfy_harness/browser.py NEWEST_FRONT_END; the pinned ComfyUI's own front end is 1.32.9)
 FRONT_END=${VILAU_NEWEST_FRONT_END:-1.58.1}
 FRONT_END_DIR=.cache/frontend/$FRONT_END
 if [ ! -f "$FRONT_END_DIR/static/index.html" ]; then

@@ -4,7 +4,7 @@ Every template is opened as the front end opens a file (app.loadGraphData),
 the model widget is switched to a tiny random model, and the graph is queued
 from the front end (app.queuePrompt, what the Run button does); outputs are read
 from /history and the output folder. The front end's API prompt must equal the
-one tests/workflow_api.py makes, which is what test_workflows.py and the demo
+one comfy_harness/workflow_api.py makes, which is what test_workflows.py and the demo
 queue. The Stable Diffusion part of the caption template is muted here (mode
 "never"), since there is no SD checkpoint on this machine; only the VILA-U
 caption runs.
@@ -29,14 +29,9 @@ from pathlib import Path
 
 import pytest
 
-try:  # tests/ as a package or as a plain folder on sys.path
-    from . import comfy_browser as cb
-    from . import comfy_server as cs
-    from . import workflow_api as wa
-except ImportError:  # pragma: no cover - depends on pytest's import mode
-    import comfy_browser as cb
-    import comfy_server as cs
-    import workflow_api as wa
+from comfy_harness import browser as cb
+from comfy_harness import server as cs
+from comfy_harness import workflow_api as wa
 
 pytestmark = pytest.mark.comfyui  # starts the pinned ComfyUI: not part of the transformers 4.50.3 pass
 
@@ -161,7 +156,7 @@ def open_and_queue(page, server, object_info, name: str) -> tuple[dict, dict]:
 
     ours = wa.to_api(workflow, object_info, overrides, muted=set(muted))
     front_end = comparable(page.api_prompt(), object_info)
-    assert front_end == comparable(ours, object_info), "front end and tests/workflow_api.py disagree"
+    assert front_end == comparable(ours, object_info), "front end and comfy_harness/workflow_api.py disagree"
 
     entry = server.wait(page.queue(), timeout=300)
     page.page.wait_for_timeout(800)  # the last websocket messages and previews reach the page

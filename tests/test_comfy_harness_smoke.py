@@ -1,4 +1,4 @@
-"""Proves the real-ComfyUI harness (tests/comfy_server.py) on a throwaway pack.
+"""Proves the real-ComfyUI harness (comfy_harness/server.py) on a throwaway pack.
 
 Starts the pinned ComfyUI (``$COMFYUI_DIR``, default ``<repo>/.cache/comfyui``;
 install it with ``bash .ci/install_comfyui.sh <dir> <venv>``) with one
@@ -14,10 +14,7 @@ import time
 
 import pytest
 
-try:  # tests/ as a package or as a plain folder on sys.path
-    from . import comfy_server as cs
-except ImportError:  # pragma: no cover - depends on pytest's import mode
-    import comfy_server as cs
+from comfy_harness import server as cs
 
 pytestmark = pytest.mark.comfyui  # starts the pinned ComfyUI: not part of the transformers 4.50.3 pass
 

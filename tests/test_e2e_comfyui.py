@@ -20,10 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-try:  # tests/ as a package or as a plain folder on sys.path
-    from . import comfy_server as cs
-except ImportError:  # pragma: no cover - depends on pytest's import mode
-    import comfy_server as cs
+from comfy_harness import server as cs
 
 pytestmark = pytest.mark.comfyui  # starts the pinned ComfyUI: not part of the transformers 4.50.3 pass
 
@@ -173,6 +170,26 @@ def test_object_info_lists_every_node_with_tooltips(server):
         assert required["seed"][1]["control_after_generate"] is True
         assert [k for k in required if required[k][1].get("advanced")] == knobs
     assert everything["VILAU_TextToImage"]["input"]["required"]["batch_size"][1]["max"] == 16
+
+
+def test_node_defaults_are_the_backends(server):
+    """Sampling defaults have one source, the backend's dataclasses (tests/test_defaults.py: CLI, README)."""
+    from vilau_backend.generate import ImageSampling
+    from vilau_backend.understand import DEFAULT_MAX_NEW_TOKENS, TextSampling
+
+    def defaults(node_id: str) -> dict:
+        info = server.object_info(node_id)["input"]
+        return {name: spec[1].get("default") for name, spec in {**info["required"], **info.get("optional", {})}.items()}
+
+    image, answers = ImageSampling(), TextSampling()
+    for node_id in ("VILAU_TextToImage", "VILAU_TextToVideo"):
+        got = defaults(node_id)
+        assert {k: got[k] for k in ("cfg", *GEN_ADVANCED)} == {k: getattr(image, k) for k in ("cfg", *GEN_ADVANCED)}, node_id
+    for node_id in ("VILAU_ImageQA", "VILAU_VideoQA"):
+        got = defaults(node_id)
+        assert got["max_new_tokens"] == DEFAULT_MAX_NEW_TOKENS, node_id
+        names = ("do_sample", *QA_ADVANCED)
+        assert {k: got[k] for k in names} == {k: getattr(answers, k) for k in names}, node_id
 
 
 def test_loader_lists_models_folder_and_extra_model_paths(server):

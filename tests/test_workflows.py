@@ -3,7 +3,7 @@
 Each template (UI format, as the front end saves it) must only use nodes that
 /object_info lists, connect outputs to inputs of the same type, and carry widget
 values the inputs accept (combo values from the list, numbers within min/max).
-Then it is converted to an API-format prompt (tests/workflow_api.py, checked
+Then it is converted to an API-format prompt (comfy_harness/workflow_api.py, checked
 against the front end's own conversion in tests/test_browser.py) and queued with
 a tiny random model swapped in for the published one; its outputs are checked.
 The Stable Diffusion part of the caption template needs an SD checkpoint that
@@ -21,12 +21,8 @@ from pathlib import Path
 
 import pytest
 
-try:  # tests/ as a package or as a plain folder on sys.path
-    from . import comfy_server as cs
-    from . import workflow_api as wa
-except ImportError:  # pragma: no cover - depends on pytest's import mode
-    import comfy_server as cs
-    import workflow_api as wa
+from comfy_harness import server as cs
+from comfy_harness import workflow_api as wa
 
 pytestmark = pytest.mark.comfyui  # starts the pinned ComfyUI: not part of the transformers 4.50.3 pass
 

@@ -1,8 +1,8 @@
-"""Run a real ComfyUI headless for end-to-end tests.
+"""Run a real ComfyUI headless, for the end-to-end tests and the scripts.
 
 Plain helper module (no pytest in here). Typical use::
 
-    from comfy_server import ComfyServer, comfyui_dir
+    from comfy_harness.server import ComfyServer, comfyui_dir
 
     srv = ComfyServer(comfyui_dir(), run_dir=tmp, custom_nodes={"ComfyUI-VILA-U": repo_root})
     srv.start()                      # returns once /system_stats answers
@@ -154,46 +154,36 @@ class ComfyServer:
 
     def __init__(
         self,
-        comfy_dir: str | os.PathLike | None = None,
-        run_dir: str | os.PathLike | None = None,
-        custom_nodes: Mapping[str, str | os.PathLike] | Iterable[str | os.PathLike] = (),
+        comfy_dir: str | os.PathLike | None,
+        run_dir: str | os.PathLike,
+        custom_nodes: Mapping[str, str | os.PathLike],
         *,
-        python: str | None = None,
-        port: int | None = None,
         extra_model_paths: str | os.PathLike | None = None,
         extra_args: Iterable[str] = (),
         env: Mapping[str, str] | None = None,
-        disable_api_nodes: bool = True,
-        offline: bool = True,
+        cpu: bool = True,
     ):
         """
-        custom_nodes: {folder name: source dir} (or a list of dirs, named by their
-            basename); each is symlinked into <run_dir>/custom_nodes/.
+        custom_nodes: {folder name: source dir}; each is symlinked into <run_dir>/custom_nodes/.
         extra_model_paths: an extra_model_paths.yaml to pass with
             --extra-model-paths-config.
-        disable_api_nodes: pass --disable-api-nodes (faster start, no comfy.org
-            nodes; the frontend then makes no calls to the internet).
-        offline: set HF_HUB_OFFLINE=1 / TRANSFORMERS_OFFLINE=1 for the server.
+        cpu: run with --cpu (the tests); False lets ComfyUI use a GPU (the demo).
+
+        The server runs offline (HF_HUB_OFFLINE=1, TRANSFORMERS_OFFLINE=1) with
+        --disable-api-nodes (faster start, no comfy.org nodes; the front end then
+        makes no calls to the internet), under $COMFYUI_PYTHON or this Python.
         """
         self.comfy_dir = Path(comfy_dir) if comfy_dir else comfyui_dir()
         if not (self.comfy_dir / "main.py").is_file():
             raise ServerStartError(missing_comfyui_message(self.comfy_dir))
-        if run_dir is None:
-            import tempfile
-
-            run_dir = tempfile.mkdtemp(prefix="comfy-run-")
         self.run_dir = Path(run_dir).resolve()
-        if isinstance(custom_nodes, Mapping):
-            self.custom_nodes = {str(k): Path(v).resolve() for k, v in custom_nodes.items()}
-        else:
-            self.custom_nodes = {Path(p).resolve().name: Path(p).resolve() for p in custom_nodes}
-        self.python = python or os.environ.get("COMFYUI_PYTHON") or sys.executable
-        self.port = port
+        self.custom_nodes = {str(k): Path(v).resolve() for k, v in custom_nodes.items()}
+        self.python = os.environ.get("COMFYUI_PYTHON") or sys.executable
+        self.port: int | None = None
         self.extra_model_paths = Path(extra_model_paths).resolve() if extra_model_paths else None
         self.extra_args = list(extra_args)
         self.env = dict(env or {})
-        self.disable_api_nodes = disable_api_nodes
-        self.offline = offline
+        self.cpu = cpu
 
         self.custom_nodes_dir = self.run_dir / "custom_nodes"
         self.models_dir = self.run_dir / "models"
@@ -217,7 +207,7 @@ class ComfyServer:
     def command(self) -> list[str]:
         cmd = [
             self.python, "main.py",
-            "--cpu",
+            *(["--cpu"] if self.cpu else []),
             "--listen", "127.0.0.1",
             "--port", str(self.port),
             "--disable-auto-launch",
@@ -227,9 +217,8 @@ class ComfyServer:
             "--temp-directory", str(self.temp_root),
             "--user-directory", str(self.user_dir),
             "--database-url", "sqlite:///:memory:",
+            "--disable-api-nodes",
         ]
-        if self.disable_api_nodes:
-            cmd.append("--disable-api-nodes")
         if self.extra_model_paths:
             cmd += ["--extra-model-paths-config", str(self.extra_model_paths)]
         return cmd + self.extra_args
@@ -255,12 +244,10 @@ class ComfyServer:
         if self.proc is not None:
             raise ServerStartError("already started")
         self._prepare_dirs()
-        if self.port is None:
-            self.port = free_port()
+        self.port = free_port()
         env = dict(os.environ)
-        env.update({"PYTHONUNBUFFERED": "1", "DO_NOT_TRACK": "1", "HF_HUB_DISABLE_TELEMETRY": "1"})
-        if self.offline:
-            env.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
+        env.update({"PYTHONUNBUFFERED": "1", "DO_NOT_TRACK": "1", "HF_HUB_DISABLE_TELEMETRY": "1",
+                    "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
         env.update(self.env)
         self._log_file = open(self.log_path, "ab")
         t0 = time.monotonic()
@@ -311,12 +298,6 @@ class ComfyServer:
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    def __enter__(self) -> "ComfyServer":
-        return self.start() if self.proc is None else self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
     # --------------------------------------------------------------------- log
     def log_text(self) -> str:
         if self._log_file is not None:
@@ -359,17 +340,13 @@ class ComfyServer:
         kw.setdefault("timeout", 30)
         return self.session.post(self.url + path, json=payload if payload is not None else {}, **kw)
 
-    def system_stats(self) -> dict:
-        return self.get("/system_stats").json()
-
     def object_info(self, node_class: str | None = None) -> dict:
         """GET /object_info (all nodes) or /object_info/{node_class} (that node's entry)."""
         if node_class is None:
             return self.get("/object_info", timeout=120).json()
         return self.get(f"/object_info/{node_class}").json().get(node_class, {})
 
-    def queue(self, prompt: Mapping, *, client_id: str | None = None,
-              extra_data: Mapping | None = None, strict: bool = True) -> str:
+    def queue(self, prompt: Mapping, *, client_id: str | None = None, strict: bool = True) -> str:
         """POST /prompt with an API-format graph ({node_id: {"class_type", "inputs"}}).
 
         Returns the prompt_id. Raises PromptRejected (HTTP 400) with ComfyUI's
@@ -379,8 +356,6 @@ class ComfyServer:
         payload: dict[str, Any] = {"prompt": prompt, "prompt_id": str(uuid.uuid4())}
         if client_id is not None:
             payload["client_id"] = client_id
-        if extra_data:
-            payload["extra_data"] = dict(extra_data)
         r = self.post("/prompt", payload)
         try:
             body = r.json()
@@ -402,8 +377,7 @@ class ComfyServer:
     def is_running(self, prompt_id: str) -> bool:
         return any(item[1] == prompt_id for item in self.queue_state()["queue_running"])
 
-    def wait(self, prompt_id: str, timeout: float = 300.0, *, check: bool = True,
-             poll: float = 0.2) -> dict:
+    def wait(self, prompt_id: str, timeout: float = 300.0, *, check: bool = True) -> dict:
         """Poll /history/{prompt_id} until the prompt is done; return its entry
         ({"prompt", "outputs": {node_id: ui dict}, "status": {"status_str",
         "completed", "messages"}, "meta"}). With check, raise ExecutionFailed when
@@ -422,7 +396,7 @@ class ComfyServer:
                 raise TimeoutError(
                     f"prompt {prompt_id} not done after {timeout:.0f} s; queue: "
                     f"{json.dumps(self.queue_state())[:500]}\n{self.log_tail(30)}")
-            time.sleep(poll)
+            time.sleep(0.2)
 
     def run(self, prompt: Mapping, timeout: float = 300.0, **queue_kw) -> dict:
         """queue() then wait()."""
@@ -470,19 +444,25 @@ class ComfyServer:
         return WSRecorder(self.url, client_id or uuid.uuid4().hex)
 
 
-PACK = "ComfyUI-VILA-U"
+PACK = "ComfyUI-VILA-U"  # the folder name ComfyUI loads this checkout under
 
 
-def pack_server(run_dir: Path, tiny_model: str, *, extra_model_paths: Path | None = None) -> ComfyServer:
-    """A ComfyServer (not started) with this checkout loaded as the pack and a tiny VILA-U
-    model named `tiny_model` written into its models/vila-u. One intra-op thread: tiny models
-    gain nothing from more, and on a small machine shared with other torch processes spinning
-    OpenMP workers slow every step down by orders of magnitude."""
-    from vilau_backend.tiny import write_tiny_checkpoint
+def pack_server(
+    run_dir: Path, tiny_model: str | None, *, extra_model_paths: Path | None = None, cpu: bool = True
+) -> ComfyServer:
+    """A ComfyServer (not started) with this checkout loaded as the pack and, unless None, a tiny
+    VILA-U model named `tiny_model` written into its models/vila-u; cpu=False lets ComfyUI use a GPU.
 
-    write_tiny_checkpoint(Path(run_dir) / "models" / "vila-u" / tiny_model)
-    return ComfyServer(comfyui_dir(), run_dir, {PACK: REPO_ROOT}, extra_model_paths=extra_model_paths,
-                       env={"OMP_NUM_THREADS": "1"})
+    With a tiny model the server gets one intra-op thread: tiny models gain nothing from more,
+    and on a small machine shared with other torch processes spinning OpenMP workers slow every
+    step down by orders of magnitude."""
+    env = None
+    if tiny_model is not None:
+        from vilau_backend.tiny import write_tiny_checkpoint
+
+        write_tiny_checkpoint(Path(run_dir) / "models" / "vila-u" / tiny_model)
+        env = {"OMP_NUM_THREADS": "1"}
+    return ComfyServer(comfyui_dir(), run_dir, {PACK: REPO_ROOT}, extra_model_paths=extra_model_paths, env=env, cpu=cpu)
 
 
 class WSRecorder:

@@ -3,7 +3,7 @@
 Plain helper module (no pytest in here), used by tests/test_browser.py and by
 scripts/build_workflows.py. Typical use::
 
-    from comfy_browser import ComfyPage, chromium_path
+    from comfy_harness.browser import ComfyPage, chromium_path
 
     with ComfyPage(server.url, screenshot_dir=tmp) as page:   # opens the page, waits for the app
         page.load_workflow(ui_json)          # app.loadGraphData, as opening a file does
