@@ -16,7 +16,10 @@ MAX_FRAMES = 32  # the context (8192 positions) holds 31 frames of the 256 px mo
 
 
 def generation_inputs(what: str, max_batch: int) -> list[io.Input]:
-    """Prompt, guidance, seed, batch and depth-code sampling; defaults are the original's."""
+    """Prompt, guidance, seed, batch and depth-code sampling; defaults are the backend's (the original's)."""
+    from ..vilau_backend.generate import ImageSampling
+
+    defaults = ImageSampling()
     return [
         model_input(),
         io.String.Input(
@@ -28,7 +31,7 @@ def generation_inputs(what: str, max_batch: int) -> list[io.Input]:
             "unconditional prompt (a single space).",
         ),
         io.Float.Input(
-            "cfg", default=3.0, min=0.0, max=30.0, step=0.1, round=0.01,
+            "cfg", default=defaults.cfg, min=0.0, max=30.0, step=0.1, round=0.01,
             tooltip="Classifier-free guidance scale: how strongly the prompt (against the negative prompt) "
             "steers every code; 1 is no guidance; the original uses 3.",
         ),
@@ -39,17 +42,17 @@ def generation_inputs(what: str, max_batch: int) -> list[io.Input]:
         ),
         advanced(
             io.Float.Input,
-            "temperature", default=1.0, min=0.0, max=5.0, step=0.01,
+            "temperature", default=defaults.temperature, min=0.0, max=5.0, step=0.01,
             tooltip="Advanced: sampling temperature of the depth codes; 0 picks the most likely code (greedy).",
         ),
         advanced(
             io.Int.Input,
-            "top_k", default=900, min=0, max=1_000_000,
+            "top_k", default=defaults.top_k, min=0, max=1_000_000,
             tooltip="Advanced: draw each code from the k most likely; 0 turns the filter off.",
         ),
         advanced(
             io.Float.Input,
-            "top_p", default=0.96, min=0.01, max=1.0, step=0.01,
+            "top_p", default=defaults.top_p, min=0.01, max=1.0, step=0.01,
             tooltip="Advanced: draw each code from the most likely codes that together reach this probability; "
             "1 turns the filter off.",
         ),

@@ -174,15 +174,22 @@ def _generate_video(args: argparse.Namespace) -> int:
 
 
 def _add_generation_arguments(p: argparse.ArgumentParser) -> None:
+    from .generate import ImageSampling
+    from .prompts import DEFAULT_NEGATIVE_PROMPT
+
+    defaults = ImageSampling()
     add_model_options(p)
     p.add_argument("--prompt", required=True, help="what to generate")
-    p.add_argument("--negative-prompt", default=" ", help="the unconditional prompt of guidance (default ' ', as the original)")
-    p.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale (default 3.0)")
+    p.add_argument("--negative-prompt", default=DEFAULT_NEGATIVE_PROMPT,
+                   help="the unconditional prompt of guidance (default %(default)r, as the original)")
+    p.add_argument("--cfg", type=float, default=defaults.cfg, help="classifier-free guidance scale (default %(default)s)")
     p.add_argument("--num", type=int, default=1, help="how many to generate (default 1)")
     p.add_argument("--seed", type=int, default=0, help="random seed; output i depends only on (seed, i)")
-    p.add_argument("--temperature", type=float, default=1.0, help="depth-code sampling temperature (default 1.0)")
-    p.add_argument("--top-k", type=int, default=900, help="sample among the k most likely codes; 1 = greedy (default 900)")
-    p.add_argument("--top-p", type=float, default=0.96, help="nucleus threshold (default 0.96)")
+    p.add_argument("--temperature", type=float, default=defaults.temperature,
+                   help="depth-code sampling temperature (default %(default)s)")
+    p.add_argument("--top-k", type=int, default=defaults.top_k,
+                   help="sample among the k most likely codes; 1 = greedy (default %(default)s)")
+    p.add_argument("--top-p", type=float, default=defaults.top_p, help="nucleus threshold (default %(default)s)")
     p.add_argument("--save-dir", required=True, help="folder for the outputs")
     p.add_argument("--save-codes", default=None, help="also write the codes to this .safetensors file (tensor 'codes')")
 
@@ -195,6 +202,8 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .understand import DEFAULT_MAX_NEW_TOKENS, TextSampling
+
     parser = argparse.ArgumentParser(prog="python -m vilau_backend", description="VILA-U without ComfyUI")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -217,15 +226,17 @@ def build_parser() -> argparse.ArgumentParser:
     media.add_argument("--video", help="a video file (mp4, webm, gif, mov, ...) or a folder of frames")
     p.add_argument("--query", required=True, help="the question, e.g. 'Describe the image.'")
     p.add_argument("--batch", action="store_true", help="answer each --image on its own, one answer per image")
-    p.add_argument("--max-new-tokens", type=int, default=512, help="longest answer in tokens (default 512)")
+    answers = TextSampling()  # sampling flags default to None: --greedy refuses any that is given
+    p.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS,
+                   help="longest answer in tokens (default %(default)s)")
     p.add_argument("--greedy", action="store_true", help="always take the most likely token (no sampling)")
-    p.add_argument("--temperature", type=float, default=None, help="sampling temperature (default 0.9)")
-    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold (default 0.6)")
+    p.add_argument("--temperature", type=float, default=None, help=f"sampling temperature (default {answers.temperature})")
+    p.add_argument("--top-p", type=float, default=None, help=f"nucleus sampling threshold (default {answers.top_p})")
     p.add_argument("--top-k", type=int, default=None,
-                   help="sample among the k most likely tokens; 0 = all (default 50)")
+                   help=f"sample among the k most likely tokens; 0 = all (default {answers.top_k})")
     p.add_argument("--seed", type=int, default=None, help="random seed of the sampler (default 0)")
-    p.add_argument("--repetition-penalty", type=float, default=1.0,
-                   help="above 1 discourages repeats (default 1.0 = off)")
+    p.add_argument("--repetition-penalty", type=float, default=answers.repetition_penalty,
+                   help="above 1 discourages repeats (default %(default)s = off)")
     p.add_argument("--json", action="store_true",
                    help='print {"answers", "input_ids", "output_ids"} as one JSON object')
     p.set_defaults(run=_describe)
