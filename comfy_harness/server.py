@@ -150,7 +150,7 @@ def status_str(entry: dict) -> str | None:
 
 
 class ComfyServer:
-    """One ComfyUI server process. Also usable as a context manager."""
+    """One ComfyUI server process."""
 
     def __init__(
         self,
@@ -162,15 +162,17 @@ class ComfyServer:
         extra_args: Iterable[str] = (),
         env: Mapping[str, str] | None = None,
         cpu: bool = True,
+        offline: bool = True,
     ):
         """
         custom_nodes: {folder name: source dir}; each is symlinked into <run_dir>/custom_nodes/.
         extra_model_paths: an extra_model_paths.yaml to pass with
             --extra-model-paths-config.
         cpu: run with --cpu (the tests); False lets ComfyUI use a GPU (the demo).
+        offline: set HF_HUB_OFFLINE=1 / TRANSFORMERS_OFFLINE=1 for the server (False: the
+            download tests, against a local stand-in for the hub).
 
-        The server runs offline (HF_HUB_OFFLINE=1, TRANSFORMERS_OFFLINE=1) with
-        --disable-api-nodes (faster start, no comfy.org nodes; the front end then
+        The server runs with --disable-api-nodes (faster start, no comfy.org nodes; the front end then
         makes no calls to the internet), under $COMFYUI_PYTHON or this Python.
         """
         self.comfy_dir = Path(comfy_dir) if comfy_dir else comfyui_dir()
@@ -184,6 +186,7 @@ class ComfyServer:
         self.extra_args = list(extra_args)
         self.env = dict(env or {})
         self.cpu = cpu
+        self.offline = offline
 
         self.custom_nodes_dir = self.run_dir / "custom_nodes"
         self.models_dir = self.run_dir / "models"
@@ -246,8 +249,9 @@ class ComfyServer:
         self._prepare_dirs()
         self.port = free_port()
         env = dict(os.environ)
-        env.update({"PYTHONUNBUFFERED": "1", "DO_NOT_TRACK": "1", "HF_HUB_DISABLE_TELEMETRY": "1",
-                    "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
+        env.update({"PYTHONUNBUFFERED": "1", "DO_NOT_TRACK": "1", "HF_HUB_DISABLE_TELEMETRY": "1"})
+        if self.offline:
+            env.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
         env.update(self.env)
         self._log_file = open(self.log_path, "ab")
         t0 = time.monotonic()

@@ -17,10 +17,7 @@ import pytest
 
 from test_downloads import SilentListener
 
-try:  # tests/ as a package or as a plain folder on sys.path
-    from . import comfy_server as cs
-except ImportError:  # pragma: no cover - depends on pytest's import mode
-    import comfy_server as cs
+from comfy_harness import server as cs
 
 TINY = "vila-u-tiny-64"
 OTHER = "vila-u-tiny-other"  # same channels and grid as TINY, other weights
