@@ -99,7 +99,7 @@ def echo_graph(text="hi there", scale=0.5, steps=0, prefix="smoke"):
     }
 
 
-def test_pack_imported(server):
+def test_pack_imports_and_only_the_audio_extras_fail(server):
     status = server.custom_node_import_status()
     assert status.get(PACK) is True, f"{status}\n{server.log_tail()}"
     assert not server.import_failed(PACK)
@@ -108,7 +108,7 @@ def test_pack_imported(server):
     assert set(server.builtin_import_failures()) <= {"nodes_audio.py", "nodes_audio_encoder.py"}
 
 
-def test_object_info_lists_node(server):
+def test_object_info_lists_the_node_with_its_inputs_and_outputs(server):
     info = server.object_info(NODE)
     assert info["display_name"] == "Smoke Echo"
     assert info["category"] == "VILA-U/testing"
@@ -126,7 +126,7 @@ def test_object_info_lists_node(server):
     assert NODE in everything and "SaveImage" in everything and "CreateVideo" in everything
 
 
-def test_graph_runs(server):
+def test_graph_of_the_node_and_core_nodes_runs_and_writes_its_outputs(server):
     from PIL import Image
 
     with server.websocket() as ws:
@@ -148,7 +148,7 @@ def test_graph_runs(server):
     assert max(abs(r - 127), abs(g - 64), b) <= 1, (r, g, b)  # 0xFF8000 * 0.5
 
 
-def test_validation_error_is_reported(server):
+def test_value_out_of_range_is_rejected_as_a_validation_error(server):
     bad = echo_graph(scale=2.0)  # max is 1.0
     with pytest.raises(cs.PromptRejected) as exc:
         server.queue(bad)
@@ -157,7 +157,7 @@ def test_validation_error_is_reported(server):
     assert "scale" in str(exc.value)
 
 
-def test_interrupt(server):
+def test_interrupt_stops_the_running_prompt_within_seconds(server):
     pid = server.queue(echo_graph(text="slow", steps=1200, prefix="slow"))  # ~60 s if not stopped
     deadline = time.monotonic() + 30
     while not server.is_running(pid):

@@ -110,24 +110,24 @@ def test_unknown_siglip_says_what_to_provide(broken):
         load_config(broken)
 
 
-def test_missing_model_folder():
+def test_missing_model_folder_says_what_a_model_folder_holds():
     with pytest.raises(CheckpointError, match=r"model folder /nonexistent/vila does not exist.*llm/, vision_tower/"):
         VilaUModel.load("/nonexistent/vila")
 
 
-def test_missing_subfolder(broken):
+def test_missing_subfolder_is_named(broken):
     shutil.rmtree(broken / "mm_projector")
     with pytest.raises(CheckpointError, match=r"has no mm_projector/ sub-folder"):
         VilaUModel.load(broken)
 
 
-def test_missing_weight_file(broken):
+def test_missing_weight_file_is_named(broken):
     (broken / "vision_tower" / "model.safetensors").unlink()
     with pytest.raises(CheckpointError, match=r"vision_tower has neither model.safetensors nor model.safetensors.index.json"):
         VilaUModel.load(broken)
 
 
-def test_missing_shard_named_in_index(tmp_path):
+def test_missing_shard_listed_in_the_index_says_to_download(tmp_path):
     folder = write_tiny_checkpoint(tmp_path / "m", shard_llm=True)
     (folder / "llm" / "model-00002-of-00002.safetensors").unlink()
     with pytest.raises(CheckpointError, match=r"model-00002-of-00002.safetensors is missing.*download"):
@@ -173,7 +173,7 @@ def test_wrong_shape_is_named(broken):
         VilaUModel.load(broken)
 
 
-def test_tokenizer_without_added_tokens(broken):
+def test_tokenizer_without_the_vila_u_tokens_is_a_checkpoint_error(broken):
     (broken / "llm" / "added_tokens.json").unlink()
     cfg = json.loads((broken / "llm" / "tokenizer_config.json").read_text())
     cfg["added_tokens_decoder"] = {k: v for k, v in cfg["added_tokens_decoder"].items() if int(k) < 3}
@@ -186,7 +186,7 @@ def test_tokenizer_without_added_tokens(broken):
         VilaUModel.load(broken)
 
 
-def test_unsupported_aspect_ratio(broken):
+def test_unsupported_aspect_ratio_is_a_checkpoint_error(broken):
     edit_json(broken / "config.json", image_aspect_ratio="square")
     with pytest.raises(CheckpointError, match=r"image_aspect_ratio 'square' is not supported"):
         load_config(broken)
