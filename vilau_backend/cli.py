@@ -3,6 +3,7 @@
 Subcommands:
     encode  --model DIR --image A.png [--image B.png ...] --out codes.safetensors
     decode  --model DIR --codes codes.safetensors --out-dir DIR
+    edit    --model DIR --image in.png --mode inpaint|vary|continue [--mask mask.png] --prompt ... --save-dir DIR
 
 Every subcommand takes --dtype float32|bfloat16|float16 (default: bfloat16 on a
 GPU, float32 on the CPU) and --device (default: cuda when available).
@@ -173,6 +174,72 @@ def _generate_video(args: argparse.Namespace) -> int:
     return 0
 
 
+def load_mask_file(path: str | Path) -> torch.Tensor:
+    """A mask image -> MASK (1, H, W) float 0..1: white (or any bright value) marks what to regenerate."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            array = np.asarray(image.convert("L"), dtype=np.float32) / 255.0
+    except (OSError, ValueError) as exc:
+        raise VilaUError(f"cannot read mask {path}: {exc}") from exc
+    return torch.from_numpy(array)[None]
+
+
+def _edit(args: argparse.Namespace) -> int:
+    from . import editing
+    from .errors import InputError
+
+    if args.mode == "inpaint" and not args.mask:
+        raise InputError("--mode inpaint needs --mask: a PNG, white where the image is to be regenerated")
+    model = _load_model(args)
+    image = load_image_file(args.image)
+    codes = model.encode_images(image).codes.repeat_interleave(args.num, dim=0)  # (N, h, w, D)
+    options = _generation_options(args)
+    del options["num_images"]  # --num edits of the one image: the batch is that of the repeated codes
+    if args.mode == "inpaint":
+        regenerate = editing.regenerate_from_mask(
+            load_mask_file(args.mask), model.config.grid, aspect=model.config.image_aspect_ratio,
+            threshold=args.threshold, grow=args.grow,
+        ).expand(args.num, -1, -1)
+        original = editing.model_view(model, image).expand(args.num, -1, -1, -1) if args.feather >= 0 else None
+        result = editing.inpaint(model, args.prompt, codes, regenerate, original=original,
+                                 feather=max(args.feather, 0), **options)
+    elif args.mode == "vary":
+        depth = model.config.quantizer.depth
+        kept = args.keep_depths if args.keep_depths is not None else editing.depths_for_strength(args.strength, depth)
+        result = editing.vary_by_depth(model, args.prompt, codes, kept, **options)
+    else:
+        rows = model.config.grid[0] // 2 if args.rows is None else args.rows
+        result = editing.continue_downward(model, args.prompt, codes, rows, **options)
+    out_dir = Path(args.save_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for i, edited in enumerate(result.images):
+        save_image_file(edited, out_dir / f"edit_{i}.png")
+    print(f"wrote {len(result.images)} edited image(s) to {out_dir}")
+    _save_codes(result.codes, args.save_codes)
+    return 0
+
+
+def _add_edit_arguments(p: argparse.ArgumentParser) -> None:
+    _add_generation_arguments(p)
+    p.add_argument("--image", required=True, help="the image to edit (any size; the model's preprocessing applies)")
+    p.add_argument("--mode", choices=["inpaint", "vary", "continue"], required=True,
+                   help="inpaint: regenerate under --mask; vary: resample the finer residual depths; "
+                   "continue: keep the first --rows rows and generate the rest")
+    p.add_argument("--mask", help="inpaint: mask image, white where to regenerate (same size as --image)")
+    p.add_argument("--threshold", type=float, default=0.5,
+                   help="inpaint: a grid position is regenerated when this fraction of its pixels is masked (default 0.5)")
+    p.add_argument("--grow", type=int, default=0, help="inpaint: grow the regenerated region by this many positions")
+    p.add_argument("--feather", type=int, default=8,
+                   help="inpaint: paste the original back outside the region with this soft edge in pixels; "
+                   "-1 keeps the decoded image everywhere (default 8)")
+    p.add_argument("--strength", type=float, default=0.5,
+                   help="vary: 0 keeps every residual depth (the source), 1 none (default 0.5)")
+    p.add_argument("--keep-depths", type=int, default=None, help="vary: keep exactly this many depths (overrides --strength)")
+    p.add_argument("--rows", type=int, default=None, help="continue: grid rows to keep (default: half the grid)")
+
+
 def _add_generation_arguments(p: argparse.ArgumentParser) -> None:
     from .generate import ImageSampling
     from .prompts import DEFAULT_NEGATIVE_PROMPT
@@ -250,6 +317,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--frames", type=int, default=8, help="frames per video (default 8, as the original)")
     p.add_argument("--fps", type=float, default=8.0, help="frame rate of the mp4 (default 8)")
     p.set_defaults(run=_generate_video)
+
+    p = sub.add_parser("edit", help="edit an image in code space -> edit_0.png, ... (inpaint, vary, continue)")
+    _add_edit_arguments(p)
+    p.set_defaults(run=_edit)
     return parser
 
 

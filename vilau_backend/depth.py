@@ -186,13 +186,18 @@ class DepthTransformer(nn.Module):
         embed_codes: EmbedCodes,
         cfg: float,
         sample: SampleCodes,
+        given: torch.Tensor | None = None,
+        keep: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Pick the D codes of one grid position for B images under classifier-free guidance.
 
         hidden: (R, H), R = 2B rows: the B conditional rows, then the B
         unconditional ones. `sample` maps guided logits (B, V), in the model
-        dtype, to codes (B,). No host synchronisation happens here (the depth
-        loop is over a Python int), so the call can be captured in a CUDA graph.
+        dtype, to codes (B,). Editing: where `keep` (B, D) bool is set, the code
+        is `given` (B, D) instead of the sample (which is still drawn, so the
+        shapes and the draws stay the same), and the forced code is what later
+        depths see. No host synchronisation happens here (the depth loop is over
+        a Python int), so the call can be captured in a CUDA graph.
 
         Returns codes (B, D) int64 and their summed code embedding (B, C), which
         is what the LLM receives next (through the projector), for both halves.
@@ -224,6 +229,8 @@ class DepthTransformer(nn.Module):
             # as the original: CFG combines logits in the model dtype
             guided = uncond + cfg * (cond - uncond)  # (B, V)
             code = sample(guided)  # (B,)
+            if keep is not None:
+                code = torch.where(keep[:, d], given[:, d], code)
             codes[:, d] = code.repeat(2)
 
         feature_sum = self._running_sums(codes[:B], embed_codes)[:, -1]  # (B, C)

@@ -7,12 +7,21 @@ driven by the number of grid positions, in phases:
 
 - `CodeStream.prefill`: the left-padded CFG batch (conditional rows, then
   unconditional rows) through the LLM into a KV cache allocated once for the
-  whole run; the last hidden state of every row.
+  whole run; the last hidden state of every row. When editing, the positions
+  kept at the start (continue downward, extend a video) go through this same
+  batched forward after the prompt.
 - `CodeStream.step`: one LLM step for the embedding of the codes just chosen,
   written at a fixed cache index; returns the next hidden state.
 - `generate_codes`: for every position, the depth transformer turns the hidden
   states into D codes under guidance; their summed embedding, through the
   projector, is the next LLM input. The text head is never run.
+
+Editing (vilau_backend/editing.py) is one generalisation of this loop:
+`given_codes` (B, P, D) and a boolean `keep` (B, P, D). A kept code is forced
+in place of the sampled one inside the depth loop, so it feeds the next depth
+step and the next LLM input exactly as a sampled code would; the random draw
+of that (position, depth) is still made and discarded, so the codes sampled
+elsewhere depend on the seed and not on what is kept.
 
 A video is frames x h x w positions in one stream, frame after frame, as the
 original. Randomness comes only from per-image generators derived from
@@ -35,7 +44,7 @@ import torch
 from .errors import InputError
 from .llm import additive_mask, forward_hidden, new_static_cache, padded_positions
 from .prompts import DEFAULT_NEGATIVE_PROMPT, cfg_batch
-from .sampling import sample_codes
+from .sampling import sample_codes, skip_draws
 
 DEFAULT_VIDEO_FRAMES = 8  # as the original's GENERATION_VIDEO_FRAMES
 
@@ -100,15 +109,24 @@ class CodeStream:
         self.key_index = torch.arange(self.length, device=device)  # (L,)
         self.cache = new_static_cache(model.llm, self.rows, self.length, dtype, device)
 
-    def prefill(self) -> torch.Tensor:
-        """The prompts through the LLM. Returns the last hidden state of every row (R, H)."""
-        T = self.prompt_len
+    def prefill(self, prefix: torch.Tensor | None = None) -> torch.Tensor:
+        """The prompts through the LLM, followed by `prefix` (R, n, H): the inputs of the first n
+        positions when their codes are known (kept by an edit), all in one forward.
+
+        Returns the last hidden state of every row (R, H): the state for position n."""
         embeds = self.model.llm.get_input_embeddings()(self.input_ids)  # (R, T, H)
+        positions = self.prompt_positions  # (R, T)
+        if prefix is not None and prefix.shape[1]:
+            n = prefix.shape[1]
+            embeds = torch.cat([embeds, prefix.to(embeds.dtype)], dim=1)  # (R, T + n, H)
+            steps = torch.arange(n, device=positions.device)
+            positions = torch.cat([positions, self.first_position + steps], dim=1)  # (R, T + n)
+        T = embeds.shape[1]
         causal = self.key_index[None, :] <= torch.arange(T, device=self.key_index.device)[:, None]  # (T, L)
         allowed = self.key_mask[:, None, None, :] & causal[None, None]  # (R, 1, T, L)
         hidden = forward_hidden(
             self.model.llm, self.cache, inputs_embeds=embeds, attention_mask=additive_mask(allowed, embeds.dtype),
-            position_ids=self.prompt_positions, cache_position=torch.arange(T, device=embeds.device),
+            position_ids=positions, cache_position=torch.arange(T, device=embeds.device),
         )
         return hidden[:, -1]
 
@@ -135,6 +153,14 @@ def _next_input(model, position_codes: torch.Tensor) -> torch.Tensor:
     return model.projector(sums)[:, 0]  # (R, H)
 
 
+def _prefix_inputs(model, prefix_codes: torch.Tensor) -> torch.Tensor:
+    """The LLM inputs of several known positions at once: codes (B, n, D) -> (R, n, H),
+    the same projected code sums `_next_input` makes one position at a time."""
+    rows = prefix_codes.repeat(2, 1, 1)  # (R, n, D)
+    sums = torch.cumsum(model.vision.quantizer.embed_codes(rows), dim=-2)[:, :, -1, :]  # (R, n, C)
+    return model.projector(sums)  # (R, n, H)
+
+
 def _check_request(model, prompt: str, num_images: int, frames: int | None, sampling: ImageSampling) -> None:
     if not prompt or not prompt.strip():
         raise InputError("the prompt is empty: describe the image or video to generate")
@@ -156,8 +182,14 @@ def generate_codes(
     sampling: ImageSampling = ImageSampling(),
     seed: int = 0,
     on_position: PositionCallback | None = None,
+    given_codes: torch.Tensor | None = None,
+    keep: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Generate the codes of `num_images` images (frames=None) or videos of `frames` frames.
+
+    Editing: `given_codes` and `keep`, both (B, P, D) (or the shape of the result), make every
+    kept code the given one and sample the others; see vilau_backend/editing.py for the masks.
+    Positions kept entirely at the start of every image go through one batched prefill.
 
     Returns codes (B, h, w, D), or (B, F, h, w, D) for a video, int64 on the model's device."""
     _check_request(model, prompt, num_images, frames, sampling)
@@ -165,6 +197,7 @@ def generate_codes(
     h, w = model.config.grid
     D = model.config.quantizer.depth
     P = (frames or 1) * h * w
+    edit = _edit_inputs(model, given_codes, keep, (num_images, P, D))
     input_ids, attention_mask = cfg_batch(model.tokenizer, prompt, negative_prompt, n=num_images, video=video)
     total = input_ids.shape[1] + P
     if total > model.config.llm.context_length:
@@ -176,29 +209,80 @@ def generate_codes(
             f"{which} ({input_ids.shape[1]} tokens) plus {P} image positions exceeds the model's context of "
             f"{model.config.llm.context_length}; shorten the {which} or generate fewer frames"
         )
-    sample = partial(
-        sample_codes,
-        temperature=sampling.temperature,
-        top_k=sampling.top_k,
-        top_p=sampling.top_p,
-        generators=image_generators(seed, num_images),
-    )
-    embed_codes = model.vision.quantizer.embed_codes
-    depth = model.vision.depth
-
     stream = CodeStream(model, input_ids, attention_mask, P)
-    codes = torch.zeros(num_images, P, D, dtype=torch.long, device=model.device)  # (B, P, D)
-    hidden = stream.prefill()  # (R, H)
-    for p in range(P):
-        position_codes, _ = depth.generate(hidden, embed_codes, sampling.cfg, sample)  # (B, D)
+    codes = _code_loop(model, stream, sampling, image_generators(seed, num_images), edit, on_position)
+    if video:
+        return codes.reshape(num_images, frames, h, w, D)
+    return codes.reshape(num_images, h, w, D)
+
+
+@dataclass(frozen=True)
+class _Edit:
+    given: torch.Tensor  # (B, P, D) int64: the codes to force where kept (anything elsewhere)
+    keep: torch.Tensor  # (B, P, D) bool
+    prefix: int  # leading positions kept at every depth in every image: prefilled, not stepped
+
+
+def _edit_inputs(model, given_codes, keep, shape: tuple[int, int, int]) -> _Edit | None:
+    """Check and flatten the edit arguments to (B, P, D); None when nothing is edited."""
+    if given_codes is None and keep is None:
+        return None
+    if given_codes is None or keep is None:
+        raise InputError("editing needs both given_codes and keep (which of the given codes to keep)")
+    B, P, D = shape
+    for name, tensor in (("given_codes", given_codes), ("keep", keep)):
+        if tensor.numel() != B * P * D or tensor.shape[0] != B or tensor.shape[-1] != D:
+            raise InputError(
+                f"{name} must hold {B} x {P} positions x {D} depths (shaped (B, P, D) or as the generated codes), "
+                f"got shape {tuple(tensor.shape)}"
+            )
+    if keep.dtype != torch.bool:
+        raise InputError(f"keep must be a bool tensor (True = keep the given code), got {keep.dtype}")
+    device = model.device
+    given = given_codes.reshape(B, P, D).to(device=device, dtype=torch.long)
+    keep = keep.reshape(B, P, D).to(device)
+    n_embed = model.config.quantizer.n_embed
+    kept_values = given[keep]
+    if kept_values.numel() and (int(kept_values.min()) < 0 or int(kept_values.max()) >= n_embed):
+        raise InputError(f"kept codes must lie in 0..{n_embed - 1}, found {int(kept_values.min())}..{int(kept_values.max())}; "
+                         "were they made by another model?")
+    whole = keep.all(dim=-1).all(dim=0)  # (P,): positions kept entirely in every image
+    prefix = int(whole.long().cumprod(0).sum())
+    return _Edit(given=given, keep=keep, prefix=prefix)
+
+
+def _code_loop(
+    model, stream: CodeStream, sampling: ImageSampling, generators: list[torch.Generator], edit: _Edit | None,
+    on_position: PositionCallback | None,
+) -> torch.Tensor:
+    """Prefill (with any kept prefix), then one depth loop and one LLM step per position. -> (B, P, D)"""
+    B, P = stream.rows // 2, stream.length - stream.prompt_len
+    D = model.config.quantizer.depth
+    sample = partial(
+        sample_codes, temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
+        generators=generators,
+    )
+    codes = torch.zeros(B, P, D, dtype=torch.long, device=model.device)  # (B, P, D)
+    start = 0 if edit is None else edit.prefix
+    if start:
+        codes[:, :start] = edit.given[:, :start]
+        # the prefix's draws are skipped, not saved: later positions draw what they would stepping through
+        skip_draws(generators, start * D, temperature=sampling.temperature, top_k=sampling.top_k)
+        if on_position is not None:
+            on_position(start, P, codes[:, :start])
+        if start == P:
+            return codes
+    hidden = stream.prefill(_prefix_inputs(model, codes[:, :start]) if start else None)  # (R, H)
+    embed_codes = model.vision.quantizer.embed_codes
+    for p in range(start, P):
+        forced = {} if edit is None else dict(given=edit.given[:, p], keep=edit.keep[:, p])
+        position_codes, _ = model.vision.depth.generate(hidden, embed_codes, sampling.cfg, sample, **forced)  # (B, D)
         codes[:, p] = position_codes
         if on_position is not None:
             on_position(p + 1, P, codes[:, : p + 1])
         if p + 1 < P:
             hidden = stream.step(p, _next_input(model, position_codes))  # (R, H)
-    if video:
-        return codes.reshape(num_images, frames, h, w, D)
-    return codes.reshape(num_images, h, w, D)
+    return codes
 
 
 def generate_images(model, prompt: str, *, decode: bool = True, **options) -> GeneratedImages:
@@ -213,7 +297,11 @@ def generate_images(model, prompt: str, *, decode: bool = True, **options) -> Ge
 
 def generate_video(model, prompt: str, *, frames: int = DEFAULT_VIDEO_FRAMES, decode: bool = True, **options) -> GeneratedImages:
     """Text to video: codes (B, F, h, w, D), features and frames (B, F, H, W, 3)."""
-    codes = generate_codes(model, prompt, frames=frames, **options)
+    return decode_videos(model, generate_codes(model, prompt, frames=frames, **options), decode=decode)
+
+
+def decode_videos(model, codes: torch.Tensor, decode: bool = True) -> GeneratedImages:
+    """codes (B, F, h, w, D) -> codes, features (B, F, h, w, C) and frames (B, F, H, W, 3), a video at a time."""
     B, F = codes.shape[:2]
     features = model.codes_to_features(codes.flatten(0, 1))  # (B*F, h, w, C)
     images = None

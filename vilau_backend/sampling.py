@@ -84,6 +84,21 @@ def sample_from_probs(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return torch.searchsorted(cdf, threshold, right=True).squeeze(-1)  # (B,)
 
 
+def is_greedy(temperature: float, top_k: int | None) -> bool:
+    """Whether sampling is exact argmax, which draws nothing."""
+    return temperature <= 0 or top_k == 1
+
+
+def skip_draws(generators: list[torch.Generator], calls: int, *, temperature: float, top_k: int | None) -> None:
+    """Advance every generator past the draws of `calls` calls of sample_codes with these settings
+    (one draw per call, none when greedy), as if those codes had been sampled and discarded."""
+    if is_greedy(temperature, top_k):
+        return
+    for g in generators:
+        for _ in range(calls):  # one draw per call, exactly as sample_codes makes them
+            torch.rand(1, generator=g, device=g.device)
+
+
 def sample_codes(
     logits: torch.Tensor,
     temperature: float = 1.0,
@@ -99,7 +114,7 @@ def sample_codes(
     `generators[i]` is the only source of randomness of row i (one draw per
     call); None uses torch's global generator.
     """
-    if temperature <= 0 or top_k == 1:
+    if is_greedy(temperature, top_k):
         return greedy(logits)
     scaled = logits.float() / temperature  # (B, V)
     scaled = filter_top_k(scaled, top_k)
