@@ -113,7 +113,7 @@ def _stream(model, n_positions: int) -> CodeStream:
 def test_prefilled_prefix_gives_the_hidden_states_of_stepping_through_it(tiny_model, source):
     """Prefill (one forward over prompt + n positions) and stepping are different kernels (a batched
     matmul against a single-row one), so fp32 results agree to rounding, not bit for bit. Measured
-    here: max difference 4e-7 on hidden states of magnitude ~1; the bound leaves 100x for other CPUs."""
+    here: max difference 8e-7 on hidden states of magnitude ~3; the bound leaves 60x for other CPUs."""
     codes = source.reshape(2, 64, 4)
     n = 19  # two rows and three positions
     prefilled = _stream(tiny_model, 64)
@@ -134,8 +134,9 @@ def test_prefilled_prefix_gives_the_hidden_states_of_stepping_through_it(tiny_mo
 def test_prefilled_prefix_gives_the_codes_of_stepping_through_it(tiny_model, source):
     """Teacher-forced agreement: the codes stepping through a kept prefix picks (greedy) are what the
     prefilled stream picks at every decision whose top-1/top-2 guided-logit gap exceeds a margin
-    (1e-3, several hundred times the hidden-state differences measured above, times guidance's
-    amplification 2*cfg-1 = 5); near-ties below it may go either way on another CPU."""
+    (1e-3: over 200 times the hidden-state differences measured above, times guidance's
+    amplification 2*cfg-1 = 5); near-ties below it may go either way on another CPU.
+    Measured: 319 of 320 decisions clear the margin (smallest gap 4.5e-4), all of them agree."""
     keep = keep_rows(2, (8, 8), 4, 3)
     edit = _edit_inputs(tiny_model, source, keep, (2, 64, 4))
     assert edit.prefix == 24
