@@ -15,7 +15,7 @@ MAX_VIDEOS = 4
 MAX_FRAMES = 32  # the context (8192 positions) holds 31 frames of the 256 px model, 11 of the 384 px one
 
 
-def generation_inputs(what: str, max_batch: int) -> list[io.Input]:
+def generation_inputs(what: str, max_batch: int, batch_tooltip: str | None = None) -> list[io.Input]:
     """Prompt, guidance, seed, batch and depth-code sampling; defaults are the backend's (the original's)."""
     from ..vilau_backend.generate import ImageSampling
 
@@ -38,7 +38,7 @@ def generation_inputs(what: str, max_batch: int) -> list[io.Input]:
         seed_input(f"Seed of the code sampling. {what.capitalize()} i of a batch is the same whatever the batch size."),
         io.Int.Input(
             "batch_size", default=1, min=1, max=max_batch,
-            tooltip=f"How many {what}s to generate at once (at most {max_batch}); memory grows with it.",
+            tooltip=batch_tooltip or f"How many {what}s to generate at once (at most {max_batch}); memory grows with it.",
         ),
         advanced(
             io.Float.Input,
