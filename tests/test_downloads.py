@@ -89,3 +89,23 @@ def test_a_cancel_stops_the_wait_within_a_poll_even_before_the_file_list_is_know
     assert silent_hub.connections, "the download never reached the listener"
     assert set(seen) == {(0, 0)} and len(seen) >= 5, seen  # about ten calls a second, nothing known yet
     assert latency < 0.5, f"the wait ended {latency:.2f} s after the cancel (one poll is 0.1 s)"
+
+
+def test_after_a_cancel_the_next_try_gets_its_own_full_timeout(silent_hub, tmp_path):
+    """The cancelled try's worker is still waiting on the hub; the next try on the same folder
+    joins it rather than start a second writer, and when that worker times out for the earlier
+    request, the next try starts afresh instead of reporting someone else's timeout."""
+    folder = tmp_path / "model"
+    started = time.monotonic()
+
+    def cancel_soon(done: int, total: int) -> None:
+        if time.monotonic() - started > 0.3:
+            raise KeyboardInterrupt("cancelled")
+
+    with pytest.raises(KeyboardInterrupt):
+        download_repo(REPO, folder, ignore_patterns=[], on_progress=cancel_soon, timeout=2.0, endpoint=silent_hub.url)
+    retried = time.monotonic()
+    with pytest.raises(DownloadFailed, match="did not answer within 2 s"):
+        download_repo(REPO, folder, ignore_patterns=[], timeout=2.0, endpoint=silent_hub.url)
+    assert time.monotonic() - retried >= 1.9, "the second try reported the first try's timeout"
+    assert len(silent_hub.connections) >= 2

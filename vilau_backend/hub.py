@@ -74,8 +74,8 @@ def download_repo(
 
     folder = Path(folder).resolve()
     timeout = float(timeout or constants.HF_HUB_ETAG_TIMEOUT)
-    for _ in range(2):  # twice: an abandoned worker may stop just as this call attaches to it
-        download = _attach_or_start(repo_id, folder, ignore_patterns, timeout, endpoint)
+    for _ in range(2):  # a worker this call attached to may fail for its own, earlier request: retry once
+        download, attached = _attach_or_start(repo_id, folder, ignore_patterns, timeout, endpoint)
         try:
             while download.thread.is_alive():
                 download.thread.join(POLL_SECONDS)
@@ -84,7 +84,7 @@ def download_repo(
         except BaseException:
             download.stop.set()
             raise
-        if not isinstance(download.error, DownloadStopped):
+        if download.error is None or not attached:
             break
     if download.error is not None:
         raise DownloadFailed(repo_id, failure_reason(download.error, timeout)) from download.error
@@ -92,21 +92,22 @@ def download_repo(
 
 def _attach_or_start(
     repo_id: str, folder: Path, ignore_patterns: list[str], timeout: float, endpoint: str | None
-) -> _Download:
+) -> tuple[_Download, bool]:
+    """The download writing into `folder`, and whether it was already running (attached)."""
     # a download abandoned by a cancel may still be finishing a file: carry on with it
     # rather than start a second writer into the same folder
     with _ACTIVE_LOCK:
         running = _ACTIVE.get(folder)
         if running is not None and running.thread.is_alive() and running.repo_id == repo_id:
             running.stop.clear()
-            return running
+            return running, True
         download = _Download(repo_id, folder)
         download.thread = threading.Thread(
             target=_run, args=(download, ignore_patterns, timeout, endpoint), name=f"download {repo_id}", daemon=True
         )
         _ACTIVE[folder] = download
         download.thread.start()
-        return download
+        return download, False
 
 
 def _run(download: _Download, ignore_patterns: list[str], timeout: float, endpoint: str | None) -> None:
