@@ -30,9 +30,16 @@ def make_vilau_latent(vila, features, codes) -> dict:
 
 
 def model_stamp(vila) -> dict:
+    """{"name", "latent_space"}; latent_space None when the checkpoint can no longer be read (moved or
+    deleted after loading): such latents are not compared rather than failing a finished generation."""
+    from ..vilau_backend.errors import CheckpointError
     from ..vilau_backend.latent_space import latent_space_id
 
-    return {"name": vila.config.root.name, "latent_space": latent_space_id(vila.config.vision_tower_dir)}
+    try:
+        space = latent_space_id(vila.config.vision_tower_dir)
+    except (OSError, CheckpointError):
+        space = None
+    return {"name": vila.config.root.name, "latent_space": space}
 
 
 def vilau_latent_features(vila, latent) -> "torch.Tensor":  # noqa: F821
@@ -108,10 +115,10 @@ def _checked_samples(vila, latent):
 def _check_model(vila, stamp) -> None:
     from ..vilau_backend.errors import InputError
 
-    if not isinstance(stamp, dict) or "latent_space" not in stamp:
+    if not isinstance(stamp, dict) or stamp.get("latent_space") is None:
         return  # made before latents were stamped, or rebuilt by another node: nothing to compare
     mine = model_stamp(vila)
-    if stamp["latent_space"] != mine["latent_space"]:
+    if mine["latent_space"] is not None and stamp["latent_space"] != mine["latent_space"]:
         raise InputError(
             f"this latent was made by the VILA-U model '{stamp.get('name', '?')}', whose codebooks differ from "
             f"those of '{mine['name']}', the model connected here: its values mean nothing to this model. "

@@ -4,6 +4,8 @@ ComfyUI 0.3.75 and the newest ComfyUI: copy it, replace `samples`, keep every ot
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 
@@ -99,3 +101,13 @@ def test_a_saved_and_loaded_latent_decodes_but_has_no_codes(tiny_model, latents,
 def test_bad_latents_say_what_is_wrong(tiny_model, latents, latent, message):
     with pytest.raises(ValueError, match=message):
         latents.vilau_latent_features(tiny_model, latent)
+
+
+def test_a_model_whose_folder_is_gone_still_makes_latents(tiny_checkpoint, tmp_path, latents, encoded):
+    from vilau_backend.model import VilaUModel
+
+    moved = shutil.copytree(tiny_checkpoint, tmp_path / "vila-u-moved")
+    model = VilaUModel.load(moved, "float32")
+    shutil.rmtree(moved)  # deleted after loading: the codebooks can no longer be hashed
+    assert latents.model_stamp(model) == {"name": "vila-u-moved", "latent_space": None}
+    assert latents.vilau_latent_features(model, encoded).shape[0] == 2  # not compared, not failed
