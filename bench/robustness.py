@@ -29,7 +29,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
-import comfy_server as cs  # noqa: E402
+from comfy_harness import server as cs  # noqa: E402
 from test_downloads import SilentListener  # noqa: E402
 
 TINY, BIG = "vila-u-tiny-64", "vila-u-tiny-256"
