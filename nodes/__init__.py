@@ -11,9 +11,12 @@ __all__ = ["VilaUExtension", "register_folder"]
 
 class VilaUExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        from .captioning import CaptionFolder
         from .generation import TextToImage, TextToVideo
         from .loader import ModelLoader
         from .rqvae import RQVAEDecode, RQVAEEncode
         from .understanding import ImageQA, VideoQA
 
-        return [ModelLoader, ImageQA, VideoQA, TextToImage, TextToVideo, RQVAEEncode, RQVAEDecode]
+        return [
+            ModelLoader, ImageQA, VideoQA, CaptionFolder, TextToImage, TextToVideo, RQVAEEncode, RQVAEDecode,
+        ]

@@ -111,3 +111,26 @@ def format_answers(answers: list[str]) -> str:
     if len(answers) == 1:
         return answers[0]
     return "\n\n".join(f"[{i + 1}] {text}" for i, text in enumerate(answers))
+
+
+class CaptionProgress:
+    """on_progress callback for VILA-U Caption Folder: the bar counts tokens of every image (each
+    image counts max_new_tokens, filled when its caption is written), and the node shows the
+    captions of the current batch as they grow, each under its file name."""
+
+    def __init__(self, node_id: str | None, max_new_tokens: int):
+        self.node_id = node_id
+        self.max_new_tokens = max_new_tokens
+        self.bar = None  # made at the first event, when the number of images is known
+
+    def __call__(self, event) -> None:
+        import comfy.model_management as mm
+        import comfy.utils
+
+        mm.throw_exception_if_processing_interrupted()
+        if self.bar is None:
+            self.bar = comfy.utils.ProgressBar(max(1, event.total * self.max_new_tokens))
+        self.bar.update_absolute((event.done * self.max_new_tokens) + (event.step + 1) * len(event.images))
+        if event.images:
+            lines = [f"{image.name}: {text}" for image, text in zip(event.images, event.texts)]
+            send_answer(self.node_id, [f"{event.done} of {event.total} images done\n" + "\n".join(lines)], done=False)

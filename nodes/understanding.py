@@ -13,6 +13,8 @@ EACH_IMAGE = "one answer per image"
 ALL_IMAGES = "one answer about all images"
 MAX_NEW_TOKENS = 4096
 MAX_BATCH_SIZE = 64
+MAX_VIDEO_FRAMES = 256
+EXTRA_IMAGE_INPUTS = ("image_2", "image_3", "image_4")  # fixed optional sockets: ComfyUI 0.3.75 has no Autogrow
 
 
 def question_input(default: str, what: str) -> io.String.Input:
@@ -119,6 +121,15 @@ class ImageQA(io.ComfyNode):
                     tooltip=f"Advanced, with '{EACH_IMAGE}': how many answers are generated together in one "
                     "pass. Larger is faster per answer and takes more memory (one KV cache row per answer).",
                 ),
+                *[
+                    io.Image.Input(
+                        name, optional=True,
+                        tooltip=f"More images for the same question ({name.replace('_', ' ')} of the prompt). When "
+                        "any of these is connected the node asks ONE question about all images: image's batch "
+                        "first, then image_2, image_3, ... in order, each in its own image slot of the prompt.",
+                    )
+                    for name in EXTRA_IMAGE_INPUTS
+                ],
             ],
             outputs=[answer_output("The answers: one per image, or one for all images.", is_list=True)],
             hidden=[io.Hidden.unique_id],
@@ -133,15 +144,16 @@ class ImageQA(io.ComfyNode):
     def execute(
         cls, model, image, question: str, batch_mode: str, seed: int, max_new_tokens: int, do_sample: bool,
         temperature: float, top_k: int, top_p: float, repetition_penalty: float,
-        system_prompt: str = SYSTEM_PROMPT, batch_size: int = DEFAULT_BATCH_SIZE,
+        system_prompt: str = SYSTEM_PROMPT, batch_size: int = DEFAULT_BATCH_SIZE, **extra_images,
     ) -> io.NodeOutput:
         from ..vilau_backend.understand import describe_images
 
         check_combo("batch_mode", batch_mode, [EACH_IMAGE, ALL_IMAGES])
-        each = batch_mode == EACH_IMAGE
+        more = [extra_images[name] for name in EXTRA_IMAGE_INPUTS if extra_images.get(name) is not None]
+        each = batch_mode == EACH_IMAGE and not more
         progress = AnswerProgress(cls.hidden.unique_id, image.shape[0] if each else 1, max_new_tokens, batch_size)
         answers = describe_images(
-            model.ready(), image, question, batch=each, batch_size=batch_size, system=system_prompt,
+            model.ready(), [image, *more], question, batch=each, batch_size=batch_size, system=system_prompt,
             sampling=text_sampling(do_sample, temperature, top_k, top_p, repetition_penalty),
             max_new_tokens=max_new_tokens, seed=seed,
             **(dict(on_answers=progress.on_answers) if each else dict(on_token=progress)),
@@ -159,9 +171,10 @@ class VideoQA(io.ComfyNode):
             display_name="VILA-U Video Q&A",
             category=CATEGORY,
             description=(
-                "Answers a question about a video, given as frames (an IMAGE batch) or as a VIDEO. The model looks "
-                "at evenly spaced frames (8 for the published models). The answer appears on the node as it is "
-                "written."
+                "Answers a question about a video, given as frames (an IMAGE batch) or as a VIDEO. By default the "
+                "model looks at evenly spaced frames of the whole video (8 for the published models), as the "
+                "original; frame_count, frame_method and the start/end window choose others. The answer appears "
+                "on the node as it is written."
             ),
             inputs=[
                 model_input(),
@@ -177,6 +190,7 @@ class VideoQA(io.ComfyNode):
                     "decoded. Connect this or frames, not both.",
                 ),
                 *answer_inputs(),
+                *frame_choice_inputs(),
             ],
             outputs=[answer_output("The answer about the video.")],
             hidden=[io.Hidden.unique_id],
@@ -191,7 +205,7 @@ class VideoQA(io.ComfyNode):
     def execute(
         cls, model, question: str, seed: int, max_new_tokens: int, do_sample: bool, temperature: float,
         top_k: int, top_p: float, repetition_penalty: float, system_prompt: str = SYSTEM_PROMPT, frames=None,
-        video=None,
+        video=None, **frame_options,
     ) -> io.NodeOutput:
         from ..vilau_backend.errors import InputError
         from ..vilau_backend.understand import describe_video
@@ -200,11 +214,12 @@ class VideoQA(io.ComfyNode):
             state = "both are connected; keep one" if frames is not None else "neither is connected"
             raise InputError(f"VILA-U Video Q&A takes the video as frames (an IMAGE batch) or as a VIDEO: {state}")
         vila = model.ready()
+        choice = frame_choice(**frame_options)
         if video is not None:
-            frames = video_frames(video, vila.config.num_video_frames)
+            frames, choice = video_frames(video, vila.config.num_video_frames, choice)
         progress = AnswerProgress(cls.hidden.unique_id, 1, max_new_tokens)
         answer = describe_video(
-            vila, frames, question, system=system_prompt,
+            vila, frames, question, choice=choice, system=system_prompt,
             sampling=text_sampling(do_sample, temperature, top_k, top_p, repetition_penalty),
             max_new_tokens=max_new_tokens, seed=seed, on_token=progress,
         )
@@ -212,9 +227,57 @@ class VideoQA(io.ComfyNode):
         return io.NodeOutput(answer.text, ui={"text": [answer.text]})
 
 
-def video_frames(video, num_frames: int):
-    """A VIDEO's frames (F, H, W, 3): from an untrimmed, uncropped file only the evenly spaced frames
-    the model takes are decoded (as the original picks them); other videos give all their frames."""
+def frame_choice_inputs() -> list[io.Input]:
+    """How Video Q&A picks frames; optional, so graphs saved before these inputs existed still run,
+    and the defaults are the backend's FrameChoice(): the original's frames."""
+    from ..vilau_backend.video import FRAME_METHODS, FrameChoice
+
+    defaults = FrameChoice()
+    return [
+        io.Int.Input(
+            "frame_count", default=defaults.count or 0, min=0, max=MAX_VIDEO_FRAMES, optional=True,
+            tooltip="How many frames the model looks at; 0: the model's own number (8 for the published "
+            "models), as the original. Each frame takes one image's worth of the context.",
+        ),
+        io.Combo.Input(
+            "frame_method", options=list(FRAME_METHODS), default=defaults.method, optional=True,
+            tooltip="How the frames are picked from the window: uniform: spread evenly, as the original; "
+            "first: the first frames, one after another; every: every frame_step-th frame from the start.",
+        ),
+        advanced(
+            io.Int.Input,
+            "frame_step", default=defaults.step, min=1, max=10000, optional=True,
+            tooltip="Advanced, with frame_method 'every': take every k-th frame (1: every frame).",
+        ),
+        advanced(
+            io.Int.Input,
+            "start_frame", default=defaults.start, min=0, max=10**7, optional=True,
+            tooltip="Advanced: the first frame of the window the frames are picked from (0: the video's first).",
+        ),
+        advanced(
+            io.Int.Input,
+            "end_frame", default=-1 if defaults.end is None else defaults.end, min=-1, max=10**7, optional=True,
+            tooltip="Advanced: the last frame of the window, included; -1: the video's last frame.",
+        ),
+    ]
+
+
+def frame_choice(
+    frame_count: int = 0, frame_method: str = "uniform", frame_step: int = 1, start_frame: int = 0,
+    end_frame: int = -1,
+):
+    from ..vilau_backend.video import FrameChoice
+
+    return FrameChoice(
+        count=frame_count or None, method=frame_method, step=frame_step, start=start_frame,
+        end=None if end_frame < 0 else end_frame,
+    )
+
+
+def video_frames(video, num_frames: int, choice):
+    """A VIDEO's frames (F, H, W, 3) and the frame choice still to apply to them: from an untrimmed,
+    uncropped file only the chosen frames are decoded (None left to apply); other videos give all
+    their frames."""
     from comfy_api.latest import InputImpl
 
     from ..vilau_backend.video import read_video
@@ -222,5 +285,5 @@ def video_frames(video, num_frames: int):
 
     path = whole_file_path(video, InputImpl.VideoFromFile)
     if path is not None:
-        return read_video(path, num_frames).frames
-    return video.get_components().images
+        return read_video(path, num_frames, choice=choice).frames, None
+    return video.get_components().images, choice

@@ -16,7 +16,7 @@
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 
-const QA_NODES = new Set(["VILAU_ImageQA", "VILAU_VideoQA"]);
+const QA_NODES = new Set(["VILAU_ImageQA", "VILAU_VideoQA", "VILAU_CaptionFolder"]);
 const GENERATION_NODES = new Set(["VILAU_TextToImage", "VILAU_TextToVideo"]);
 export const ANSWER_EVENT = "vilau.answer"; // as nodes/progress.py ANSWER_EVENT
 export const ANSWER_WIDGET = "answer";

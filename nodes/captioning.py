@@ -1,0 +1,105 @@
+"""VILA-U Caption Folder: a caption file beside every image of a folder (e.g. for LoRA training sets)."""
+
+from __future__ import annotations
+
+import time
+
+from comfy_api.latest import io
+
+from ..vilau_backend.captioning import CaptionSettings
+from .progress import CaptionProgress, send_answer
+from .schema import CATEGORY, advanced, model_input
+from .understanding import MAX_BATCH_SIZE, answer_inputs, check_question, text_sampling
+
+SKIP = "skip"
+OVERWRITE = "overwrite"
+
+
+class CaptionFolder(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        defaults = CaptionSettings()
+        return io.Schema(
+            node_id="VILAU_CaptionFolder",
+            display_name="VILA-U Caption Folder",
+            category=CATEGORY,
+            description=(
+                "Captions every image of a folder and writes each caption beside its image as "
+                "'<image name>.txt' (the layout LoRA trainers read). Images are read a batch at a time, so "
+                "large folders work; Cancel keeps the captions already written, and no caption file is ever "
+                "left half-written."
+            ),
+            inputs=[
+                model_input(),
+                io.String.Input(
+                    "folder", default="",
+                    tooltip="The folder of images (png, jpg, webp, bmp, tiff), as an absolute path on the machine "
+                    "ComfyUI runs on. Only '<image name>.txt' files are written, beside their images.",
+                ),
+                io.String.Input(
+                    "question", multiline=True, default=defaults.question,
+                    tooltip="What to ask about each image; its answer is the caption. Must not be empty.",
+                ),
+                io.Combo.Input(
+                    "existing_captions", options=[SKIP, OVERWRITE], default=OVERWRITE if defaults.overwrite else SKIP,
+                    tooltip=f"{SKIP}: images that already have a .txt keep it (resume an interrupted run). "
+                    f"{OVERWRITE}: caption them again and replace the file.",
+                ),
+                io.String.Input(
+                    "prefix", default=defaults.prefix,
+                    tooltip="Put in front of every caption exactly as typed, e.g. a trigger word with its "
+                    "separator: 'ohwx, '.",
+                ),
+                io.String.Input(
+                    "suffix", default=defaults.suffix,
+                    tooltip="Put after every caption exactly as typed, e.g. ', ohwx style'.",
+                ),
+                io.Boolean.Input(
+                    "recursive", default=defaults.recursive,
+                    tooltip="Also caption the images in subfolders (links to folders are never followed).",
+                ),
+                *answer_inputs(),
+                advanced(io.Int.Input(
+                    "batch_size", default=defaults.batch_size, min=1, max=MAX_BATCH_SIZE, optional=True,
+                    tooltip="Advanced: how many images are captioned together in one pass (and held in memory). "
+                    "Larger is faster per image and takes more memory.",
+                )),
+            ],
+            outputs=[io.String.Output(
+                display_name="summary", tooltip="How many captions were written, skipped or failed, and why.",
+            )],
+            hidden=[io.Hidden.unique_id],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def validate_inputs(cls, question: str | None = None) -> bool | str:
+        return check_question(question)
+
+    @classmethod
+    def fingerprint_inputs(cls, **kwargs) -> float:
+        # the folder's files change outside the graph: run again every time the workflow is queued
+        return time.time()
+
+    @classmethod
+    def execute(
+        cls, model, folder: str, question: str, existing_captions: str, prefix: str, suffix: str, recursive: bool,
+        seed: int, max_new_tokens: int, do_sample: bool, temperature: float, top_k: int, top_p: float,
+        repetition_penalty: float, system_prompt: str = CaptionSettings.system,
+        batch_size: int = CaptionSettings.batch_size,
+    ) -> io.NodeOutput:
+        from ..vilau_backend.captioning import caption_folder
+        from ..vilau_backend.errors import InputError
+
+        if existing_captions not in (SKIP, OVERWRITE):  # ComfyUI 0.3.75 does not check V3 combo values
+            raise InputError(f"existing_captions must be '{SKIP}' or '{OVERWRITE}', got '{existing_captions}'")
+        settings = CaptionSettings(
+            question=question, prefix=prefix, suffix=suffix, overwrite=existing_captions == OVERWRITE,
+            recursive=recursive, system=system_prompt, max_new_tokens=max_new_tokens, seed=seed,
+            sampling=text_sampling(do_sample, temperature, top_k, top_p, repetition_penalty), batch_size=batch_size,
+        )
+        report = caption_folder(model.ready(), folder, settings, on_progress=CaptionProgress(
+            cls.hidden.unique_id, max_new_tokens))
+        summary = report.summary()
+        send_answer(cls.hidden.unique_id, [summary], done=True)
+        return io.NodeOutput(summary, ui={"text": [summary]})
