@@ -199,9 +199,13 @@ def model_overrides(workflow: dict, model: str, **extra_by_type: dict[str, Any])
 # ---- example inputs the templates name --------------------------------------------------
 
 
+CAPTION_FOLDER = "vila-u-caption-example"  # under the input folder
+
+
 def put_example_inputs(input_dir: str | Path, comfy_dir: str | Path | None = None) -> list[Path]:
     """Write the input files the templates name into a ComfyUI input folder: example.png (ComfyUI's own when
-    there is one), a second picture and a short mp4. Existing files are kept."""
+    there is one), a second picture, a folder of two pictures to caption and a short mp4. Existing files are
+    kept."""
     import numpy as np
     from PIL import Image
 
@@ -220,6 +224,12 @@ def put_example_inputs(input_dir: str | Path, comfy_dir: str | Path | None = Non
     if not second.exists():
         Image.fromarray(_scene(256, 256, 0.6, hue=1)).save(second)
         written.append(second)
+    captions = input_dir / CAPTION_FOLDER  # the Caption Folder template's dataset: two pictures
+    if not captions.exists():
+        captions.mkdir()
+        for i, t in enumerate((0.2, 0.8)):
+            Image.fromarray(_scene(192, 256, t, hue=i)).save(captions / f"scene_{i + 1}.png")
+        written.append(captions)
     video = input_dir / "vila-u-example.mp4"
     if not video.exists():
         import av

@@ -33,8 +33,9 @@ class CaptionFolder(io.ComfyNode):
                 model_input(),
                 io.String.Input(
                     "folder", default="",
-                    tooltip="The folder of images (png, jpg, webp, bmp, tiff), as an absolute path on the machine "
-                    "ComfyUI runs on. Only '<image name>.txt' files are written, beside their images.",
+                    tooltip="The folder of images (png, jpg, webp, bmp, tiff) on the machine ComfyUI runs on: an "
+                    "absolute path, or a path relative to ComfyUI's input folder. Only '<image name>.txt' files "
+                    "are written, beside their images.",
                 ),
                 io.String.Input(
                     "question", multiline=True, default=defaults.question,
@@ -98,8 +99,20 @@ class CaptionFolder(io.ComfyNode):
             recursive=recursive, system=system_prompt, max_new_tokens=max_new_tokens, seed=seed,
             sampling=text_sampling(do_sample, temperature, top_k, top_p, repetition_penalty), batch_size=batch_size,
         )
-        report = caption_folder(model.ready(), folder, settings, on_progress=CaptionProgress(
+        report = caption_folder(model.ready(), resolve_folder(folder), settings, on_progress=CaptionProgress(
             cls.hidden.unique_id, max_new_tokens))
         summary = report.summary()
         send_answer(cls.hidden.unique_id, [summary], done=True)
         return io.NodeOutput(summary, ui={"text": [summary]})
+
+
+def resolve_folder(folder: str) -> str:
+    """An absolute path as given; a relative one under ComfyUI's input folder (as Load Image's files)."""
+    import os
+
+    import folder_paths
+
+    folder = folder.strip()
+    if not folder or os.path.isabs(os.path.expanduser(folder)):
+        return folder
+    return os.path.join(folder_paths.get_input_directory(), folder)

@@ -37,6 +37,7 @@ EXAMPLE_IMAGE = "example.png"  # ComfyUI ships input/example.png
 EXAMPLE_VIDEO = "vila-u-example.mp4"
 SECOND_IMAGE = "vila-u-example-2.png"
 SD_CHECKPOINT = "v1-5-pruned-emaonly-fp16.safetensors"
+CAPTION_FOLDER = workflow_api.CAPTION_FOLDER
 
 LOADER = {"type": "VILAU_ModelLoader", "widgets": {"model": DEFAULT_MODEL, "dtype": "auto", "device": "auto",
                                                    "download_if_missing": True}}
@@ -120,6 +121,41 @@ TEMPLATES = {
                   ("sampler", "LATENT", "decode", "samples"), ("ckpt", "VAE", "decode", "vae"),
                   ("decode", "IMAGE", "save", "images")],
         "groups": [{"title": "Stable Diffusion 1.5: needs a checkpoint in models/checkpoints", "sd": True}],
+    },
+    "vila-u-two-image-qa": {
+        "nodes": {
+            "loader": {**LOADER, "pos": [40, 80]},
+            "image": node("LoadImage", [40, 300], {"image": EXAMPLE_IMAGE}, size=[300, 340],
+                          title="Load Image (first)"),
+            "image_2": node("LoadImage", [40, 680], {"image": SECOND_IMAGE}, size=[300, 340],
+                            title="Load Image (second)"),
+            "qa": node("VILAU_ImageQA", [400, 80], {
+                "question": "What is different between the first image and the second?",
+                "batch_mode": "one answer about all images", "seed": 0, "control_after_generate": "fixed",
+                "max_new_tokens": 512, "do_sample": False}, size=[420, 640]),
+            "note": node("Note", [860, 80], {"text": (
+                "One question about two images: image and image_2 each take their own image slot of the "
+                "prompt, in order (image_3 and image_4 take more). With any of them connected the node gives "
+                "one answer about all the images.")}, size=[320, 160]),
+        },
+        "links": [("loader", "model", "qa", "model"), ("image", "IMAGE", "qa", "image"),
+                  ("image_2", "IMAGE", "qa", "image_2")],
+    },
+    "vila-u-caption-folder": {
+        "nodes": {
+            "loader": {**LOADER, "pos": [40, 80]},
+            "caption": node("VILAU_CaptionFolder", [420, 80], {
+                "folder": CAPTION_FOLDER, "question": "Describe the image in one sentence.",
+                "existing_captions": "skip", "prefix": "", "suffix": "", "recursive": False, "seed": 0,
+                "control_after_generate": "fixed", "max_new_tokens": 128, "do_sample": False}, size=[440, 640]),
+            "note": node("Note", [40, 340], {"text": (
+                "Captions every image of a folder and writes '<image name>.txt' beside each (the layout LoRA "
+                "trainers read); the node shows the captions as they are written, then a summary (also its "
+                "summary output). folder: an absolute path, or one under ComfyUI's input folder. prefix/suffix "
+                "add trigger words as typed ('ohwx, '). existing_captions 'skip' resumes an interrupted run; "
+                "Cancel never leaves a half-written file.")}, size=[340, 200]),
+        },
+        "links": [("loader", "model", "caption", "model")],
     },
     "vila-u-video-qa": {
         "nodes": {
@@ -260,7 +296,7 @@ def thumbnail(page: comfy_browser.ComfyPage, server: cs.ComfyServer, name: str, 
     for n in page.nodes():
         if n["type"] == "VILAU_ModelLoader":
             page.set_widget(n["id"], "model", tiny)
-        if n["type"] in ("VILAU_ImageQA", "VILAU_VideoQA"):
+        if n["type"] in ("VILAU_ImageQA", "VILAU_VideoQA", "VILAU_CaptionFolder"):
             page.set_widget(n["id"], "max_new_tokens", 24)
     page.set_mode(workflow_api.sd_node_ids(workflow), workflow_api.MODE_NEVER)
     server.wait(page.queue(), timeout=600)

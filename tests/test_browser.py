@@ -146,7 +146,8 @@ def open_and_queue(page, server, object_info, name: str) -> tuple[dict, dict]:
     loaded = {n["id"]: n for n in page.nodes()}
     assert sorted(loaded) == sorted(n["id"] for n in workflow["nodes"]), "the front end dropped or added nodes"
 
-    overrides = wa.model_overrides(workflow, TINY, VILAU_ImageQA=SHORT_ANSWERS, VILAU_VideoQA=SHORT_ANSWERS)
+    overrides = wa.model_overrides(workflow, TINY, VILAU_ImageQA=SHORT_ANSWERS, VILAU_VideoQA=SHORT_ANSWERS,
+                                   VILAU_CaptionFolder=SHORT_ANSWERS)
     for node_id, values in overrides.items():
         for widget, value in values.items():
             page.set_widget(node_id, widget, value)
@@ -202,7 +203,7 @@ def test_template_runs_from_the_front_end(page, server, object_info, name):
                 continue
             files = server.output_files(entry, str(node_id))
             assert files and all(f.is_file() for f in files), f"{name}: {node_type} {node_id} wrote {files}"
-    for qa_type in ("VILAU_ImageQA", "VILAU_VideoQA"):
+    for qa_type in ("VILAU_ImageQA", "VILAU_VideoQA", "VILAU_CaptionFolder"):
         for node_id in node_ids(workflow, qa_type):
             answers = server.ui_text(entry, str(node_id))
             assert answers and answers[0].strip(), f"{name}: no answer from node {node_id}: {outputs}"

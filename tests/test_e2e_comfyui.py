@@ -28,7 +28,7 @@ PACK = cs.PACK
 TINY = "vila-u-tiny-64"  # in <run>/models/vila-u
 TINY_EXTRA = "vila-u-tiny-256"  # in a folder listed under vila_u in extra_model_paths.yaml
 NODE_IDS = [
-    "VILAU_ModelLoader", "VILAU_ImageQA", "VILAU_VideoQA", "VILAU_TextToImage",
+    "VILAU_ModelLoader", "VILAU_ImageQA", "VILAU_VideoQA", "VILAU_CaptionFolder", "VILAU_TextToImage",
     "VILAU_TextToVideo", "VILAU_RQVAEEncode", "VILAU_RQVAEDecode",
 ]
 QA_ADVANCED = ["temperature", "top_k", "top_p", "repetition_penalty"]
@@ -145,8 +145,13 @@ def test_object_info_lists_every_node_with_tooltips(server):
         "model", "image", "question", "batch_mode", "seed", "max_new_tokens", "do_sample", *QA_ADVANCED]
     assert inputs("VILAU_VideoQA")["required"] == [
         "model", "question", "seed", "max_new_tokens", "do_sample", *QA_ADVANCED]
-    assert inputs("VILAU_ImageQA")["optional"] == ["system_prompt", "batch_size"]
-    assert inputs("VILAU_VideoQA")["optional"] == ["frames", "video", "system_prompt"]
+    assert inputs("VILAU_ImageQA")["optional"] == ["system_prompt", "batch_size", "image_2", "image_3", "image_4"]
+    assert inputs("VILAU_VideoQA")["optional"] == [
+        "frames", "video", "system_prompt", "frame_count", "frame_method", "frame_step", "start_frame", "end_frame"]
+    assert inputs("VILAU_CaptionFolder")["required"] == [
+        "model", "folder", "question", "existing_captions", "prefix", "suffix", "recursive", "seed", "max_new_tokens",
+        "do_sample", *QA_ADVANCED]
+    assert inputs("VILAU_CaptionFolder")["optional"] == ["system_prompt", "batch_size"]
     generation = ["model", "prompt", "negative_prompt", "cfg", "seed", "batch_size", *GEN_ADVANCED]
     assert inputs("VILAU_TextToImage")["required"] == generation
     assert inputs("VILAU_TextToVideo")["required"] == [*generation, "frames", "fps"]
@@ -158,6 +163,7 @@ def test_object_info_lists_every_node_with_tooltips(server):
         "VILAU_ModelLoader": ["VILAU_MODEL"],
         "VILAU_ImageQA": ["STRING"],
         "VILAU_VideoQA": ["STRING"],
+        "VILAU_CaptionFolder": ["STRING"],
         "VILAU_TextToImage": ["IMAGE", "LATENT"],
         "VILAU_TextToVideo": ["IMAGE", "VIDEO", "LATENT"],
         "VILAU_RQVAEEncode": ["LATENT"],

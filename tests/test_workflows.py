@@ -33,6 +33,8 @@ TEMPLATES = {
     "vila-u-text-to-image-upscale": "text-to-image with an upscale step",
     "vila-u-image-qa": "image Q&A",
     "vila-u-caption-to-sd": "caption an image, feed the caption into a Stable Diffusion pipeline",
+    "vila-u-two-image-qa": "one question about two images",
+    "vila-u-caption-folder": "caption a folder of images into .txt files",
     "vila-u-video-qa": "video Q&A",
     "vila-u-text-to-video": "text-to-video saved as mp4",
     "vila-u-rqvae-blend": "RQ-VAE round trip with a latent blend",
@@ -41,6 +43,8 @@ DEFAULT_MODEL = "mit-han-lab/vila-u-7b-256"
 CONTROL_VALUES = {"fixed", "increment", "decrement", "randomize"}
 # model files a template may name although this ComfyUI has none (no SD checkpoint here)
 REPLACEABLE_MODEL_FILES = {("CheckpointLoaderSimple", "ckpt_name")}
+# nodes with the pack's answer box (web/js/vilau.js QA_NODES): it saves its text after the input widgets
+ANSWER_BOX_NODES = {"VILAU_ImageQA", "VILAU_VideoQA", "VILAU_CaptionFolder"}
 SHORT_ANSWERS = {"max_new_tokens": 16}  # the tiny model rarely ends an answer by itself
 
 
@@ -140,7 +144,8 @@ def test_template_widget_values_are_valid_for_the_inputs(object_info, name):
         specs = dict((n, s) for n, s, _ in widgets)
         uploads = sum(1 for _, s, _ in widgets if wa.spec_options(s).get("image_upload")
                       or wa.spec_options(s).get("video_upload"))
-        expected = len(widgets) + sum(1 for _, _, c in widgets if c) + uploads
+        answer_box = 1 if node["type"] in ANSWER_BOX_NODES else 0
+        expected = len(widgets) + sum(1 for _, _, c in widgets if c) + uploads + answer_box
         assert len(node.get("widgets_values") or []) == expected, (
             f"{name} {node_label(node)}: {len(node.get('widgets_values') or [])} widget values, the node's "
             f"widgets {[n for n, _, _ in widgets]} make {expected}"
@@ -230,7 +235,8 @@ def test_converter_feeds_the_caption_into_the_clip_text_widget(object_info):
 def run_template(server, object_info, name: str) -> tuple[dict, dict, dict]:
     """Queue the template with the tiny model; returns (workflow, prompt, history entry)."""
     workflow = load(name)
-    overrides = wa.model_overrides(workflow, TINY, VILAU_ImageQA=SHORT_ANSWERS, VILAU_VideoQA=SHORT_ANSWERS)
+    overrides = wa.model_overrides(workflow, TINY, VILAU_ImageQA=SHORT_ANSWERS, VILAU_VideoQA=SHORT_ANSWERS,
+                                   VILAU_CaptionFolder=SHORT_ANSWERS)
     prompt = wa.to_api(workflow, object_info, overrides, muted=set(wa.sd_node_ids(workflow)))
     entry = server.run(prompt, timeout=300)
     return workflow, prompt, entry
@@ -264,6 +270,26 @@ def test_qa_templates_answer_on_the_node(server, object_info, name, qa_type):
     (qa,) = ids_of(workflow, qa_type)
     answers = server.ui_text(entry, qa)
     assert len(answers) == 1 and isinstance(answers[0], str) and answers[0].strip(), entry["outputs"]
+
+
+def test_two_image_template_asks_one_question_about_both(server, object_info):
+    workflow, prompt, entry = run_template(server, object_info, "vila-u-two-image-qa")
+    (qa,) = ids_of(workflow, "VILAU_ImageQA")
+    first, second = ids_of(workflow, "LoadImage")
+    assert prompt[qa]["inputs"]["image"] == [first, 0] and prompt[qa]["inputs"]["image_2"] == [second, 0]
+    answers = server.ui_text(entry, qa)
+    assert len(answers) == 1 and answers[0].strip(), entry["outputs"]
+
+
+def test_caption_folder_template_writes_a_caption_beside_each_example_image(server, object_info):
+    folder = server.input_dir / wa.CAPTION_FOLDER
+    for old in folder.glob("*.txt"):
+        old.unlink()
+    workflow, _, entry = run_template(server, object_info, "vila-u-caption-folder")
+    (node,) = ids_of(workflow, "VILAU_CaptionFolder")
+    assert server.ui_text(entry, node)[0].startswith(f"2 caption(s) written in {folder},"), entry["outputs"]
+    assert sorted(p.name for p in folder.iterdir()) == ["scene_1.png", "scene_1.txt", "scene_2.png", "scene_2.txt"]
+    assert all(p.read_text(encoding="utf-8").strip() for p in folder.glob("*.txt"))
 
 
 def test_caption_template_captions_with_the_sd_part_muted(server, object_info):
