@@ -33,9 +33,14 @@ def server(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference(server):
+    """The same checkpoint in this process, run as the server runs it: one intra-op thread (other
+    thread counts split fp32 sums otherwise and may flip a near-tie between two tokens)."""
     from vilau_backend.model import VilaUModel
 
-    return VilaUModel.load(server.models_dir / "vila-u" / TINY, dtype="float32", device="cpu")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield VilaUModel.load(server.models_dir / "vila-u" / TINY, dtype="float32", device="cpu")
+    torch.set_num_threads(threads)
 
 
 def noise_png(path: Path, seed: int, size: tuple[int, int] = (20, 16)) -> torch.Tensor:
@@ -239,7 +244,9 @@ def test_video_frame_choice_from_a_file_and_from_frames(server, reference):
     assert expected.input_ids.count(-200) == 3
     assert server.ui_text(entry, "3") == [expected.text]
     assert server.ui_text(entry, "5") == [expected.text]  # the same frames, picked from the IMAGE batch
-    # without the frame inputs: the original's 8 evenly spaced frames
-    default = describe_video(reference, read_video(path, 8).frames, "What changes?", choice=None, sampling=GREEDY,
-                             max_new_tokens=12)
+    # without the frame inputs: as the original, the model's num_video_frames evenly spaced (4 for the tiny model)
+    num_frames = reference.config.num_video_frames
+    default = describe_video(reference, read_video(path, num_frames).frames, "What changes?", choice=None,
+                             sampling=GREEDY, max_new_tokens=12)
+    assert default.input_ids.count(-200) == num_frames
     assert server.ui_text(entry, "6") == [default.text]
