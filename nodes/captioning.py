@@ -8,7 +8,7 @@ from comfy_api.latest import io
 
 from ..vilau_backend.captioning import CaptionSettings
 from .progress import CaptionProgress, send_answer
-from .schema import CATEGORY, advanced, model_input
+from .schema import CATEGORY, advanced, check_combo, model_input
 from .understanding import MAX_BATCH_SIZE, answer_inputs, check_question, text_sampling
 
 SKIP = "skip"
@@ -60,11 +60,12 @@ class CaptionFolder(io.ComfyNode):
                     tooltip="Also caption the images in subfolders (links to folders are never followed).",
                 ),
                 *answer_inputs(),
-                advanced(io.Int.Input(
+                advanced(
+                    io.Int.Input,
                     "batch_size", default=defaults.batch_size, min=1, max=MAX_BATCH_SIZE, optional=True,
                     tooltip="Advanced: how many images are captioned together in one pass (and held in memory). "
                     "Larger is faster per image and takes more memory.",
-                )),
+                ),
             ],
             outputs=[io.String.Output(
                 display_name="summary", tooltip="How many captions were written, skipped or failed, and why.",
@@ -90,10 +91,8 @@ class CaptionFolder(io.ComfyNode):
         batch_size: int = CaptionSettings.batch_size,
     ) -> io.NodeOutput:
         from ..vilau_backend.captioning import caption_folder
-        from ..vilau_backend.errors import InputError
 
-        if existing_captions not in (SKIP, OVERWRITE):  # ComfyUI 0.3.75 does not check V3 combo values
-            raise InputError(f"existing_captions must be '{SKIP}' or '{OVERWRITE}', got '{existing_captions}'")
+        check_combo("existing_captions", existing_captions, [SKIP, OVERWRITE])
         settings = CaptionSettings(
             question=question, prefix=prefix, suffix=suffix, overwrite=existing_captions == OVERWRITE,
             recursive=recursive, system=system_prompt, max_new_tokens=max_new_tokens, seed=seed,
