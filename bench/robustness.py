@@ -27,10 +27,10 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO), str(REPO / "tests")]
+sys.path.insert(0, str(REPO))  # vilau_backend and comfy_harness
 
 from comfy_harness import server as cs  # noqa: E402
-from test_downloads import SilentListener  # noqa: E402
+from comfy_harness.silent_hub import SilentListener  # noqa: E402
 
 TINY, BIG = "vila-u-tiny-64", "vila-u-tiny-256"
 

@@ -10,4 +10,6 @@ the repository root on sys.path. Not part of the node pack: ComfyUI never import
   converts them, and the example inputs the templates load.
 - `browser`: the front end in headless Chromium (Playwright), for the browser tests and the
   template builder.
+- `silent_hub`: a stand-in Hugging Face hub that accepts connections and never answers, for
+  the download tests.
 """

@@ -15,9 +15,8 @@ import uuid
 import numpy as np
 import pytest
 
-from test_downloads import SilentListener
-
 from comfy_harness import server as cs
+from comfy_harness.silent_hub import SilentListener
 
 TINY = "vila-u-tiny-64"
 OTHER = "vila-u-tiny-other"  # same channels and grid as TINY, other weights

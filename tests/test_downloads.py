@@ -4,45 +4,15 @@ and never answers (what a dead HTTPS proxy does)."""
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 
 import pytest
 
+from comfy_harness.silent_hub import SilentListener
 from vilau_backend.hub import DownloadFailed, download_repo
 
 REPO = "mit-han-lab/vila-u-7b-256"
-
-
-class SilentListener:
-    """127.0.0.1:<port>: accepts every connection, reads nothing, answers nothing."""
-
-    def __init__(self):
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(64)
-        self.port = self.sock.getsockname()[1]
-        self.connections: list[socket.socket] = []
-        self._thread = threading.Thread(target=self._accept, daemon=True)
-        self._thread.start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            self.connections.append(conn)  # kept open: the client waits for an answer
-
-    def close(self) -> None:
-        self.sock.close()
-        for conn in self.connections:
-            conn.close()
 
 
 @pytest.fixture
