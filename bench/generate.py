@@ -120,11 +120,15 @@ def main() -> None:
             loop, decode = [], []
             for r in range(args.repeats):
                 sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-                sync(); t = time.perf_counter()
+                sync()
+                t = time.perf_counter()
                 codes = generate_codes(model, "a red apple on a table", num_images=batch, seed=r, sampling=ImageSampling())
-                sync(); t_loop = time.perf_counter() - t
+                sync()
+                t_loop = time.perf_counter() - t
                 model.decode_codes(codes)
-                sync(); decode.append(time.perf_counter() - t - t_loop); loop.append(t_loop)
+                sync()
+                decode.append(time.perf_counter() - t - t_loop)
+                loop.append(t_loop)
             t_loop, t_decode = min(loop), min(decode)
             print(f"  batch {batch}: {1000 * t_loop / P:.2f} ms/position, {P * batch / t_loop:.1f} positions/s, "
                   f"{(t_loop + t_decode) / batch:.3f} s/image ({t_decode / batch:.3f} s of it decoding), peak {peak_memory_mb(device)}")
