@@ -293,6 +293,22 @@ class ComfyPage:
         )
         self.page.wait_for_timeout(400)
 
+    def nodes_box(self, margin: int = 12) -> tuple[int, int, int, int]:
+        """(left, top, right, bottom) on screen, in CSS pixels, of all nodes with their title bars."""
+        box = self.evaluate(
+            """(margin) => {
+                const c = window.app.canvas, [ox, oy] = c.ds.offset, s = c.ds.scale;
+                const boxes = GRAPH._nodes.map(n => [n.pos[0], n.pos[1] - 30, n.pos[0] + n.size[0], n.pos[1] + n.size[1]]);
+                const [x0, y0] = [Math.min(...boxes.map(b => b[0])), Math.min(...boxes.map(b => b[1]))];
+                const [x1, y1] = [Math.max(...boxes.map(b => b[2])), Math.max(...boxes.map(b => b[3]))];
+                const rect = c.canvas.getBoundingClientRect();
+                return [(x0 + ox) * s + rect.left - margin, (y0 + oy) * s + rect.top - margin,
+                        (x1 + ox) * s + rect.left + margin, (y1 + oy) * s + rect.top + margin];
+            }""",
+            margin,
+        )
+        return tuple(round(v) for v in box)
+
     def dismiss_toasts(self) -> None:
         self.evaluate("() => document.querySelectorAll('.p-toast-close-button').forEach(b => b.click())")
         self.page.wait_for_timeout(200)

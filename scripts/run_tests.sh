@@ -7,7 +7,8 @@
 #    tools (pytest, playwright's Python package: it drives Debian's Chromium and
 #    never downloads a browser), and a pinned ComfyUI 0.3.75 in .cache/comfyui for
 #    the end-to-end and browser tests; the newest front end (comfyui-frontend-package, its
-#    static folder in .cache/frontend/<version>) for the browser tests, which run against both.
+#    static folder in .cache/frontend/<version>) for the browser tests, which run against both;
+#    comfy-cli and comfyui-manager in .cache/venv-ecosystem (tests/test_ecosystem_clients.py).
 # 2. Chromium for the browser tests: Debian's chromium + chromium-driver, installed
 #    with apt-get when this runs as root and they are missing (otherwise the browser
 #    tests fail, saying what to install).
@@ -59,6 +60,16 @@ EOF
     rm -rf "$work"
 fi
 export VILAU_NEWEST_FRONT_END=$FRONT_END
+
+# ---- 1c. the ecosystem's clients: comfy-cli (the registry's checks) and ComfyUI-Manager's CLI ---------
+# in a venv of their own (their dependencies must not change .venv), with the pack's requirements
+# so that the manager's install step finds them installed and runs offline
+ECOSYSTEM=${VILAU_ECOSYSTEM_VENV:-.cache/venv-ecosystem}
+if [ ! -x "$ECOSYSTEM/bin/python" ]; then
+    python3 -m venv "$ECOSYSTEM"
+fi
+"$ECOSYSTEM/bin/python" -m pip install --quiet "comfy-cli==1.23.0" "comfyui-manager==4.3" -r requirements.txt
+export VILAU_ECOSYSTEM_VENV=$ECOSYSTEM
 
 # ---- 2. Chromium ------------------------------------------------------------------------
 if [ ! -x /usr/bin/chromium ]; then

@@ -40,6 +40,9 @@ TINY = "vila-u-tiny"
 WORKFLOWS = cs.REPO_ROOT / "workflows"
 TEMPLATES = sorted(p.stem for p in WORKFLOWS.glob("*.json"))
 SHORT_ANSWERS = {"max_new_tokens": 24}
+# README figures, cropped to the nodes, from the runs with the pinned front end (copy them to docs/ when
+# the look of a node changes)
+DOCS_FIGURES = {"vila-u-image-qa-answer": "image-qa.jpg", "vila-u-text-to-image-upscale": "text-to-image.jpg"}
 SCREENSHOTS = Path(os.environ.get("VILAU_SCREENSHOTS", cs.REPO_ROOT / "tests" / "artifacts" / "browser"))
 
 
@@ -169,7 +172,21 @@ def screenshot(page, name: str) -> Path:
     page.fit_view()
     path = page.screenshot(name)
     print(f"screenshot: {path}")
+    if name in DOCS_FIGURES and page.front_end_version() == metadata.version("comfyui-frontend-package"):
+        docs_figure(page, path, SCREENSHOTS / "docs" / DOCS_FIGURES[name])
     return path
+
+
+def docs_figure(page, screenshot_path: Path, dest: Path, width: int = 960) -> None:
+    from PIL import Image
+
+    with Image.open(screenshot_path) as shot:
+        left, top, right, bottom = page.nodes_box()
+        crop = shot.convert("RGB").crop((max(0, left), max(0, top), min(shot.width, right), min(shot.height, bottom)))
+    crop = crop.resize((width, round(crop.height * width / crop.width)), Image.LANCZOS)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    crop.save(dest, quality=85)
+    print(f"README figure: {dest}")
 
 
 def node_ids(workflow: dict, node_type: str) -> list[int]:
