@@ -62,13 +62,18 @@ fi
 export VILAU_NEWEST_FRONT_END=$FRONT_END
 
 # ---- 1c. the ecosystem's clients: comfy-cli (the registry's checks) and ComfyUI-Manager's CLI ---------
-# in a venv of their own (their dependencies must not change .venv), with the pack's requirements
-# so that the manager's install step finds them installed and runs offline
+# in a venv of their own, so that their dependencies never change .venv; .venv's packages come after
+# the venv's own (as for the 4.50.3 pass), so that the manager's install step, run with this venv's
+# python, finds the pack's requirements installed as in a ComfyUI environment, and runs offline
 ECOSYSTEM=${VILAU_ECOSYSTEM_VENV:-.cache/venv-ecosystem}
 if [ ! -x "$ECOSYSTEM/bin/python" ]; then
     python3 -m venv "$ECOSYSTEM"
 fi
-"$ECOSYSTEM/bin/python" -m pip install --quiet "comfy-cli==1.23.0" "comfyui-manager==4.3" -r requirements.txt
+purelib_eco=$("$ECOSYSTEM/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+"$PY" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])" > "$purelib_eco/_vilau_test_env.pth"
+# the venv's own setuptools would shadow .venv's, older than torch's requirement (>=77.0.3)
+"$ECOSYSTEM/bin/python" -m pip install --quiet --upgrade pip setuptools
+"$ECOSYSTEM/bin/python" -m pip install --quiet "comfy-cli==1.23.0" "comfyui-manager==4.3"
 export VILAU_ECOSYSTEM_VENV=$ECOSYSTEM
 
 # ---- 2. Chromium ------------------------------------------------------------------------

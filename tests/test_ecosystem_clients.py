@@ -3,9 +3,9 @@
 ComfyUI-Manager's CLI (`cm-cli install`, package comfyui-manager) into a fresh ComfyUI.
 
 Both run from .cache/venv-ecosystem (scripts/run_tests.sh installs comfy-cli 1.23.0 and
-comfyui-manager 4.3 there, with the pack's requirements), on a clean git clone of this
-checkout: what the registry and the manager see is what git tracks (commit first to test
-local changes).
+comfyui-manager 4.3 there, over .venv's packages, so the manager's pip step finds the pack's
+requirements installed as in a ComfyUI environment), on a clean git clone of this checkout:
+what the registry and the manager see is what git tracks (commit first to test local changes).
 """
 
 from __future__ import annotations
@@ -74,10 +74,14 @@ def serve_folder(folder: Path) -> ThreadingHTTPServer:
 
 def fresh_comfyui(dest: Path) -> Path:
     """A copy of the pinned ComfyUI without custom nodes, models or user files."""
-    shutil.copytree(
-        cs.comfyui_dir(), dest,
-        ignore=shutil.ignore_patterns("custom_nodes", "models", "input", "output", "user", "temp", "__pycache__"),
-    )
+    source = cs.comfyui_dir()
+    skipped_at_top = {"custom_nodes", "models", "input", "output", "user", "temp"}
+
+    def ignore(folder: str, names: list[str]) -> set[str]:
+        top = Path(folder) == source  # comfy/ldm/models is code, not a model folder
+        return {n for n in names if n == "__pycache__" or (top and n in skipped_at_top)}
+
+    shutil.copytree(source, dest, ignore=ignore)
     (dest / "custom_nodes").mkdir()
     return dest
 
