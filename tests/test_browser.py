@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import json
 import os
-from importlib import metadata
 import re
+from importlib import metadata
 from pathlib import Path
 
 import pytest

@@ -20,10 +20,9 @@ from pathlib import Path
 
 import pytest
 
-try:  # tests/ as a package or as a plain folder on sys.path
-    from . import comfy_server as cs
-except ImportError:  # pragma: no cover - depends on pytest's import mode
-    import comfy_server as cs
+from comfy_harness import server as cs
+
+pytestmark = pytest.mark.comfyui  # starts the pinned ComfyUI: not part of the transformers 4.50.3 pass
 
 ECOSYSTEM = Path(os.environ.get("VILAU_ECOSYSTEM_VENV", cs.REPO_ROOT / ".cache" / "venv-ecosystem"))
 TINY = "vila-u-tiny"
