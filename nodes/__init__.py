@@ -12,6 +12,7 @@ __all__ = ["VilaUExtension", "register_folder"]
 class VilaUExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
         from .captioning import CaptionFolder
+        from .editing import ContinueImage, ExtendVideo, Inpaint, VaryByDepth
         from .generation import TextToImage, TextToVideo
         from .loader import ModelLoader
         from .rqvae import RQVAEDecode, RQVAEEncode
@@ -19,4 +20,5 @@ class VilaUExtension(ComfyExtension):
 
         return [
             ModelLoader, ImageQA, VideoQA, CaptionFolder, TextToImage, TextToVideo, RQVAEEncode, RQVAEDecode,
+            Inpaint, VaryByDepth, ContinueImage, ExtendVideo,
         ]

@@ -1,0 +1,322 @@
+"""VILA-U Inpaint, Variations, Continue Image and Extend Video: editing in the model's code space.
+
+One node per edit rather than one node with a mode: each edit has its own knobs (a mask with
+threshold, grow and feather; a strength; rows; frames), and a node shows only what applies, as
+ComfyUI's own inpaint and img2img nodes do. All four are masks over one backend call
+(vilau_backend/editing.py): the source's codes are kept where the edit says and the rest is
+sampled under the prompt, with the progress bar, previews, cancel and seeds of Text to Image.
+"""
+
+from __future__ import annotations
+
+from fractions import Fraction
+
+from comfy_api.latest import io
+
+from .generation import MAX_FRAMES, MAX_IMAGES, MAX_VIDEOS, check_prompt, generation_inputs, generation_options
+from .schema import CATEGORY
+from .vilau_latent import make_vilau_latent, vilau_latent_codes
+
+
+def _source_inputs(what: str) -> list[io.Input]:
+    return [
+        io.Image.Input(
+            "image", optional=True,
+            tooltip=f"The image(s) to {what}, e.g. from Load Image; encoded with the model's own preprocessing. "
+            "Connect this or latent, not both.",
+        ),
+        io.Latent.Input(
+            "latent", optional=True,
+            tooltip=f"A VILA-U latent to {what} (from RQ-VAE Encode, Text to Image or another edit): its codes are "
+            "used as they are. Connect this or image, not both.",
+        ),
+    ]
+
+
+def _image_outputs() -> list[io.Output]:
+    return [
+        io.Image.Output(display_name="image", tooltip="The edited images, at the model's size."),
+        io.Latent.Output(display_name="latent", tooltip="Their VILA-U latent (summed code embeddings plus codes)."),
+    ]
+
+
+def edit_source(vila, image, latent, node: str):
+    """-> the source's codes (N, h, w, D) and, for an image, the pixels as the model sees them (N, S, S, 3)."""
+    from ..vilau_backend.editing import model_view
+    from ..vilau_backend.errors import InputError
+
+    if (image is None) == (latent is None):
+        state = "both are connected; keep one" if image is not None else "neither is connected"
+        raise InputError(f"{node} edits an image or a VILA-U latent: {state}")
+    if latent is not None:
+        return vilau_latent_codes(vila, latent).cpu(), None
+    return vila.encode_images(image).codes.cpu(), model_view(vila, image)
+
+
+def edit_options(vila, positions: int, batch_size: int, **options) -> dict:
+    """The generation inputs -> keyword arguments of the backend edits (the batch comes from the codes)."""
+    options = generation_options(vila, positions, batch_size=batch_size, **options)
+    del options["num_images"]
+    return options
+
+
+def generation_inputs_for_edit(what: str) -> list[io.Input]:
+    """Text to Image's inputs, with the batch counted per source image."""
+    return generation_inputs(
+        "image", MAX_IMAGES,
+        batch_tooltip=f"How many {what} to make of each source image (image i of the outputs uses seed index i); "
+        "memory grows with it.",
+    )
+
+
+class Inpaint(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="VILAU_Inpaint",
+            display_name="VILA-U Inpaint",
+            category=CATEGORY,
+            description=(
+                "Regenerates the masked part of an image under the prompt. VILA-U builds images as a grid of "
+                "positions (16x16 for the 256 px model): every position outside the mask keeps its codes and the "
+                "masked ones are sampled, each seeing everything before it. Paint the mask in Load Image's mask "
+                "editor."
+            ),
+            inputs=[
+                *generation_inputs_for_edit("inpaintings"),
+                io.Mask.Input(
+                    "mask",
+                    tooltip="Where to regenerate: 1 (painted) = regenerate, 0 = keep. One mask for all images or "
+                    "one per image; any size, mapped onto the image as the model's preprocessing maps the image.",
+                ),
+                io.Float.Input(
+                    "mask_threshold", default=0.5, min=0.01, max=1.0, step=0.01,
+                    tooltip="A grid position is regenerated when at least this fraction of its pixels is masked "
+                    "(0.5: half of it). Lower it to regenerate every position the mask touches.",
+                ),
+                io.Int.Input(
+                    "grow_mask", default=0, min=0, max=16,
+                    tooltip="Grow the regenerated region by this many grid positions in every direction "
+                    "(one position is 16 px of the 256 px model, 14 px of the 384 px one).",
+                ),
+                io.Int.Input(
+                    "feather", default=8, min=0, max=64,
+                    tooltip="With an image source: paste its pixels back outside the regenerated positions, "
+                    "blended over this many pixels across the edge (0: a hard edge). Unused with a latent.",
+                ),
+                *_source_inputs("inpaint"),
+            ],
+            outputs=[
+                *_image_outputs(),
+                io.Mask.Output(
+                    display_name="regenerated",
+                    tooltip="The grid positions that were regenerated, as a mask at the model's size.",
+                ),
+            ],
+        )
+
+    @classmethod
+    def validate_inputs(cls, prompt: str | None = None) -> bool | str:
+        return check_prompt(prompt)
+
+    @classmethod
+    def execute(
+        cls, model, prompt: str, mask, mask_threshold: float, grow_mask: int, feather: int, batch_size: int,
+        image=None, latent=None, **options,
+    ) -> io.NodeOutput:
+        """options: the other generation inputs (negative_prompt, cfg, seed, temperature, top_k, top_p)."""
+        from ..vilau_backend import editing
+
+        vila = model.ready()
+        codes, original = edit_source(vila, image, latent, "VILA-U Inpaint")
+        aspect = vila.config.image_aspect_ratio if original is not None else "resize"
+        regenerate = editing.regenerate_from_mask(
+            editing.match_batch(editing.as_mask_batch(mask), codes.shape[0]), vila.config.grid,
+            aspect=aspect, threshold=mask_threshold, grow=grow_mask,
+        )  # (N, h, w)
+        codes, regenerate = editing.repeat_sources(codes, batch_size), editing.repeat_sources(regenerate, batch_size)
+        if original is not None:
+            original = editing.repeat_sources(original, batch_size)
+        h, w = vila.config.grid
+        result = editing.inpaint(
+            vila, prompt, codes, regenerate, original=original, feather=feather,
+            **edit_options(vila, h * w, batch_size, **options),
+        )
+        size = result.images.shape[1]
+        region = editing.feathered_pixel_mask(regenerate, size, 0)[..., 0]  # (B, S, S)
+        return io.NodeOutput(result.images, make_vilau_latent(vila, result.features, result.codes), region)
+
+
+class VaryByDepth(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="VILAU_VaryByDepth",
+            display_name="VILA-U Variations (by depth)",
+            category=CATEGORY,
+            description=(
+                "Variations that keep the composition: every grid position of VILA-U's image is a stack of "
+                "residual codes from coarse to fine; the coarse ones of the source are kept and the finer ones "
+                "resampled under the prompt."
+            ),
+            inputs=[
+                *generation_inputs_for_edit("variations"),
+                io.Float.Input(
+                    "strength", default=0.5, min=0.0, max=1.0, step=0.05,
+                    tooltip="How much to change: the source keeps round((1 - strength) x depth) of its residual "
+                    "depths at every position (depth 4 for the 256 px model, so steps of 0.25; 16 for the 384 px "
+                    "one). 0 gives back the source, 1 a new image from the prompt.",
+                ),
+                *_source_inputs("vary"),
+            ],
+            outputs=_image_outputs(),
+        )
+
+    @classmethod
+    def validate_inputs(cls, prompt: str | None = None) -> bool | str:
+        return check_prompt(prompt)
+
+    @classmethod
+    def execute(cls, model, prompt: str, strength: float, batch_size: int, image=None, latent=None, **options) -> io.NodeOutput:
+        """options: the other generation inputs (negative_prompt, cfg, seed, temperature, top_k, top_p)."""
+        from ..vilau_backend import editing
+
+        vila = model.ready()
+        codes, _ = edit_source(vila, image, latent, "VILA-U Variations")
+        kept = editing.depths_for_strength(strength, vila.config.quantizer.depth)
+        h, w = vila.config.grid
+        result = editing.vary_by_depth(
+            vila, prompt, editing.repeat_sources(codes, batch_size), kept, **edit_options(vila, h * w, batch_size, **options)
+        )
+        return io.NodeOutput(result.images, make_vilau_latent(vila, result.features, result.codes))
+
+
+class ContinueImage(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="VILAU_ContinueImage",
+            display_name="VILA-U Continue Image",
+            category=CATEGORY,
+            description=(
+                "Keeps the top rows of an image and generates the rest downward under the prompt, as the model "
+                "writes images: row after row. The kept rows are read in one pass, not generated again."
+            ),
+            inputs=[
+                *generation_inputs_for_edit("continuations"),
+                io.Int.Input(
+                    "keep_rows", default=8, min=0, max=64,
+                    tooltip="Grid rows to keep from the top (the 256 px model has 16 rows of 16 px, the 384 px "
+                    "one 27 rows of 14 px); must not exceed the model's rows.",
+                ),
+                *_source_inputs("continue"),
+            ],
+            outputs=_image_outputs(),
+        )
+
+    @classmethod
+    def validate_inputs(cls, prompt: str | None = None) -> bool | str:
+        return check_prompt(prompt)
+
+    @classmethod
+    def execute(cls, model, prompt: str, keep_rows: int, batch_size: int, image=None, latent=None, **options) -> io.NodeOutput:
+        """options: the other generation inputs (negative_prompt, cfg, seed, temperature, top_k, top_p)."""
+        from ..vilau_backend import editing
+
+        vila = model.ready()
+        codes, _ = edit_source(vila, image, latent, "VILA-U Continue Image")
+        h, w = vila.config.grid
+        result = editing.continue_downward(
+            vila, prompt, editing.repeat_sources(codes, batch_size), keep_rows,
+            **edit_options(vila, h * w, batch_size, **options),
+        )
+        return io.NodeOutput(result.images, make_vilau_latent(vila, result.features, result.codes))
+
+
+class ExtendVideo(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        inputs = generation_inputs(
+            "video", MAX_VIDEOS, batch_tooltip="How many continuations of the video to make (at most "
+            f"{MAX_VIDEOS}); they follow one another in the outputs.",
+        )
+        return io.Schema(
+            node_id="VILAU_ExtendVideo",
+            display_name="VILA-U Extend Video",
+            category=CATEGORY,
+            description=(
+                "Continues a video: the frames given are encoded and kept as the first frames, and more frames "
+                "are generated after them under the prompt. The given frames are read in one pass."
+            ),
+            inputs=[
+                *inputs,
+                io.Int.Input(
+                    "add_frames", default=4, min=1, max=MAX_FRAMES,
+                    tooltip="Frames to generate after the given ones. Given plus added frames and the prompt must "
+                    "fit the model's context: 31 frames in all for the 256 px model, 11 for the 384 px one.",
+                ),
+                io.Float.Input(
+                    "fps", default=8.0, min=1.0, max=120.0, step=1.0,
+                    tooltip="Frame rate stored in the VIDEO output; it does not change what is generated.",
+                ),
+                io.Image.Input(
+                    "frames", optional=True,
+                    tooltip="The video to extend as an IMAGE batch, one image per frame in order (e.g. from VILA-U "
+                    "Text to Video or a video loader). Connect one of frames, video or latent.",
+                ),
+                io.Video.Input(
+                    "video", optional=True,
+                    tooltip="The video to extend as a VIDEO (e.g. from Load Video); every frame is kept, so trim "
+                    "long videos first. Connect one of frames, video or latent.",
+                ),
+                io.Latent.Input(
+                    "latent", optional=True,
+                    tooltip="The video's frames as a VILA-U latent, one entry per frame (e.g. Text to Video's "
+                    "latent). Connect one of frames, video or latent.",
+                ),
+            ],
+            outputs=[
+                io.Image.Output(display_name="frames", tooltip="All frames, given then new, video after video."),
+                io.Video.Output(display_name="video", tooltip="The frames as a VIDEO at the chosen fps."),
+                io.Latent.Output(display_name="latent", tooltip="The frames' VILA-U latent, one entry per frame."),
+            ],
+        )
+
+    @classmethod
+    def validate_inputs(cls, prompt: str | None = None) -> bool | str:
+        return check_prompt(prompt)
+
+    @classmethod
+    def execute(
+        cls, model, prompt: str, add_frames: int, fps: float, batch_size: int, frames=None, video=None, latent=None,
+        **options,
+    ) -> io.NodeOutput:
+        """options: the other generation inputs (negative_prompt, cfg, seed, temperature, top_k, top_p)."""
+        from comfy_api.latest import InputImpl, Types
+
+        from ..vilau_backend.editing import extend_video
+
+        vila = model.ready()
+        given = _video_source_codes(vila, frames, video, latent)  # (Fg, h, w, D)
+        total = given.shape[0] + add_frames
+        h, w = vila.config.grid
+        options = edit_options(vila, total * h * w, batch_size, **options)
+        result = extend_video(vila, prompt, given, total, videos=batch_size, **options)
+        images = result.images.flatten(0, 1)  # (B*F, H, W, 3)
+        components = Types.VideoComponents(images=images, audio=None, frame_rate=Fraction(fps))
+        latent_out = make_vilau_latent(vila, result.features.flatten(0, 1), result.codes.flatten(0, 1))
+        return io.NodeOutput(images, InputImpl.VideoFromComponents(components), latent_out)
+
+
+def _video_source_codes(vila, frames, video, latent):
+    from ..vilau_backend.errors import InputError
+
+    connected = [name for name, value in (("frames", frames), ("video", video), ("latent", latent)) if value is not None]
+    if len(connected) != 1:
+        state = f"{' and '.join(connected)} are connected; keep one" if connected else "none is connected"
+        raise InputError(f"VILA-U Extend Video takes the video as frames, a VIDEO or a latent: {state}")
+    if latent is not None:
+        return vilau_latent_codes(vila, latent).cpu()
+    if video is not None:
+        frames = video.get_components().images
+    return vila.encode_images(frames).codes.cpu()
