@@ -230,3 +230,31 @@ def test_paste_outside_restores_the_original_away_from_the_edge():
 def test_bad_edits_say_what_to_fix(tiny_model, kwargs, message):
     with pytest.raises(InputError, match=message):
         generate_codes(tiny_model, PROMPT, num_images=2, **kwargs)
+
+
+def test_cli_edit_inpaints_from_an_image_and_a_mask_file(tiny_checkpoint, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from vilau_backend.cli import main
+
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "in.png")
+    mask = np.zeros((64, 64), dtype=np.uint8)
+    mask[:16] = 255  # the top two grid rows
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    code = main(["edit", "--model", str(tiny_checkpoint), "--image", str(tmp_path / "in.png"), "--mode", "inpaint",
+                 "--mask", str(tmp_path / "mask.png"), "--feather", "0", "--prompt", PROMPT, "--num", "2",
+                 "--save-dir", str(tmp_path / "out"), "--save-codes", str(tmp_path / "codes.safetensors")])
+    assert code == 0
+    edits = [np.asarray(Image.open(tmp_path / "out" / f"edit_{i}.png")) for i in range(2)]
+    for edit in edits:  # a 64 px image at the model's 64 px: pasted back exactly below the mask
+        assert np.array_equal(edit[16:], pixels[16:])
+        assert np.abs(edit[:16].astype(int) - pixels[:16]).mean() > 20
+    assert not np.array_equal(edits[0][:16], edits[1][:16])
+
+    from safetensors.torch import load_file
+
+    codes = load_file(str(tmp_path / "codes.safetensors"))["codes"]
+    assert codes.shape == (2, 8, 8, 4)

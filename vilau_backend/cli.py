@@ -143,16 +143,21 @@ def _save_codes(codes: torch.Tensor, path: str | None) -> None:
         print(f"wrote {path}: codes {list(codes.shape)}")
 
 
+def _save_images(images: torch.Tensor, folder: str, stem: str) -> None:
+    """(N, H, W, 3) -> <folder>/<stem>_0.png, ..."""
+    out_dir = Path(folder)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for i, image in enumerate(images):
+        save_image_file(image, out_dir / f"{stem}_{i}.png")
+    print(f"wrote {len(images)} image(s) to {out_dir}")
+
+
 def _generate_image(args: argparse.Namespace) -> int:
     from .generate import generate_images
 
     model = _load_model(args)
     result = generate_images(model, args.prompt, **_generation_options(args))
-    out_dir = Path(args.save_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for i, image in enumerate(result.images):
-        save_image_file(image, out_dir / f"image_{i}.png")
-    print(f"wrote {len(result.images)} image(s) to {out_dir}")
+    _save_images(result.images, args.save_dir, "image")
     _save_codes(result.codes, args.save_codes)
     return 0
 
@@ -212,11 +217,7 @@ def _edit(args: argparse.Namespace) -> int:
     else:
         rows = model.config.grid[0] // 2 if args.rows is None else args.rows
         result = editing.continue_downward(model, args.prompt, codes, rows, **options)
-    out_dir = Path(args.save_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for i, edited in enumerate(result.images):
-        save_image_file(edited, out_dir / f"edit_{i}.png")
-    print(f"wrote {len(result.images)} edited image(s) to {out_dir}")
+    _save_images(result.images, args.save_dir, "edit")
     _save_codes(result.codes, args.save_codes)
     return 0
 

@@ -174,7 +174,9 @@ def decode_edit(model, codes: torch.Tensor) -> GeneratedImages:
 def model_view(model, images: torch.Tensor) -> torch.Tensor:
     """Images as the model sees them (its preprocessing: resized or padded to S x S), 0..1.
     (B, H, W, C) -> (B, S, S, 3): what paste_outside puts back."""
-    return model.preprocess(images).mul(0.5).add(0.5).clamp(0, 1).permute(0, 2, 3, 1).contiguous()
+    pixels = model.preprocess(images).mul(0.5).add(0.5).clamp(0, 1)  # (B, 3, S, S)
+    # preprocessing resamples in 8 bits: rounding gives back exactly k/255, as Load Image's values
+    return pixels.mul(255).round().div(255).permute(0, 2, 3, 1).contiguous()
 
 
 def feathered_pixel_mask(regenerate: torch.Tensor, size: int, feather: int) -> torch.Tensor:
