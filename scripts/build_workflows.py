@@ -36,8 +36,12 @@ DEFAULT_MODEL = "mit-han-lab/vila-u-7b-256"
 EXAMPLE_IMAGE = "example.png"  # ComfyUI ships input/example.png
 EXAMPLE_VIDEO = "vila-u-example.mp4"
 SECOND_IMAGE = "vila-u-example-2.png"
+MASKED_IMAGE = "vila-u-example-masked.png"  # example.png's scene with a painted (transparent) square
 SD_CHECKPOINT = "v1-5-pruned-emaonly-fp16.safetensors"
 CAPTION_FOLDER = workflow_api.CAPTION_FOLDER
+CONTROLNET = "control_v11p_sd15_canny_fp16.safetensors"
+UPSCALE_MODEL = "4x-UltraSharp.pth"
+EDIT_SAMPLING = {"negative_prompt": "", "cfg": 3.0, "seed": 42, "control_after_generate": "fixed", "batch_size": 1}
 
 LOADER = {"type": "VILAU_ModelLoader", "widgets": {"model": DEFAULT_MODEL, "dtype": "auto", "device": "auto",
                                                    "download_if_missing": True}}
@@ -47,7 +51,14 @@ def node(type_, pos, widgets=None, **extra):
     return {"type": type_, "pos": pos, "widgets": widgets or {}, **extra}
 
 
-# key: {type, pos, widgets: {name: value}, title?, size?, mode?}; links: (from key, output, to key, input)
+def stitch(pos, title):
+    return node("ImageStitch", pos, {"direction": "right", "match_image_size": True, "spacing_width": 8,
+                                     "spacing_color": "white"}, title=title)
+
+
+# key: {type, pos, widgets: {name: value}, title?, size?, mode?, sd?}; links: (from key, output, to key, input).
+# sd: the node needs a model file this ComfyUI does not ship (SD checkpoint, ControlNet, upscaler);
+# tests mute those nodes.
 TEMPLATES = {
     "vila-u-text-to-image-upscale": {
         "nodes": {
@@ -215,6 +226,119 @@ TEMPLATES = {
                   ("encode_b", "latent", "blend", "samples2"), ("blend", "LATENT", "decode_blend", "latent"),
                   ("decode_a", "image", "save_a", "images"), ("decode_blend", "image", "save_blend", "images")],
     },
+    "vila-u-inpaint": {
+        "nodes": {
+            "loader": {**LOADER, "pos": [40, 60]},
+            "image": node("LoadImage", [40, 280], {"image": MASKED_IMAGE}, size=[320, 380]),
+            "inpaint": node("VILAU_Inpaint", [400, 60], {
+                "prompt": "a red hot-air balloon in the sky", **EDIT_SAMPLING,
+                "mask_threshold": 0.5, "grow_mask": 0, "feather": 8}, size=[400, 520]),
+            "save": node("SaveImage", [840, 60], {"filename_prefix": "VILA-U/inpaint"}, size=[360, 400]),
+            "region": node("MaskToImage", [840, 500]),
+            "preview": node("PreviewImage", [1080, 500], size=[240, 260], title="Regenerated positions"),
+            "note": node("Note", [40, 700], {"text": (
+                "Paint what to regenerate: right-click Load Image -> Open in MaskEditor (this example image "
+                "comes with a painted square). VILA-U regenerates every grid position (16 px of the 256 px "
+                "model) that is at least mask_threshold masked, keeps the codes of all others, and pastes the "
+                "original pixels back outside with a feathered edge.")}, size=[320, 200]),
+        },
+        "links": [("loader", "model", "inpaint", "model"), ("image", "IMAGE", "inpaint", "image"),
+                  ("image", "MASK", "inpaint", "mask"), ("inpaint", "image", "save", "images"),
+                  ("inpaint", "regenerated", "region", "mask"), ("region", "IMAGE", "preview", "images")],
+    },
+    "vila-u-variations": {
+        "nodes": {
+            "loader": {**LOADER, "pos": [40, 60]},
+            "image": node("LoadImage", [40, 280], {"image": EXAMPLE_IMAGE}, size=[300, 340]),
+            "encode": node("VILAU_RQVAEEncode", [380, 280]),
+            "decode": node("VILAU_RQVAEDecode", [380, 420], title="VILA-U RQ-VAE Decode (source)"),
+            **{f"vary_{k}": node("VILAU_VaryByDepth", [720, 40 + 420 * i], {
+                "prompt": "a landscape painting", **EDIT_SAMPLING, "strength": strength},
+                title=f"VILA-U Variations ({strength})", size=[360, 380])
+               for i, (k, strength) in enumerate([("25", 0.25), ("50", 0.5), ("75", 0.75)])},
+            "stitch_1": stitch([1140, 60], "Image Stitch (source | 0.25)"),
+            "stitch_2": stitch([1140, 300], "Image Stitch (| 0.5)"),
+            "stitch_3": stitch([1140, 540], "Image Stitch (| 0.75)"),
+            "save": node("SaveImage", [1480, 60], {"filename_prefix": "VILA-U/variations"}, size=[520, 300]),
+            "note": node("Note", [40, 680], {"text": (
+                "Variations by residual depth: each grid position is a stack of codes from coarse to fine. "
+                "strength 0.25 keeps 3 of the 4 depths of the 256 px model, 0.5 keeps 2, 0.75 keeps 1; the "
+                "rest are resampled under the prompt. Side by side: source, then the three strengths.")},
+                size=[320, 180]),
+        },
+        "links": [("loader", "model", "encode", "model"), ("loader", "model", "decode", "model"),
+                  ("image", "IMAGE", "encode", "image"), ("encode", "latent", "decode", "latent"),
+                  *[link for k in ("25", "50", "75") for link in
+                    [("loader", "model", f"vary_{k}", "model"), ("encode", "latent", f"vary_{k}", "latent")]],
+                  ("decode", "image", "stitch_1", "image1"), ("vary_25", "image", "stitch_1", "image2"),
+                  ("stitch_1", "IMAGE", "stitch_2", "image1"), ("vary_50", "image", "stitch_2", "image2"),
+                  ("stitch_2", "IMAGE", "stitch_3", "image1"), ("vary_75", "image", "stitch_3", "image2"),
+                  ("stitch_3", "IMAGE", "save", "images")],
+    },
+    "vila-u-to-controlnet": {
+        "nodes": {
+            "loader": {**LOADER, "pos": [40, 60]},
+            "t2i": node("VILAU_TextToImage", [40, 280], {
+                "prompt": "a lighthouse on a rocky coast at sunset", "negative_prompt": "", "cfg": 3.0,
+                "seed": 42, "control_after_generate": "randomize", "batch_size": 1}, size=[360, 420]),
+            "scale": node("ImageScale", [440, 60], {"upscale_method": "lanczos", "width": 512, "height": 512,
+                                                    "crop": "disabled"}),
+            "canny": node("Canny", [440, 260], {"low_threshold": 0.2, "high_threshold": 0.5}),
+            "edges": node("PreviewImage", [440, 420], size=[260, 280], title="Canny edges"),
+            "ckpt": node("CheckpointLoaderSimple", [760, 60], {"ckpt_name": SD_CHECKPOINT}, sd=True),
+            "cnet": node("ControlNetLoader", [760, 220], {"control_net_name": CONTROLNET}, sd=True),
+            "positive": node("CLIPTextEncode", [760, 340], {"text": "a lighthouse on a rocky coast at sunset, "
+                                                                    "oil painting"},
+                             title="CLIP Text Encode (positive)", size=[360, 120], sd=True),
+            "negative": node("CLIPTextEncode", [760, 500], {"text": "blurry, low quality"},
+                             title="CLIP Text Encode (negative)", size=[360, 120], sd=True),
+            "apply": node("ControlNetApplyAdvanced", [1160, 60], {"strength": 0.8, "start_percent": 0.0,
+                                                                   "end_percent": 0.8}, sd=True),
+            "latent": node("EmptyLatentImage", [1160, 300], {"width": 512, "height": 512, "batch_size": 1}, sd=True),
+            "sampler": node("KSampler", [1500, 60], {
+                "seed": 0, "control_after_generate": "randomize", "steps": 20, "cfg": 7.0,
+                "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}, sd=True),
+            "decode": node("VAEDecode", [1840, 60], sd=True),
+            "save": node("SaveImage", [1840, 180], {"filename_prefix": "VILA-U/controlnet"}, size=[400, 420],
+                         sd=True),
+            "note": node("Note", [440, 740], {"text": (
+                "VILA-U composes the picture; its Canny edges steer a Stable Diffusion 1.5 ControlNet that "
+                "re-renders it. Pick your SD 1.5 checkpoint (models/checkpoints) and a Canny ControlNet "
+                "(models/controlnet) in the group on the right.")}, size=[360, 160]),
+        },
+        "links": [("loader", "model", "t2i", "model"), ("t2i", "image", "scale", "image"),
+                  ("scale", "IMAGE", "canny", "image"), ("canny", "IMAGE", "edges", "images"),
+                  ("ckpt", "CLIP", "positive", "clip"), ("ckpt", "CLIP", "negative", "clip"),
+                  ("positive", "CONDITIONING", "apply", "positive"), ("negative", "CONDITIONING", "apply", "negative"),
+                  ("cnet", "CONTROL_NET", "apply", "control_net"), ("canny", "IMAGE", "apply", "image"),
+                  ("ckpt", "MODEL", "sampler", "model"), ("apply", "positive", "sampler", "positive"),
+                  ("apply", "negative", "sampler", "negative"), ("latent", "LATENT", "sampler", "latent_image"),
+                  ("sampler", "LATENT", "decode", "samples"), ("ckpt", "VAE", "decode", "vae"),
+                  ("decode", "IMAGE", "save", "images")],
+        "groups": [{"title": "Stable Diffusion 1.5 + ControlNet: needs a checkpoint and a Canny ControlNet",
+                    "sd": True}],
+    },
+    "vila-u-model-upscale": {
+        "nodes": {
+            "loader": {**LOADER, "pos": [40, 60]},
+            "t2i": node("VILAU_TextToImage", [40, 280], {
+                "prompt": "a photo of a red fox sitting in fresh snow, golden hour, sharp focus",
+                "negative_prompt": "", "cfg": 3.0, "seed": 42, "control_after_generate": "randomize",
+                "batch_size": 1}, size=[360, 420]),
+            "preview": node("PreviewImage", [440, 300], size=[280, 300]),
+            "upscaler": node("UpscaleModelLoader", [440, 60], {"model_name": UPSCALE_MODEL}, sd=True),
+            "upscale": node("ImageUpscaleWithModel", [780, 60], sd=True),
+            "save": node("SaveImage", [780, 180], {"filename_prefix": "VILA-U/model_upscale"}, size=[420, 440],
+                         sd=True),
+            "note": node("Note", [40, 740], {"text": (
+                "VILA-U's 256 px image through an upscale model (ESRGAN-style, e.g. 4x-UltraSharp, in "
+                "models/upscale_models): pick yours in Load Upscale Model.")}, size=[360, 120]),
+        },
+        "links": [("loader", "model", "t2i", "model"), ("t2i", "image", "preview", "images"),
+                  ("t2i", "image", "upscale", "image"), ("upscaler", "UPSCALE_MODEL", "upscale", "upscale_model"),
+                  ("upscale", "IMAGE", "save", "images")],
+        "groups": [{"title": "Needs an upscale model in models/upscale_models", "sd": True}],
+    },
 }
 
 BUILD_JS = """
@@ -283,8 +407,8 @@ def build(page: comfy_browser.ComfyPage, name: str, spec: dict) -> dict:
     ds = {"scale": round(ds["scale"], 3), "offset": [round(v, 1) for v in ds["offset"]]}
     workflow = tidy(page.serialize(), ds)
     sd_ids = [ids[k] for k, n in spec["nodes"].items() if n.get("sd")]
-    if sd_ids:  # which nodes need Stable Diffusion models, for the tests (they mute them)
-        workflow["extra"]["vila_u"] = {"needs_sd_checkpoint": sd_ids}
+    if sd_ids:  # which nodes need model files not shipped here (SD, ControlNet, upscaler): tests mute them
+        workflow["extra"]["vila_u"] = {"needs_model_files": sd_ids}
     return workflow
 
 
@@ -298,7 +422,7 @@ def thumbnail(page: comfy_browser.ComfyPage, server: cs.ComfyServer, name: str, 
             page.set_widget(n["id"], "model", tiny)
         if n["type"] in ("VILAU_ImageQA", "VILAU_VideoQA", "VILAU_CaptionFolder"):
             page.set_widget(n["id"], "max_new_tokens", 24)
-    page.set_mode(workflow_api.sd_node_ids(workflow), workflow_api.MODE_NEVER)
+    page.set_mode(workflow_api.model_node_ids(workflow), workflow_api.MODE_NEVER)
     server.wait(page.queue(), timeout=600)
     page.page.wait_for_timeout(1500)  # previews load
     page.dismiss_toasts()
@@ -317,6 +441,7 @@ def main() -> None:
     parser.add_argument("--no-thumbnails", action="store_true")
     parser.add_argument("--thumbnails-only", action="store_true")
     parser.add_argument("--keep", action="store_true", help="keep the run folder (screenshots, logs)")
+    parser.add_argument("--only", action="append", choices=sorted(TEMPLATES), help="build only this template (repeat)")
     args = parser.parse_args()
 
     run = Path(tempfile.mkdtemp(prefix="vilau-build-workflows-"))
@@ -330,6 +455,8 @@ def main() -> None:
             raise SystemExit(server.log_tail())
         with comfy_browser.ComfyPage(server.url, screenshot_dir=run / "shots") as page:
             for name, spec in TEMPLATES.items():
+                if args.only and name not in args.only:
+                    continue
                 path = WORKFLOWS / f"{name}.json"
                 if args.thumbnails_only:
                     workflow = json.loads(path.read_text(encoding="utf-8"))

@@ -154,7 +154,7 @@ def open_and_queue(page, server, object_info, name: str) -> tuple[dict, dict]:
     for node_id, values in overrides.items():
         for widget, value in values.items():
             page.set_widget(node_id, widget, value)
-    muted = wa.sd_node_ids(workflow)
+    muted = wa.model_node_ids(workflow)
     if muted:  # no SD checkpoint here: mute the Stable Diffusion part, as a person without one would
         page.set_mode(muted, wa.MODE_NEVER)
 
@@ -215,7 +215,7 @@ def test_template_runs_from_the_front_end(page, server, object_info, name):
     ran = {str(n) for n in outputs}
     for node_type in ("SaveImage", "SaveVideo", "PreviewImage"):
         for node_id in node_ids(workflow, node_type):
-            if node_id in wa.sd_node_ids(workflow):
+            if node_id in wa.model_node_ids(workflow):
                 assert str(node_id) not in ran, f"muted SD node {node_id} ran"
                 continue
             files = server.output_files(entry, str(node_id))

@@ -6,9 +6,10 @@ values the inputs accept (combo values from the list, numbers within min/max).
 Then it is converted to an API-format prompt (comfy_harness/workflow_api.py, checked
 against the front end's own conversion in tests/test_browser.py) and queued with
 a tiny random model swapped in for the published one; its outputs are checked.
-The Stable Diffusion part of the caption template needs an SD checkpoint that
-does not exist here: it is muted (left out of the prompt), as a person without
-one would do.
+The Stable Diffusion, ControlNet and upscale-model parts of some templates need
+model files that do not exist here: they are muted (left out of the prompt), as
+a person without them would do; their nodes, links and widget values are still
+checked against /object_info.
 
 When a node's inputs change, rebuild the templates with
 `.venv/bin/python scripts/build_workflows.py`.
@@ -38,11 +39,20 @@ TEMPLATES = {
     "vila-u-video-qa": "video Q&A",
     "vila-u-text-to-video": "text-to-video saved as mp4",
     "vila-u-rqvae-blend": "RQ-VAE round trip with a latent blend",
+    "vila-u-inpaint": "inpaint a painted mask",
+    "vila-u-variations": "variations at three strengths, side by side",
+    "vila-u-to-controlnet": "VILA-U composition -> Canny -> ControlNet -> Stable Diffusion",
+    "vila-u-model-upscale": "text-to-image through an upscale model",
 }
+# templates with nodes that need model files not shipped here (muted in the runs below)
+NEEDS_MODEL_FILES = {"vila-u-caption-to-sd", "vila-u-to-controlnet", "vila-u-model-upscale"}
 DEFAULT_MODEL = "mit-han-lab/vila-u-7b-256"
 CONTROL_VALUES = {"fixed", "increment", "decrement", "randomize"}
 # model files a template may name although this ComfyUI has none (no SD checkpoint here)
-REPLACEABLE_MODEL_FILES = {("CheckpointLoaderSimple", "ckpt_name")}
+REPLACEABLE_MODEL_FILES = {
+    ("CheckpointLoaderSimple", "ckpt_name"), ("ControlNetLoader", "control_net_name"),
+    ("UpscaleModelLoader", "model_name"),
+}
 # nodes with the pack's answer box (web/js/vilau.js QA_NODES): it saves its text after the input widgets
 ANSWER_BOX_NODES = {"VILAU_ImageQA", "VILAU_VideoQA", "VILAU_CaptionFolder"}
 SHORT_ANSWERS = {"max_new_tokens": 16}  # the tiny model rarely ends an answer by itself
@@ -182,13 +192,13 @@ def widget_problem(node_type: str, name: str, spec: list, value) -> str | None:
 @pytest.mark.parametrize("name", TEMPLATES)
 def test_template_gives_every_required_input(object_info, name):
     workflow = load(name)
-    muted = set(wa.sd_node_ids(workflow))
+    muted = set(wa.model_node_ids(workflow))
     prompt = wa.to_api(workflow, object_info)  # nothing muted: the whole graph as its author meant it
     for node_id, entry in prompt.items():
         required = object_info[entry["class_type"]]["input"].get("required", {})
         missing = [n for n in required if n not in entry["inputs"]]
         assert not missing, f"{name} node {node_id} ({entry['class_type']}) lacks {missing}"
-    assert muted <= {int(i) for i in prompt}, "needs_sd_checkpoint names nodes that are not in the template"
+    assert muted <= {int(i) for i in prompt}, "needs_model_files names nodes that are not in the template"
 
 
 @pytest.mark.parametrize("name", TEMPLATES)
@@ -199,14 +209,15 @@ def test_template_loads_the_published_256_model_by_default(name):
     assert (model, dtype, device, download) == (DEFAULT_MODEL, "auto", "auto", True)
 
 
-def test_only_the_sd_template_needs_an_sd_checkpoint_and_says_which_nodes():
-    sd_types = {"CheckpointLoaderSimple", "KSampler", "VAEDecode", "CLIPTextEncode", "EmptyLatentImage"}
+def test_templates_that_need_model_files_say_which_nodes():
+    model_types = {"CheckpointLoaderSimple", "KSampler", "VAEDecode", "CLIPTextEncode", "EmptyLatentImage",
+                   "ControlNetLoader", "ControlNetApplyAdvanced", "UpscaleModelLoader", "ImageUpscaleWithModel"}
     for name in TEMPLATES:
         workflow = load(name)
-        needs = {n["id"] for n in workflow["nodes"] if n["type"] in sd_types}
-        listed = set(wa.sd_node_ids(workflow))
-        assert needs <= listed, f"{name}: SD nodes {needs - listed} are not in extra.vila_u.needs_sd_checkpoint"
-        assert bool(listed) == (name == "vila-u-caption-to-sd"), name
+        needs = {n["id"] for n in workflow["nodes"] if n["type"] in model_types}
+        listed = set(wa.model_node_ids(workflow))
+        assert needs <= listed, f"{name}: nodes {needs - listed} are not in extra.vila_u.needs_model_files"
+        assert bool(listed) == (name in NEEDS_MODEL_FILES), name
 
 
 def test_converter_reads_control_after_generate_as_no_input(object_info):
@@ -225,7 +236,7 @@ def test_converter_feeds_the_caption_into_the_clip_text_widget(object_info):
     qa_id = str(wa.nodes_of_type(workflow, "VILAU_ImageQA")[0]["id"])
     captions = [e for e in prompt.values() if e["class_type"] == "CLIPTextEncode" and e["inputs"]["text"] == [qa_id, 0]]
     assert len(captions) == 1, prompt
-    muted = wa.to_api(workflow, object_info, muted=set(wa.sd_node_ids(workflow)))
+    muted = wa.to_api(workflow, object_info, muted=set(wa.model_node_ids(workflow)))
     assert sorted(e["class_type"] for e in muted.values()) == ["LoadImage", "VILAU_ImageQA", "VILAU_ModelLoader"]
 
 
@@ -237,7 +248,7 @@ def run_template(server, object_info, name: str) -> tuple[dict, dict, dict]:
     workflow = load(name)
     overrides = wa.model_overrides(workflow, TINY, VILAU_ImageQA=SHORT_ANSWERS, VILAU_VideoQA=SHORT_ANSWERS,
                                    VILAU_CaptionFolder=SHORT_ANSWERS)
-    prompt = wa.to_api(workflow, object_info, overrides, muted=set(wa.sd_node_ids(workflow)))
+    prompt = wa.to_api(workflow, object_info, overrides, muted=set(wa.model_node_ids(workflow)))
     entry = server.run(prompt, timeout=300)
     return workflow, prompt, entry
 
@@ -327,6 +338,40 @@ def test_rqvae_template_saves_round_trip_and_blend(server, object_info):
             pictures[prefix] = np.asarray(im.convert("RGB"), dtype=np.float32)
     round_trip, blend = pictures["VILA-U/rqvae_round_trip"], pictures["VILA-U/rqvae_blend"]
     assert np.abs(round_trip - blend).mean() > 1.0, "blending with a second image changed nothing"
+
+
+def test_inpaint_template_regenerates_the_painted_square(server, object_info):
+    import numpy as np
+    from PIL import Image
+
+    workflow, _, entry = run_template(server, object_info, "vila-u-inpaint")
+    (save,) = ids_of(workflow, "SaveImage")
+    (region,) = ids_of(workflow, "PreviewImage")
+    [path] = server.output_files(entry, save)
+    assert image_size(path) == (64, 64)
+    [mask] = server.output_files(entry, region)
+    with Image.open(mask) as im:
+        regenerated = np.asarray(im.convert("L")) > 127
+    # the painted square (pixels 64..159 x 96..191 of 256) covers grid rows 2..4 and columns 3..5 of 8
+    expected = np.zeros((8, 8), dtype=bool)
+    expected[2:5, 3:6] = True
+    assert np.array_equal(regenerated[::8, ::8], expected)
+
+
+def test_variations_template_saves_source_and_three_strengths_side_by_side(server, object_info):
+    workflow, _, entry = run_template(server, object_info, "vila-u-variations")
+    (save,) = ids_of(workflow, "SaveImage")
+    [path] = server.output_files(entry, save)
+    assert image_size(path) == (4 * 64 + 3 * 8, 64)  # four 64 px panels, 8 px apart
+
+
+@pytest.mark.parametrize("name", ["vila-u-to-controlnet", "vila-u-model-upscale"])
+def test_templates_needing_model_files_run_their_vila_u_part(server, object_info, name):
+    workflow, prompt, entry = run_template(server, object_info, name)
+    (preview,) = ids_of(workflow, "PreviewImage")
+    [path] = server.output_files(entry, preview)
+    assert image_size(path) == ((512, 512) if name == "vila-u-to-controlnet" else (64, 64))
+    assert not {"KSampler", "UpscaleModelLoader"} & {e["class_type"] for e in prompt.values()}
 
 
 # ---- README -----------------------------------------------------------------------------
