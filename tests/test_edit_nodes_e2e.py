@@ -155,13 +155,17 @@ def test_continue_image_keeps_everything_when_asked_and_regenerates_the_bottom(s
         "8": edit("VILAU_ContinueImage", keep_rows=4, image=["2", 0]),
         "9": save(["8", 0], "continue_half"),
     }
-    entry = server.run(graph, timeout=300)
+    with server.websocket() as ws:
+        entry = server.run(graph, timeout=300, client_id=ws.client_id)
+        ws.wait_for(lambda m: m.get("type") == "executing" and m["data"].get("node") is None)
+        progress = [m["data"]["value"] for m in ws.of_type("progress") if m["data"]["node"] == "8"]
     [source], [kept_all], [half] = (pngs(server, entry, n) for n in ("5", "7", "9"))
-    assert np.abs(kept_all - source).max() <= 1
-    # the decoder mixes rows (attention at grid resolution), so the kept top changes a little;
-    # measured: ~3 grey levels on average on top against ~60 below
-    top, bottom = np.abs(half[:32] - source[:32]).mean(), np.abs(half[32:] - source[32:]).mean()
-    assert top * 4 < bottom, (top, bottom)
+    assert np.abs(kept_all - source).max() <= 1  # every code kept: the source's codes, decoded alike
+    # the kept rows' codes are exact (tests/test_editing.py); their pixels are not compared, since the
+    # tiny decoder's attention at grid resolution lets every position's pixels depend on all codes
+    assert np.abs(half[32:] - source[32:]).mean() > 20
+    # the 4 kept rows (32 positions) are read in one pass, then one step per position
+    assert progress[0] == 32 and progress[-1] == 64 and len(progress) == 33, progress[:3]
 
 
 def test_extend_video_keeps_the_given_frames(server):
