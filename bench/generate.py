@@ -1,6 +1,6 @@
 """Benchmark text-to-image generation on random-weight models of chosen sizes.
 
-    python bench/generate.py --preset tiny|medium|full [--batch 1 4] [--dtype ...] [--device ...] [--images 1]
+    python bench/generate.py --preset tiny|medium|full [--batch 1 4] [--dtype ...] [--device ...] [--quantize none|int8|4bit]
 
 Presets (random weights, built in memory, no files):
   tiny    the golden fixture's geometry: LLM 80 wide x 2 layers, SigLIP 64, 16x16 grid, depth 4, 1024 codes
@@ -37,6 +37,7 @@ from vilau_backend.config import (  # noqa: E402
 from vilau_backend.generate import ImageSampling, generate_codes  # noqa: E402
 from vilau_backend.model import VilaUModel, VisionTower, resolve_device, resolve_dtype  # noqa: E402
 from vilau_backend.projector import Projector  # noqa: E402
+from vilau_backend.quantize import DEPTH_TARGETS, LLM_TARGETS, QUANTIZE_CHOICES, quantize_module  # noqa: E402
 from vilau_backend.tokenizer import VilaTokenizer  # noqa: E402
 from vilau_backend.tiny import write_tokenizer  # noqa: E402
 
@@ -48,7 +49,8 @@ PRESETS = {
 }
 
 
-def build_random_model(preset: str, dtype: torch.dtype, device: torch.device, workdir: Path) -> VilaUModel:
+def build_random_model(preset: str, dtype: torch.dtype, device: torch.device, workdir: Path,
+                       quantize: str = "none") -> VilaUModel:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     p = PRESETS[preset]
@@ -88,7 +90,10 @@ def build_random_model(preset: str, dtype: torch.dtype, device: torch.device, wo
     finally:
         torch.set_default_dtype(previous)
     assert n_words > 0
-    return VilaUModel(config, tokenizer, llm, vision, projector, dtype)
+    if quantize != "none":  # the same layers VilaUModel.load quantizes
+        quantize_module(llm, quantize, LLM_TARGETS, dtype)
+        quantize_module(vision.depth, quantize, DEPTH_TARGETS, dtype)
+    return VilaUModel(config, tokenizer, llm, vision, projector, dtype, quantize)
 
 
 def peak_memory_mb(device: torch.device) -> str:
@@ -103,15 +108,17 @@ def main() -> None:
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: bf16 on GPU, fp32 on CPU)")
     parser.add_argument("--device", default=None)
+    parser.add_argument("--quantize", choices=QUANTIZE_CHOICES, default="none",
+                        help="weight-only quantization of the LLM and depth transformer (default none)")
     parser.add_argument("--repeats", type=int, default=1, help="timed runs per batch size (after one warm-up)")
     args = parser.parse_args()
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        model = build_random_model(args.preset, dtype, device, Path(tmp))
-        print(f"preset {args.preset}: built in {time.perf_counter() - t0:.1f} s on {device} ({dtype}); "
-              f"{sum(p.numel() for p in model.networks.parameters()) / 1e6:.1f} M parameters; {torch.get_num_threads()} threads")
+        model = build_random_model(args.preset, dtype, device, Path(tmp), quantize=args.quantize)
+        print(f"preset {args.preset}: built in {time.perf_counter() - t0:.1f} s on {device} ({dtype}, quantize "
+              f"{args.quantize}); {model.weight_bytes() / 2**20:.0f} MiB of weights; {torch.get_num_threads()} threads")
         P = model.config.tokens_per_image
         generate_codes(model, "warm-up", num_images=1, seed=0)  # first-call allocations, lazy inits
         for batch in args.batch:

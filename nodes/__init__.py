@@ -14,11 +14,11 @@ class VilaUExtension(ComfyExtension):
         from .captioning import CaptionFolder
         from .editing import ContinueImage, ExtendVideo, Inpaint, VaryByDepth
         from .generation import TextToImage, TextToVideo
-        from .loader import ModelLoader
+        from .loader import ModelLoader, UnloadModel
         from .rqvae import RQVAEDecode, RQVAEEncode
         from .understanding import ImageQA, VideoQA
 
         return [
-            ModelLoader, ImageQA, VideoQA, CaptionFolder, TextToImage, TextToVideo, RQVAEEncode, RQVAEDecode,
-            Inpaint, VaryByDepth, ContinueImage, ExtendVideo,
+            ModelLoader, UnloadModel, ImageQA, VideoQA, CaptionFolder, TextToImage, TextToVideo, RQVAEEncode,
+            RQVAEDecode, Inpaint, VaryByDepth, ContinueImage, ExtendVideo,
         ]

@@ -6,6 +6,7 @@ from fractions import Fraction
 
 from comfy_api.latest import io
 
+from .model_cache import releases_after_use
 from .progress import PositionProgress
 from .schema import CATEGORY, advanced, model_input, seed_input
 from .vilau_latent import make_vilau_latent
@@ -109,6 +110,7 @@ class TextToImage(io.ComfyNode):
         return check_prompt(prompt)
 
     @classmethod
+    @releases_after_use
     def execute(cls, model, prompt: str, **options) -> io.NodeOutput:
         """options: the other generation inputs (negative_prompt, cfg, seed, batch_size, temperature, top_k, top_p)."""
         from ..vilau_backend.generate import generate_images
@@ -155,6 +157,7 @@ class TextToVideo(io.ComfyNode):
         return check_prompt(prompt)
 
     @classmethod
+    @releases_after_use
     def execute(cls, model, prompt: str, frames: int, fps: float, **options) -> io.NodeOutput:
         """options: the other generation inputs, as for Text to Image."""
         from comfy_api.latest import InputImpl, Types

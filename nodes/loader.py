@@ -5,7 +5,8 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from . import model_cache, model_files
-from .schema import CATEGORY, VilaUModelSocket, check_combo
+from .progress import show_status
+from .schema import CATEGORY, VilaUModelSocket, check_combo, model_input
 
 
 class ModelLoader(io.ComfyNode):
@@ -43,7 +44,31 @@ class ModelLoader(io.ComfyNode):
                     "device",
                     options=model_cache.device_choices(),
                     default="auto",
-                    tooltip="Where the model runs. auto: ComfyUI's device (the CPU when ComfyUI runs with --cpu).",
+                    tooltip=(
+                        "Where the model runs. auto: ComfyUI's device (the CPU when ComfyUI runs with --cpu). "
+                        "'all GPUs' (with two or more): the LLM's layers are split over every GPU."
+                    ),
+                ),
+                io.Combo.Input(
+                    "quantize",
+                    options=list(model_cache.QUANTIZE_CHOICES),
+                    default="none",
+                    tooltip=(
+                        "Weight-only quantization of the LLM's layers and the depth transformer (the vision tower "
+                        "and decoder keep dtype). none: about 14 GB of VRAM for the 7B models in bf16. int8: about "
+                        "half (torchao; CPU and GPU; codes agree with bf16 on ~96% of decisions). 4bit: about a "
+                        "third (bitsandbytes NF4; CPU and CUDA; needs `pip install bitsandbytes`; lower quality). "
+                        "Whatever does not fit in free VRAM streams from CPU memory, which is much slower."
+                    ),
+                ),
+                io.Boolean.Input(
+                    "keep_loaded",
+                    default=True,
+                    tooltip=(
+                        "On: the model stays loaded between runs (ComfyUI may still move it off the GPU when other "
+                        "models need the room). Off: its VRAM and RAM are freed after every VILA-U node that uses "
+                        "it, and the next use reads the weights from disk again."
+                    ),
                 ),
                 io.Boolean.Input(
                     "download_if_missing",
@@ -72,12 +97,14 @@ class ModelLoader(io.ComfyNode):
         return True
 
     @classmethod
-    def execute(cls, model: str, dtype: str, device: str, download_if_missing: bool) -> io.NodeOutput:
+    def execute(cls, model: str, dtype: str, device: str, download_if_missing: bool, quantize: str = "none",
+                keep_loaded: bool = True) -> io.NodeOutput:
         import comfy.model_management
         import comfy.utils
 
         check_combo("dtype", dtype, list(model_cache.DTYPE_CHOICES))
         check_combo("device", device, model_cache.device_choices())
+        check_combo("quantize", quantize, list(model_cache.QUANTIZE_CHOICES))
         bar = None
 
         def progress(done: int, total: int) -> None:
@@ -92,9 +119,10 @@ class ModelLoader(io.ComfyNode):
             bar.update_absolute(done, total)
 
         folder = model_files.resolve_model(model, download_if_missing, progress)
-        loaded = model_cache.get_model(model, folder, dtype, device)
-        warn_if_slow_on_cpu(loaded.key.dtype, loaded.key.device, cls.hidden.unique_id)
-        return io.NodeOutput(loaded)
+        loaded = model_cache.get_model(model, folder, dtype, device, quantize, keep_loaded)
+        # where the weights are (and whether layers stream from CPU memory), after any warning
+        show_status(cls.hidden.unique_id, "\n".join(filter(None, [warn_if_slow_on_cpu(loaded.key), loaded.status])))
+        return io.NodeOutput(loaded, ui={"text": [loaded.status]})
 
 
 def slow_on_cpu_warning(dtype: str, device: str) -> str | None:
@@ -107,15 +135,44 @@ def slow_on_cpu_warning(dtype: str, device: str) -> str | None:
     )
 
 
-def warn_if_slow_on_cpu(dtype: str, device: str, node_id: str | None) -> None:
-    """In the log, and as text on the loader node."""
+def warn_if_slow_on_cpu(key: model_cache.ModelKey) -> str | None:
+    """In the log; returned for the text on the loader node."""
     import logging
 
-    message = slow_on_cpu_warning(dtype, device)
-    if message is None:
-        return
-    logging.warning(message)
-    if node_id is not None:
-        from server import PromptServer
+    message = slow_on_cpu_warning(key.dtype, key.device)
+    if message is not None:
+        logging.warning(message)
+    return message
 
-        PromptServer.instance.send_progress_text(message, node_id)
+
+class UnloadModel(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="VILAU_UnloadModel",
+            display_name="VILA-U Unload Model",
+            category=CATEGORY,
+            description=(
+                "Frees the VILA-U model's VRAM and RAM now. Connect what must be finished first (an answer, an "
+                "image...) to `value`: this node runs after it and passes it on unchanged, so it can sit in the "
+                "middle of a chain. The next VILA-U node that needs the model loads it again."
+            ),
+            inputs=[
+                model_input(),
+                io.AnyType.Input("value", optional=True,
+                                 tooltip="Anything that must be computed before the model is freed; passed through."),
+            ],
+            outputs=[io.AnyType.Output(display_name="value", tooltip="The `value` input, unchanged.")],
+            not_idempotent=True,  # frees memory every run, even when its inputs come from the cache
+            hidden=[io.Hidden.unique_id],
+        )
+
+    @classmethod
+    def fingerprint_inputs(cls, **kwargs) -> float:
+        return float("nan")  # never equal to itself: ComfyUI runs the node every time
+
+    @classmethod
+    def execute(cls, model, value=None) -> io.NodeOutput:
+        model.release()
+        show_status(cls.hidden.unique_id, model.status)
+        return io.NodeOutput(value, ui={"text": [model.status]})

@@ -1,10 +1,17 @@
-"""Loaded VILA-U models: one instance per (folder, dtype, device), registered with ComfyUI's model management.
+"""Loaded VILA-U models: one instance per (folder, dtype, device, quantize), registered with ComfyUI's model management.
 
-The model's weights (`VilaUModel.networks`, one plain nn.ModuleDict) are wrapped in
-a ModelPatcher, as ComfyUI does for CLIP vision and VAEs: other models can then
-push it off the GPU when they need the memory, and every node calls
-`LoadedVilaU.ready()` to move it back before use. The backend reads the model's
-device from its weights, so it follows such moves.
+The model's weights are wrapped in a ModelPatcher, as ComfyUI does for CLIP
+vision and VAEs, with their real size (quantized layers at their packed size):
+other models can then push it off the GPU when they need the memory, ComfyUI
+frees other models first when this one needs room, and every node calls
+`LoadedVilaU.ready()` (through `use()`) to move it back before use. The backend
+reads the model's device from its weights, so it follows such moves.
+
+When the weights do not fit in the GPU's free memory even after ComfyUI freed
+what it could, the LLM layers that do not fit stay in CPU memory and stream to the
+GPU layer by layer at every step (vilau_backend/placement.py); the patcher then
+wraps only the part that lives on the GPU. With device "all GPUs" the LLM's layers
+are split over every visible GPU instead.
 
 Instances are cached here, at module level and not on a node: the same options
 give the same object for as long as anything holds it (a weak cache). The most
@@ -12,66 +19,226 @@ recently used one is also held here, so that switching workflows or running with
 ComfyUI's output cache off does not reload 7B weights for every prompt; that hold
 ends when ComfyUI unloads the model (the Unload Models button, or another model
 needing the memory), so that the RAM goes back once no graph uses the model.
+`release()` (the VILA-U Unload Model node, or keep_loaded off after each use)
+drops the weights at once; the next use reads them again.
 """
 
 from __future__ import annotations
 
+import functools
+import gc
 import logging
 import threading
 import weakref
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 DTYPE_CHOICES = {"auto": None, "bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+QUANTIZE_CHOICES = ("none", "int8", "4bit")  # vilau_backend.quantize.QUANTIZE_CHOICES, without importing torch
+ALL_GPUS = "all GPUs"  # a device choice: the LLM's layers split over every visible GPU
+GiB = 2**30
 
 
 @dataclass(frozen=True)
 class ModelKey:
     folder: str  # resolved path of the model folder
     dtype: str  # 'float32', 'bfloat16' or 'float16'
-    device: str  # the device it runs on: 'cpu', 'cuda:0', ...
+    device: str  # the device it runs on: 'cpu', 'cuda:0', ..., or ALL_GPUS
+    quantize: str = "none"  # 'none', 'int8' or '4bit'
 
 
 class LoadedVilaU:
-    """What travels on a VILAU_MODEL socket."""
+    """What travels on a VILAU_MODEL socket: a handle that loads the weights when needed and can drop them."""
 
-    def __init__(self, key: ModelKey, name: str, model: Any, patcher: Any):
+    def __init__(self, key: ModelKey, name: str, target):
         self.key = key
         self.name = name
-        self.model = model  # vilau_backend.model.VilaUModel
-        self.patcher = patcher  # comfy.model_patcher.ModelPatcher around model.networks
+        self.target = target  # torch.device everything but split LLM layers runs on
+        self.keep_loaded = True
+        self.model: Any = None  # vilau_backend.model.VilaUModel, None while released
+        self.patcher: Any = None  # comfy.model_patcher.ModelPatcher around the weights that live on `target`
+        self.placement: Any = None  # vilau_backend.placement.Placement when layers stream or are split
+        self.status = ""  # where the weights are, for the loader node to show
 
     def ready(self):
         """The backend model, its weights on the load device (after other models may have moved them)."""
         import comfy.model_management as mm
 
-        mm.load_models_gpu([self.patcher], force_full_load=True)
-        _last[:] = [self]
-        return self.model
+        with _lock:
+            if self.model is None:
+                self._load()
+                self._fit()
+            mm.load_models_gpu([self.patcher], force_full_load=True)
+            _last[:] = [self]
+            return self.model
+
+    @contextmanager
+    def use(self):
+        """`with loaded.use() as model:` the model for one node's work; afterwards its weights are dropped
+        unless the loader's keep_loaded is on."""
+        model = self.ready()
+        try:
+            yield model
+        finally:
+            if not self.keep_loaded:
+                self.release()
+
+    def release(self) -> None:
+        """Take the model out of ComfyUI's model management and drop its weights (VRAM and RAM)."""
+        import comfy.model_management as mm
+
+        with _lock:
+            if self.model is None:
+                return
+            _unregister(self.patcher)
+            if self.placement is not None:
+                from ..vilau_backend.placement import remove_placement
+
+                remove_placement(self.model)
+            self.model = self.patcher = self.placement = None
+            self.status = f"{self.name}: released; the next use loads it again"
+            if _last and _last[0] is self:
+                _last.clear()
+        gc.collect()
+        mm.soft_empty_cache()
+        _return_freed_memory()
+        logging.info("VILA-U: released %s", self.name)
+
+    def _load(self) -> None:
+        import comfy.model_management as mm
+
+        from ..vilau_backend.model import VilaUModel
+
+        # weights rest on ComfyUI's offload device (the CPU, unless --highvram / --gpu-only keeps
+        # them on the GPU) and load_models_gpu moves them to the target, as for every core model
+        offload = mm.unet_offload_device()
+        if self.target.type == "cpu" or offload.type != "cpu" and self.key.device != ALL_GPUS:
+            offload = self.target
+        logging.info("VILA-U: loading %s from %s (%s, quantize %s, runs on %s)", self.name, self.key.folder,
+                     self.key.dtype, self.key.quantize, self.key.device)
+        self.model = VilaUModel.load(self.key.folder, dtype=self.key.dtype, device=offload, quantize=self.key.quantize)
+
+    def _fit(self) -> None:
+        """Decide what lives on the GPU(s): everything, or what fits with the rest streamed / split."""
+        import comfy.model_management as mm
+
+        size = self.model.weight_bytes()
+        self.status = f"{self.name}: {size / GiB:.1f} GiB of weights ({self.key.quantize}) on {self.target}"
+        if self.target.type != "cpu":
+            budgets = _gpu_budgets(self.key.device, self.target, size)
+            if self.key.device == ALL_GPUS or budgets[str(self.target)] < size:
+                self._place(budgets)
+        if self.placement is None:
+            self.patcher = _patcher(self.model.networks, self.target, self.key, size)
+
+    def _place(self, budgets: dict[str, int]) -> None:
+        from ..vilau_backend.placement import apply_placement, plan_placement
+
+        self.placement = plan_placement(self.model, budgets, str(self.target))
+        resident = apply_placement(self.model, self.placement)
+        from ..vilau_backend.quantize import module_bytes
+
+        self.patcher = _patcher(resident, self.target, self.key, module_bytes(resident))
+        self.status = f"{self.name}: {self.placement.describe()}"
+        if self.placement.streamed:
+            self.status += (f". OFFLOADING: {self.placement.streamed} of {len(self.placement.layers)} LLM layers do "
+                            "not fit in free VRAM and stream from CPU memory at every step, which is much slower; "
+                            "free VRAM or choose quantize int8 / 4bit to keep them all on the GPU")
+            logging.warning("VILA-U: %s", self.status)
 
     def __repr__(self) -> str:
-        return f"LoadedVilaU({self.name!r}, {self.model.dtype}, {self.patcher.load_device})"
+        return f"LoadedVilaU({self.name!r}, {self.key.dtype}, {self.key.quantize}, {self.key.device})"
 
 
-_lock = threading.Lock()
+def releases_after_use(execute):
+    """For a node's `execute(cls, model, ...)`: when the model's loader has keep_loaded off, drop the
+    weights once the node is done (also after an error or a cancel)."""
+
+    @functools.wraps(execute)
+    def run(cls, *args, **kwargs):
+        model = kwargs.get("model", args[0] if args else None)
+        try:
+            return execute(cls, *args, **kwargs)
+        finally:
+            if isinstance(model, LoadedVilaU) and not model.keep_loaded:
+                model.release()
+
+    return run
+
+
+_lock = threading.RLock()
 _alive: weakref.WeakValueDictionary[ModelKey, LoadedVilaU] = weakref.WeakValueDictionary()
 _last: list[LoadedVilaU] = []  # the most recently used instance, held until ComfyUI unloads it
 
 
-def get_model(name: str, folder: Path, dtype: str, device: str) -> LoadedVilaU:
+def get_model(name: str, folder: Path, dtype: str, device: str, quantize: str = "none",
+              keep_loaded: bool = True) -> LoadedVilaU:
     """The cached instance for these options, loading it on first use."""
     # keyed by what the choices resolve to: 'auto' shares the instance of the device and dtype it picks
     target = load_device(device)
-    key = ModelKey(str(Path(folder).resolve()), _dtype(dtype, target), str(target))
+    key = ModelKey(str(Path(folder).resolve()), _dtype(dtype, target), device if device == ALL_GPUS else str(target),
+                   quantize)
     with _lock:
         loaded = _alive.get(key)
         if loaded is None:
-            loaded = _load(key, name, target)
+            loaded = LoadedVilaU(key, name, target)
             _alive[key] = loaded
+        loaded.keep_loaded = keep_loaded
     loaded.ready()
     return loaded
+
+
+def _patcher(module, target, key: ModelKey, size: int):
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    from comfy.patcher_extension import CallbacksMP
+
+    offload = mm.unet_offload_device() if target.type != "cpu" else target
+    # size given: ComfyUI would measure quantized tensors at their logical size
+    patcher = comfy.model_patcher.ModelPatcher(module, load_device=target, offload_device=offload, size=size)
+    patcher.add_callback(CallbacksMP.ON_DETACH, partial(_release, key))
+    return patcher
+
+
+def _gpu_budgets(device: str, target, size: int) -> dict[str, int]:
+    """Bytes of weights each GPU can take once ComfyUI has unloaded what it can, less working memory."""
+    import comfy.model_management as mm
+    import torch
+
+    reserve = max(GiB, int(getattr(mm, "minimum_inference_memory", lambda: GiB)()))
+    devices = [target] if device != ALL_GPUS else [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
+    budgets = {}
+    for dev in devices:
+        mm.free_memory(size + reserve, dev)  # other models go first
+        budgets[str(dev)] = max(0, int(mm.get_free_memory(dev)) - reserve)
+    return budgets
+
+
+def _return_freed_memory() -> None:
+    """Ask glibc to give freed heap memory back to the system: weights freed in many pieces otherwise
+    stay in the process's resident memory (Linux only; elsewhere the allocator does what it does)."""
+    import ctypes
+    import sys
+
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
+
+
+def _unregister(patcher) -> None:
+    """Unload a patcher and remove it from ComfyUI's list of loaded models."""
+    import comfy.model_management as mm
+
+    for i in reversed(range(len(mm.current_loaded_models))):
+        loaded = mm.current_loaded_models[i]
+        if loaded.model is patcher:
+            loaded.model_unload()
+            mm.current_loaded_models.pop(i)
 
 
 def load_device(device: str):
@@ -79,6 +246,8 @@ def load_device(device: str):
     import comfy.model_management as mm
     import torch
 
+    if device == ALL_GPUS:
+        return torch.device("cuda", 0)  # the vision tower, depth transformer and decoder run on the first
     return mm.get_torch_device() if device == "auto" else torch.device(device)
 
 
@@ -88,30 +257,13 @@ def device_choices() -> list[str]:
     choices = ["auto", "cpu"]
     if torch.cuda.is_available():
         choices += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+        if torch.cuda.device_count() > 1:
+            choices.append(ALL_GPUS)
     if getattr(torch, "xpu", None) is not None and torch.xpu.is_available():
         choices += [f"xpu:{i}" for i in range(torch.xpu.device_count())]
     if torch.backends.mps.is_available():
         choices.append("mps")
     return choices
-
-
-def _load(key: ModelKey, name: str, target) -> LoadedVilaU:
-    import comfy.model_management as mm
-    import comfy.model_patcher
-    from comfy.patcher_extension import CallbacksMP
-
-    from ..vilau_backend.model import VilaUModel
-
-    # weights rest on ComfyUI's offload device (the CPU, unless --highvram / --gpu-only keeps
-    # them on the GPU) and load_models_gpu moves them to the target, as for every core model
-    offload = mm.unet_offload_device()
-    if target.type == "cpu" or offload.type != "cpu":
-        offload = target
-    logging.info("VILA-U: loading %s from %s (%s, runs on %s)", name, key.folder, key.dtype, target)
-    model = VilaUModel.load(key.folder, dtype=key.dtype, device=offload)
-    patcher = comfy.model_patcher.ModelPatcher(model.networks, load_device=target, offload_device=offload)
-    patcher.add_callback(CallbacksMP.ON_DETACH, partial(_release, key))
-    return LoadedVilaU(key, name, model, patcher)
 
 
 def _release(key: ModelKey, patcher, unpatch_all: bool) -> None:

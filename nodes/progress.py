@@ -134,3 +134,12 @@ class CaptionProgress:
         if event.images:
             lines = [f"{image.name}: {text}" for image, text in zip(event.images, event.texts)]
             send_answer(self.node_id, [f"{event.done} of {event.total} images done\n" + "\n".join(lines)], done=False)
+
+
+def show_status(node_id: str | None, text: str) -> None:
+    """A line of status on a node (core progress text: the front end shows it on the node until the next run)."""
+    if node_id is None or not text:
+        return
+    from server import PromptServer
+
+    PromptServer.instance.send_progress_text(text, node_id)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
+from .model_cache import releases_after_use
 from .schema import CATEGORY, model_input
 from .vilau_latent import make_vilau_latent, vilau_latent_features
 
@@ -34,6 +35,7 @@ class RQVAEEncode(io.ComfyNode):
         )
 
     @classmethod
+    @releases_after_use
     def execute(cls, model, image) -> io.NodeOutput:
         vila = model.ready()
         encoded = vila.encode_images(image)
@@ -62,6 +64,7 @@ class RQVAEDecode(io.ComfyNode):
         )
 
     @classmethod
+    @releases_after_use
     def execute(cls, model, latent) -> io.NodeOutput:
         vila = model.ready()
         return io.NodeOutput(vila.decode_features(vilau_latent_features(vila, latent)))

@@ -6,6 +6,7 @@ from comfy_api.latest import io
 
 from ..vilau_backend.prompts import SYSTEM_PROMPT
 from ..vilau_backend.understand import DEFAULT_BATCH_SIZE, DEFAULT_MAX_NEW_TOKENS, TextSampling
+from .model_cache import releases_after_use
 from .progress import AnswerProgress
 from .schema import CATEGORY, advanced, check_combo, model_input, seed_input
 
@@ -141,6 +142,7 @@ class ImageQA(io.ComfyNode):
         return check_question(question)
 
     @classmethod
+    @releases_after_use
     def execute(
         cls, model, image, question: str, batch_mode: str, seed: int, max_new_tokens: int, do_sample: bool,
         temperature: float, top_k: int, top_p: float, repetition_penalty: float,
@@ -202,6 +204,7 @@ class VideoQA(io.ComfyNode):
         return check_question(question)
 
     @classmethod
+    @releases_after_use
     def execute(
         cls, model, question: str, seed: int, max_new_tokens: int, do_sample: bool, temperature: float,
         top_k: int, top_p: float, repetition_penalty: float, system_prompt: str = SYSTEM_PROMPT, frames=None,

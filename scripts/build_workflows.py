@@ -44,6 +44,7 @@ UPSCALE_MODEL = "4x-UltraSharp.pth"
 EDIT_SAMPLING = {"negative_prompt": "", "cfg": 3.0, "seed": 42, "control_after_generate": "fixed", "batch_size": 1}
 
 LOADER = {"type": "VILAU_ModelLoader", "widgets": {"model": DEFAULT_MODEL, "dtype": "auto", "device": "auto",
+                                                   "quantize": "none", "keep_loaded": True,
                                                    "download_if_missing": True}}
 
 

@@ -78,9 +78,10 @@ def input_images(server):
 # ---- graph pieces -----------------------------------------------------------------------
 
 
-def loader(model=TINY, dtype="auto", device="auto", download=True):
+def loader(model=TINY, dtype="auto", device="auto", download=True, quantize="none", keep_loaded=True):
     return {"class_type": "VILAU_ModelLoader",
-            "inputs": {"model": model, "dtype": dtype, "device": device, "download_if_missing": download}}
+            "inputs": {"model": model, "dtype": dtype, "device": device, "download_if_missing": download,
+                       "quantize": quantize, "keep_loaded": keep_loaded}}
 
 
 def qa_inputs(question, seed=0, max_new_tokens=20, greedy=True):
@@ -360,7 +361,7 @@ def test_requeued_graph_is_served_from_cache_and_new_seed_reruns(server):
 
 
 def test_same_loader_options_share_one_model(server):
-    loads = f"VILA-U: loading {TINY} from {server.models_dir.resolve() / 'vila-u' / TINY} (bfloat16, runs on cpu)"
+    loads = f"VILA-U: loading {TINY} from {server.models_dir.resolve() / 'vila-u' / TINY} (bfloat16, quantize none, runs on cpu)"
     log_before = server.log_text().count(loads)
     graph = {
         "1": loader(dtype="bf16"),

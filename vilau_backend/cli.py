@@ -6,7 +6,8 @@ Subcommands:
     edit    --model DIR --image in.png --mode inpaint|vary|continue [--mask mask.png] --prompt ... --save-dir DIR
 
 Every subcommand takes --dtype float32|bfloat16|float16 (default: bfloat16 on a
-GPU, float32 on the CPU) and --device (default: cuda when available).
+GPU, float32 on the CPU), --device (default: cuda when available) and
+--quantize none|int8|4bit (weight-only LLM and depth transformer; default none).
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ def save_image_file(image: torch.Tensor, path: str | Path) -> None:
 def _load_model(args: argparse.Namespace):
     from .model import VilaUModel
 
-    return VilaUModel.load(args.model, dtype=args.dtype, device=args.device)
+    return VilaUModel.load(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize)
 
 
 def _encode(args: argparse.Namespace) -> int:
@@ -267,6 +268,9 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                         help="default: bfloat16 on a GPU, float32 on the CPU")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    parser.add_argument("--quantize", choices=["none", "int8", "4bit"], default="none",
+                        help="weight-only quantization of the LLM and depth transformer: int8 (torchao) or 4bit "
+                             "(bitsandbytes NF4); default none")
 
 
 def build_parser() -> argparse.ArgumentParser:

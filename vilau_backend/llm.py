@@ -28,11 +28,19 @@ def _cache_argument(model_class: type) -> str:
 
 
 def new_static_cache(llm: nn.Module, rows: int, length: int, dtype: torch.dtype, device: torch.device):
-    """A KV cache for `rows` sequences of up to `length` positions, allocated once."""
+    """A KV cache for `rows` sequences of up to `length` positions, allocated once, each layer's
+    on the device that layer runs on (vilau_backend/placement.py may spread them)."""
     from transformers import StaticCache
 
-    # 4.50 takes max_batch_size/device/dtype; 5.x sizes its layers on first use and ignores them
-    return StaticCache(config=llm.config, max_cache_len=length, max_batch_size=rows, device=device, dtype=dtype)
+    from .placement import layer_devices
+
+    # 4.50 takes max_batch_size/device/dtype and a per-layer device map; 5.x sizes and places
+    # each layer on first use and ignores them
+    options = dict(config=llm.config, max_cache_len=length, max_batch_size=rows, device=device, dtype=dtype)
+    devices = layer_devices(llm)
+    if any(d != torch.device(device) for d in devices) and "layer_device_map" in inspect.signature(StaticCache).parameters:
+        options["layer_device_map"] = dict(enumerate(devices))
+    return StaticCache(**options)
 
 
 def new_dynamic_cache(llm: nn.Module):
@@ -63,7 +71,9 @@ def forward_hidden(
     inputs = dict(inputs_embeds=inputs_embeds, input_ids=input_ids, attention_mask=attention_mask,
                   position_ids=position_ids, cache_position=cache_position)
     inputs = {k: v for k, v in inputs.items() if v is not None}
-    return body(use_cache=True, **{_cache_argument(type(body)): kv_cache}, **inputs).last_hidden_state
+    device = (inputs_embeds if inputs_embeds is not None else input_ids).device
+    hidden = body(use_cache=True, **{_cache_argument(type(body)): kv_cache}, **inputs).last_hidden_state
+    return hidden.to(device)  # from the last layer's GPU when the layers are split
 
 
 def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

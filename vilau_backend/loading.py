@@ -1,21 +1,32 @@
-"""safetensors -> modules, with errors that name the file and the tensor.
+"""safetensors -> modules, with errors that name the file and the tensor, and little memory.
 
-Tensors are read lazily per key, so weights the model never runs (SigLIP's text
-tower, its last layer and pooling head, the quantizer's EMA buffers) are never
-materialised. Sharded checkpoints (`model.safetensors.index.json`) read the same.
-Modules are built on the meta device and receive their weights by assignment,
-already in the caller's dtype and on the caller's device.
+Each tensor is read with plain file reads straight into freshly allocated memory
+(`SafetensorsFile`): no memory map, so pages of the checkpoint never count
+towards the process's resident memory, and no second copy beyond a dtype
+conversion of one tensor at a time. Peak memory while loading is then the
+weights as loaded plus the largest single tensor. (safetensors' own `safe_open`
+memory-maps whole shards and hands out tensors on those pages; copying them out
+left the touched pages of every open shard resident, about 4 GiB extra for the
+7B model.)
+
+Weights the model never runs (SigLIP's text tower, its last layer and pooling
+head, the quantizer's EMA buffers) are never read. Sharded checkpoints
+(`model.safetensors.index.json`) read the same. Modules are built on the meta
+device and receive their weights module by module, already in the caller's
+dtype and on the caller's device; `convert` may replace a module as soon as its
+weights are in (quantization while loading, so the full-precision model never
+exists at once).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import struct
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 from accelerate import init_empty_weights
 from torch import nn
 
@@ -24,15 +35,91 @@ from .errors import CheckpointError
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 
+# the safetensors format's dtype names (https://github.com/huggingface/safetensors, format section)
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+
+# (module name inside the module being loaded, the module with its weights in) -> replacement, or None to keep it
+ModuleConvert = Callable[[str, nn.Module], "nn.Module | None"]
+
+
+class SafetensorsFile:
+    """One .safetensors file: its header parsed once; tensors read on demand with plain reads."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            self._file = open(path, "rb")  # noqa: SIM115 (closed by close())
+        except OSError as exc:
+            raise self._corrupt(exc) from exc
+        try:
+            self._entries = self._read_header()
+        except (ValueError, KeyError, TypeError, struct.error, OSError) as exc:
+            self._file.close()
+            raise self._corrupt(exc) from exc
+
+    def _corrupt(self, reason) -> CheckpointError:
+        return CheckpointError(f"weight file {self.path} is truncated or corrupt ({reason})",
+                               hint="delete it and download the model again")
+
+    def _read_header(self) -> dict[str, tuple[torch.dtype, tuple[int, ...], int, int]]:
+        size = os.fstat(self._file.fileno()).st_size
+        (header_len,) = struct.unpack("<Q", self._file.read(8))
+        if header_len > size - 8:
+            raise ValueError(f"header of {header_len} bytes in a file of {size}")
+        header = json.loads(self._file.read(header_len))
+        data_start = 8 + header_len
+        entries = {}
+        for key, info in header.items():
+            if key == "__metadata__":
+                continue
+            dtype = SAFETENSORS_DTYPES[info["dtype"]]
+            shape = tuple(int(n) for n in info["shape"])
+            begin, end = (int(n) for n in info["data_offsets"])
+            numel = 1
+            for n in shape:
+                numel *= n
+            if end - begin != numel * dtype.itemsize or data_start + end > size:
+                raise ValueError(f"tensor {key!r} lies outside the file or has the wrong length")
+            entries[key] = (dtype, shape, data_start + begin, end - begin)
+        return entries
+
+    def keys(self) -> Iterator[str]:
+        return iter(self._entries)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._entries
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._entries[key][1]
+
+    def read(self, key: str) -> torch.Tensor:
+        """The tensor as stored, in new CPU memory."""
+        dtype, shape, offset, length = self._entries[key]
+        tensor = torch.empty(shape, dtype=dtype)
+        buffer = memoryview(tensor.reshape(-1).view(torch.uint8).numpy()) if length else memoryview(b"")
+        self._file.seek(offset)
+        done = 0
+        while done < length:
+            got = self._file.readinto(buffer[done:])
+            if not got:
+                raise self._corrupt(f"tensor {key!r} ends early")
+            done += got
+        return tensor
+
+    def close(self) -> None:
+        self._file.close()
+
 
 class SafetensorsFolder:
     """The weights of one sub-folder (llm/, vision_tower/, mm_projector/), single file or sharded."""
 
-    def __init__(self, folder: Path, device: torch.device | str = "cpu"):
+    def __init__(self, folder: Path):
         self.folder = Path(folder)
-        self.device = str(device)
-        self._stack = ExitStack()
-        self._handles: dict[Path, object] = {}
+        self._files: dict[Path, SafetensorsFile] = {}
         index = self.folder / INDEX_NAME
         single = self.folder / SINGLE_NAME
         if index.is_file():
@@ -52,42 +139,37 @@ class SafetensorsFolder:
                 hint="copy the model's weight files into that folder (the download may be incomplete)",
             )
 
-    def _open(self, path: Path):
+    def _open(self, path: Path) -> SafetensorsFile:
         if not path.is_file():
+            self.close()
             raise CheckpointError(f"weight file {path} is missing", hint="the download is incomplete: fetch the model again")
         try:
-            handle = self._stack.enter_context(safe_open(str(path), framework="pt", device=self.device))
-        except (SafetensorError, OSError) as exc:
-            raise CheckpointError(
-                f"weight file {path} is truncated or corrupt ({exc})",
-                hint="delete it and download the model again",
-            ) from exc
-        self._handles[path] = handle
-        return handle
+            self._files[path] = SafetensorsFile(path)
+        except CheckpointError:
+            self.close()
+            raise
+        return self._files[path]
 
     def keys(self) -> Iterator[str]:
         return iter(self._key_to_file)
 
     def __contains__(self, key: str) -> bool:
-        return key in self._key_to_file
+        return key in self._key_to_file and key in self._files[self._key_to_file[key]]
 
     def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self._handles[self._key_to_file[key]].get_slice(key).get_shape())
+        return self._files[self._key_to_file[key]].shape(key)
 
     def get(self, key: str, dtype: torch.dtype) -> torch.Tensor:
-        path = self._key_to_file[key]
-        try:
-            tensor = self._handles[path].get_tensor(key)
-        except (SafetensorError, OSError, RuntimeError) as exc:
-            raise CheckpointError(f"cannot read tensor {key!r} from {path} ({exc})", hint="the file is corrupt: download it again") from exc
-        # clone: mmap-backed tensors can be mis-aligned, which changes fp32 GEMM results at ulp level
-        return tensor.to(dtype=dtype) if tensor.is_floating_point() and tensor.dtype != dtype else tensor.clone()
+        """The tensor `key` on the CPU, floating point ones converted to `dtype`."""
+        tensor = self._files[self._key_to_file[key]].read(key)
+        return tensor.to(dtype) if tensor.is_floating_point() and tensor.dtype != dtype else tensor
 
     def describe(self, key: str) -> str:
         return str(self._key_to_file.get(key, self.folder))
 
     def close(self) -> None:
-        self._stack.close()
+        for handle in self._files.values():
+            handle.close()
 
     def __enter__(self) -> SafetensorsFolder:
         return self
@@ -111,14 +193,38 @@ def load_weights(
     prefix: str,
     dtype: torch.dtype,
     device: torch.device | str,
+    convert: ModuleConvert | None = None,
 ) -> nn.Module:
-    """Give every parameter and persistent buffer of `module` the tensor `prefix + name`.
+    """Give every parameter and persistent buffer of `module` the tensor `prefix + name`, module by module.
 
-    Missing tensors and shape mismatches raise a CheckpointError naming the file;
-    checkpoint tensors the module does not have are ignored on purpose.
+    Missing tensors and shape mismatches raise a CheckpointError naming the file
+    before anything is read; checkpoint tensors the module does not have are
+    ignored on purpose. After a sub-module has its weights, `convert` may return a
+    replacement for it (e.g. a quantized Linear), which takes its place at once.
     """
+    _check_tensors(module, weights, prefix)
+    for name, sub in list(module.named_modules()):
+        own = [(n, t, True) for n, t in sub._parameters.items() if t is not None]
+        own += [(n, t, False) for n, t in sub._buffers.items()
+                if t is not None and n not in sub._non_persistent_buffers_set]
+        for leaf, current, is_param in own:
+            key = prefix + (f"{name}.{leaf}" if name else leaf)
+            target_dtype = dtype if current.is_floating_point() else current.dtype
+            tensor = weights.get(key, target_dtype).to(device)
+            if is_param:
+                sub._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
+            else:
+                sub._buffers[leaf] = tensor
+        replacement = convert(name, sub) if convert is not None and name else None
+        if replacement is not None:
+            parent_name, _, child = name.rpartition(".")
+            setattr(module.get_submodule(parent_name), child, replacement)
+    # parameters are already in place; this moves the computed buffers
+    return module.to(device).eval().requires_grad_(False)
+
+
+def _check_tensors(module: nn.Module, weights: SafetensorsFolder, prefix: str) -> None:
     state = module.state_dict(keep_vars=True)
-    loaded: dict[str, torch.Tensor] = {}
     missing = [prefix + name for name in state if prefix + name not in weights]
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
@@ -135,8 +241,3 @@ def load_weights(
                 "from the config files",
                 hint="config.json and the weights disagree: the checkpoint is damaged or mixed from two models",
             )
-        target_dtype = dtype if current.is_floating_point() else current.dtype
-        loaded[name] = weights.get(key, target_dtype).to(device)
-    module.load_state_dict(loaded, strict=True, assign=True)
-    # parameters are already in place; this moves the computed buffers
-    return module.to(device).eval().requires_grad_(False)

@@ -1,6 +1,6 @@
 """The loaded VILA-U model: LLM, tokenizer, vision tower and projector, on one device in one dtype.
 
-`VilaUModel.load(folder, dtype=..., device=...)` reads the published layout; the
+`VilaUModel.load(folder, dtype=..., device=..., quantize=...)` reads the published layout; the
 methods here are the vision API (encode images to codes, decode codes or summed
 features to images). Understanding and generation live in their own modules
 and take a VilaUModel.
@@ -21,6 +21,7 @@ from .errors import CheckpointError, InputError
 from .loading import SafetensorsFolder, build_empty, load_weights
 from .preprocess import preprocess_images, to_comfy_images
 from .projector import Projector
+from .quantize import DEPTH_TARGETS, LLM_TARGETS, check_quantize, linear_converter, module_bytes
 from .tokenizer import VilaTokenizer
 from .quantizer import ResidualQuantizer
 from .siglip import SiglipFeatureEncoder
@@ -65,12 +66,14 @@ class VisionTower(nn.Module):
         self.pixel_decoder = PixelDecoder(config.decoder, code_dim=config.quantizer.embed_dim)
         self.depth = DepthTransformer(config.depth)
 
-    def load(self, folder: Path, dtype: torch.dtype, device: torch.device) -> None:
-        with SafetensorsFolder(folder, device=device) as weights:
+    def load(self, folder: Path, dtype: torch.dtype, device: torch.device, quantize: str = "none") -> None:
+        """The weights from vision_tower/; `quantize` applies to the depth transformer only."""
+        with SafetensorsFolder(folder) as weights:
             load_weights(self.siglip, weights, "rqvaesiglip.siglip_model.vision_model.", dtype, device)
             load_weights(self.quantizer, weights, "rqvaesiglip.quantizer.", dtype, device)
             load_weights(self.pixel_decoder, weights, "rqvaesiglip.", dtype, device)
-            load_weights(self.depth, weights, "rqtransformer.", dtype, device)
+            load_weights(self.depth, weights, "rqtransformer.", dtype, device,
+                         convert=linear_converter(quantize, DEPTH_TARGETS, dtype))
 
 
 class VilaUModel:
@@ -82,13 +85,15 @@ class VilaUModel:
         vision: VisionTower,
         projector: Projector,
         dtype: torch.dtype,
+        quantize: str = "none",
     ):
         self.config = config
         self.tokenizer = tokenizer
         self.llm = llm
         self.vision = vision
         self.projector = projector
-        self.dtype = dtype
+        self.dtype = dtype  # the compute dtype (and that of every weight not quantized)
+        self.quantize = quantize  # 'none', 'int8' or '4bit': the LLM's and depth transformer's Linears
         # every weight in one plain module, for callers that move or measure the model as a whole
         # (ComfyUI's ModelPatcher cannot wrap a transformers model directly)
         self.networks = nn.ModuleDict({"llm": llm, "vision": vision, "projector": projector})
@@ -99,7 +104,11 @@ class VilaUModel:
         folder: str | Path,
         dtype: str | torch.dtype | None = None,
         device: str | torch.device | None = None,
+        quantize: str | None = "none",
     ) -> VilaUModel:
+        """Read a model folder. `quantize` ('none', 'int8', '4bit') stores the LLM's decoder layers and the
+        depth transformer weight-only quantized (vilau_backend/quantize.py), layer by layer as they are read."""
+        scheme = check_quantize(quantize)
         config = load_config(folder)
         device = resolve_device(device)
         dtype = resolve_dtype(dtype, device)
@@ -107,20 +116,24 @@ class VilaUModel:
         _check_tokenizer_matches(config, tokenizer)
 
         llm = build_empty(lambda: _build_llm(config))
-        with SafetensorsFolder(config.llm_dir, device=device) as weights:
-            load_weights(llm, weights, "", dtype, device)
+        with SafetensorsFolder(config.llm_dir) as weights:
+            load_weights(llm, weights, "", dtype, device, convert=linear_converter(scheme, LLM_TARGETS, dtype))
         vision = build_empty(lambda: VisionTower(config))
-        vision.load(config.vision_tower_dir, dtype, device)
+        vision.load(config.vision_tower_dir, dtype, device, quantize=scheme)
         projector = build_empty(lambda: Projector(config.projector))
-        with SafetensorsFolder(config.projector_dir, device=device) as weights:
+        with SafetensorsFolder(config.projector_dir) as weights:
             load_weights(projector, weights, "", dtype, device)
-        return cls(config, tokenizer, llm, vision, projector, dtype)
+        return cls(config, tokenizer, llm, vision, projector, dtype, scheme)
 
     @property
     def device(self) -> torch.device:
         """Where the weights are now: read from them, because ComfyUI's model management
         may move the modules between runs."""
         return next(self.projector.parameters()).device
+
+    def weight_bytes(self) -> int:
+        """Memory the weights take, as stored (quantized layers at their packed size)."""
+        return module_bytes(self.networks)
 
     def to(self, device: str | torch.device) -> VilaUModel:
         self.networks.to(device)

@@ -1,14 +1,17 @@
-"""Write a tiny random-weight VILA-U checkpoint in exactly the published layout.
+"""Write a random-weight VILA-U checkpoint in exactly the published layout: tiny, or full size.
 
-For tests and for a demo without the 7B weights. Every file the published
+For tests and for a demo without the 7B weights (`TinySizes()`), and for
+measuring loading at the real size (`FULL_7B_256`: a 7B-shaped LLM in bf16
+shards, SigLIP-large, the original's depth transformer and decoder defaults),
+written shard by shard so that writing never holds more than one shard. Every file the published
 models have is written, in the format transformers 4.36 wrote them (the
 version the original saved with): root config.json with model_type
 "vila_u_llama"; llm/ with config.json, generation_config.json, safetensors and
 a sentencepiece tokenizer carrying the VILA-U added tokens; vision_tower/ with
 the SigLIP (full, text tower included, as the original stores it), the
 quantizer with its EMA buffers, the decoder and the depth transformer;
-mm_projector/. Only the sizes are small, and SigLIP's config lives in a local
-folder because no public SigLIP is this small.
+mm_projector/. At tiny sizes SigLIP's config lives in a local folder because no
+public SigLIP is this small; the full size names the published SigLIP by hub id.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+SINGLE_FILE = "model.safetensors"
 ADDED_TOKENS = ("<im_start>", "<im_end>", "<vi_start>", "<vi_end>")
 SYSTEM_TEXT = (
     "A chat between a curious user and an artificial intelligence assistant. "
@@ -47,18 +51,43 @@ class TinySizes:
     projector: str = "mlp2x_gelu"
     image_aspect_ratio: str = "resize"
     num_video_frames: int = 4
+    # the defaults below keep the tiny geometry; FULL_7B_256 sets them to real sizes
+    llm_intermediate: int | None = None  # None: 2 * llm_hidden
+    llm_shards: int = 1  # 1: llm/model.safetensors; more: model-0000i-of-0000n.safetensors + index
+    siglip_heads: int = 4
+    siglip_intermediate: int | None = None  # None: 2 * siglip_width
+    siglip_hub_id: str | None = None  # None: the config in vision_tower/siglip/
+    siglip_text: tuple[int, int, int, int] = (32, 1, 64, 64)  # text tower: width, layers, vocab, positions
+    depth_heads: int = 4
+    decoder_ch_mult: tuple[int, ...] | None = None  # None: all 1, as many levels as the upsampling needs
+    decoder_res_blocks: int = 1
+    decoder_z_channels: int = 32
 
     @property
     def grid(self) -> int:
         return self.image_size // self.patch_size
 
 
+# A 7B-shaped 256 px model: LLaMA-2-7B (4096 x 32, MLP 11008, 32000 + 4 tokens) in 8 bf16 shards,
+# SigLIP-large-patch16-256 (vision and text towers), 16384 codes of depth 4; the depth transformer
+# (2560 x 6, 40 heads) and decoder follow the original code's defaults (as bench/generate.py's `full`).
+FULL_7B_256 = TinySizes(
+    image_size=256, patch_size=16, siglip_width=1024, siglip_layers=24, siglip_heads=16, siglip_intermediate=4096,
+    siglip_hub_id="google/siglip-large-patch16-256", siglip_text=(1024, 24, 32000, 64),
+    llm_hidden=4096, llm_layers=32, llm_heads=32, llm_intermediate=11008, sp_vocab=32000, llm_shards=8,
+    depth=4, n_embed=16384, depth_width=2560, depth_layers=6, depth_heads=40,
+    decoder_ch=128, decoder_ch_mult=(1, 1, 2, 2, 4), decoder_res_blocks=2, decoder_z_channels=256,
+    num_video_frames=8,
+)
+
+
 def write_tiny_checkpoint(folder: str | Path, sizes: TinySizes = TinySizes(), seed: int = 0, shard_llm: bool = False) -> Path:
-    """Write the checkpoint into `folder` (created) and return it."""
+    """Write the checkpoint into `folder` (created) and return it. `shard_llm`: two LLM shards
+    (whatever `sizes.llm_shards` says)."""
     folder = Path(folder)
     gen = torch.Generator().manual_seed(seed)
     (folder / "llm").mkdir(parents=True, exist_ok=True)
-    (folder / "vision_tower" / "siglip").mkdir(parents=True, exist_ok=True)
+    (folder / "vision_tower").mkdir(parents=True, exist_ok=True)
     (folder / "mm_projector").mkdir(parents=True, exist_ok=True)
 
     n_words = write_tokenizer(folder / "llm", sizes.sp_vocab)
@@ -80,7 +109,9 @@ def write_tiny_checkpoint(folder: str | Path, sizes: TinySizes = TinySizes(), se
          "temperature": 0.9, "top_p": 0.6, "transformers_version": "4.36.2"},
     )
     _dump(folder / "vision_tower" / "config.json", vt_cfg)
-    _dump(folder / "vision_tower" / "siglip" / "config.json", _siglip_config(sizes))
+    if sizes.siglip_hub_id is None:
+        (folder / "vision_tower" / "siglip").mkdir(exist_ok=True)
+        _dump(folder / "vision_tower" / "siglip" / "config.json", _siglip_config(sizes))
     _dump(
         folder / "vision_tower" / "preprocessor_config.json",
         {"crop_size": {"height": sizes.image_size, "width": sizes.image_size}, "do_center_crop": True,
@@ -91,11 +122,7 @@ def write_tiny_checkpoint(folder: str | Path, sizes: TinySizes = TinySizes(), se
     _dump(folder / "mm_projector" / "config.json", proj_cfg)
     _dump(folder / "config.json", _root_config(sizes, llm_cfg, vt_cfg, proj_cfg))
 
-    llm_weights = _llm_weights(sizes, vocab, gen)
-    if shard_llm:
-        _save_sharded(folder / "llm", llm_weights)
-    else:
-        save_file(llm_weights, str(folder / "llm" / "model.safetensors"), metadata={"format": "pt"})
+    _write_llm_weights(folder / "llm", sizes, vocab, gen, 2 if shard_llm else sizes.llm_shards)
     save_file(_vision_tower_weights(sizes, gen), str(folder / "vision_tower" / "model.safetensors"), metadata={"format": "pt"})
     save_file(_projector_weights(sizes, gen), str(folder / "mm_projector" / "model.safetensors"), metadata={"format": "pt"})
     return folder
@@ -119,7 +146,7 @@ def _llm_config(s: TinySizes, vocab: int) -> dict:
         "hidden_act": "silu",
         "hidden_size": s.llm_hidden,
         "initializer_range": 0.02,
-        "intermediate_size": 2 * s.llm_hidden,
+        "intermediate_size": s.llm_intermediate or 2 * s.llm_hidden,
         "max_position_embeddings": 4096,
         "model_max_length": 8192,
         "model_type": "llama",
@@ -142,16 +169,18 @@ def _llm_config(s: TinySizes, vocab: int) -> dict:
 
 
 def _siglip_config(s: TinySizes) -> dict:
+    text_width, text_layers, text_vocab, text_positions = s.siglip_text
     return {
         "model_type": "siglip",
         "initializer_factor": 1.0,
-        "text_config": {"model_type": "siglip_text_model", "hidden_size": 32, "intermediate_size": 64,
-                        "num_hidden_layers": 1, "num_attention_heads": 2, "vocab_size": 64,
-                        "max_position_embeddings": 16, "hidden_act": "gelu_pytorch_tanh", "layer_norm_eps": 1e-6,
+        "text_config": {"model_type": "siglip_text_model", "hidden_size": text_width, "intermediate_size": 4 * text_width,
+                        "num_hidden_layers": text_layers, "num_attention_heads": max(2, text_width // 64),
+                        "vocab_size": text_vocab, "max_position_embeddings": text_positions,
+                        "hidden_act": "gelu_pytorch_tanh", "layer_norm_eps": 1e-6,
                         "pad_token_id": 1, "bos_token_id": 62, "eos_token_id": 63, "attention_dropout": 0.0},
         "vision_config": {"model_type": "siglip_vision_model", "hidden_size": s.siglip_width,
-                          "intermediate_size": 2 * s.siglip_width, "num_hidden_layers": s.siglip_layers,
-                          "num_attention_heads": 4, "image_size": s.image_size, "patch_size": s.patch_size,
+                          "intermediate_size": s.siglip_intermediate or 2 * s.siglip_width,
+                          "num_hidden_layers": s.siglip_layers, "num_attention_heads": s.siglip_heads, "image_size": s.image_size, "patch_size": s.patch_size,
                           "num_channels": 3, "hidden_act": "gelu_pytorch_tanh", "layer_norm_eps": 1e-6,
                           "attention_dropout": 0.0},
     }
@@ -161,9 +190,10 @@ def _ddconfig(s: TinySizes) -> dict:
     levels = 1
     while s.grid * 2 ** (levels - 1) < s.image_size:
         levels += 1
-    return {"double_z": False, "z_channels": 32, "resolution": s.image_size, "in_channels": 3, "out_ch": 3,
-            "ch": s.decoder_ch, "ch_mult": [1] * levels, "num_res_blocks": 1, "attn_resolutions": [s.grid],
-            "dropout": 0.0}
+    ch_mult = list(s.decoder_ch_mult) if s.decoder_ch_mult else [1] * levels
+    return {"double_z": False, "z_channels": s.decoder_z_channels, "resolution": s.image_size, "in_channels": 3,
+            "out_ch": 3, "ch": s.decoder_ch, "ch_mult": ch_mult, "num_res_blocks": s.decoder_res_blocks,
+            "attn_resolutions": [s.grid], "dropout": 0.0}
 
 
 def _vision_tower_config(s: TinySizes) -> dict:
@@ -177,7 +207,7 @@ def _vision_tower_config(s: TinySizes) -> dict:
             "attn_implementation": None,
             "block_size": [s.grid, s.grid, s.depth],
             "embed_dim": s.depth_width,
-            "head": {"block": {"n_head": 4}, "n_layer": s.depth_layers},
+            "head": {"block": {"n_head": s.depth_heads}, "n_layer": s.depth_layers},
             "input_embed_dim_1": s.siglip_width,
             "input_embed_dim_2": s.llm_hidden,
             "vocab_size": s.n_embed,
@@ -193,7 +223,7 @@ def _vision_tower_config(s: TinySizes) -> dict:
             "latent_loss_weight": 0.25,
             "latent_shape": [s.grid, s.grid, s.siglip_width],
             "n_embed": s.n_embed,
-            "pretrained_model": "siglip",
+            "pretrained_model": s.siglip_hub_id or "siglip",
             "restart_unused_codes": True,
             "shared_codebook": s.shared_codebook,
         },
@@ -234,9 +264,14 @@ def _root_config(s: TinySizes, llm_cfg: dict, vt_cfg: dict, proj_cfg: dict) -> d
 
 
 def write_tokenizer(llm_dir: Path, vocab_size: int) -> int:
-    """Train a small Llama-style sentencepiece BPE model (unk 0, bos 1, eos 2, byte fallback)."""
+    """Train a small Llama-style sentencepiece BPE model (unk 0, bos 1, eos 2, byte fallback).
+
+    Past 512 pieces the small corpus has nothing more to learn: the vocabulary is filled up
+    to `vocab_size` with placeholder symbols (so that a full-size model has Llama's 32000)."""
     import sentencepiece as spm
 
+    learned = min(vocab_size, 512)
+    fillers = [f"<filler_{i}>" for i in range(vocab_size - learned)]
     corpus = [SYSTEM_TEXT, "USER: ASSISTANT: describe the image in detail. what is in this video?",
               "a red apple on a table. fireworks in the air. a cat sitting on a sofa. a cup of coffee.",
               "The quick brown fox jumps over the lazy dog. 0123456789 .,;:!?'\"()[]{}<>-_/"]
@@ -244,7 +279,8 @@ def write_tokenizer(llm_dir: Path, vocab_size: int) -> int:
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(corpus * 20),
         model_writer=model,
-        vocab_size=vocab_size,
+        vocab_size=learned + len(fillers),
+        user_defined_symbols=fillers,
         model_type="bpe",
         byte_fallback=True,
         unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
@@ -306,16 +342,39 @@ def _init_like(state: dict[str, torch.Tensor], gen: torch.Generator, prefix: str
     return out
 
 
-def _llm_weights(s: TinySizes, vocab: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
+def _write_llm_weights(folder: Path, s: TinySizes, vocab: int, gen: torch.Generator, n_shards: int) -> None:
+    """Random Llama weights, one shard at a time (in state-dict order, so any sharding gives the same values)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=s.llm_hidden, intermediate_size=2 * s.llm_hidden,
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=s.llm_hidden, intermediate_size=s.llm_intermediate or 2 * s.llm_hidden,
                       num_hidden_layers=s.llm_layers, num_attention_heads=s.llm_heads,
                       num_key_value_heads=s.llm_heads, tie_word_embeddings=False)
     with torch.device("meta"):
         shapes = LlamaForCausalLM(cfg).state_dict()
+    if n_shards == 1:
+        save_file(_llm_tensors(shapes, gen), str(folder / SINGLE_FILE), metadata={"format": "pt"})
+        return
+    names = list(shapes)
+    total = sum(t.numel() * 2 for t in shapes.values())  # bf16
+    weight_map, start = {}, 0
+    for i in range(n_shards):
+        shard = f"model-{i + 1:05d}-of-{n_shards:05d}.safetensors"
+        stop, size = start, 0
+        while stop < len(names) and (size < total / n_shards or i == n_shards - 1):
+            size += shapes[names[stop]].numel() * 2
+            stop += 1
+        part = _llm_tensors({k: shapes[k] for k in names[start:stop]}, gen)
+        save_file(part, str(folder / shard), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(part, shard))
+        del part
+        start = stop
+    _dump(folder / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
+
+
+def _llm_tensors(shapes: dict[str, torch.Tensor], gen: torch.Generator) -> dict[str, torch.Tensor]:
     weights = _init_like(shapes, gen)
-    weights["model.embed_tokens.weight"] = _normal(gen, vocab, s.llm_hidden, std=1.0)
+    if "model.embed_tokens.weight" in weights:  # token embeddings of unit scale, as trained Llamas have
+        weights["model.embed_tokens.weight"] = _normal(gen, *shapes["model.embed_tokens.weight"].shape, std=1.0)
     return weights
 
 
@@ -371,16 +430,3 @@ def _projector_weights(s: TinySizes, gen: torch.Generator) -> dict[str, torch.Te
     with torch.device("meta"):
         state = Projector(ProjectorSpec(kind=s.projector, in_dim=s.siglip_width, out_dim=s.llm_hidden)).state_dict()
     return _init_like(state, gen)
-
-
-def _save_sharded(folder: Path, weights: dict[str, torch.Tensor], n_shards: int = 2) -> None:
-    names = sorted(weights)
-    per = -(-len(names) // n_shards)
-    weight_map = {}
-    for i in range(n_shards):
-        shard = f"model-{i + 1:05d}-of-{n_shards:05d}.safetensors"
-        part = {k: weights[k] for k in names[i * per:(i + 1) * per]}
-        save_file(part, str(folder / shard), metadata={"format": "pt"})
-        weight_map.update({k: shard for k in part})
-    total = sum(t.numel() * t.element_size() for t in weights.values())
-    _dump(folder / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
