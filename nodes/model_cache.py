@@ -104,7 +104,9 @@ class LoadedVilaU:
                 _last.clear()
         gc.collect()
         mm.soft_empty_cache()
-        _return_freed_memory()
+        from ..vilau_backend.loading import return_freed_memory
+
+        return_freed_memory()
         logging.info("VILA-U: released %s", self.name)
 
     def _load(self) -> None:
@@ -215,19 +217,6 @@ def _gpu_budgets(device: str, target, size: int) -> dict[str, int]:
         mm.free_memory(size + reserve, dev)  # other models go first
         budgets[str(dev)] = max(0, int(mm.get_free_memory(dev)) - reserve)
     return budgets
-
-
-def _return_freed_memory() -> None:
-    """Ask glibc to give freed heap memory back to the system: weights freed in many pieces otherwise
-    stay in the process's resident memory (Linux only; elsewhere the allocator does what it does)."""
-    import ctypes
-    import sys
-
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):
-            pass
 
 
 def _unregister(patcher) -> None:

@@ -28,7 +28,8 @@ PACK = cs.PACK
 TINY = "vila-u-tiny-64"  # in <run>/models/vila-u
 TINY_EXTRA = "vila-u-tiny-256"  # in a folder listed under vila_u in extra_model_paths.yaml
 NODE_IDS = [
-    "VILAU_ModelLoader", "VILAU_ImageQA", "VILAU_VideoQA", "VILAU_CaptionFolder", "VILAU_TextToImage",
+    "VILAU_ModelLoader", "VILAU_UnloadModel", "VILAU_ImageQA", "VILAU_VideoQA", "VILAU_CaptionFolder",
+    "VILAU_TextToImage",
     "VILAU_TextToVideo", "VILAU_RQVAEEncode", "VILAU_RQVAEDecode",
 ]
 QA_ADVANCED = ["temperature", "top_k", "top_p", "repetition_penalty"]
@@ -141,7 +142,10 @@ def test_object_info_lists_every_node_with_tooltips(server):
     def inputs(node_id):
         return everything[node_id]["input_order"]
 
-    assert inputs("VILAU_ModelLoader")["required"] == ["model", "dtype", "device", "download_if_missing"]
+    assert inputs("VILAU_ModelLoader")["required"] == [
+        "model", "dtype", "device", "quantize", "keep_loaded", "download_if_missing"]
+    assert inputs("VILAU_UnloadModel")["required"] == ["model"]
+    assert inputs("VILAU_UnloadModel")["optional"] == ["value"]
     assert inputs("VILAU_ImageQA")["required"] == [
         "model", "image", "question", "batch_mode", "seed", "max_new_tokens", "do_sample", *QA_ADVANCED]
     assert inputs("VILAU_VideoQA")["required"] == [
@@ -162,6 +166,7 @@ def test_object_info_lists_every_node_with_tooltips(server):
     outputs = {node_id: everything[node_id]["output"] for node_id in NODE_IDS}
     assert outputs == {
         "VILAU_ModelLoader": ["VILAU_MODEL"],
+        "VILAU_UnloadModel": ["*"],
         "VILAU_ImageQA": ["STRING"],
         "VILAU_VideoQA": ["STRING"],
         "VILAU_CaptionFolder": ["STRING"],

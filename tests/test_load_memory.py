@@ -18,8 +18,8 @@ from vilau_backend.tiny import TinySizes, write_tiny_checkpoint
 
 MiB = 2**20
 # the largest tensor is 2816 x 1024 bf16 (5.5 MiB); a load may hold a few of them at once
-# (read, converted, quantized) and the allocator keeps some freed memory: 64 MiB of slack
-SLACK = 64 * MiB
+# (read, converted, quantized, with the quantizer's float32 temporaries): 96 MiB of slack
+SLACK = 96 * MiB
 
 
 @pytest.fixture(scope="module")

@@ -203,7 +203,9 @@ def load_weights(
     replacement for it (e.g. a quantized Linear), which takes its place at once.
     """
     _check_tensors(module, weights, prefix)
-    for name, sub in list(module.named_modules()):
+    # by name, not a list of modules: a replaced module (and its full-precision weights) must not stay referenced
+    for name in [name for name, _ in module.named_modules()]:
+        sub = module.get_submodule(name)
         own = [(n, t, True) for n, t in sub._parameters.items() if t is not None]
         own += [(n, t, False) for n, t in sub._buffers.items()
                 if t is not None and n not in sub._non_persistent_buffers_set]
@@ -219,8 +221,25 @@ def load_weights(
         if replacement is not None:
             parent_name, _, child = name.rpartition(".")
             setattr(module.get_submodule(parent_name), child, replacement)
+            return_freed_memory()  # the full-precision weights and the quantizer's temporaries
     # parameters are already in place; this moves the computed buffers
     return module.to(device).eval().requires_grad_(False)
+
+
+def return_freed_memory() -> None:
+    """Give freed heap memory back to the system (glibc's malloc_trim; elsewhere nothing).
+
+    Quantizing frees each layer's full-precision weights and temporaries of other sizes
+    than the next allocations; without this the holes stay resident and peak memory grows
+    by up to the full-precision model."""
+    import ctypes
+    import sys
+
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
 
 
 def _check_tensors(module: nn.Module, weights: SafetensorsFolder, prefix: str) -> None:

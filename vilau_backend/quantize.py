@@ -99,7 +99,8 @@ def quantize_linear(linear: nn.Linear, scheme: str, dtype: torch.dtype) -> nn.Mo
 def quantize_module(module: nn.Module, scheme: str, targets: re.Pattern, dtype: torch.dtype) -> nn.Module:
     """Quantize an already loaded module in place (for models built in memory, e.g. the benchmarks)."""
     convert = linear_converter(check_quantize(scheme), targets, dtype)
-    for name, sub in list(module.named_modules()):
+    for name in [name for name, _ in module.named_modules()]:
+        sub = module.get_submodule(name)
         replacement = convert(name, sub)
         if replacement is not None and replacement is not sub:
             parent, _, child = name.rpartition(".")
