@@ -164,6 +164,7 @@ class UnloadModel(io.ComfyNode):
             ],
             outputs=[io.AnyType.Output(display_name="value", tooltip="The `value` input, unchanged.")],
             not_idempotent=True,  # frees memory every run, even when its inputs come from the cache
+            is_output_node=True,  # runs also when nothing is connected to its output
             hidden=[io.Hidden.unique_id],
         )
 

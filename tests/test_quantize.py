@@ -62,8 +62,9 @@ def test_quantized_weights_take_their_packed_size(golden_fp32, golden_int8, gold
     full = layer_bytes(golden_fp32)
     # int8: one byte per weight plus one fp32 scale per output channel, against four bytes per weight
     assert 0.25 < layer_bytes(golden_int8) / full < 0.30
-    # nf4: half a byte per weight plus block scales (double-quantised), against four bytes
-    assert 0.12 < layer_bytes(golden_4bit) / full < 0.17
+    # nf4: half a byte per weight plus block scales (double-quantised), against four bytes, plus about
+    # 1.2 KB of code tables per Linear, which weigh on layers this small: measured 0.18 (0.27 for int8)
+    assert 0.12 < layer_bytes(golden_4bit) / full < 0.20
     assert golden_int8.weight_bytes() < golden_fp32.weight_bytes()
 
 
