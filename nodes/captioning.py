@@ -7,6 +7,7 @@ import time
 from comfy_api.latest import io
 
 from ..vilau_backend.captioning import CaptionSettings
+from .model_cache import releases_after_use
 from .progress import CaptionProgress, send_answer
 from .schema import CATEGORY, advanced, check_combo, model_input
 from .understanding import MAX_BATCH_SIZE, answer_inputs, check_question, text_sampling
@@ -84,6 +85,7 @@ class CaptionFolder(io.ComfyNode):
         return time.time()
 
     @classmethod
+    @releases_after_use
     def execute(
         cls, model, folder: str, question: str, existing_captions: str, prefix: str, suffix: str, recursive: bool,
         seed: int, max_new_tokens: int, do_sample: bool, temperature: float, top_k: int, top_p: float,

@@ -14,6 +14,7 @@ from fractions import Fraction
 from comfy_api.latest import io
 
 from .generation import MAX_FRAMES, MAX_IMAGES, MAX_VIDEOS, check_prompt, generation_inputs, generation_options
+from .model_cache import releases_after_use
 from .schema import CATEGORY
 from .vilau_latent import make_vilau_latent, vilau_latent_codes
 
@@ -120,6 +121,7 @@ class Inpaint(io.ComfyNode):
         return check_prompt(prompt)
 
     @classmethod
+    @releases_after_use
     def execute(
         cls, model, prompt: str, mask, mask_threshold: float, grow_mask: int, feather: int, batch_size: int,
         image=None, latent=None, **options,
@@ -177,6 +179,7 @@ class VaryByDepth(io.ComfyNode):
         return check_prompt(prompt)
 
     @classmethod
+    @releases_after_use
     def execute(cls, model, prompt: str, strength: float, batch_size: int, image=None, latent=None, **options) -> io.NodeOutput:
         """options: the other generation inputs (negative_prompt, cfg, seed, temperature, top_k, top_p)."""
         from ..vilau_backend import editing
@@ -219,6 +222,7 @@ class ContinueImage(io.ComfyNode):
         return check_prompt(prompt)
 
     @classmethod
+    @releases_after_use
     def execute(cls, model, prompt: str, keep_rows: int, batch_size: int, image=None, latent=None, **options) -> io.NodeOutput:
         """options: the other generation inputs (negative_prompt, cfg, seed, temperature, top_k, top_p)."""
         from ..vilau_backend import editing
@@ -287,6 +291,7 @@ class ExtendVideo(io.ComfyNode):
         return check_prompt(prompt)
 
     @classmethod
+    @releases_after_use
     def execute(
         cls, model, prompt: str, add_frames: int, fps: float, batch_size: int, frames=None, video=None, latent=None,
         **options,
