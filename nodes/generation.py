@@ -7,7 +7,7 @@ from fractions import Fraction
 from comfy_api.latest import io
 
 from .model_cache import releases_after_use
-from .progress import PositionProgress
+from .progress import PositionProgress, show_text
 from .schema import CATEGORY, advanced, model_input, seed_input
 from .vilau_latent import make_vilau_latent
 
@@ -68,9 +68,10 @@ def check_prompt(prompt: str | None) -> bool | str:
 
 def generation_options(
     model, positions: int, *, negative_prompt: str, cfg: float, seed: int, batch_size: int,
-    temperature: float, top_k: int, top_p: float,
+    temperature: float, top_k: int, top_p: float, node_id: str | None = None,
 ) -> dict:
-    """The node's generation inputs -> keyword arguments of generate_images / generate_video."""
+    """The node's generation inputs -> keyword arguments of generate_images / generate_video.
+    `node_id`: where "compiling…" shows before a run that compiles the generation step."""
     from ..vilau_backend.generate import ImageSampling
     from ..vilau_backend.prompts import DEFAULT_NEGATIVE_PROMPT
 
@@ -80,6 +81,7 @@ def generation_options(
         sampling=ImageSampling(cfg=cfg, temperature=temperature, top_k=top_k, top_p=top_p),
         seed=seed,
         on_position=PositionProgress(model, positions),
+        on_compile=lambda: show_text(node_id, ["compiling… (the first run of this batch size)"]),
     )
 
 
@@ -96,6 +98,7 @@ class TextToImage(io.ComfyNode):
                 "(decodable with VILA-U RQ-VAE Decode, also after core latent nodes)."
             ),
             inputs=generation_inputs("image", MAX_IMAGES),
+            hidden=[io.Hidden.unique_id],
             outputs=[
                 io.Image.Output(display_name="image", tooltip="The generated images, at the model's size."),
                 io.Latent.Output(
@@ -117,7 +120,7 @@ class TextToImage(io.ComfyNode):
 
         vila = model.ready()
         h, w = vila.config.grid
-        result = generate_images(vila, prompt, **generation_options(vila, h * w, **options))
+        result = generate_images(vila, prompt, **generation_options(vila, h * w, node_id=cls.hidden.unique_id, **options))
         return io.NodeOutput(result.images, make_vilau_latent(vila, result.features, result.codes))
 
 
@@ -145,6 +148,7 @@ class TextToVideo(io.ComfyNode):
                     tooltip="Frame rate stored in the VIDEO output; it does not change what is generated.",
                 ),
             ],
+            hidden=[io.Hidden.unique_id],
             outputs=[
                 io.Image.Output(display_name="frames", tooltip="All frames, video after video (batch x frames)."),
                 io.Video.Output(display_name="video", tooltip="The frames as a VIDEO at the chosen fps."),
@@ -166,7 +170,8 @@ class TextToVideo(io.ComfyNode):
 
         vila = model.ready()
         h, w = vila.config.grid
-        result = generate_video(vila, prompt, frames=frames, **generation_options(vila, frames * h * w, **options))
+        options = generation_options(vila, frames * h * w, node_id=cls.hidden.unique_id, **options)
+        result = generate_video(vila, prompt, frames=frames, **options)
         images = result.images.flatten(0, 1)  # (B*F, H, W, 3)
         components = Types.VideoComponents(images=images, audio=None, frame_rate=Fraction(fps))
         video = InputImpl.VideoFromComponents(components)

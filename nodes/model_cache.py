@@ -258,6 +258,9 @@ def device_choices() -> list[str]:
 def _release(key: ModelKey, patcher, unpatch_all: bool) -> None:
     """ModelPatcher ON_DETACH callback: ComfyUI unloaded the model, so stop holding it here.
     Takes no lock: it may run inside get_model, when loading one model unloads another."""
+    loaded = _alive.get(key)
+    if loaded is not None:
+        loaded.model.release_step_states()  # the compiled step's KV cache goes with the weights
     if _last and _last[0].key == key:
         _last.clear()
 

@@ -3,11 +3,16 @@
 Markers: `comfyui` marks the tests that start the pinned ComfyUI (or install into its
 environment). scripts/run_tests.sh runs every other test again under transformers 4.50.3,
 so a new backend test file joins that pass without being listed anywhere.
+
+`--device cuda` (or VILAU_TEST_DEVICE=cuda) loads the fixtures' models on that device instead of
+the CPU (bench/gpu_check.sh runs the backend tests so). Tests that build their own modules stay
+on the CPU.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -31,6 +36,18 @@ def pytest_configure(config):
     )
 
 
+def pytest_addoption(parser):
+    parser.addoption(
+        "--device", default=os.environ.get("VILAU_TEST_DEVICE", "cpu"),
+        help="device of the test models: cpu (default), cuda, cuda:1, ...",
+    )
+
+
+@pytest.fixture(scope="session")
+def model_device(request) -> str:
+    return request.config.getoption("--device")
+
+
 def reference(name: str) -> dict:
     from safetensors.torch import load_file
 
@@ -50,17 +67,17 @@ def load_photo(name: str) -> torch.Tensor:
 
 
 @pytest.fixture(scope="session")
-def golden_fp32():
+def golden_fp32(model_device):
     from vilau_backend.model import VilaUModel
 
-    return VilaUModel.load(GOLDEN_CHECKPOINT, dtype="float32", device="cpu")
+    return VilaUModel.load(GOLDEN_CHECKPOINT, dtype="float32", device=model_device)
 
 
 @pytest.fixture(scope="session")
-def golden_bf16():
+def golden_bf16(model_device):
     from vilau_backend.model import VilaUModel
 
-    return VilaUModel.load(GOLDEN_CHECKPOINT, dtype="bfloat16", device="cpu")
+    return VilaUModel.load(GOLDEN_CHECKPOINT, dtype="bfloat16", device=model_device)
 
 
 @pytest.fixture(scope="session")
@@ -71,10 +88,10 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_model(tiny_checkpoint):
+def tiny_model(tiny_checkpoint, model_device):
     from vilau_backend.model import VilaUModel
 
-    return VilaUModel.load(tiny_checkpoint, dtype="float32", device="cpu")
+    return VilaUModel.load(tiny_checkpoint, dtype="float32", device=model_device)
 
 
 def pack_module(name: str):

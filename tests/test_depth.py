@@ -20,7 +20,7 @@ from safetensors import safe_open
 
 from conftest import GOLDEN_CHECKPOINT, REFERENCE
 from vilau_backend.config import load_config
-from vilau_backend.depth import DepthTransformer
+from vilau_backend.depth import DepthTransformer, at_every_depth
 from vilau_backend.quantizer import ResidualQuantizer
 from vilau_backend.sampling import greedy, sample_codes
 
@@ -77,7 +77,7 @@ def top2_gap(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def recording_sampler(store: list[torch.Tensor], sample=greedy):
-    def sample_and_record(logits: torch.Tensor) -> torch.Tensor:
+    def sample_and_record(logits: torch.Tensor, d: int) -> torch.Tensor:
         store.append(logits.clone())
         return sample(logits)
 
@@ -128,7 +128,7 @@ def test_fp32_greedy_generate_gives_original_codes(inputs, cfg):
     depth, quantizer = load_models(torch.float32)
     expected = read_tensors(REFERENCE / "depth_unit_fp32.safetensors")
     hidden = inputs["gen_hidden"][:, 0]  # (R, H): rows 0-1 conditional, 2-3 unconditional
-    codes, feature_sum = depth.generate(hidden, quantizer.embed_codes, cfg, greedy)
+    codes, feature_sum = depth.generate(hidden, quantizer.embed_codes, cfg, at_every_depth(greedy))
     want_codes = expected[f"gen_codes_cfg{cfg:g}"][:, 0]  # (R, D), halves identical
     assert codes.dtype == torch.int64
     # exact on any CPU: the smallest top-1/top-2 gap here is 3.6e-3 (cfg 3), far above fp32 rounding
@@ -159,7 +159,7 @@ def test_bf16_greedy_generate_agrees_with_original_except_at_ties(inputs, cfg):
         f"at a decision with gap > 1 ulp (gaps {gap.tolist()})"
     )
 
-    codes, feature_sum = depth.generate(hidden, quantizer.embed_codes, cfg, greedy)
+    codes, feature_sum = depth.generate(hidden, quantizer.embed_codes, cfg, at_every_depth(greedy))
     matches = codes == want[:2]
     print(f"bf16 cfg {cfg:g}: free-running codes match the original at {matches.float().mean().item():.3f} "
           f"({codes.tolist()} vs {want[:2].tolist()}); teacher-forced gaps {gap.tolist()}")
@@ -277,7 +277,7 @@ def test_generate_traces_as_one_graph_without_host_sync(sampler):
     Dynamo cannot trace explicit torch.Generator objects, so this uses the global RNG."""
     depth, quantizer = load_models(torch.float32)
     sample = greedy if sampler == "greedy" else partial(sample_codes, temperature=1.0, top_k=900, top_p=0.96)
-    run = partial(depth.generate, embed_codes=quantizer.embed_codes, cfg=3.0, sample=sample)
+    run = partial(depth.generate, embed_codes=quantizer.embed_codes, cfg=3.0, sample=at_every_depth(sample))
     hidden = torch.randn(4, depth.spec.llm_dim, generator=torch.Generator().manual_seed(2))
     torch._dynamo.reset()
     traced = torch.compile(run, backend="eager", fullgraph=True)
@@ -292,8 +292,8 @@ def test_generate_traces_as_one_graph_without_host_sync(sampler):
 def test_generate_rows_are_independent_of_batch(config):
     depth, quantizer = load_models(torch.float32)
     hidden = torch.randn(6, config.depth.llm_dim, generator=torch.Generator().manual_seed(3))  # B = 3
-    batch_codes, _ = depth.generate(hidden, quantizer.embed_codes, 3.0, greedy)
-    single_codes, _ = depth.generate(hidden[[1, 4]], quantizer.embed_codes, 3.0, greedy)
+    batch_codes, _ = depth.generate(hidden, quantizer.embed_codes, 3.0, at_every_depth(greedy))
+    single_codes, _ = depth.generate(hidden[[1, 4]], quantizer.embed_codes, 3.0, at_every_depth(greedy))
     assert single_codes.tolist() == batch_codes[1:2].tolist()
 
 
@@ -306,7 +306,7 @@ def test_generate_with_seeded_sampler_is_reproducible_per_image(config):
         generators = [torch.Generator().manual_seed(seeds[r]) for r in rows]
         sample = partial(sample_codes, temperature=1.0, top_k=900, top_p=0.96, generators=generators)
         cfg_rows = rows + [r + 3 for r in rows]
-        return depth.generate(hidden[cfg_rows], quantizer.embed_codes, 3.0, sample)[0]
+        return depth.generate(hidden[cfg_rows], quantizer.embed_codes, 3.0, at_every_depth(sample))[0]
 
     # batch sizes 1 and 3 round differently (~1e-7 in probability); the draws closest to a
     # boundary of their cumulative distribution are 7e-5 from it, so none can flip

@@ -20,17 +20,8 @@ from vilau_backend.editing import (
     regenerate_from_mask,
 )
 from vilau_backend.errors import InputError
-from vilau_backend.generate import (
-    CodeStream,
-    ImageSampling,
-    _code_loop,
-    _Edit,
-    _edit_inputs,
-    _next_input,
-    _prefix_inputs,
-    generate_codes,
-    image_generators,
-)
+from vilau_backend.generate import ImageSampling, _code_loop, _edit_inputs, generate_codes
+from vilau_backend.position_step import StepState, advance, cache_length, prefix_inputs, step_key
 from vilau_backend.prompts import cfg_batch
 
 PROMPT = "a red apple on a table"
@@ -105,9 +96,12 @@ def test_video_extension_keeps_the_given_frames(tiny_model):
     assert not torch.equal(video[0, 2:], video[1, 2:])  # two videos, two continuations
 
 
-def _stream(model, n_positions: int) -> CodeStream:
+def _state(model, n_positions: int, given: torch.Tensor, keep: torch.Tensor) -> StepState:
+    """A greedy generation state for two images whose codes `given` (2, P, D) are forced where `keep`."""
     ids, mask = cfg_batch(model.tokenizer, PROMPT, " ", n=2, video=False)
-    return CodeStream(model, ids, mask, n_positions)
+    state = StepState(model, step_key(model, 4, cache_length(ids.shape[1], n_positions)))
+    state.begin(ids, mask, torch.zeros(given.shape), GREEDY, given=given, keep=keep)
+    return state
 
 
 def test_prefilled_prefix_gives_the_hidden_states_of_stepping_through_it(tiny_model, source):
@@ -115,18 +109,19 @@ def test_prefilled_prefix_gives_the_hidden_states_of_stepping_through_it(tiny_mo
     matmul against a single-row one), so fp32 results agree to rounding, not bit for bit. Measured
     here: max difference 8e-7 on hidden states of magnitude ~3; the bound leaves 60x for other CPUs."""
     codes = source.reshape(2, 64, 4)
+    every = torch.ones(2, 64, 4, dtype=torch.bool)  # the steps feed exactly these codes
     n = 19  # two rows and three positions
-    prefilled = _stream(tiny_model, 64)
-    stepped = _stream(tiny_model, 64)
+    prefilled, stepped = _state(tiny_model, 64, codes, every), _state(tiny_model, 64, codes, every)
     with torch.inference_mode():
-        after_prefill = [prefilled.prefill(_prefix_inputs(tiny_model, codes[:, :n]))]
-        hidden = stepped.prefill()
+        prefilled.prefill(tiny_model, prefix_inputs(tiny_model, codes[:, :n]))
+        stepped.prefill(tiny_model)
         for p in range(n):
-            hidden = stepped.step(p, _next_input(tiny_model, codes[:, p]))
-        after_step = [hidden]
-        for p in range(n, n + 4):  # the same inputs continue both streams
-            after_prefill.append(prefilled.step(p, _next_input(tiny_model, codes[:, p])))
-            after_step.append(stepped.step(p, _next_input(tiny_model, codes[:, p])))
+            advance(tiny_model, stepped, stepped.positions[p])
+        after_prefill, after_step = [prefilled.hidden.clone()], [stepped.hidden.clone()]
+        for p in range(n, n + 4):  # the same inputs continue both
+            for state, seen in ((prefilled, after_prefill), (stepped, after_step)):
+                advance(tiny_model, state, state.positions[p])
+                seen.append(state.hidden.clone())
     for a, b in zip(after_prefill, after_step):
         assert torch.allclose(a, b, rtol=0, atol=5e-5), f"max difference {(a - b).abs().max():.2e}"
 
@@ -140,41 +135,25 @@ def test_prefilled_prefix_gives_the_codes_of_stepping_through_it(tiny_model, sou
     keep = keep_rows(2, (8, 8), 4, 3)
     edit = _edit_inputs(tiny_model, source, keep, (2, 64, 4))
     assert edit.prefix == 24
-    stepped_edit = _Edit(given=edit.given, keep=edit.keep, prefix=0)
-    with torch.inference_mode():
-        stepped = _code_loop(tiny_model, _stream(tiny_model, 64), GREEDY, image_generators(0, 2), stepped_edit, None)
+    with torch.inference_mode():  # start 0: the kept rows are stepped through, not prefilled
+        stepped = _code_loop(tiny_model, _state(tiny_model, 64, edit.given, edit.keep), 64, 0, False, None, None)
     assert torch.equal(stepped[:, :24], source.reshape(2, 64, 4)[:, :24])
 
-    stream = _stream(tiny_model, 64)
+    state = _state(tiny_model, 64, stepped, torch.ones(2, 64, 4, dtype=torch.bool))
     depth, embed = tiny_model.vision.depth, tiny_model.vision.quantizer.embed_codes
     agree = checked = 0
     with torch.inference_mode():
-        hidden = stream.prefill(_prefix_inputs(tiny_model, stepped[:, :24]))
+        state.prefill(tiny_model, prefix_inputs(tiny_model, stepped[:, :24]))
         for p in range(24, 64):
-            logits = depth(hidden, stepped[:, p].repeat(2, 1), embed)  # (R, D, V)
+            logits = depth(state.hidden, stepped[:, p].repeat(2, 1), embed)  # (R, D, V)
             guided = (logits[2:] + GREEDY.cfg * (logits[:2] - logits[2:])).float()  # (B, D, V)
             top2 = guided.topk(2, dim=-1).values
             clear = (top2[..., 0] - top2[..., 1]) > 1e-3
             agree += int(((guided.argmax(-1) == stepped[:, p]) & clear).sum())
             checked += int(clear.sum())
-            if p + 1 < 64:
-                hidden = stream.step(p, _next_input(tiny_model, stepped[:, p]))
+            advance(tiny_model, state, state.positions[p])  # feeds stepped[:, p]
     assert checked > 0.9 * 2 * 40 * 4, f"only {checked} decisions were clear of near-ties"
     assert agree == checked, f"{checked - agree} of {checked} clear decisions differ"
-
-
-def test_prefix_path_and_step_path_draw_the_same_randomness(tiny_model, source):
-    """Skipping a prefilled prefix advances the generators as stepping through it does, so the codes
-    after it are the ones stepping would sample (checked like with like: the step path twice, with the
-    prefix's draws skipped once by skip_draws and once by really sampling and discarding)."""
-    from vilau_backend.sampling import skip_draws
-
-    a, b = image_generators(7, 2), image_generators(7, 2)
-    skip_draws(a, 24 * 4, temperature=1.0, top_k=900)
-    for _ in range(24 * 4):
-        for g in b:
-            torch.rand(1, generator=g)
-    assert all(torch.equal(torch.rand(3, generator=x), torch.rand(3, generator=y)) for x, y in zip(a, b))
 
 
 def test_mask_coverage_follows_the_model_geometry():

@@ -19,15 +19,14 @@ import torch
 from conftest import reference
 from vilau_backend.errors import InputError
 from vilau_backend.generate import (
-    CodeStream,
     ImageSampling,
-    _next_input,
     generate_codes,
     generate_images,
     generate_video,
     image_generators,
     preview_image,
 )
+from vilau_backend.position_step import StepState, advance, cache_length, next_input, step_key
 
 GREEDY = ImageSampling(top_k=1)
 APPLE = "a red apple on a table"
@@ -46,14 +45,16 @@ def teacher_forced(model, ref: dict, cfg: float) -> tuple[torch.Tensor, torch.Te
 
     Returns our guided argmax (B, P, D), our top-1/top-2 gaps (B, P, D) and the recorded codes (B, P, D)."""
     ids, mask, codes = ref["input_ids"], ref["attention_mask"], ref["codes"]  # codes (R, P, D)
-    B, P = ids.shape[0] // 2, codes.shape[1]
-    stream = CodeStream(model, ids, mask, P)
-    hidden = stream.prefill()  # (R, H)
+    B, P, D = ids.shape[0] // 2, codes.shape[1], codes.shape[2]
+    # the generation step with every code kept: it feeds the recorded codes to the LLM
+    state = StepState(model, step_key(model, 2 * B, cache_length(ids.shape[1], P)))
+    state.begin(ids, mask, torch.zeros(B, P, D), GREEDY, given=codes[:B], keep=torch.ones(B, P, D, dtype=torch.bool))
     picks, gaps = [], []
     with torch.inference_mode():
+        state.prefill(model)
         for p in range(P):
-            if p > 0:
-                hidden = stream.step(p - 1, _next_input(model, codes[:B, p - 1]))
+            hidden = state.hidden.clone()  # (R, H)
+            advance(model, state, state.positions[p])
             logits = model.vision.depth(hidden, codes[:, p], model.vision.quantizer.embed_codes)  # (R, D, V)
             guided = (logits[B:] + cfg * (logits[:B] - logits[B:])).float()  # (B, D, V)
             top2 = guided.topk(2, dim=-1).values
@@ -174,6 +175,7 @@ def test_kv_cached_loop_equals_full_recomputation(tiny_model):
     whole sequence at every position without any cache. Other kernel shapes, other roundings
     (about 1e-5 on the logits), but the smallest top-1/top-2 gap of these greedy decisions
     is 7.6e-4, so the codes agree exactly."""
+    from vilau_backend.depth import at_every_depth
     from vilau_backend.llm import padded_positions
     from vilau_backend.prompts import cfg_batch
     from vilau_backend.sampling import greedy
@@ -189,9 +191,11 @@ def test_kv_cached_loop_equals_full_recomputation(tiny_model):
         for p in range(h * w):
             hidden = llm.model(inputs_embeds=embeds, attention_mask=full_mask.long(),
                                position_ids=padded_positions(full_mask)).last_hidden_state[:, -1]
-            picked, _ = tiny_model.vision.depth.generate(hidden, tiny_model.vision.quantizer.embed_codes, 3.0, greedy)
+            picked, _ = tiny_model.vision.depth.generate(
+                hidden, tiny_model.vision.quantizer.embed_codes, 3.0, at_every_depth(greedy)
+            )
             expected.append(picked)
-            embeds = torch.cat([embeds, _next_input(tiny_model, picked)[:, None]], dim=1)
+            embeds = torch.cat([embeds, next_input(tiny_model, picked)[:, None]], dim=1)
             full_mask = torch.cat([full_mask, torch.ones(2 * B, 1, dtype=torch.bool)], dim=1)
     assert torch.equal(codes.reshape(B, h * w, D), torch.stack(expected, 1))
 

@@ -49,7 +49,9 @@ def save_image_file(image: torch.Tensor, path: str | Path) -> None:
 def _load_model(args: argparse.Namespace):
     from .model import VilaUModel
 
-    return VilaUModel.load(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize)
+    # only generation has --compile: nothing else is compiled (yet)
+    return VilaUModel.load(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize,
+                           compile_steps=getattr(args, "compile", None))
 
 
 def _encode(args: argparse.Namespace) -> int:
@@ -132,7 +134,12 @@ def _generation_options(args: argparse.Namespace) -> dict:
     from .generate import ImageSampling
 
     sampling = ImageSampling(cfg=args.cfg, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
-    return dict(negative_prompt=args.negative_prompt, num_images=args.num, seed=args.seed, sampling=sampling)
+    return dict(negative_prompt=args.negative_prompt, num_images=args.num, seed=args.seed, sampling=sampling,
+                on_compile=_say_compiling)
+
+
+def _say_compiling() -> None:
+    print("compiling the generation step (once per batch size and prompt-length bucket)...", file=sys.stderr, flush=True)
 
 
 def _save_codes(codes: torch.Tensor, path: str | None) -> None:
@@ -248,6 +255,7 @@ def _add_generation_arguments(p: argparse.ArgumentParser) -> None:
 
     defaults = ImageSampling()
     add_model_options(p)
+    add_compile_option(p)
     p.add_argument("--prompt", required=True, help="what to generate")
     p.add_argument("--negative-prompt", default=DEFAULT_NEGATIVE_PROMPT,
                    help="the unconditional prompt of guidance (default %(default)r, as the original)")
@@ -261,6 +269,12 @@ def _add_generation_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=defaults.top_p, help="nucleus threshold (default %(default)s)")
     p.add_argument("--save-dir", required=True, help="folder for the outputs")
     p.add_argument("--save-codes", default=None, help="also write the codes to this .safetensors file (tensor 'codes')")
+
+
+def add_compile_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="run the compiled step (torch.compile; CUDA graphs on CUDA): the first run of a size "
+                             "compiles, later ones are faster (default: on with CUDA, off on the CPU)")
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:

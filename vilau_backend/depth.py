@@ -34,7 +34,23 @@ from .config import DepthSpec
 from .errors import InputError
 
 EmbedCodes = Callable[[torch.Tensor], torch.Tensor]  # codes (..., D) -> per-depth embeddings (..., D, C)
-SampleCodes = Callable[[torch.Tensor], torch.Tensor]  # logits (B, V) -> codes (B,) int64
+SampleCodes = Callable[[torch.Tensor, int], torch.Tensor]  # guided logits (B, V), depth d -> codes (B,) int64
+
+
+def at_every_depth(sample: Callable[[torch.Tensor], torch.Tensor]) -> SampleCodes:
+    """A sampler that does not care about the depth (e.g. `sampling.greedy`) as a SampleCodes."""
+    return lambda logits, d: sample(logits)
+
+
+def guide(cond: torch.Tensor, uncond: torch.Tensor, cfg: float | torch.Tensor) -> torch.Tensor:
+    """Classifier-free guidance, as the original: u + cfg * (c - u) in the logits' dtype.
+
+    A tensor cfg (the compiled step's, so that a new scale does not recompile) multiplies
+    in float32 and rounds to the logits' dtype, which is what torch does with a Python
+    float: both give the same bits."""
+    if isinstance(cfg, torch.Tensor):
+        return uncond + (cfg * (cond - uncond).float()).to(cond.dtype)
+    return uncond + cfg * (cond - uncond)
 
 
 class DepthAttention(nn.Module):
@@ -184,7 +200,7 @@ class DepthTransformer(nn.Module):
         self,
         hidden: torch.Tensor,
         embed_codes: EmbedCodes,
-        cfg: float,
+        cfg: float | torch.Tensor,
         sample: SampleCodes,
         given: torch.Tensor | None = None,
         keep: torch.Tensor | None = None,
@@ -192,12 +208,14 @@ class DepthTransformer(nn.Module):
         """Pick the D codes of one grid position for B images under classifier-free guidance.
 
         hidden: (R, H), R = 2B rows: the B conditional rows, then the B
-        unconditional ones. `sample` maps guided logits (B, V), in the model
-        dtype, to codes (B,). Editing: where `keep` (B, D) bool is set, the code
-        is `given` (B, D) instead of the sample (which is still drawn, so the
-        shapes and the draws stay the same), and the forced code is what later
-        depths see. No host synchronisation happens here (the depth loop is over
-        a Python int), so the call can be captured in a CUDA graph.
+        unconditional ones. `sample(guided, d)` maps the guided logits of depth d
+        (B, V), in the model dtype, to codes (B,). Editing: where `keep` (B, D)
+        bool is set, the code is `given` (B, D) instead of the sample (which is
+        still drawn, so shapes and draws stay the same), and the forced code is
+        what later depths see. Shapes are fixed and nothing
+        synchronises with the host (the depth loop is over a Python int and is
+        unrolled when traced), so the generation step that calls this is compiled
+        as one graph and, on CUDA, replayed as a CUDA graph (position_step.py).
 
         Returns codes (B, D) int64 and their summed code embedding (B, C), which
         is what the LLM receives next (through the projector), for both halves.
@@ -225,10 +243,8 @@ class DepthTransformer(nn.Module):
                 x = F.linear(sums, self.in_mlp_1.weight) + self.in_mlp_1.bias  # (R, E)
             x = x + self.pos_emb_d[0, d]
             logits = self.classifier_mlp(self.head_transformer.step(x, cache, d))  # (R, V)
-            cond, uncond = logits[:B], logits[B:]
-            # as the original: CFG combines logits in the model dtype
-            guided = uncond + cfg * (cond - uncond)  # (B, V)
-            code = sample(guided)  # (B,)
+            guided = guide(logits[:B], logits[B:], cfg)  # (B, V)
+            code = sample(guided, d)  # (B,)
             if keep is not None:
                 code = torch.where(keep[:, d], given[:, d], code)
             codes[:, d] = code.repeat(2)

@@ -3,18 +3,19 @@
 The original (vila_u_arch.generate_image_content + its patched LlamaForCausalLM)
 drives this through transformers' `generate`, sampling a text token at every
 step that is then ignored (and that can derail the loop). Here the loop is
-driven by the number of grid positions, in phases:
+driven by the number of grid positions, in phases (position_step.py):
 
-- `CodeStream.prefill`: the left-padded CFG batch (conditional rows, then
-  unconditional rows) through the LLM into a KV cache allocated once for the
-  whole run; the last hidden state of every row. When editing, the positions
-  kept at the start (continue downward, extend a video) go through this same
-  batched forward after the prompt.
-- `CodeStream.step`: one LLM step for the embedding of the codes just chosen,
-  written at a fixed cache index; returns the next hidden state.
-- `generate_codes`: for every position, the depth transformer turns the hidden
-  states into D codes under guidance; their summed embedding, through the
-  projector, is the next LLM input. The text head is never run.
+- `StepState.prefill`: the left-padded CFG batch (conditional rows, then
+  unconditional rows) through the LLM into a KV cache allocated once; the
+  last hidden state of every row. When editing, the positions kept at the
+  start (continue downward, extend a video) go through this same batched
+  forward after the prompt.
+- `advance`: one grid position as one fixed-shape step: the depth transformer
+  turns the hidden states into D codes under guidance, and their summed
+  embedding, through the projector, is the next LLM input, written at a fixed
+  cache index. The text head is never run. With `compile` the step is
+  compiled once per (rows, cache-length bucket) and replayed.
+- `generate_codes`: the loop over positions, with the progress callback.
 
 Editing (vilau_backend/editing.py) is one generalisation of this loop:
 `given_codes` (B, P, D) and a boolean `keep` (B, P, D). A kept code is forced
@@ -25,7 +26,8 @@ elsewhere depend on the seed and not on what is kept.
 
 A video is frames x h x w positions in one stream, frame after frame, as the
 original. Randomness comes only from per-image generators derived from
-(seed, image index), so image i is the same whatever the batch size.
+(seed, image index), drawn up front as (B, P, D) uniforms, so image i is the
+same whatever the batch size, and compiled and eager runs draw the same numbers.
 
 Shapes: B images, R = 2B rows, T prompt length, L cache length, P positions,
 D depth, H LLM hidden, C code width.
@@ -36,20 +38,21 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 
 import numpy as np
 import torch
 
+from . import position_step
 from .errors import InputError
-from .llm import additive_mask, forward_hidden, new_static_cache, padded_positions
 from .prompts import DEFAULT_NEGATIVE_PROMPT, cfg_batch
-from .sampling import sample_codes, skip_draws
+from .sampling import draw_uniforms
 
 DEFAULT_VIDEO_FRAMES = 8  # as the original's GENERATION_VIDEO_FRAMES
 
 # (positions done, positions in total, codes so far (B, done, D)); raising stops the run
 PositionCallback = Callable[[int, int, torch.Tensor], None]
+# called once before a run whose step must be compiled first (seconds on a GPU, minutes on a CPU)
+CompileCallback = Callable[[], None]
 
 
 @dataclass(frozen=True)
@@ -92,75 +95,6 @@ def image_generators(seed: int, count: int) -> list[torch.Generator]:
     return [torch.Generator().manual_seed(int(s) & 0x7FFF_FFFF_FFFF_FFFF) for s in states]
 
 
-class CodeStream:
-    """One generation run: the CFG rows, their KV cache, attention masks and positions."""
-
-    def __init__(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_positions: int):
-        self.model = model
-        device, dtype = model.device, model.dtype
-        self.input_ids = input_ids.to(device)  # (R, T)
-        self.rows, self.prompt_len = input_ids.shape
-        self.length = self.prompt_len + n_positions  # L
-        # keys a row may attend to: its real prompt tokens, then every generated position
-        self.key_mask = torch.ones(self.rows, self.length, dtype=torch.bool, device=device)  # (R, L)
-        self.key_mask[:, : self.prompt_len] = attention_mask.to(device)
-        self.prompt_positions = padded_positions(self.key_mask[:, : self.prompt_len])  # (R, T)
-        self.first_position = attention_mask.to(device).long().sum(-1, keepdim=True)  # (R, 1)
-        self.key_index = torch.arange(self.length, device=device)  # (L,)
-        self.cache = new_static_cache(model.llm, self.rows, self.length, dtype, device)
-
-    def prefill(self, prefix: torch.Tensor | None = None) -> torch.Tensor:
-        """The prompts through the LLM, followed by `prefix` (R, n, H): the inputs of the first n
-        positions when their codes are known (kept by an edit), all in one forward.
-
-        Returns the last hidden state of every row (R, H): the state for position n."""
-        embeds = self.model.llm.get_input_embeddings()(self.input_ids)  # (R, T, H)
-        positions = self.prompt_positions  # (R, T)
-        if prefix is not None and prefix.shape[1]:
-            n = prefix.shape[1]
-            embeds = torch.cat([embeds, prefix.to(embeds.dtype)], dim=1)  # (R, T + n, H)
-            steps = torch.arange(n, device=positions.device)
-            positions = torch.cat([positions, self.first_position + steps], dim=1)  # (R, T + n)
-        T = embeds.shape[1]
-        causal = self.key_index[None, :] <= torch.arange(T, device=self.key_index.device)[:, None]  # (T, L)
-        allowed = self.key_mask[:, None, None, :] & causal[None, None]  # (R, 1, T, L)
-        hidden = forward_hidden(
-            self.model.llm, self.cache, inputs_embeds=embeds, attention_mask=additive_mask(allowed, embeds.dtype),
-            position_ids=positions, cache_position=torch.arange(T, device=embeds.device),
-        )
-        return hidden[:, -1]
-
-    def step(self, p: int, embed: torch.Tensor) -> torch.Tensor:
-        """Feed the embedding of position p's codes (R, H); returns the hidden state for position p+1 (R, H)."""
-        index = self.prompt_len + p  # cache index of this input
-        allowed = (self.key_mask & (self.key_index <= index))[:, None, None, :]  # (R, 1, 1, L)
-        hidden = forward_hidden(
-            self.model.llm, self.cache, inputs_embeds=embed[:, None, :], attention_mask=additive_mask(allowed, embed.dtype),
-            position_ids=self.first_position + p, cache_position=self.key_index[index : index + 1],
-        )
-        return hidden[:, -1]
-
-
-def _next_input(model, position_codes: torch.Tensor) -> torch.Tensor:
-    """The LLM input after a position: the projected sum of its code embeddings, for both CFG halves.
-
-    Computed with the original's exact ops and shapes (a cumsum over depth, then the projector
-    on the non-contiguous (R, 1, C) slice): on such a slice torch's Linear rounds the matmul
-    before adding the bias, and in bf16 that single rounding step moves about a fifth of the
-    values by an ulp, enough to flip near-tied codes later on."""
-    rows = position_codes.repeat(2, 1)[:, None, :]  # (R, 1, D): both halves continue from the same codes
-    sums = torch.cumsum(model.vision.quantizer.embed_codes(rows), dim=-2)[:, :, -1, :]  # (R, 1, C)
-    return model.projector(sums)[:, 0]  # (R, H)
-
-
-def _prefix_inputs(model, prefix_codes: torch.Tensor) -> torch.Tensor:
-    """The LLM inputs of several known positions at once: codes (B, n, D) -> (R, n, H),
-    the same projected code sums `_next_input` makes one position at a time."""
-    rows = prefix_codes.repeat(2, 1, 1)  # (R, n, D)
-    sums = torch.cumsum(model.vision.quantizer.embed_codes(rows), dim=-2)[:, :, -1, :]  # (R, n, C)
-    return model.projector(sums)  # (R, n, H)
-
-
 def _check_request(model, prompt: str, num_images: int, frames: int | None, sampling: ImageSampling) -> None:
     if not prompt or not prompt.strip():
         raise InputError("the prompt is empty: describe the image or video to generate")
@@ -184,12 +118,18 @@ def generate_codes(
     on_position: PositionCallback | None = None,
     given_codes: torch.Tensor | None = None,
     keep: torch.Tensor | None = None,
+    compile: bool | None = None,
+    on_compile: CompileCallback | None = None,
 ) -> torch.Tensor:
     """Generate the codes of `num_images` images (frames=None) or videos of `frames` frames.
 
     Editing: `given_codes` and `keep`, both (B, P, D) (or the shape of the result), make every
     kept code the given one and sample the others; see vilau_backend/editing.py for the masks.
     Positions kept entirely at the start of every image go through one batched prefill.
+
+    compile: run the compiled step (None: the model's `compile_steps`, whose None means on CUDA
+    only). Compiled and eager runs draw the same numbers; their codes can differ only where
+    their kernels' rounding flips a near-tie. `on_compile` is called before a run that compiles.
 
     Returns codes (B, h, w, D), or (B, F, h, w, D) for a video, int64 on the model's device."""
     _check_request(model, prompt, num_images, frames, sampling)
@@ -209,8 +149,13 @@ def generate_codes(
             f"{which} ({input_ids.shape[1]} tokens) plus {P} image positions exceeds the model's context of "
             f"{model.config.llm.context_length}; shorten the {which} or generate fewer frames"
         )
-    stream = CodeStream(model, input_ids, attention_mask, P)
-    codes = _code_loop(model, stream, sampling, image_generators(seed, num_images), edit, on_position)
+    compile = position_step.resolve_compile(model.compile_steps if compile is None else compile, model.device)
+    key = position_step.step_key(model, 2 * num_images, position_step.cache_length(input_ids.shape[1], P))
+    state = position_step.step_state(model, key, compile)
+    uniforms = draw_uniforms(image_generators(seed, num_images), P, D).to(model.device)  # (B, P, D), once
+    forced = {} if edit is None else dict(given=edit.given, keep=edit.keep)
+    state.begin(input_ids, attention_mask.to(model.device), uniforms, sampling, **forced)
+    codes = _code_loop(model, state, P, 0 if edit is None else edit.prefix, compile, on_position, on_compile)
     if video:
         return codes.reshape(num_images, frames, h, w, D)
     return codes.reshape(num_images, h, w, D)
@@ -252,37 +197,31 @@ def _edit_inputs(model, given_codes, keep, shape: tuple[int, int, int]) -> _Edit
 
 
 def _code_loop(
-    model, stream: CodeStream, sampling: ImageSampling, generators: list[torch.Generator], edit: _Edit | None,
-    on_position: PositionCallback | None,
+    model, state, P: int, start: int, compile: bool, on_position: PositionCallback | None,
+    on_compile: CompileCallback | None,
 ) -> torch.Tensor:
-    """Prefill (with any kept prefix), then one depth loop and one LLM step per position. -> (B, P, D)"""
-    B, P = stream.rows // 2, stream.length - stream.prompt_len
-    D = model.config.quantizer.depth
-    sample = partial(
-        sample_codes, temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
-        generators=generators,
-    )
-    codes = torch.zeros(B, P, D, dtype=torch.long, device=model.device)  # (B, P, D)
-    start = 0 if edit is None else edit.prefix
+    """Prefill (with the first `start` positions when an edit keeps them whole), then one step
+    per position. Their uniforms are simply not read: later positions draw what they would
+    stepping through. Returns codes (B, P, D)."""
     if start:
-        codes[:, :start] = edit.given[:, :start]
-        # the prefix's draws are skipped, not saved: later positions draw what they would stepping through
-        skip_draws(generators, start * D, temperature=sampling.temperature, top_k=sampling.top_k)
+        state.codes[:, :start] = state.given[:, :start]
         if on_position is not None:
-            on_position(start, P, codes[:, :start])
+            on_position(start, P, state.codes[:, :start])
         if start == P:
-            return codes
-    hidden = stream.prefill(_prefix_inputs(model, codes[:, :start]) if start else None)  # (R, H)
-    embed_codes = model.vision.quantizer.embed_codes
+            return state.codes[:, :P].clone()
+    step = position_step.advance
+    if compile:
+        if on_compile is not None and position_step.needs_compiling(model, state.key):
+            on_compile()
+        step = position_step.compiled_advance(model.device)
+    state.prefill(model, position_step.prefix_inputs(model, state.codes[:, :start]) if start else None)
     for p in range(start, P):
-        forced = {} if edit is None else dict(given=edit.given[:, p], keep=edit.keep[:, p])
-        position_codes, _ = model.vision.depth.generate(hidden, embed_codes, sampling.cfg, sample, **forced)  # (B, D)
-        codes[:, p] = position_codes
+        step(model, state, state.positions[p])
         if on_position is not None:
-            on_position(p + 1, P, codes[:, : p + 1])
-        if p + 1 < P:
-            hidden = stream.step(p, _next_input(model, position_codes))  # (R, H)
-    return codes
+            on_position(p + 1, P, state.codes[:, : p + 1])  # a view: later steps write beyond it
+    if compile:
+        position_step.mark_compiled(model, state.key)
+    return state.codes[:, :P].clone()
 
 
 def generate_images(model, prompt: str, *, decode: bool = True, **options) -> GeneratedImages:

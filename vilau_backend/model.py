@@ -86,6 +86,7 @@ class VilaUModel:
         projector: Projector,
         dtype: torch.dtype,
         quantize: str = "none",
+        compile_steps: bool | None = None,
     ):
         self.config = config
         self.tokenizer = tokenizer
@@ -97,6 +98,10 @@ class VilaUModel:
         # every weight in one plain module, for callers that move or measure the model as a whole
         # (ComfyUI's ModelPatcher cannot wrap a transformers model directly)
         self.networks = nn.ModuleDict({"llm": llm, "vision": vision, "projector": projector})
+        # whether generation runs its compiled step (position_step.py); None: on CUDA only
+        self.compile_steps = compile_steps
+        # the compiled step's KV cache and buffers, kept for the next run of the same size
+        self.step_states: dict = {}
 
     @classmethod
     def load(
@@ -105,6 +110,7 @@ class VilaUModel:
         dtype: str | torch.dtype | None = None,
         device: str | torch.device | None = None,
         quantize: str | None = "none",
+        compile_steps: bool | None = None,
     ) -> VilaUModel:
         """Read a model folder. `quantize` ('none', 'int8', '4bit') stores the LLM's decoder layers and the
         depth transformer weight-only quantized (vilau_backend/quantize.py), layer by layer as they are read."""
@@ -123,7 +129,7 @@ class VilaUModel:
         projector = build_empty(lambda: Projector(config.projector))
         with SafetensorsFolder(config.projector_dir) as weights:
             load_weights(projector, weights, "", dtype, device)
-        return cls(config, tokenizer, llm, vision, projector, dtype, scheme)
+        return cls(config, tokenizer, llm, vision, projector, dtype, scheme, compile_steps)
 
     @property
     def device(self) -> torch.device:
@@ -137,7 +143,12 @@ class VilaUModel:
 
     def to(self, device: str | torch.device) -> VilaUModel:
         self.networks.to(device)
+        self.release_step_states()
         return self
+
+    def release_step_states(self) -> None:
+        """Free the memory the compiled generation step keeps between runs (KV cache, buffers)."""
+        self.step_states.clear()
 
     # ---- vision API -------------------------------------------------------------------
 
