@@ -30,7 +30,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from vilau_backend.generate import CodeStream, ImageSampling, _next_input, generate_codes  # noqa: E402
+from vilau_backend.generate import ImageSampling, generate_codes  # noqa: E402
+from vilau_backend.position_step import StepState, advance, cache_length, step_key  # noqa: E402
 from vilau_backend.llm import forward_hidden, new_dynamic_cache  # noqa: E402
 from vilau_backend.prompts import cfg_batch, understanding_prompt  # noqa: E402
 from vilau_backend.understand import GREEDY, generate_text, splice_image_embeddings  # noqa: E402
@@ -45,12 +46,15 @@ def guided_depth_logits(model, prompt: str, codes: torch.Tensor, cfg: float = 3.
     B, P, _ = codes.shape
     input_ids, attention_mask = cfg_batch(model.tokenizer, prompt, " ", n=B, video=False)
     rows = codes.to(model.device).repeat(2, 1, 1)  # (R, P, D): both halves follow the same codes
-    stream = CodeStream(model, input_ids, attention_mask, P)
-    hidden = stream.prefill()  # (R, H)
+    # the generation step with every code kept feeds the given codes to the LLM, position by position
+    state = StepState(model, step_key(model, 2 * B, cache_length(input_ids.shape[1], P)))
+    keep = torch.ones(B, P, rows.shape[-1], dtype=torch.bool)
+    state.begin(input_ids, attention_mask, torch.zeros(keep.shape), ImageSampling(top_k=1), given=rows[:B], keep=keep)
+    state.prefill(model)
     out = []
     for p in range(P):
-        if p > 0:
-            hidden = stream.step(p - 1, _next_input(model, rows[:B, p - 1]))
+        hidden = state.hidden.clone()  # (R, H): the LLM state before position p
+        advance(model, state, state.positions[p])
         logits = model.vision.depth(hidden, rows[:, p], model.vision.quantizer.embed_codes).float()  # (R, D, V)
         out.append(logits[B:] + cfg * (logits[:B] - logits[B:]))  # (B, D, V)
     return torch.stack(out, 1)

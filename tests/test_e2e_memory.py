@@ -13,7 +13,7 @@ import time
 import psutil
 import pytest
 
-import comfy_server as cs
+from comfy_harness import server as cs
 
 pytestmark = pytest.mark.comfyui  # starts the pinned ComfyUI: not part of the transformers 4.50.3 pass
 
