@@ -7,7 +7,7 @@
 `full` is 7B-shaped: about 15 GB on disk and several minutes). Each quantize choice
 loads in a fresh Python process, which first loads a tiny model so that imports and
 lazy initialisations are done; its resident memory then is the baseline. Printed per
-choice: load time, weight bytes as loaded, peak RSS (ru_maxrss) and what the load
+choice: load time, weight bytes as loaded, peak RSS (VmHWM) and what the load
 added beyond the weights (peak - baseline - weights). On CUDA, also the peak GPU memory.
 """
 
@@ -37,6 +37,19 @@ def rss_now() -> int:
     return int(fields[1]) * resource.getpagesize()
 
 
+def peak_rss() -> int:
+    """This process's peak resident set size in bytes: VmHWM from /proc, which belongs to the
+    address space exec made. Not ru_maxrss: Linux carries that over from the parent across
+    fork and exec, so a child of a large pytest process would report the parent's peak."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def measure_load(model_dir: str, warmup_dir: str, dtype: str, device: str, quantize: str) -> dict:
     """In this process: load the warm-up model, drop it, then load `model_dir`; the figures as a dict."""
     import gc
@@ -51,7 +64,7 @@ def measure_load(model_dir: str, warmup_dir: str, dtype: str, device: str, quant
     start = time.perf_counter()
     model = VilaUModel.load(model_dir, dtype=dtype, device=device, quantize=quantize)
     seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = peak_rss()
     result = {"quantize": quantize, "seconds": seconds, "weights": model.weight_bytes(), "baseline": baseline,
               "peak_rss": peak, "rss_after": rss_now()}
     if torch.device(device).type == "cuda":
