@@ -56,7 +56,8 @@ def server(tmp_path_factory, silent_hub):
 
 def loader(model=TINY, dtype="fp32", download=True):
     return {"class_type": "VILAU_ModelLoader",
-            "inputs": {"model": model, "dtype": dtype, "device": "auto", "download_if_missing": download}}
+            "inputs": {"model": model, "dtype": dtype, "device": "auto", "download_if_missing": download,
+                       "quantize": "none", "keep_loaded": True}}
 
 
 def t2i(model_ref, **changes):

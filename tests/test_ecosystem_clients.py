@@ -119,7 +119,8 @@ def test_manager_installs_the_pack_into_a_fresh_comfyui(ecosystem, tmp_path):
         assert f"/extensions/{cs.PACK}/vilau.js" in server.get("/extensions").json()
         graph = {
             "1": {"class_type": "VILAU_ModelLoader",
-                  "inputs": {"model": TINY, "dtype": "auto", "device": "auto", "download_if_missing": False}},
+                  "inputs": {"model": TINY, "dtype": "auto", "device": "auto", "download_if_missing": False,
+                  "quantize": "none", "keep_loaded": True}},
             "2": {"class_type": "EmptyImage", "inputs": {"width": 48, "height": 40, "batch_size": 1, "color": 0}},
             "3": {"class_type": "VILAU_RQVAEEncode", "inputs": {"model": ["1", 0], "image": ["2", 0]}},
             "4": {"class_type": "VILAU_RQVAEDecode", "inputs": {"model": ["1", 0], "latent": ["3", 0]}},

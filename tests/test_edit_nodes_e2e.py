@@ -47,7 +47,8 @@ def masked_photo(server):
 
 def loader():
     return {"class_type": "VILAU_ModelLoader",
-            "inputs": {"model": TINY, "dtype": "auto", "device": "auto", "download_if_missing": False}}
+            "inputs": {"model": TINY, "dtype": "auto", "device": "auto", "download_if_missing": False,
+                  "quantize": "none", "keep_loaded": True}}
 
 
 def edit(node_id, prompt="a red apple", seed=1, batch_size=1, **inputs):

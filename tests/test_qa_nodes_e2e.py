@@ -52,7 +52,8 @@ def noise_png(path: Path, seed: int, size: tuple[int, int] = (20, 16)) -> torch.
 
 def model_node():
     return {"class_type": "VILAU_ModelLoader",
-            "inputs": {"model": TINY, "dtype": "auto", "device": "auto", "download_if_missing": False}}
+            "inputs": {"model": TINY, "dtype": "auto", "device": "auto", "download_if_missing": False,
+                  "quantize": "none", "keep_loaded": True}}
 
 
 def answer_options(max_new_tokens=12, seed=0, greedy=True, **extra):
