@@ -343,7 +343,10 @@ def _init_like(state: dict[str, torch.Tensor], gen: torch.Generator, prefix: str
 
 
 def _write_llm_weights(folder: Path, s: TinySizes, vocab: int, gen: torch.Generator, n_shards: int) -> None:
-    """Random Llama weights, one shard at a time (in state-dict order, so any sharding gives the same values)."""
+    """Random Llama weights, one shard at a time.
+
+    Any sharding gives the same values: tensors are drawn in state-dict order, and the unit-scale
+    token embeddings are redrawn after all of them (so, sharded, they go into the last shard)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(vocab_size=vocab, hidden_size=s.llm_hidden, intermediate_size=s.llm_intermediate or 2 * s.llm_hidden,
@@ -352,7 +355,9 @@ def _write_llm_weights(folder: Path, s: TinySizes, vocab: int, gen: torch.Genera
     with torch.device("meta"):
         shapes = LlamaForCausalLM(cfg).state_dict()
     if n_shards == 1:
-        save_file(_llm_tensors(shapes, gen), str(folder / SINGLE_FILE), metadata={"format": "pt"})
+        weights = _init_like(shapes, gen)
+        weights[EMBED_KEY] = _unit_embeddings(shapes, gen)
+        save_file(weights, str(folder / SINGLE_FILE), metadata={"format": "pt"})
         return
     names = list(shapes)
     total = sum(t.numel() * 2 for t in shapes.values())  # bf16
@@ -363,7 +368,10 @@ def _write_llm_weights(folder: Path, s: TinySizes, vocab: int, gen: torch.Genera
         while stop < len(names) and (size < total / n_shards or i == n_shards - 1):
             size += shapes[names[stop]].numel() * 2
             stop += 1
-        part = _llm_tensors({k: shapes[k] for k in names[start:stop]}, gen)
+        part = _init_like({k: shapes[k] for k in names[start:stop]}, gen)
+        part.pop(EMBED_KEY, None)  # drawn only to keep the stream of values as unsharded
+        if i == n_shards - 1:
+            part[EMBED_KEY] = _unit_embeddings(shapes, gen)
         save_file(part, str(folder / shard), metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(part, shard))
         del part
@@ -371,11 +379,12 @@ def _write_llm_weights(folder: Path, s: TinySizes, vocab: int, gen: torch.Genera
     _dump(folder / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
 
 
-def _llm_tensors(shapes: dict[str, torch.Tensor], gen: torch.Generator) -> dict[str, torch.Tensor]:
-    weights = _init_like(shapes, gen)
-    if "model.embed_tokens.weight" in weights:  # token embeddings of unit scale, as trained Llamas have
-        weights["model.embed_tokens.weight"] = _normal(gen, *shapes["model.embed_tokens.weight"].shape, std=1.0)
-    return weights
+EMBED_KEY = "model.embed_tokens.weight"
+
+
+def _unit_embeddings(shapes: dict[str, torch.Tensor], gen: torch.Generator) -> torch.Tensor:
+    """Token embeddings of unit scale, as trained Llamas have."""
+    return _normal(gen, *shapes[EMBED_KEY].shape, std=1.0)
 
 
 def _vision_tower_weights(s: TinySizes, gen: torch.Generator) -> dict[str, torch.Tensor]:
