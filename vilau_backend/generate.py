@@ -149,7 +149,7 @@ def generate_codes(
             f"{which} ({input_ids.shape[1]} tokens) plus {P} image positions exceeds the model's context of "
             f"{model.config.llm.context_length}; shorten the {which} or generate fewer frames"
         )
-    compile = position_step.resolve_compile(model.compile_steps if compile is None else compile, model.device)
+    compile = position_step.resolve_model_compile(model, compile)
     key = position_step.step_key(model, 2 * num_images, position_step.cache_length(input_ids.shape[1], P))
     state = position_step.step_state(model, key, compile)
     uniforms = draw_uniforms(image_generators(seed, num_images), P, D).to(model.device)  # (B, P, D), once

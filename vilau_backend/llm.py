@@ -15,16 +15,21 @@ transformers (which would synchronise with the GPU every step).
 from __future__ import annotations
 
 import inspect
-from functools import cache as memoize
 
 import torch
 from torch import nn
 
 
-@memoize
+_cache_arguments: dict[type, str] = {}  # model class -> the name of its forward's cache argument
+
+
 def _cache_argument(model_class: type) -> str:
-    params = inspect.signature(model_class.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
+    # a plain dict rather than functools.cache: dynamo traces it inside the compiled steps without a warning
+    name = _cache_arguments.get(model_class)
+    if name is None:
+        params = inspect.signature(model_class.forward).parameters
+        name = _cache_arguments[model_class] = "cache" if "cache" in params else "past_key_values"
+    return name
 
 
 def new_static_cache(llm: nn.Module, rows: int, length: int, dtype: torch.dtype, device: torch.device):

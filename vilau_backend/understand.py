@@ -66,6 +66,8 @@ TokenCallback = Callable[[int, int, str], object]
 AnswersCallback = Callable[[int, list[str]], object]
 # on_step(step, tokens, texts): each row's new token (None once stopped) and text so far
 StepCallback = Callable[[int, list["int | None"], list[str]], object]
+# on_compile(): the run is about to compile its decode step (seconds to minutes, once per size)
+CompileCallback = Callable[[], object]
 
 
 @dataclass(frozen=True)
@@ -120,6 +122,8 @@ def describe_images(
     seed: int = 0,
     on_token: TokenCallback | None = None,
     on_answers: AnswersCallback | None = None,
+    compile: bool | None = None,
+    on_compile: CompileCallback | None = None,
 ) -> list[Answer]:
     """Answer `query` about images: ComfyUI IMAGE (B, H, W, C) float 0..1, or a list of such
     batches (each may have its own size).
@@ -137,7 +141,8 @@ def describe_images(
     _check_query(query)
     _check_batch_size(batch_size)
     pixels = _pixel_values(model, images)  # (N, 3, S, S)
-    options = dict(system=system, sampling=sampling, max_new_tokens=max_new_tokens, seed=seed)
+    options = dict(system=system, sampling=sampling, max_new_tokens=max_new_tokens, seed=seed, compile=compile,
+                   on_compile=on_compile)
     if not batch:
         if on_answers is not None:
             raise TypeError("one answer about all images streams through on_token; on_answers is for batch=True")
@@ -162,6 +167,8 @@ def answer_each_image(
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     seed: int = 0,
     on_answers: AnswersCallback | None = None,
+    compile: bool | None = None,
+    on_compile: CompileCallback | None = None,
 ) -> list[Answer]:
     """pixels (B, 3, S, S) -> B answers to the same question, one per image, generated together.
 
@@ -178,7 +185,8 @@ def answer_each_image(
     generators = [_seeded_generator(seed) for _ in prompts]
     on_step = None if on_answers is None else (lambda step, tokens, texts: on_answers(step, texts))
     outputs = generate_texts(
-        model, prompts, sampling=sampling, max_new_tokens=max_new_tokens, generators=generators, on_step=on_step
+        model, prompts, sampling=sampling, max_new_tokens=max_new_tokens, generators=generators, on_step=on_step,
+        compile=compile, on_compile=on_compile,
     )
     return [Answer(text=_answer_text(model, ids), input_ids=input_ids, output_ids=ids) for ids in outputs]
 
@@ -194,6 +202,8 @@ def describe_video(
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     seed: int = 0,
     on_token: TokenCallback | None = None,
+    compile: bool | None = None,
+    on_compile: CompileCallback | None = None,
 ) -> Answer:
     """Answer `query` about a video: frames (F, H, W, C) float 0..1, of which the model looks at
     those `choice` picks; by default the original's: the model's ``num_video_frames`` spread
@@ -204,7 +214,7 @@ def describe_video(
         frames, _ = sample_video_frames(frames, model.config.num_video_frames, choice)
     return _answer_about(
         model, model.preprocess(frames), query, system=system, sampling=sampling, max_new_tokens=max_new_tokens,
-        seed=seed, on_token=on_token,
+        seed=seed, on_token=on_token, compile=compile, on_compile=on_compile,
     )
 
 
@@ -236,6 +246,8 @@ def _answer_about(
     max_new_tokens: int,
     seed: int,
     on_token: TokenCallback | None,
+    compile: bool | None = None,
+    on_compile: CompileCallback | None = None,
 ) -> Answer:
     """pixels (N, 3, S, S) -> one answer to a prompt with N image slots."""
     input_ids = model.tokenizer.tokenize_with_image_slots(understanding_prompt(query, pixels.shape[0], system=system))
@@ -243,7 +255,7 @@ def _answer_about(
     inputs_embeds = _prompt_embeddings(model, input_ids, pixels)  # (T, H)
     output_ids = generate_text(
         model, inputs_embeds, sampling=sampling, max_new_tokens=max_new_tokens, generator=_seeded_generator(seed),
-        on_token=on_token,
+        on_token=on_token, compile=compile, on_compile=on_compile,
     )
     return Answer(text=_answer_text(model, output_ids), input_ids=input_ids, output_ids=output_ids)
 
@@ -286,6 +298,8 @@ def generate_text(
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     generator: torch.Generator | None = None,
     on_token: TokenCallback | None = None,
+    compile: bool | None = None,
+    on_compile: CompileCallback | None = None,
 ) -> list[int]:
     """inputs_embeds (T, H) -> new token ids, ending at EOS or after max_new_tokens: one prompt
     through :func:`generate_texts` (a batch of one needs no padding and runs the same kernels)."""
@@ -295,7 +309,7 @@ def generate_text(
             on_token(step, tokens[0], texts[0])
     return generate_texts(
         model, [inputs_embeds], sampling=sampling, max_new_tokens=max_new_tokens, generators=[generator],
-        on_step=on_step,
+        on_step=on_step, compile=compile, on_compile=on_compile,
     )[0]
 
 
@@ -308,6 +322,8 @@ def generate_texts(
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     generators: Sequence[torch.Generator | None] | None = None,
     on_step: StepCallback | None = None,
+    compile: bool | None = None,
+    on_compile: CompileCallback | None = None,
 ) -> list[list[int]]:
     """B prompts' inputs_embeds, each (T_b, H) -> B lists of new token ids, each ending at its EOS
     or after max_new_tokens. Row b samples only from generators[b].
@@ -316,7 +332,11 @@ def generate_texts(
     its EOS until all have (its outputs ignored, no draws from its generator). `on_step(step,
     tokens, texts)` follows every step: the new token of each row (None once it has stopped) and
     each row's text so far, up to its last complete character (:func:`streamed_text`).
-    The cache lives only in this call: if `on_step` raises, the model is left as it was."""
+
+    compile: decode through the compiled step (vilau_backend/text_step.py; None: the model's
+    `compile_steps`, whose None means on CUDA only); `on_compile` is called before a run that
+    compiles. Compiled and eager answers draw the same numbers; their tokens can differ only
+    where kernel rounding flips a near-tie. If `on_step` raises, the next run is unaffected."""
     rows = len(prompts)
     if max_new_tokens < 1:
         raise InputError(f"max_new_tokens must be 1 or more, got {max_new_tokens}")
@@ -328,8 +348,8 @@ def generate_texts(
     eos = model.tokenizer.eos_token_id
     processors = _logits_processors(sampling)
     batch = PromptBatch(prompts)
-    cache = new_dynamic_cache(model.llm)
-    logits = batch.prefill(model.llm, cache)  # (B, V)
+    decoder = _Decoder(model, batch, max_new_tokens, compile, on_compile)
+    logits = decoder.prefill()  # (B, V)
     outputs: list[list[int]] = [[] for _ in range(rows)]
     live = [True] * rows
     seen = torch.empty((rows, 0), dtype=torch.long, device=logits.device)  # (B, n) generated so far
@@ -345,8 +365,45 @@ def generate_texts(
             on_step(step, new, [streamed_text(model, ids) for ids in outputs])
         if not any(live) or step == max_new_tokens - 1:
             break
-        logits = batch.decode_step(model.llm, tokens, step, cache)
+        logits = decoder.step(tokens, step)
     return outputs
+
+
+class _Decoder:
+    """The LLM side of one `generate_texts` run: eager (PromptBatch on a DynamicCache that lives
+    only in the run) or compiled (text_step.py, whose static cache stays on the model for the next
+    run of its size)."""
+
+    def __init__(self, model, batch: PromptBatch, max_new_tokens: int, compile: bool | None,
+                 on_compile: CompileCallback | None):
+        from . import position_step, text_step
+
+        self.model, self.batch = model, batch
+        self.compiled = position_step.resolve_model_compile(model, compile)
+        if not self.compiled:
+            self.cache = new_dynamic_cache(model.llm)
+            return
+        rows, prompt_len = batch.embeds.shape[:2]
+        self.key = text_step.text_step_key(model, rows, prompt_len, max_new_tokens)
+        self.state = position_step.step_state(model, self.key, True, text_step.TextStepState)
+        if on_compile is not None and position_step.needs_compiling(model, self.key):
+            on_compile()
+        self.step_function = position_step.compiled_step(text_step.decode_step, model.device)
+
+    def prefill(self) -> torch.Tensor:
+        if not self.compiled:
+            return self.batch.prefill(self.model.llm, self.cache)
+        return self.state.prefill(self.model, self.batch.embeds, self.batch.key_mask)
+
+    def step(self, tokens: torch.Tensor, step: int) -> torch.Tensor:
+        if not self.compiled:
+            return self.batch.decode_step(self.model.llm, tokens, step, self.cache)
+        logits = self.state.decode(self.step_function, self.model, tokens, step)
+        if step == 0:  # compiled now: a later run of this size, even after a cancel, only replays
+            from . import position_step
+
+            position_step.mark_compiled(self.model, self.key)
+        return logits
 
 
 class PromptBatch:
