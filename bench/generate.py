@@ -1,7 +1,8 @@
-"""Benchmark text-to-image generation on random-weight models of chosen sizes.
+"""Benchmark text-to-image generation and answers on random-weight models of chosen sizes.
 
     python bench/generate.py --preset tiny [medium full] [--geometry 256|384] [--batch 1 4] [--compile|--no-compile]
                              [--dtype ...] [--device ...] [--repeats 1] [--eager-positions N] [--quantize none|int8|4bit]
+                             [--answer-tokens 32]
 
 Presets (random weights, built in memory, no files):
   tiny    the golden fixture's geometry: LLM 80 wide x 2 layers, SigLIP 64, 16x16 grid, depth 4, 1024 codes
@@ -11,7 +12,9 @@ Presets (random weights, built in memory, no files):
           follow the original code's defaults, since the published configs are not available here
 Geometry: 256 = the 256 px model's 16x16 grid x depth 4; 384 = the 384 px model's 27x27 grid x depth 16
 (SigLIP so400m/14 at full size, decoded from a 24x24 latent).
-Prints, per batch size: ms per grid position, positions/s, s per image (decode included), peak memory.
+Prints, per batch size: ms per grid position, positions/s, s per image (decode included), peak memory;
+then, with --answer-tokens N (default 32; 0: off), ms per answer token of B answers generated together
+after an image-sized prompt (decode steps only: (time for N tokens - time for 1) / (N - 1)).
 --compile measures eager and compiled runs in the same process (alternating, best of --repeats each) and also
 prints the compile time (first compiled run minus a later one) and the compiled/eager speed ratio;
 --no-compile measures eager only; the default is the backend's (compiled on CUDA, eager on the CPU).
@@ -43,12 +46,13 @@ from vilau_backend.config import (  # noqa: E402
     VilaUConfig,
 )
 from vilau_backend.generate import ImageSampling, generate_codes  # noqa: E402
-from vilau_backend.position_step import resolve_compile  # noqa: E402
 from vilau_backend.model import VilaUModel, VisionTower, resolve_device, resolve_dtype  # noqa: E402
+from vilau_backend.position_step import resolve_compile  # noqa: E402
 from vilau_backend.projector import Projector  # noqa: E402
 from vilau_backend.quantize import DEPTH_TARGETS, LLM_TARGETS, QUANTIZE_CHOICES, quantize_module  # noqa: E402
-from vilau_backend.tokenizer import VilaTokenizer  # noqa: E402
 from vilau_backend.tiny import write_tokenizer  # noqa: E402
+from vilau_backend.tokenizer import VilaTokenizer  # noqa: E402
+from vilau_backend.understand import GREEDY, generate_texts  # noqa: E402
 
 PRESETS = {
     #          llm: hidden, layers, heads, mlp | siglip: width, layers, heads, mlp | codes, depth-tf: width, heads, layers | decoder: ch, ch_mult, res blocks, z
@@ -157,6 +161,37 @@ def timed_run(model: VilaUModel, batch: int, seed: int, compile: bool, stop_afte
     return Timing(loop_s=loop, decode_s=time.perf_counter() - t - loop)
 
 
+def answer_seconds(model: VilaUModel, batch: int, compile: bool, tokens: int) -> tuple[float, int]:
+    """(seconds, tokens generated) of `batch` greedy answers to an image-sized prompt of random embeddings."""
+    device = model.device
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    H = model.config.llm.hidden_size
+    generator = torch.Generator().manual_seed(0)
+    T = model.config.tokens_per_image + 40  # one image and a short question
+    prompts = [(torch.randn(T, H, generator=generator) * 0.02).to(device, model.dtype) for _ in range(batch)]
+    sync(); t = time.perf_counter()
+    outputs = generate_texts(model, prompts, sampling=GREEDY, max_new_tokens=tokens, compile=compile)
+    sync()
+    return time.perf_counter() - t, max(len(ids) for ids in outputs)
+
+
+def bench_answers(model: VilaUModel, batch: int, modes: list[bool], tokens: int, repeats: int) -> None:
+    """ms per answer token (decode steps: a run of `tokens` minus a run of 1, which is the prefill)."""
+    per_token = {}
+    for mode in modes:
+        answer_seconds(model, batch, mode, tokens)  # compiles (compiled mode) and warms up
+        runs = []
+        for _ in range(repeats):
+            full, made = answer_seconds(model, batch, mode, tokens)
+            prefill, _ = answer_seconds(model, batch, mode, 1)
+            runs.append((full - prefill) / max(1, made - 1))
+        per_token[mode] = min(runs)
+        print(f"  batch {batch} {'compiled' if mode else 'eager':>8}: {1000 * per_token[mode]:8.2f} ms/answer token, "
+              f"{batch / per_token[mode]:8.1f} tokens/s", flush=True)
+    if len(per_token) == 2:
+        print(f"  batch {batch}  compiled / eager answer speed: {per_token[False] / per_token[True]:.2f}x", flush=True)
+
+
 def report(label: str, batch: int, P: int, runs: list[Timing], device: torch.device) -> float:
     loop = min(r.loop_s for r in runs)
     decode = min(r.decode_s for r in runs)
@@ -195,6 +230,10 @@ def bench_preset(preset: str, args, device: torch.device, dtype: torch.dtype, mo
                 print(f"  batch {batch}  compile: {compile_s:.1f} s (first compiled run minus a later one)", flush=True)
             if len(loops) == 2:
                 print(f"  batch {batch}  compiled / eager speed: {loops[False] / loops[True]:.2f}x positions/s", flush=True)
+        if args.answer_tokens:
+            print(f"answers ({args.answer_tokens} tokens after a prompt of one image):", flush=True)
+            for batch in args.batch:
+                bench_answers(model, batch, modes, args.answer_tokens, args.repeats)
         model.release_step_states()
 
 
@@ -210,6 +249,8 @@ def main() -> None:
     parser.add_argument("--quantize", choices=QUANTIZE_CHOICES, default="none",
                         help="weight-only quantization of the LLM and depth transformer (default none)")
     parser.add_argument("--repeats", type=int, default=1, help="timed runs per batch size and mode (after one warm-up)")
+    parser.add_argument("--answer-tokens", type=int, default=32,
+                        help="also time answers of this many tokens per batch size (0: images only)")
     parser.add_argument("--eager-positions", type=int, default=None,
                         help="time eager runs over this many positions only and extrapolate")
     args = parser.parse_args()

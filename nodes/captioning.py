@@ -100,8 +100,9 @@ class CaptionFolder(io.ComfyNode):
             recursive=recursive, system=system_prompt, max_new_tokens=max_new_tokens, seed=seed,
             sampling=text_sampling(do_sample, temperature, top_k, top_p, repetition_penalty), batch_size=batch_size,
         )
-        report = caption_folder(model.ready(), resolve_folder(folder), settings, on_progress=CaptionProgress(
-            cls.hidden.unique_id, max_new_tokens))
+        progress = CaptionProgress(cls.hidden.unique_id, max_new_tokens)
+        report = caption_folder(model.ready(), resolve_folder(folder), settings, on_progress=progress,
+                                on_compile=progress.on_compile)
         summary = report.summary()
         send_answer(cls.hidden.unique_id, [summary], done=True)
         return io.NodeOutput(summary, ui={"text": [summary]})

@@ -79,6 +79,18 @@ class ModelLoader(io.ComfyNode):
                         "Off: report what is missing instead."
                     ),
                 ),
+                io.Combo.Input(
+                    "compile",
+                    options=list(model_cache.COMPILE_CHOICES),
+                    default="auto",
+                    optional=True,
+                    tooltip=(
+                        "Run image generation and answers through compiled steps (torch.compile; CUDA graphs on "
+                        "CUDA). The first run of each batch size compiles (the node shows 'compiling…'); later "
+                        "runs replay it, faster. auto: on with CUDA, off on the CPU, where compiling takes "
+                        "minutes. Layers streamed from CPU memory or split over GPUs always run uncompiled."
+                    ),
+                ),
             ],
             outputs=[VilaUModelSocket.Output(display_name="model", tooltip="The loaded VILA-U model.")],
             hidden=[io.Hidden.unique_id],
@@ -98,13 +110,14 @@ class ModelLoader(io.ComfyNode):
 
     @classmethod
     def execute(cls, model: str, dtype: str, device: str, download_if_missing: bool, quantize: str = "none",
-                keep_loaded: bool = True) -> io.NodeOutput:
+                keep_loaded: bool = True, compile: str = "auto") -> io.NodeOutput:
         import comfy.model_management
         import comfy.utils
 
         check_combo("dtype", dtype, list(model_cache.DTYPE_CHOICES))
         check_combo("device", device, model_cache.device_choices())
         check_combo("quantize", quantize, list(model_cache.QUANTIZE_CHOICES))
+        check_combo("compile", compile, list(model_cache.COMPILE_CHOICES))
         bar = None
 
         def progress(done: int, total: int) -> None:
@@ -119,7 +132,8 @@ class ModelLoader(io.ComfyNode):
             bar.update_absolute(done, total)
 
         folder = model_files.resolve_model(model, download_if_missing, progress)
-        loaded = model_cache.get_model(model, folder, dtype, device, quantize, keep_loaded)
+        loaded = model_cache.get_model(model, folder, dtype, device, quantize, keep_loaded,
+                                       model_cache.COMPILE_CHOICES[compile])
         # where the weights are (and whether layers stream from CPU memory), after any warning
         show_status(cls.hidden.unique_id, "\n".join(filter(None, [warn_if_slow_on_cpu(loaded.key), loaded.status])))
         return io.NodeOutput(loaded, ui={"text": [loaded.status]})

@@ -38,6 +38,8 @@ from typing import Any
 
 DTYPE_CHOICES = {"auto": None, "bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 QUANTIZE_CHOICES = ("none", "int8", "4bit")  # vilau_backend.quantize.QUANTIZE_CHOICES, without importing torch
+# the loader's compile choice -> VilaUModel.compile_steps (None: on CUDA, off on the CPU)
+COMPILE_CHOICES = {"auto": None, "on": True, "off": False}
 ALL_GPUS = "all GPUs"  # a device choice: the LLM's layers split over every visible GPU
 GiB = 2**30
 
@@ -58,6 +60,7 @@ class LoadedVilaU:
         self.name = name
         self.target = target  # torch.device everything but split LLM layers runs on
         self.keep_loaded = True
+        self.compile: bool | None = None  # VilaUModel.compile_steps: the last loader's choice
         self.model: Any = None  # vilau_backend.model.VilaUModel, None while released
         self.patcher: Any = None  # comfy.model_patcher.ModelPatcher around the weights that live on `target`
         self.placement: Any = None  # vilau_backend.placement.Placement when layers stream or are split
@@ -71,6 +74,7 @@ class LoadedVilaU:
             if self.model is None:
                 self._load()
                 self._fit()
+            self.model.compile_steps = self.compile
             mm.load_models_gpu([self.patcher], force_full_load=True)
             _last[:] = [self]
             return self.model
@@ -177,7 +181,7 @@ _last: list[LoadedVilaU] = []  # the most recently used instance, held until Com
 
 
 def get_model(name: str, folder: Path, dtype: str, device: str, quantize: str = "none",
-              keep_loaded: bool = True) -> LoadedVilaU:
+              keep_loaded: bool = True, compile: bool | None = None) -> LoadedVilaU:
     """The cached instance for these options, loading it on first use."""
     # keyed by what the choices resolve to: 'auto' shares the instance of the device and dtype it picks
     target = load_device(device)
@@ -189,6 +193,7 @@ def get_model(name: str, folder: Path, dtype: str, device: str, quantize: str = 
             loaded = LoadedVilaU(key, name, target)
             _alive[key] = loaded
         loaded.keep_loaded = keep_loaded
+        loaded.compile = compile
     loaded.ready()
     return loaded
 

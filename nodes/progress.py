@@ -9,6 +9,7 @@ from __future__ import annotations
 
 
 PREVIEWS_PER_IMAGE = 4  # a partial-grid preview every h/4 rows
+COMPILING = "compiling… (the first run of this batch size; later runs are faster)"
 
 
 class PositionProgress:
@@ -69,6 +70,9 @@ class AnswerProgress:
         self._current = text
         self._show(len(self.finished), step, self.finished + [text])
 
+    def on_compile(self) -> None:
+        show_status(self.node_id, COMPILING)
+
     def on_answers(self, step: int, texts: list[str]) -> None:
         """on_answers: answers generated together; `texts` holds every answer begun so far."""
         self._show((len(texts) - 1) // self.batch_size, step, texts)
@@ -122,6 +126,9 @@ class CaptionProgress:
         self.node_id = node_id
         self.max_new_tokens = max_new_tokens
         self.bar = None  # made at the first event, when the number of images is known
+
+    def on_compile(self) -> None:
+        show_status(self.node_id, COMPILING)
 
     def __call__(self, event) -> None:
         import comfy.model_management as mm

@@ -29,7 +29,13 @@ import torch
 
 from .errors import InputError
 from .prompts import SYSTEM_PROMPT
-from .understand import DEFAULT_BATCH_SIZE, DEFAULT_MAX_NEW_TOKENS, TextSampling, answer_each_image
+from .understand import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_MAX_NEW_TOKENS,
+    CompileCallback,
+    TextSampling,
+    answer_each_image,
+)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 CAPTION_SUFFIX = ".txt"
@@ -92,6 +98,7 @@ ProgressCallback = Callable[[CaptionProgress], object]
 def caption_folder(
     model, folder: str | os.PathLike, settings: CaptionSettings = CaptionSettings(),
     on_progress: ProgressCallback | None = None,
+    on_compile: CompileCallback | None = None,
 ) -> CaptionReport:
     """Write a caption beside every image of `folder` (see the module's docstring for what is touched).
 
@@ -107,7 +114,7 @@ def caption_folder(
         batch = todo[start : start + settings.batch_size]
         images, pixels = _read_batch(model, batch, report)
         if images:
-            texts = _caption_batch(model, pixels, images, settings, on_progress, done, len(todo))
+            texts = _caption_batch(model, pixels, images, settings, on_progress, on_compile, done, len(todo))
             for image, text in zip(images, texts):
                 report.written.append(write_caption(caption_path(image), settings.prefix + text + settings.suffix))
         done += len(batch)
@@ -208,7 +215,7 @@ def load_image(path: Path) -> torch.Tensor:
 
 def _caption_batch(
     model, pixels: torch.Tensor, images: list[Path], settings: CaptionSettings,
-    on_progress: ProgressCallback | None, done: int, total: int,
+    on_progress: ProgressCallback | None, on_compile: CompileCallback | None, done: int, total: int,
 ) -> list[str]:
     report = None
     if on_progress is not None:
@@ -216,6 +223,6 @@ def _caption_batch(
             on_progress(CaptionProgress(done, total, step, images, texts))
     answers = answer_each_image(
         model, pixels, settings.question, system=settings.system, sampling=settings.sampling,
-        max_new_tokens=settings.max_new_tokens, seed=settings.seed, on_answers=report,
+        max_new_tokens=settings.max_new_tokens, seed=settings.seed, on_answers=report, on_compile=on_compile,
     )
     return [answer.text for answer in answers]

@@ -49,7 +49,6 @@ def save_image_file(image: torch.Tensor, path: str | Path) -> None:
 def _load_model(args: argparse.Namespace):
     from .model import VilaUModel
 
-    # only generation has --compile: nothing else is compiled (yet)
     return VilaUModel.load(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize,
                            compile_steps=getattr(args, "compile", None))
 
@@ -109,7 +108,8 @@ def _describe(args: argparse.Namespace) -> int:
             top_p=defaults.top_p if args.top_p is None else args.top_p,
             repetition_penalty=args.repetition_penalty,
         )
-    options = dict(sampling=sampling, max_new_tokens=args.max_new_tokens, seed=args.seed or 0)
+    options = dict(sampling=sampling, max_new_tokens=args.max_new_tokens, seed=args.seed or 0,
+                   on_compile=_say_compiling)
 
     model = _load_model(args)
     if args.video:
@@ -139,7 +139,7 @@ def _generation_options(args: argparse.Namespace) -> dict:
 
 
 def _say_compiling() -> None:
-    print("compiling the generation step (once per batch size and prompt-length bucket)...", file=sys.stderr, flush=True)
+    print("compiling the step (once per batch size and prompt-length bucket)...", file=sys.stderr, flush=True)
 
 
 def _save_codes(codes: torch.Tensor, path: str | None) -> None:
@@ -307,6 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("describe", help="answer a question about images or a video (VQA, captions)")
     add_model_options(p)
+    add_compile_option(p)
     media = p.add_mutually_exclusive_group(required=True)
     media.add_argument("--image", action="append", help="an image file; repeat for several images in one prompt")
     media.add_argument("--video", help="a video file (mp4, webm, gif, mov, ...) or a folder of frames")
