@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU check of the compiled generation step, in at most 8 minutes, on a machine with a CUDA GPU whose
+# GPU check of the compiled steps and the quantized weights, in at most 8 minutes, on a machine with a CUDA GPU whose
 # python has torch, transformers, accelerate, safetensors and sentencepiece (no package registry needed).
 #
 #   bash bench/gpu_check.sh [python]        (default: python3)
@@ -9,12 +9,15 @@
 #    (27x27 grid, depth 16), batch 1 and 4, eager and compiled (CUDA graphs): ms per position, s per
 #    image, peak VRAM, compile time, compiled/eager ratio. Eager runs at 384 px are timed over their
 #    first 96 positions and extrapolated, to stay inside the time budget.
+#    Then B answers of 32 tokens after a one-image prompt: ms per answer token, eager and compiled.
 # 2. The backend tests on CUDA (pytest --device cuda): the golden parity tests with the fixtures' models
 #    on the GPU, and tests/test_compiled_step.py (compiled against eager) there.
 #    CUDA parity tolerances: discrete results (codes, token ids) must be identical, because every run
 #    checked is clear of near-ties by more than kernel rounding (fp32 logits differ between cuBLAS/Triton
 #    and the CPU by ~1e-6 relative; TF32 stays off, torch's default for matmuls); tensors compared with
 #    a tolerance keep the CPU tests' tolerance (rtol 1e-5 / atol 1e-5 in fp32, one bf16 ulp in bf16).
+# 3. VRAM after loading and peak VRAM while generating, for quantize int8 and none, from a 7B-shaped
+#    checkpoint on disk (bench/gpu_memory.py; 4bit needs bitsandbytes, which the reference machine lacks).
 # Each part has its own time limit; a part that overruns is reported and the next one starts.
 set -u
 cd "$(dirname "$0")/.."
@@ -35,12 +38,15 @@ print(f"torch {torch.__version__}, transformers {transformers.__version__}, "
 assert torch.cuda.is_available(), "no CUDA GPU visible to this python"
 PYEOF
 [ $? -eq 0 ] || exit 1
-part 150 "7B bf16, 256 px geometry (256 positions, depth 4)" \
-  "$PY" bench/generate.py --preset full --geometry 256 --batch 1 4 --compile --dtype bfloat16 --device cuda
-part 200 "7B bf16, 384 px geometry (729 positions, depth 16)" \
+part 130 "7B bf16, 256 px geometry (256 positions, depth 4), then answers of 32 tokens" \
+  "$PY" bench/generate.py --preset full --geometry 256 --batch 1 4 --compile --dtype bfloat16 --device cuda \
+  --answer-tokens 32
+part 150 "7B bf16, 384 px geometry (729 positions, depth 16)" \
   "$PY" bench/generate.py --preset full --geometry 384 --batch 1 4 --compile --dtype bfloat16 --device cuda \
-  --eager-positions 96
-part 100 "backend tests on CUDA" \
-  "$PY" -m pytest -q -p no:cacheprovider --device cuda tests/test_compiled_step.py tests/test_generate.py \
-  tests/test_depth.py tests/test_vision_parity.py
+  --eager-positions 96 --answer-tokens 0
+part 90 "backend tests on CUDA" \
+  "$PY" -m pytest -q -p no:cacheprovider --device cuda tests/test_compiled_step.py tests/test_compiled_answers.py \
+  tests/test_generate.py tests/test_depth.py tests/test_vision_parity.py
+part 100 "VRAM of each quantize choice at 7B (writes a 15 GB random checkpoint first)" \
+  "$PY" bench/gpu_memory.py --quantize int8 none --device cuda
 echo; echo "=== done in $(( $(date +%s) - start ))s"
