@@ -10,13 +10,13 @@ from ..vilau_backend.captioning import CaptionSettings
 from .model_cache import releases_after_use
 from .progress import CaptionProgress, send_answer
 from .schema import CATEGORY, advanced, check_combo, model_input
-from .understanding import MAX_BATCH_SIZE, answer_inputs, check_question, text_sampling
+from .understanding import MAX_BATCH_SIZE, QuestionNode, answer_inputs, text_sampling
 
 SKIP = "skip"
 OVERWRITE = "overwrite"
 
 
-class CaptionFolder(io.ComfyNode):
+class CaptionFolder(QuestionNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         defaults = CaptionSettings()
@@ -74,10 +74,6 @@ class CaptionFolder(io.ComfyNode):
             hidden=[io.Hidden.unique_id],
             is_output_node=True,
         )
-
-    @classmethod
-    def validate_inputs(cls, question: str | None = None) -> bool | str:
-        return check_question(question)
 
     @classmethod
     def fingerprint_inputs(cls, **kwargs) -> float:

@@ -9,14 +9,15 @@ sampled under the prompt, with the progress bar, previews, cancel and seeds of T
 
 from __future__ import annotations
 
-from fractions import Fraction
-
 from comfy_api.latest import io
 
-from .generation import MAX_FRAMES, MAX_IMAGES, MAX_VIDEOS, check_prompt, generation_inputs, generation_options
+from .generation import (
+    MAX_FRAMES, MAX_IMAGES, MAX_VIDEOS, PromptNode, fps_input, generation_inputs, generation_options,
+    image_outputs, video_outputs,
+)
 from .model_cache import releases_after_use
 from .schema import CATEGORY
-from .vilau_latent import make_vilau_latent, vilau_latent_codes
+from .vilau_latent import vilau_latent_codes
 
 
 def _source_inputs(what: str) -> list[io.Input]:
@@ -61,6 +62,20 @@ def edit_options(vila, positions: int, batch_size: int, **options) -> dict:
     return options
 
 
+def edit_whole_sources(edit, setting, node: str, model, prompt: str, batch_size: int, image, latent, options: dict):
+    """Variations and Continue Image: each source's codes (N, h, w, D), `batch_size` times, through the
+    backend edit `edit(vila, prompt, codes, setting(vila), **sampling)` -> the node's image and latent."""
+    from ..vilau_backend.editing import repeat_sources
+
+    vila = model.ready()
+    codes, _ = edit_source(vila, image, latent, node)
+    value = setting(vila)
+    h, w = vila.config.grid
+    options = edit_options(vila, h * w, batch_size, **options)
+    result = edit(vila, prompt, repeat_sources(codes, batch_size), value, **options)
+    return image_outputs(vila, result)
+
+
 def generation_inputs_for_edit(what: str) -> list[io.Input]:
     """Text to Image's inputs, with the batch counted per source image."""
     return generation_inputs(
@@ -70,7 +85,7 @@ def generation_inputs_for_edit(what: str) -> list[io.Input]:
     )
 
 
-class Inpaint(io.ComfyNode):
+class Inpaint(PromptNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -117,10 +132,6 @@ class Inpaint(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, prompt: str | None = None) -> bool | str:
-        return check_prompt(prompt)
-
-    @classmethod
     @releases_after_use
     def execute(
         cls, model, prompt: str, mask, mask_threshold: float, grow_mask: int, feather: int, batch_size: int,
@@ -146,10 +157,10 @@ class Inpaint(io.ComfyNode):
         )
         size = result.images.shape[1]
         region = editing.feathered_pixel_mask(regenerate, size, 0)[..., 0]  # (B, S, S)
-        return io.NodeOutput(result.images, make_vilau_latent(vila, result.features, result.codes), region)
+        return image_outputs(vila, result, region)
 
 
-class VaryByDepth(io.ComfyNode):
+class VaryByDepth(PromptNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -175,26 +186,20 @@ class VaryByDepth(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, prompt: str | None = None) -> bool | str:
-        return check_prompt(prompt)
-
-    @classmethod
     @releases_after_use
     def execute(cls, model, prompt: str, strength: float, batch_size: int, image=None, latent=None, **options) -> io.NodeOutput:
         """options: the other generation inputs (negative_prompt, cfg, seed, temperature, top_k, top_p)."""
         from ..vilau_backend import editing
 
-        vila = model.ready()
-        codes, _ = edit_source(vila, image, latent, "VILA-U Variations")
-        kept = editing.depths_for_strength(strength, vila.config.quantizer.depth)
-        h, w = vila.config.grid
-        result = editing.vary_by_depth(
-            vila, prompt, editing.repeat_sources(codes, batch_size), kept, **edit_options(vila, h * w, batch_size, **options)
+        def kept_depths(vila) -> int:
+            return editing.depths_for_strength(strength, vila.config.quantizer.depth)
+
+        return edit_whole_sources(
+            editing.vary_by_depth, kept_depths, "VILA-U Variations", model, prompt, batch_size, image, latent, options
         )
-        return io.NodeOutput(result.images, make_vilau_latent(vila, result.features, result.codes))
 
 
-class ContinueImage(io.ComfyNode):
+class ContinueImage(PromptNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -218,26 +223,18 @@ class ContinueImage(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, prompt: str | None = None) -> bool | str:
-        return check_prompt(prompt)
-
-    @classmethod
     @releases_after_use
     def execute(cls, model, prompt: str, keep_rows: int, batch_size: int, image=None, latent=None, **options) -> io.NodeOutput:
         """options: the other generation inputs (negative_prompt, cfg, seed, temperature, top_k, top_p)."""
-        from ..vilau_backend import editing
+        from ..vilau_backend.editing import continue_downward
 
-        vila = model.ready()
-        codes, _ = edit_source(vila, image, latent, "VILA-U Continue Image")
-        h, w = vila.config.grid
-        result = editing.continue_downward(
-            vila, prompt, editing.repeat_sources(codes, batch_size), keep_rows,
-            **edit_options(vila, h * w, batch_size, **options),
+        return edit_whole_sources(
+            continue_downward, lambda vila: keep_rows, "VILA-U Continue Image", model, prompt, batch_size, image,
+            latent, options,
         )
-        return io.NodeOutput(result.images, make_vilau_latent(vila, result.features, result.codes))
 
 
-class ExtendVideo(io.ComfyNode):
+class ExtendVideo(PromptNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         inputs = generation_inputs(
@@ -259,10 +256,7 @@ class ExtendVideo(io.ComfyNode):
                     tooltip="Frames to generate after the given ones. Given plus added frames and the prompt must "
                     "fit the model's context: 31 frames in all for the 256 px model, 11 for the 384 px one.",
                 ),
-                io.Float.Input(
-                    "fps", default=8.0, min=1.0, max=120.0, step=1.0,
-                    tooltip="Frame rate stored in the VIDEO output; it does not change what is generated.",
-                ),
+                fps_input(),
                 io.Image.Input(
                     "frames", optional=True,
                     tooltip="The video to extend as an IMAGE batch, one image per frame in order (e.g. from VILA-U "
@@ -287,18 +281,12 @@ class ExtendVideo(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, prompt: str | None = None) -> bool | str:
-        return check_prompt(prompt)
-
-    @classmethod
     @releases_after_use
     def execute(
         cls, model, prompt: str, add_frames: int, fps: float, batch_size: int, frames=None, video=None, latent=None,
         **options,
     ) -> io.NodeOutput:
         """options: the other generation inputs (negative_prompt, cfg, seed, temperature, top_k, top_p)."""
-        from comfy_api.latest import InputImpl, Types
-
         from ..vilau_backend.editing import extend_video
 
         vila = model.ready()
@@ -306,11 +294,7 @@ class ExtendVideo(io.ComfyNode):
         total = given.shape[0] + add_frames
         h, w = vila.config.grid
         options = edit_options(vila, total * h * w, batch_size, **options)
-        result = extend_video(vila, prompt, given, total, videos=batch_size, **options)
-        images = result.images.flatten(0, 1)  # (B*F, H, W, 3)
-        components = Types.VideoComponents(images=images, audio=None, frame_rate=Fraction(fps))
-        latent_out = make_vilau_latent(vila, result.features.flatten(0, 1), result.codes.flatten(0, 1))
-        return io.NodeOutput(images, InputImpl.VideoFromComponents(components), latent_out)
+        return video_outputs(vila, extend_video(vila, prompt, given, total, videos=batch_size, **options), fps)
 
 
 def _video_source_codes(vila, frames, video, latent):

@@ -60,10 +60,27 @@ def generation_inputs(what: str, max_batch: int, batch_tooltip: str | None = Non
     ]
 
 
+def fps_input() -> io.Float.Input:
+    """Text to Video's and Extend Video's frame rate."""
+    return io.Float.Input(
+        "fps", default=8.0, min=1.0, max=120.0, step=1.0,
+        tooltip="Frame rate stored in the VIDEO output; it does not change what is generated.",
+    )
+
+
 def check_prompt(prompt: str | None) -> bool | str:
     if prompt is not None and not prompt.strip():
         return "the prompt is empty: describe what to generate"
     return True
+
+
+class PromptNode(io.ComfyNode):
+    """A node that generates from a prompt (Text to Image/Video and the edits): an empty prompt is
+    refused when the workflow is queued, before anything runs."""
+
+    @classmethod
+    def validate_inputs(cls, prompt: str | None = None) -> bool | str:
+        return check_prompt(prompt)
 
 
 def generation_options(
@@ -85,7 +102,23 @@ def generation_options(
     )
 
 
-class TextToImage(io.ComfyNode):
+def image_outputs(vila, result, *more) -> io.NodeOutput:
+    """Generated images (B, H, W, 3) -> the IMAGE and LATENT outputs, then `more` outputs."""
+    return io.NodeOutput(result.images, make_vilau_latent(vila, result.features, result.codes), *more)
+
+
+def video_outputs(vila, result, fps: float) -> io.NodeOutput:
+    """Generated videos (B, F, H, W, 3) -> the frames as one IMAGE batch, a VIDEO at `fps` and the
+    LATENT, one entry per frame, video after video."""
+    from comfy_api.latest import InputImpl, Types
+
+    images = result.images.flatten(0, 1)  # (B*F, H, W, 3)
+    components = Types.VideoComponents(images=images, audio=None, frame_rate=Fraction(fps))
+    latent = make_vilau_latent(vila, result.features.flatten(0, 1), result.codes.flatten(0, 1))
+    return io.NodeOutput(images, InputImpl.VideoFromComponents(components), latent)
+
+
+class TextToImage(PromptNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -109,10 +142,6 @@ class TextToImage(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, prompt: str | None = None) -> bool | str:
-        return check_prompt(prompt)
-
-    @classmethod
     @releases_after_use
     def execute(cls, model, prompt: str, **options) -> io.NodeOutput:
         """options: the other generation inputs (negative_prompt, cfg, seed, batch_size, temperature, top_k, top_p)."""
@@ -121,10 +150,10 @@ class TextToImage(io.ComfyNode):
         vila = model.ready()
         h, w = vila.config.grid
         result = generate_images(vila, prompt, **generation_options(vila, h * w, node_id=cls.hidden.unique_id, **options))
-        return io.NodeOutput(result.images, make_vilau_latent(vila, result.features, result.codes))
+        return image_outputs(vila, result)
 
 
-class TextToVideo(io.ComfyNode):
+class TextToVideo(PromptNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -143,10 +172,7 @@ class TextToVideo(io.ComfyNode):
                     tooltip="Frames per video (the original makes 8). Prompt and frames must fit the model's "
                     "context: up to 31 frames for the 256 px model, 11 for the 384 px one.",
                 ),
-                io.Float.Input(
-                    "fps", default=8.0, min=1.0, max=120.0, step=1.0,
-                    tooltip="Frame rate stored in the VIDEO output; it does not change what is generated.",
-                ),
+                fps_input(),
             ],
             hidden=[io.Hidden.unique_id],
             outputs=[
@@ -157,23 +183,12 @@ class TextToVideo(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, prompt: str | None = None) -> bool | str:
-        return check_prompt(prompt)
-
-    @classmethod
     @releases_after_use
     def execute(cls, model, prompt: str, frames: int, fps: float, **options) -> io.NodeOutput:
         """options: the other generation inputs, as for Text to Image."""
-        from comfy_api.latest import InputImpl, Types
-
         from ..vilau_backend.generate import generate_video
 
         vila = model.ready()
         h, w = vila.config.grid
         options = generation_options(vila, frames * h * w, node_id=cls.hidden.unique_id, **options)
-        result = generate_video(vila, prompt, frames=frames, **options)
-        images = result.images.flatten(0, 1)  # (B*F, H, W, 3)
-        components = Types.VideoComponents(images=images, audio=None, frame_rate=Fraction(fps))
-        video = InputImpl.VideoFromComponents(components)
-        latent = make_vilau_latent(vila, result.features.flatten(0, 1), result.codes.flatten(0, 1))
-        return io.NodeOutput(images, video, latent)
+        return video_outputs(vila, generate_video(vila, prompt, frames=frames, **options), fps)

@@ -93,7 +93,16 @@ def check_question(question: str | None) -> bool | str:
     return True
 
 
-class ImageQA(io.ComfyNode):
+class QuestionNode(io.ComfyNode):
+    """A node that answers a question (Image Q&A, Video Q&A, Caption Folder): an empty question is
+    refused when the workflow is queued, before anything runs."""
+
+    @classmethod
+    def validate_inputs(cls, question: str | None = None) -> bool | str:
+        return check_question(question)
+
+
+class ImageQA(QuestionNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -138,10 +147,6 @@ class ImageQA(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, question: str | None = None) -> bool | str:
-        return check_question(question)
-
-    @classmethod
     @releases_after_use
     def execute(
         cls, model, image, question: str, batch_mode: str, seed: int, max_new_tokens: int, do_sample: bool,
@@ -165,7 +170,7 @@ class ImageQA(io.ComfyNode):
         return io.NodeOutput(texts, ui={"text": texts})
 
 
-class VideoQA(io.ComfyNode):
+class VideoQA(QuestionNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -198,10 +203,6 @@ class VideoQA(io.ComfyNode):
             hidden=[io.Hidden.unique_id],
             is_output_node=True,
         )
-
-    @classmethod
-    def validate_inputs(cls, question: str | None = None) -> bool | str:
-        return check_question(question)
 
     @classmethod
     @releases_after_use
