@@ -44,7 +44,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, NamedTuple
 
 import requests
 
@@ -147,6 +147,14 @@ def was_interrupted(entry: dict) -> bool:
 def status_str(entry: dict) -> str | None:
     """'success' or 'error' (None while unknown)."""
     return ((entry or {}).get("status") or {}).get("status_str")
+
+
+class Cancelled(NamedTuple):
+    """What ComfyServer.cancel_during_progress saw."""
+
+    entry: dict  # the prompt's /history entry
+    stopped_after: float  # seconds from Cancel to the prompt's end
+    progress: list[int]  # the progress values the node sent, in order
 
 
 class ComfyServer:
@@ -282,6 +290,13 @@ class ComfyServer:
         self.start_seconds = time.monotonic() - t0
         return self
 
+    def __enter__(self) -> "ComfyServer":
+        """`with pack_server(...) as srv:` starts the server (180 s to answer) and stops it after."""
+        return self.start() if self.proc is None else self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
     def stop(self, timeout: float = 15.0) -> None:
         proc, self.proc = self.proc, None
         if proc is not None and proc.poll() is None:
@@ -410,6 +425,21 @@ class ComfyServer:
         """POST /interrupt (global, or only if prompt_id is the one running)."""
         r = self.post("/interrupt", {"prompt_id": prompt_id} if prompt_id else {})
         r.raise_for_status()
+
+    def cancel_during_progress(self, prompt: Mapping, node_id: str, timeout: float = 120.0) -> "Cancelled":
+        """Queue `prompt`, press Cancel (POST /interrupt) once node `node_id` reports progress, and wait up
+        to 60 s for the prompt to end; `timeout`: how long the progress may take to come."""
+        node_id = str(node_id)
+        with self.websocket() as ws:
+            pid = self.queue(prompt, client_id=ws.client_id)
+            ws.wait_for(lambda m: m.get("type") == "progress" and m["data"]["node"] == node_id
+                        and m["data"]["prompt_id"] == pid, timeout=timeout)
+            t0 = time.monotonic()
+            self.interrupt()
+            entry = self.wait(pid, timeout=60, check=False)
+            stopped_after = time.monotonic() - t0
+            progress = [m["data"]["value"] for m in ws.of_type("progress") if m["data"]["node"] == node_id]
+        return Cancelled(entry, stopped_after, progress)
 
     def free(self, unload_models: bool = True, free_memory: bool = True) -> None:
         """POST /free (takes effect when the worker is next idle)."""

@@ -13,6 +13,9 @@ graphToPrompt does for the graphs in workflows/:
 - muted nodes (mode 2) are left out, bypassed ones (mode 4) pass their input of
   the same type through; front-end-only nodes (Note, MarkdownNote, Reroute) are
   not sent, a Reroute's link is followed to its source.
+
+The end-to-end tests write their API-format graphs by hand; `loader_node` is the
+VILA-U Model Loader node they all start from.
 """
 
 from __future__ import annotations
@@ -195,6 +198,17 @@ def model_overrides(workflow: dict, model: str, **extra_by_type: dict[str, Any])
         if values:
             out[int(n["id"])] = values
     return out
+
+
+def loader_node(
+    model: str, *, dtype: str = "auto", device: str = "auto", download_if_missing: bool = False,
+    quantize: str = "none", keep_loaded: bool = True,
+) -> dict:
+    """An API-format VILA-U Model Loader node (a value of the graph POST /prompt takes) for `model`;
+    it never downloads unless asked."""
+    return {"class_type": "VILAU_ModelLoader",
+            "inputs": {"model": model, "dtype": dtype, "device": device, "download_if_missing": download_if_missing,
+                       "quantize": quantize, "keep_loaded": keep_loaded}}
 
 
 # ---- example inputs the templates name --------------------------------------------------

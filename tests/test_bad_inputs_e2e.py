@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from comfy_harness import server as cs
+from comfy_harness import workflow_api as wa
 from comfy_harness.silent_hub import SilentListener
 
 TINY = "vila-u-tiny-64"
@@ -54,10 +55,8 @@ def server(tmp_path_factory, silent_hub):
     srv.stop()
 
 
-def loader(model=TINY, dtype="fp32", download=True):
-    return {"class_type": "VILAU_ModelLoader",
-            "inputs": {"model": model, "dtype": dtype, "device": "auto", "download_if_missing": download,
-                       "quantize": "none", "keep_loaded": True}}
+def loader(model=TINY, dtype="fp32"):
+    return wa.loader_node(model, dtype=dtype, download_if_missing=True)
 
 
 def t2i(model_ref, **changes):

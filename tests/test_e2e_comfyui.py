@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from comfy_harness import server as cs
+from comfy_harness import workflow_api as wa
 
 pytestmark = pytest.mark.comfyui  # starts the pinned ComfyUI: not part of the transformers 4.50.3 pass
 
@@ -48,10 +49,8 @@ def server(tmp_path_factory):
     write_tiny_checkpoint(extra / "vila" / TINY_EXTRA, TinySizes(image_size=256, patch_size=8), seed=1)
     yaml = extra / "extra_model_paths.yaml"
     yaml.write_text(f"vilau_tests:\n    base_path: {extra}\n    vila_u: vila\n", encoding="utf-8")
-    srv = cs.pack_server(tmp_path_factory.mktemp("run"), TINY, extra_model_paths=yaml)
-    srv.start(timeout=180)
-    yield srv
-    srv.stop()
+    with cs.pack_server(tmp_path_factory.mktemp("run"), TINY, extra_model_paths=yaml) as srv:
+        yield srv
 
 
 @pytest.fixture(scope="module")
@@ -79,10 +78,8 @@ def input_images(server):
 # ---- graph pieces -----------------------------------------------------------------------
 
 
-def loader(model=TINY, dtype="auto", device="auto", download=True, quantize="none", keep_loaded=True):
-    return {"class_type": "VILAU_ModelLoader",
-            "inputs": {"model": model, "dtype": dtype, "device": device, "download_if_missing": download,
-                       "quantize": quantize, "keep_loaded": keep_loaded}}
+def loader(model=TINY, download_if_missing=True, **inputs):
+    return wa.loader_node(model, download_if_missing=download_if_missing, **inputs)
 
 
 def qa_inputs(question, seed=0, max_new_tokens=20, greedy=True):
@@ -370,7 +367,7 @@ def test_same_loader_options_share_one_model(server):
     log_before = server.log_text().count(loads)
     graph = {
         "1": loader(dtype="bf16"),
-        "2": loader(dtype="bf16", download=False),  # another node, same model options
+        "2": loader(dtype="bf16", download_if_missing=False),  # another node, same model options
         "3": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": 0x208040}},
         "4": {"class_type": "VILAU_RQVAEEncode", "inputs": {"model": ["1", 0], "image": ["3", 0]}},
         "5": {"class_type": "VILAU_RQVAEDecode", "inputs": {"model": ["2", 0], "latent": ["4", 0]}},
@@ -396,15 +393,7 @@ def test_unload_models_releases_the_model_and_the_next_run_loads_it_again(server
 
 def test_interrupt_during_text_to_image_then_next_prompt_runs(server):
     graph = {"1": loader(TINY_EXTRA), "2": t2i(["1", 0], seed=5), "3": save(["2", 0], "interrupted")}
-    with server.websocket() as ws:
-        pid = server.queue(graph, client_id=ws.client_id)
-        ws.wait_for(lambda m: m.get("type") == "progress" and m["data"]["node"] == "2"
-                    and m["data"]["prompt_id"] == pid, timeout=120)
-        t0 = time.monotonic()
-        server.interrupt()
-        entry = server.wait(pid, timeout=60, check=False)
-        stopped_after = time.monotonic() - t0
-        positions = [m["data"]["value"] for m in ws.of_type("progress") if m["data"]["node"] == "2"]
+    entry, stopped_after, positions = server.cancel_during_progress(graph, "2")
     assert cs.status_str(entry) == "error" and cs.was_interrupted(entry), entry["status"]
     assert max(positions) < 1024, "the image was finished before the interrupt"
     assert stopped_after < 15
@@ -562,7 +551,7 @@ def test_offline_download_says_which_files_go_where(server):
 
 
 def test_missing_published_model_without_download_says_what_to_do(server):
-    graph = {"1": loader("mit-han-lab/vila-u-7b-384", download=False), "2": t2i(["1", 0]), "3": save(["2", 0], "x")}
+    graph = {"1": loader("mit-han-lab/vila-u-7b-384", download_if_missing=False), "2": t2i(["1", 0]), "3": save(["2", 0], "x")}
     with pytest.raises(cs.ExecutionFailed) as exc:
         server.run(graph, timeout=60)
     message = exc.value.error["exception_message"]

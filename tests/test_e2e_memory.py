@@ -14,6 +14,7 @@ import psutil
 import pytest
 
 from comfy_harness import server as cs
+from comfy_harness import workflow_api as wa
 
 pytestmark = pytest.mark.comfyui  # starts the pinned ComfyUI: not part of the transformers 4.50.3 pass
 
@@ -29,15 +30,12 @@ def server(tmp_path_factory):
     srv = cs.pack_server(run, TINY)
     # about 110 MB of fp32 weights (the LLM 512 wide x 8 layers)
     write_tiny_checkpoint(run / "models" / "vila-u" / LARGER, TinySizes(llm_hidden=512, llm_layers=8), seed=2)
-    srv.start(timeout=180)
-    yield srv
-    srv.stop()
+    with srv:
+        yield srv
 
 
-def loader(model=TINY, quantize="none", keep_loaded=True):
-    return {"class_type": "VILAU_ModelLoader",
-            "inputs": {"model": model, "dtype": "fp32", "device": "auto", "download_if_missing": False,
-                       "quantize": quantize, "keep_loaded": keep_loaded}}
+def loader(model=TINY, **inputs):
+    return wa.loader_node(model, dtype="fp32", **inputs)
 
 
 def qa(model_ref, image_ref, question="what is this?"):

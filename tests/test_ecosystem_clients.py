@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from comfy_harness import server as cs
+from comfy_harness import workflow_api as wa
 
 pytestmark = pytest.mark.comfyui  # starts the pinned ComfyUI: not part of the transformers 4.50.3 pass
 
@@ -118,9 +119,7 @@ def test_manager_installs_the_pack_into_a_fresh_comfyui(ecosystem, tmp_path):
         assert not server.import_failed(cs.PACK), server.log_tail()
         assert f"/extensions/{cs.PACK}/vilau.js" in server.get("/extensions").json()
         graph = {
-            "1": {"class_type": "VILAU_ModelLoader",
-                  "inputs": {"model": TINY, "dtype": "auto", "device": "auto", "download_if_missing": False,
-                  "quantize": "none", "keep_loaded": True}},
+            "1": wa.loader_node(TINY),
             "2": {"class_type": "EmptyImage", "inputs": {"width": 48, "height": 40, "batch_size": 1, "color": 0}},
             "3": {"class_type": "VILAU_RQVAEEncode", "inputs": {"model": ["1", 0], "image": ["2", 0]}},
             "4": {"class_type": "VILAU_RQVAEDecode", "inputs": {"model": ["1", 0], "latent": ["3", 0]}},

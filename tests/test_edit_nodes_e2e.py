@@ -9,13 +9,13 @@ source's pixels, regenerated ones change them.
 
 from __future__ import annotations
 
-import time
 
 import numpy as np
 import pytest
 import torch
 
 from comfy_harness import server as cs
+from comfy_harness import workflow_api as wa
 
 pytestmark = pytest.mark.comfyui  # starts the pinned ComfyUI: not part of the transformers 4.50.3 pass
 
@@ -26,10 +26,8 @@ SAMPLING = {"negative_prompt": "", "cfg": 3.0, "temperature": 1.0, "top_k": 900,
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    srv = cs.pack_server(tmp_path_factory.mktemp("edit_run"), TINY)
-    srv.start(timeout=180)
-    yield srv
-    srv.stop()
+    with cs.pack_server(tmp_path_factory.mktemp("edit_run"), TINY) as srv:
+        yield srv
 
 
 @pytest.fixture(scope="module")
@@ -46,9 +44,7 @@ def masked_photo(server):
 
 
 def loader():
-    return {"class_type": "VILAU_ModelLoader",
-            "inputs": {"model": TINY, "dtype": "auto", "device": "auto", "download_if_missing": False,
-                  "quantize": "none", "keep_loaded": True}}
+    return wa.loader_node(TINY)
 
 
 def edit(node_id, prompt="a red apple", seed=1, batch_size=1, **inputs):
@@ -219,15 +215,7 @@ def test_cancel_during_an_edit_then_the_next_edit_runs(server, masked_photo):
         "3": edit("VILAU_ExtendVideo", seed=9, add_frames=30, fps=8.0, frames=["2", 0]),
         "4": save(["3", 0], "cancelled"),
     }
-    with server.websocket() as ws:
-        pid = server.queue(long_run, client_id=ws.client_id)
-        ws.wait_for(lambda m: m.get("type") == "progress" and m["data"]["node"] == "3"
-                    and m["data"]["prompt_id"] == pid, timeout=120)
-        t0 = time.monotonic()
-        server.interrupt()
-        entry = server.wait(pid, timeout=60, check=False)
-        stopped_after = time.monotonic() - t0
-        positions = [m["data"]["value"] for m in ws.of_type("progress") if m["data"]["node"] == "3"]
+    entry, stopped_after, positions = server.cancel_during_progress(long_run, "3")
     assert cs.status_str(entry) == "error" and cs.was_interrupted(entry), entry["status"]
     assert max(positions) < 31 * 64, "the video was finished before the cancel"
     assert stopped_after < 15 and not server.output_files(entry)

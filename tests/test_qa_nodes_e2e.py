@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from comfy_harness import server as cs
+from comfy_harness import workflow_api as wa
 
 pytestmark = pytest.mark.comfyui  # starts the pinned ComfyUI: not part of the transformers 4.50.3 pass
 
@@ -24,10 +25,8 @@ QUESTION = "Describe the image."
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    srv = cs.pack_server(tmp_path_factory.mktemp("run"), TINY)
-    srv.start(timeout=180)
-    yield srv
-    srv.stop()
+    with cs.pack_server(tmp_path_factory.mktemp("run"), TINY) as srv:
+        yield srv
 
 
 @pytest.fixture(scope="module")
@@ -51,9 +50,7 @@ def noise_png(path: Path, seed: int, size: tuple[int, int] = (20, 16)) -> torch.
 
 
 def model_node():
-    return {"class_type": "VILAU_ModelLoader",
-            "inputs": {"model": TINY, "dtype": "auto", "device": "auto", "download_if_missing": False,
-                  "quantize": "none", "keep_loaded": True}}
+    return wa.loader_node(TINY)
 
 
 def answer_options(max_new_tokens=12, seed=0, greedy=True, **extra):
