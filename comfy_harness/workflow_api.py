@@ -202,13 +202,15 @@ def model_overrides(workflow: dict, model: str, **extra_by_type: dict[str, Any])
 
 def loader_node(
     model: str, *, dtype: str = "auto", device: str = "auto", download_if_missing: bool = False,
-    quantize: str = "none", keep_loaded: bool = True,
+    quantize: str = "none", keep_loaded: bool = True, compile: str | None = None,
 ) -> dict:
     """An API-format VILA-U Model Loader node (a value of the graph POST /prompt takes) for `model`;
-    it never downloads unless asked."""
-    return {"class_type": "VILAU_ModelLoader",
-            "inputs": {"model": model, "dtype": dtype, "device": device, "download_if_missing": download_if_missing,
-                       "quantize": quantize, "keep_loaded": keep_loaded}}
+    it never downloads unless asked. `compile` None leaves that optional input out (its default, auto)."""
+    inputs = {"model": model, "dtype": dtype, "device": device, "download_if_missing": download_if_missing,
+              "quantize": quantize, "keep_loaded": keep_loaded}
+    if compile is not None:
+        inputs["compile"] = compile
+    return {"class_type": "VILAU_ModelLoader", "inputs": inputs}
 
 
 # ---- example inputs the templates name --------------------------------------------------

@@ -4,7 +4,7 @@ The model's weights are wrapped in a ModelPatcher, as ComfyUI does for CLIP
 vision and VAEs, with their real size (quantized layers at their packed size):
 other models can then push it off the GPU when they need the memory, ComfyUI
 frees other models first when this one needs room, and every node calls
-`LoadedVilaU.ready()` (through `use()`) to move it back before use. The backend
+`ready()` to move it back before use. The backend
 reads the model's device from its weights, so it follows such moves.
 
 When the weights do not fit in the GPU's free memory even after ComfyUI freed
@@ -20,7 +20,9 @@ ComfyUI's output cache off does not reload 7B weights for every prompt; that hol
 ends when ComfyUI unloads the model (the Unload Models button, or another model
 needing the memory), so that the RAM goes back once no graph uses the model.
 `release()` (the VILA-U Unload Model node, or keep_loaded off after each use)
-drops the weights at once; the next use reads them again.
+drops the weights at once; the next use reads them again. A loader's own choices
+that do not change the weights (keep_loaded, compile) travel with its output, a
+`ModelHandle` on the shared instance.
 """
 
 from __future__ import annotations
@@ -30,7 +32,6 @@ import gc
 import logging
 import threading
 import weakref
-from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -53,14 +54,13 @@ class ModelKey:
 
 
 class LoadedVilaU:
-    """What travels on a VILAU_MODEL socket: a handle that loads the weights when needed and can drop them."""
+    """One loaded model, shared by every loader with the same ModelKey: loads the weights when needed
+    and can drop them."""
 
     def __init__(self, key: ModelKey, name: str, target):
         self.key = key
         self.name = name
         self.target = target  # torch.device everything but split LLM layers runs on
-        self.keep_loaded = True
-        self.compile: bool | None = None  # VilaUModel.compile_steps: the last loader's choice
         self.model: Any = None  # vilau_backend.model.VilaUModel, None while released
         self.patcher: Any = None  # comfy.model_patcher.ModelPatcher around the weights that live on `target`
         self.placement: Any = None  # vilau_backend.placement.Placement when layers stream or are split
@@ -74,21 +74,9 @@ class LoadedVilaU:
             if self.model is None:
                 self._load()
                 self._fit()
-            self.model.compile_steps = self.compile
             mm.load_models_gpu([self.patcher], force_full_load=True)
             _last[:] = [self]
             return self.model
-
-    @contextmanager
-    def use(self):
-        """`with loaded.use() as model:` the model for one node's work; afterwards its weights are dropped
-        unless the loader's keep_loaded is on."""
-        model = self.ready()
-        try:
-            yield model
-        finally:
-            if not self.keep_loaded:
-                self.release()
 
     def release(self) -> None:
         """Take the model out of ComfyUI's model management and drop its weights (VRAM and RAM)."""
@@ -159,6 +147,38 @@ class LoadedVilaU:
         return f"LoadedVilaU({self.name!r}, {self.key.dtype}, {self.key.quantize}, {self.key.device})"
 
 
+class ModelHandle:
+    """What travels on a VILAU_MODEL socket: one loader's view of a shared LoadedVilaU, with that
+    loader's own keep_loaded and compile choices. They live here rather than on the shared model
+    because ComfyUI runs a loader only when its inputs change: two loaders of one model, one with
+    compile on and one off, each keep their setting whichever of them ran last."""
+
+    def __init__(self, loaded: LoadedVilaU, keep_loaded: bool = True, compile: bool | None = None):
+        self.loaded = loaded
+        self.keep_loaded = keep_loaded
+        self.compile = compile  # VilaUModel.compile_steps while a node uses the model through this handle
+
+    def ready(self):
+        """The backend model on its load device, set up for this loader's choices."""
+        model = self.loaded.ready()
+        model.compile_steps = self.compile
+        return model
+
+    def release(self) -> None:
+        self.loaded.release()
+
+    @property
+    def status(self) -> str:
+        return self.loaded.status
+
+    @property
+    def key(self) -> ModelKey:
+        return self.loaded.key
+
+    def __repr__(self) -> str:
+        return f"ModelHandle({self.loaded!r}, keep_loaded={self.keep_loaded}, compile={self.compile})"
+
+
 def releases_after_use(execute):
     """For a node's `execute(cls, model, ...)`: when the model's loader has keep_loaded off, drop the
     weights once the node is done (also after an error or a cancel)."""
@@ -169,7 +189,7 @@ def releases_after_use(execute):
         try:
             return execute(cls, *args, **kwargs)
         finally:
-            if isinstance(model, LoadedVilaU) and not model.keep_loaded:
+            if isinstance(model, ModelHandle) and not model.keep_loaded:
                 model.release()
 
     return run
@@ -181,8 +201,9 @@ _last: list[LoadedVilaU] = []  # the most recently used instance, held until Com
 
 
 def get_model(name: str, folder: Path, dtype: str, device: str, quantize: str = "none",
-              keep_loaded: bool = True, compile: bool | None = None) -> LoadedVilaU:
-    """The cached instance for these options, loading it on first use."""
+              keep_loaded: bool = True, compile: bool | None = None) -> ModelHandle:
+    """A handle on the cached instance for these options (loading it on first use), with this
+    loader's keep_loaded and compile choices."""
     # keyed by what the choices resolve to: 'auto' shares the instance of the device and dtype it picks
     target = load_device(device)
     key = ModelKey(str(Path(folder).resolve()), _dtype(dtype, target), device if device == ALL_GPUS else str(target),
@@ -192,10 +213,8 @@ def get_model(name: str, folder: Path, dtype: str, device: str, quantize: str = 
         if loaded is None:
             loaded = LoadedVilaU(key, name, target)
             _alive[key] = loaded
-        loaded.keep_loaded = keep_loaded
-        loaded.compile = compile
     loaded.ready()
-    return loaded
+    return ModelHandle(loaded, keep_loaded, compile)
 
 
 def _patcher(module, target, key: ModelKey, size: int):

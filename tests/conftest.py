@@ -106,3 +106,22 @@ def pack_module(name: str):
             module.__path__ = [str(path)]
             sys.modules[package] = module
     return importlib.import_module(f"vilau_pack.nodes.{name}")
+
+
+def smallest_top2_gap(model, prompts, outputs: list[list[int]]) -> float:
+    """The smallest logit gap between the two best tokens at any step of the eager loop that gave
+    `outputs` (teacher-forced; a stopped row is fed its EOS, as generate_texts does)."""
+    from vilau_backend.llm import new_dynamic_cache
+    from vilau_backend.understand import PromptBatch
+
+    batch = PromptBatch(prompts)
+    cache = new_dynamic_cache(model.llm)
+    gaps = []
+    with torch.inference_mode():
+        logits = batch.prefill(model.llm, cache)  # (B, V)
+        for step in range(max(len(o) for o in outputs)):
+            top2 = logits.topk(2, dim=-1).values  # (B, 2)
+            gaps += [float(top2[b, 0] - top2[b, 1]) for b, o in enumerate(outputs) if step < len(o)]
+            tokens = torch.tensor([o[min(step, len(o) - 1)] for o in outputs])
+            logits = batch.decode_step(model.llm, tokens, step, cache)
+    return min(gaps)

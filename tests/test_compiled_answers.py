@@ -18,13 +18,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import load_photo, recorded
-from vilau_backend.llm import new_dynamic_cache
+from conftest import load_photo, recorded, smallest_top2_gap
 from vilau_backend.position_step import has_placement, resolve_compile
 from vilau_backend.prompts import understanding_prompt
 from vilau_backend.understand import (
     GREEDY,
-    PromptBatch,
     TextSampling,
     _prompt_embeddings,
     describe_images,
@@ -102,22 +100,6 @@ def test_padded_batch_compiled_equals_eager(golden_fp32, compiled_once):
     compiled = generate_texts(golden_fp32, prompts, max_new_tokens=10, compile=True)
     assert compiled == eager
     assert [key.rows for key in golden_fp32.step_states] == [2]
-
-
-def smallest_top2_gap(model, prompts, outputs: list[list[int]]) -> float:
-    """The smallest logit gap between the two best tokens at any step of the eager loop that gave
-    `outputs` (teacher-forced; a stopped row is fed its EOS, as generate_texts does)."""
-    batch = PromptBatch(prompts)
-    cache = new_dynamic_cache(model.llm)
-    gaps = []
-    with torch.inference_mode():
-        logits = batch.prefill(model.llm, cache)  # (B, V)
-        for step in range(max(len(o) for o in outputs)):
-            top2 = logits.topk(2, dim=-1).values  # (B, 2)
-            gaps += [float(top2[b, 0] - top2[b, 1]) for b, o in enumerate(outputs) if step < len(o)]
-            tokens = torch.tensor([o[min(step, len(o) - 1)] for o in outputs])
-            logits = batch.decode_step(model.llm, tokens, step, cache)
-    return min(gaps)
 
 
 def test_cpu_default_is_eager_and_keeps_no_state(golden_fp32):

@@ -141,6 +141,7 @@ def test_object_info_lists_every_node_with_tooltips(server):
 
     assert inputs("VILAU_ModelLoader")["required"] == [
         "model", "dtype", "device", "quantize", "keep_loaded", "download_if_missing"]
+    assert inputs("VILAU_ModelLoader")["optional"] == ["compile"]  # optional: API graphs written before it still run
     assert inputs("VILAU_UnloadModel")["required"] == ["model"]
     assert inputs("VILAU_UnloadModel")["optional"] == ["value"]
     assert inputs("VILAU_ImageQA")["required"] == [

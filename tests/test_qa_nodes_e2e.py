@@ -247,3 +247,36 @@ def test_video_frame_choice_from_a_file_and_from_frames(server, reference):
                              sampling=GREEDY, max_new_tokens=12)
     assert default.input_ids.count(-200) == num_frames
     assert server.ui_text(entry, "6") == [default.text]
+
+
+# ---- the loader's compile input -----------------------------------------------------------
+
+
+def test_compile_on_says_compiling_once_and_answers_as_eager(server, reference):
+    """Loader compile "on": the first Image Q&A run of its size compiles the answer step and says so
+    on the node; a later run with another question (same cache bucket) replays it silently. Both
+    answers are the eager in-process ones: their greedy steps have no near-tie that the compiled
+    kernels' rounding could flip (asserted)."""
+    from conftest import smallest_top2_gap
+    from vilau_backend.understand import GREEDY, _prompt_embeddings, describe_images
+
+    image = noise_png(server.input_dir / "compile_on.png", 5)
+
+    def graph(question: str) -> dict:
+        return {"1": wa.loader_node(TINY, compile="on"),
+                "2": {"class_type": "LoadImage", "inputs": {"image": "compile_on.png"}},
+                "3": {"class_type": "VILAU_ImageQA",
+                      "inputs": {"model": ["1", 0], "image": ["2", 0], "question": question,
+                                 "batch_mode": "one answer per image", **answer_options()}}}
+
+    statuses = []
+    for question in (QUESTION, "What is in the picture?"):
+        with server.websocket() as ws:
+            entry = server.run(graph(question), timeout=600, client_id=ws.client_id)
+            statuses.append(ws.progress_texts("3"))
+        expected = describe_images(reference, image, question, sampling=GREEDY, max_new_tokens=12)[0]
+        prompt = _prompt_embeddings(reference, expected.input_ids, reference.preprocess(image))
+        assert smallest_top2_gap(reference, [prompt], [expected.output_ids]) > 1e-4
+        assert server.ui_text(entry, "3") == [expected.text]
+    assert any(text.startswith("compiling") for text in statuses[0]), statuses[0]
+    assert not any(text.startswith("compiling") for text in statuses[1]), statuses[1]
