@@ -107,6 +107,16 @@ def test_describe_images_prints_the_recorded_answer_as_json():
     assert out["output_ids"][0] == expected["output_ids"][1:]
 
 
+def test_describe_compile_says_it_compiles_and_prints_the_recorded_answer():
+    """--compile runs the compiled answer step (tests/test_compiled_answers.py: equal to eager on this run)."""
+    expected = recorded("understanding_image_fp32")
+    result = run_cli("describe", "--model", str(GOLDEN_CHECKPOINT), "--dtype", "float32", "--device", "cpu",
+                     "--image", str(REFERENCE / "inputs" / "chelsea.png"), "--query", IMAGE_QUERY, "--greedy",
+                     "--max-new-tokens", "12", "--compile", "--json")
+    assert "compiling the step" in result.stderr
+    assert json.loads(result.stdout.strip().splitlines()[-1])["output_ids"] == [expected["output_ids"][1:]]
+
+
 def test_describe_video_folder_prints_the_recorded_answer_as_json():
     expected = recorded("understanding_video_fp32")
     out = describe_json("--video", str(FRAMES_DIR), "--query", VIDEO_QUERY, "--greedy", "--max-new-tokens", "12")
