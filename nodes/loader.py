@@ -49,10 +49,22 @@ class ModelLoader(io.ComfyNode):
                         "'all GPUs' (with two or more): the LLM's layers are split over every GPU."
                     ),
                 ),
+                io.Boolean.Input(
+                    "download_if_missing",
+                    default=True,
+                    tooltip=(
+                        "For a published model that is not in models/vila-u yet: download it from Hugging Face "
+                        "(about 14 GB for the 7B models; progress on the node; an interrupted download resumes). "
+                        "Off: report what is missing instead."
+                    ),
+                ),
+                # quantize, keep_loaded and compile came later: optional and after the first four, so that
+                # workflows and API graphs saved before them still load, with the same widget values
                 io.Combo.Input(
                     "quantize",
                     options=list(model_cache.QUANTIZE_CHOICES),
                     default="none",
+                    optional=True,
                     tooltip=(
                         "Weight-only quantization of the LLM's layers and the depth transformer (the vision tower "
                         "and decoder keep dtype). none: about 14 GB of VRAM for the 7B models in bf16. int8: about "
@@ -64,19 +76,11 @@ class ModelLoader(io.ComfyNode):
                 io.Boolean.Input(
                     "keep_loaded",
                     default=True,
+                    optional=True,
                     tooltip=(
                         "On: the model stays loaded between runs (ComfyUI may still move it off the GPU when other "
                         "models need the room). Off: its VRAM and RAM are freed after every VILA-U node that uses "
                         "it, and the next use reads the weights from disk again."
-                    ),
-                ),
-                io.Boolean.Input(
-                    "download_if_missing",
-                    default=True,
-                    tooltip=(
-                        "For a published model that is not in models/vila-u yet: download it from Hugging Face "
-                        "(about 14 GB for the 7B models; progress on the node; an interrupted download resumes). "
-                        "Off: report what is missing instead."
                     ),
                 ),
                 io.Combo.Input(

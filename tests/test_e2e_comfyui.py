@@ -139,9 +139,9 @@ def test_object_info_lists_every_node_with_tooltips(server):
     def inputs(node_id):
         return everything[node_id]["input_order"]
 
-    assert inputs("VILAU_ModelLoader")["required"] == [
-        "model", "dtype", "device", "quantize", "keep_loaded", "download_if_missing"]
-    assert inputs("VILAU_ModelLoader")["optional"] == ["compile"]  # optional: API graphs written before it still run
+    # the inputs added after the first release are optional and come last: older graphs still run
+    assert inputs("VILAU_ModelLoader")["required"] == ["model", "dtype", "device", "download_if_missing"]
+    assert inputs("VILAU_ModelLoader")["optional"] == ["quantize", "keep_loaded", "compile"]
     assert inputs("VILAU_UnloadModel")["required"] == ["model"]
     assert inputs("VILAU_UnloadModel")["optional"] == ["value"]
     assert inputs("VILAU_ImageQA")["required"] == [
@@ -377,6 +377,25 @@ def test_same_loader_options_share_one_model(server):
     server.run(graph, timeout=120)
     assert server.log_text().count(loads) == log_before + 1
     assert "Requested to load ModuleDict" in server.log_text()  # registered with model management
+
+
+def test_api_graph_saved_before_quantize_keep_loaded_and_compile_still_runs(server):
+    """The first release's loader had four inputs: such a graph runs, with the later inputs' defaults
+    (the same model instance as a loader that gives them: one load, counted in the log)."""
+    loads = server.log_text().count(f"VILA-U: loading {TINY} from")
+    old_loader = {"class_type": "VILAU_ModelLoader",
+                  "inputs": {"model": TINY, "dtype": "auto", "device": "auto", "download_if_missing": False}}
+    graph = {
+        "1": old_loader,
+        "2": loader(download_if_missing=False, quantize="none", keep_loaded=True, compile="auto"),
+        "3": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": 0x804020}},
+        "4": {"class_type": "VILAU_RQVAEEncode", "inputs": {"model": ["1", 0], "image": ["3", 0]}},
+        "5": {"class_type": "VILAU_RQVAEDecode", "inputs": {"model": ["2", 0], "latent": ["4", 0]}},
+        "6": {"class_type": "SaveImage", "inputs": {"images": ["5", 0], "filename_prefix": "old_loader"}},
+    }
+    entry = server.run(graph, timeout=120)
+    assert len(server.output_files(entry, "6")) == 1
+    assert server.log_text().count(f"VILA-U: loading {TINY} from") <= loads + 1
 
 
 def test_unload_models_releases_the_model_and_the_next_run_loads_it_again(server):

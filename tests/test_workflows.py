@@ -205,9 +205,9 @@ def test_template_gives_every_required_input(object_info, name):
 def test_template_loads_the_published_256_model_by_default(name):
     loaders = wa.nodes_of_type(load(name), "VILAU_ModelLoader")
     assert len(loaders) == 1, f"{name}: one model loader shared by all VILA-U nodes"
-    model, dtype, device, quantize, keep_loaded, download, compile = loaders[0]["widgets_values"]
-    assert (model, dtype, device, quantize, keep_loaded, download, compile) == (
-        DEFAULT_MODEL, "auto", "auto", "none", True, True, "auto")
+    model, dtype, device, download, quantize, keep_loaded, compile = loaders[0]["widgets_values"]
+    assert (model, dtype, device, download, quantize, keep_loaded, compile) == (
+        DEFAULT_MODEL, "auto", "auto", True, "none", True, "auto")
 
 
 def test_templates_that_need_model_files_say_which_nodes():
