@@ -280,3 +280,19 @@ def test_answers_of_a_batch_are_numbered(page):
     qa = next(n["id"] for n in page.nodes() if n["type"] == "VILAU_ImageQA")
     page.evaluate("(id) => NODE(id).onExecuted({text: ['first', 'second']})", qa)
     assert page.widget_value(qa, "answer") == "[1] first\n\n[2] second"
+
+
+def test_workflow_saved_with_the_four_input_loader_loads_with_its_values(page):
+    """A workflow saved with the first release's loader (model, dtype, device, download_if_missing)
+    opens with those values in place and the later inputs at their defaults."""
+    workflow = json.loads((WORKFLOWS / "vila-u-image-qa.json").read_text(encoding="utf-8"))
+    loader = next(n for n in workflow["nodes"] if n["type"] == "VILAU_ModelLoader")
+    loader["widgets_values"] = [TINY, "fp32", "cpu", False]
+    loader["inputs"] = [i for i in loader.get("inputs", []) if i["name"] in ("model", "dtype", "device",
+                                                                             "download_if_missing")]
+    page.load_workflow(workflow)
+    node = loader["id"]
+    values = {name: page.widget_value(node, name)
+              for name in ("model", "dtype", "device", "download_if_missing", "quantize", "keep_loaded", "compile")}
+    assert values == {"model": TINY, "dtype": "fp32", "device": "cpu", "download_if_missing": False,
+                      "quantize": "none", "keep_loaded": True, "compile": "auto"}
