@@ -148,14 +148,17 @@ def timed_run(model: VilaUModel, batch: int, seed: int, compile: bool, stop_afte
             if done >= stop_after:
                 raise StopEarly
 
-    sync(); t = time.perf_counter()
+    sync()
+
+    t = time.perf_counter()
     try:
         codes = generate_codes(model, "a red apple on a table", num_images=batch, seed=seed, sampling=ImageSampling(),
                                compile=compile, on_position=on_position)
     except StopEarly:
         per_position = (marks[-1] - marks[0]) / (len(marks) - 1)
         return Timing(loop_s=(marks[0] - t) + per_position * (P - 1), decode_s=float("nan"))
-    sync(); loop = time.perf_counter() - t
+    sync()
+    loop = time.perf_counter() - t
     model.decode_codes(codes)
     sync()
     return Timing(loop_s=loop, decode_s=time.perf_counter() - t - loop)
@@ -169,7 +172,8 @@ def answer_seconds(model: VilaUModel, batch: int, compile: bool, tokens: int) ->
     generator = torch.Generator().manual_seed(0)
     T = model.config.tokens_per_image + 40  # one image and a short question
     prompts = [(torch.randn(T, H, generator=generator) * 0.02).to(device, model.dtype) for _ in range(batch)]
-    sync(); t = time.perf_counter()
+    sync()
+    t = time.perf_counter()
     outputs = generate_texts(model, prompts, sampling=GREEDY, max_new_tokens=tokens, compile=compile)
     sync()
     return time.perf_counter() - t, max(len(ids) for ids in outputs)
