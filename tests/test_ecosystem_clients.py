@@ -25,7 +25,8 @@ from comfy_harness import workflow_api as wa
 
 pytestmark = pytest.mark.comfyui  # starts the pinned ComfyUI: not part of the transformers 4.50.3 pass
 
-ECOSYSTEM = Path(os.environ.get("VILAU_ECOSYSTEM_VENV", cs.REPO_ROOT / ".cache" / "venv-ecosystem"))
+# run_tests.sh exports a path relative to the repository; the tools run with other working folders
+ECOSYSTEM = cs.REPO_ROOT / os.environ.get("VILAU_ECOSYSTEM_VENV", ".cache/venv-ecosystem")
 TINY = "vila-u-tiny"
 
 
