@@ -19,7 +19,8 @@ import pytest
 import torch
 
 from conftest import load_photo, recorded, smallest_top2_gap
-from vilau_backend.position_step import has_placement, resolve_compile
+from vilau_backend.placement import has_placement
+from vilau_backend.position_step import resolve_compile
 from vilau_backend.prompts import understanding_prompt
 from vilau_backend.understand import (
     GREEDY,

@@ -29,13 +29,8 @@ import torch
 
 from .errors import InputError
 from .prompts import SYSTEM_PROMPT
-from .understand import (
-    DEFAULT_BATCH_SIZE,
-    DEFAULT_MAX_NEW_TOKENS,
-    CompileCallback,
-    TextSampling,
-    answer_each_image,
-)
+from .position_step import CompileCallback
+from .understand import DEFAULT_BATCH_SIZE, DEFAULT_MAX_NEW_TOKENS, TextSampling, answer_each_image
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 CAPTION_SUFFIX = ".txt"

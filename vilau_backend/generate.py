@@ -43,6 +43,7 @@ import numpy as np
 import torch
 
 from . import position_step
+from .position_step import CompileCallback
 from .errors import InputError
 from .prompts import DEFAULT_NEGATIVE_PROMPT, cfg_batch
 from .sampling import draw_uniforms
@@ -51,8 +52,6 @@ DEFAULT_VIDEO_FRAMES = 8  # as the original's GENERATION_VIDEO_FRAMES
 
 # (positions done, positions in total, codes so far (B, done, D)); raising stops the run
 PositionCallback = Callable[[int, int, torch.Tensor], None]
-# called once before a run whose step must be compiled first (seconds on a GPU, minutes on a CPU)
-CompileCallback = Callable[[], None]
 
 
 @dataclass(frozen=True)

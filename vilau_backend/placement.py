@@ -154,6 +154,11 @@ def remove_placement(model, device: str | torch.device = "cpu") -> None:
     model.networks.to(device)
 
 
+def has_placement(llm: nn.Module) -> bool:
+    """Whether accelerate hooks place the LLM's layers (streamed or split)."""
+    return any(hasattr(layer, "_hf_hook") for layer in llm.model.layers)
+
+
 def layer_devices(llm: nn.Module) -> list[torch.device]:
     """The device each decoder layer runs on (where its KV cache belongs)."""
     devices = []

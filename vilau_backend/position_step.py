@@ -26,17 +26,21 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from .depth import SampleCodes
 from .llm import additive_mask, forward_hidden, new_static_cache, padded_positions
+from .placement import has_placement
 from .sampling import pick_codes, sampling_knobs
 
 log = logging.getLogger(__name__)
 
 CACHE_BUCKET = 256  # cache lengths are multiples of this: prompts of similar length share one compiled step
+# called once before a run whose step must be compiled first (seconds on a GPU, minutes on a CPU)
+CompileCallback = Callable[[], object]
 RECOMPILE_LIMIT = 64  # compiled variants per step function (rows x buckets x models); torch's default is 8
 
 
@@ -214,11 +218,6 @@ def resolve_model_compile(model, choice: bool | None) -> bool:
         choice = getattr(model, "compile_steps", None)
     device = next(model.llm.parameters()).device
     return resolve_compile(choice, device, placed=has_placement(model.llm))
-
-
-def has_placement(llm) -> bool:
-    """Whether accelerate hooks place the LLM's layers (streamed or split)."""
-    return any(hasattr(layer, "_hf_hook") for layer in llm.model.layers)
 
 
 def compiled_step(step, device: torch.device):

@@ -45,8 +45,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from . import position_step, text_step
 from .errors import InputError
 from .llm import additive_mask, forward_hidden, new_dynamic_cache, padded_positions
+from .position_step import CompileCallback
 from .prompts import IMAGE_PLACEHOLDER, IMAGE_TOKEN_INDEX, SYSTEM_PROMPT, understanding_prompt
 from .video import FrameChoice
 
@@ -66,8 +68,6 @@ TokenCallback = Callable[[int, int, str], object]
 AnswersCallback = Callable[[int, list[str]], object]
 # on_step(step, tokens, texts): each row's new token (None once stopped) and text so far
 StepCallback = Callable[[int, list["int | None"], list[str]], object]
-# on_compile(): the run is about to compile its decode step (seconds to minutes, once per size)
-CompileCallback = Callable[[], object]
 
 
 @dataclass(frozen=True)
@@ -376,8 +376,6 @@ class _Decoder:
 
     def __init__(self, model, batch: PromptBatch, max_new_tokens: int, compile: bool | None,
                  on_compile: CompileCallback | None):
-        from . import position_step, text_step
-
         self.model, self.batch = model, batch
         self.compiled = position_step.resolve_model_compile(model, compile)
         if not self.compiled:
@@ -400,8 +398,6 @@ class _Decoder:
             return self.batch.decode_step(self.model.llm, tokens, step, self.cache)
         logits = self.state.decode(self.step_function, self.model, tokens, step)
         if step == 0:  # compiled now: a later run of this size, even after a cancel, only replays
-            from . import position_step
-
             position_step.mark_compiled(self.model, self.key)
         return logits
 
