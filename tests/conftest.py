@@ -7,6 +7,23 @@ so a new backend test file joins that pass without being listed anywhere.
 `--device cuda` (or VILAU_TEST_DEVICE=cuda) loads the fixtures' models on that device instead of
 the CPU (bench/gpu_check.sh runs the backend tests so). Tests that build their own modules stay
 on the CPU.
+
+Comparing floating-point results of two computation paths (cached vs recomputed, prefilled vs
+stepped, batched vs alone, compiled vs eager, quantized vs full, ours vs the original's
+recording): the two paths sum in other orders, and another CPU's kernels (AVX2, AVX-512, AMX,
+oneDNN, other thread counts) choose other orders again. A bound measured on one machine is not
+a bound. The rule:
+
+1. Values: bound the difference by the arithmetic, `rounding_bound(scale, reduction, steps)`:
+   a dot product of length n rounds to within n*u*sum|a*b| (u the unit roundoff of the dtype),
+   whatever its order, so two orders differ by at most twice that; a result that went through
+   `steps` such reductions in sequence carries each one's error, relative to the scale of the
+   values at the end (normalisations keep the scales comparable). `scale` is sum|a*b| of the
+   last reduction, per value (`linear_input_scales` records it for a Linear).
+2. Decisions: where values are tokens or codes, assert equality only where the decision's margin
+   (top-1 minus top-2 logit, or a uniform's distance to a boundary of the cumulative distribution)
+   exceeds that bound, and require that most decisions are that clear, so the test keeps its power.
+3. A measured figure may be printed or quoted beside a bound, never used as one.
 """
 
 from __future__ import annotations
@@ -46,6 +63,36 @@ def pytest_addoption(parser):
 @pytest.fixture(scope="session")
 def model_device(request) -> str:
     return request.config.getoption("--device")
+
+
+UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
+
+
+def rounding_bound(scale: torch.Tensor, reduction: int, steps: int = 1, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The largest difference two correct evaluations of the same values may show (the rule above):
+    `scale` is sum|a*b| of each value's last reduction, `reduction` the longest reduction length on the
+    way, `steps` the number of reductions in sequence."""
+    return 2 * steps * reduction * UNIT_ROUNDOFF[dtype] * scale.float()
+
+
+class linear_input_scales:
+    """Records sum|x*W| + |b| of every call of `linear` inside the `with` block: the scale of its outputs
+    for `rounding_bound`. `scales` holds one (..., out_features) tensor per call."""
+
+    def __init__(self, linear: torch.nn.Linear):
+        self.linear, self.scales = linear, []
+
+    def __enter__(self):
+        def record(module, args, output):
+            weight, bias = module.weight.detach().float(), module.bias
+            scale = args[0].detach().float().abs() @ weight.abs().T
+            self.scales.append(scale + (0 if bias is None else bias.detach().float().abs()))
+
+        self.handle = self.linear.register_forward_hook(record)
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
 
 
 def reference(name: str) -> dict:

@@ -21,7 +21,7 @@ from .errors import CheckpointError, InputError
 from .loading import SafetensorsFolder, build_empty, load_weights
 from .preprocess import preprocess_images, to_comfy_images
 from .projector import Projector
-from .quantize import DEPTH_TARGETS, LLM_TARGETS, check_quantize, linear_converter, module_bytes
+from .quantize import DEPTH_TARGETS, LLM_TARGETS, LinearConverter, check_quantize, log_kept_layers, module_bytes
 from .tokenizer import VilaTokenizer
 from .quantizer import ResidualQuantizer
 from .siglip import SiglipFeatureEncoder
@@ -66,14 +66,15 @@ class VisionTower(nn.Module):
         self.pixel_decoder = PixelDecoder(config.decoder, code_dim=config.quantizer.embed_dim)
         self.depth = DepthTransformer(config.depth)
 
-    def load(self, folder: Path, dtype: torch.dtype, device: torch.device, quantize: str = "none") -> None:
+    def load(self, folder: Path, dtype: torch.dtype, device: torch.device, quantize: str = "none") -> LinearConverter:
         """The weights from vision_tower/; `quantize` applies to the depth transformer only."""
+        convert = LinearConverter(quantize, DEPTH_TARGETS, dtype)
         with SafetensorsFolder(folder) as weights:
             load_weights(self.siglip, weights, "rqvaesiglip.siglip_model.vision_model.", dtype, device)
             load_weights(self.quantizer, weights, "rqvaesiglip.quantizer.", dtype, device)
             load_weights(self.pixel_decoder, weights, "rqvaesiglip.", dtype, device)
-            load_weights(self.depth, weights, "rqtransformer.", dtype, device,
-                         convert=linear_converter(quantize, DEPTH_TARGETS, dtype))
+            load_weights(self.depth, weights, "rqtransformer.", dtype, device, convert=convert)
+        return convert
 
 
 class VilaUModel:
@@ -122,10 +123,11 @@ class VilaUModel:
         _check_tokenizer_matches(config, tokenizer)
 
         llm = build_empty(lambda: _build_llm(config))
+        llm_convert = LinearConverter(scheme, LLM_TARGETS, dtype)
         with SafetensorsFolder(config.llm_dir) as weights:
-            load_weights(llm, weights, "", dtype, device, convert=linear_converter(scheme, LLM_TARGETS, dtype))
+            load_weights(llm, weights, "", dtype, device, convert=llm_convert)
         vision = build_empty(lambda: VisionTower(config))
-        vision.load(config.vision_tower_dir, dtype, device, quantize=scheme)
+        log_kept_layers(scheme, dtype, llm_convert, vision.load(config.vision_tower_dir, dtype, device, quantize=scheme))
         projector = build_empty(lambda: Projector(config.projector))
         with SafetensorsFolder(config.projector_dir) as weights:
             load_weights(projector, weights, "", dtype, device)
