@@ -165,7 +165,7 @@ def test_4bit_keeps_the_layers_the_fused_cpu_kernel_cannot_take(caplog):
     layers = _targeted_linears(model)
     assert len(layers) == 2 * 7 + 2 * 6 + 1  # per LLM layer q k v o gate up down; per depth block q k v proj, 2 mlp; head
     assert not any(isinstance(m, bnb.nn.Linear4bit) for m in layers.values()), sorted(layers)
-    assert [r.getMessage() for r in caplog.records] == [
+    assert [r.getMessage() for r in caplog.records if r.name == "vilau_backend.quantize"] == [
         "quantize 4bit: 27 of 27 layers keep float32, since bitsandbytes' AVX512-BF16 CPU kernel needs "
         "out_features divisible by 32 and in_features by 64 (e.g. model.layers.0.self_attn.q_proj)"
     ]
@@ -183,7 +183,7 @@ def test_4bit_quantizes_every_layer_whose_shape_fits_on_either_cpu_path(checkpoi
     assert len(layers) == 27
     assert all(isinstance(m, bnb.nn.Linear4bit) for m in layers.values()), [n for n, m in layers.items()
                                                                            if not isinstance(m, bnb.nn.Linear4bit)]
-    assert caplog.records == []
+    assert [r for r in caplog.records if r.name == "vilau_backend.quantize"] == []
 
 
 def test_4bit_on_this_cpus_own_path_agrees_with_the_dequantize_path(checkpoint_64):
@@ -199,10 +199,12 @@ def test_4bit_on_this_cpus_own_path_agrees_with_the_dequantize_path(checkpoint_6
 def test_weights_are_measured_without_state_dict(golden_4bit, monkeypatch):
     """state_dict() of a 4-bit layer repacked for bitsandbytes' fused CPU kernel unpacks its weight, which
     broke layers streamed from CPU memory on CPUs that take that path: sizes come from the tensors."""
-    expected = sum(tensor_bytes(t) for t in golden_4bit.networks.state_dict().values())
+    networks = golden_4bit.networks
+    expected = sum(tensor_bytes(t) for t in networks.state_dict().values()) + sum(  # + what state_dict leaves out
+        tensor_bytes(b) for m in networks.modules() for n, b in m._buffers.items() if n in m._non_persistent_buffers_set)
 
     def refuse(*args, **kwargs):
         raise AssertionError("module_bytes called state_dict()")
 
     monkeypatch.setattr(torch.nn.Module, "state_dict", refuse)
-    assert module_bytes(golden_4bit.networks) == expected
+    assert module_bytes(networks) == expected

@@ -179,7 +179,7 @@ def tensor_bytes(tensor: torch.Tensor) -> int:
 
 
 def module_bytes(module: nn.Module) -> int:
-    """Bytes of all weights and buffers of a module as stored (quantized ones included with their scales).
+    """Bytes of all weights and buffers (non-persistent ones too) of a module as stored, quantized ones with their scales.
 
     Read from the tensors themselves, not from state_dict(): for a 4-bit layer repacked for bitsandbytes'
     CPU kernel, state_dict() unpacks the weight again as a side effect."""
