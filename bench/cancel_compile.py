@@ -1,0 +1,80 @@
+"""Worst-case Cancel latency while a step compiles, on the tiny test model (CPU).
+
+    python bench/cancel_compile.py [--kind image text] [--model DIR]
+
+ComfyUI's Cancel sets a flag that the nodes' callbacks read; the backend calls them before a run
+compiles (`on_compile`) and after every position or token. A Cancel pressed just after the
+compile began is the worst case: it takes effect at the first callback after the compile. This
+script plays that Cancel (`on_compile` sets the flag, the next callback raises) in a fresh
+process, where nothing is compiled yet, and prints the seconds from the Cancel to the stop.
+Each kind runs in its own process (dynamo's cache would make a second run a replay).
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+class Cancelled(Exception):
+    pass
+
+
+def measure(kind: str, model_dir: str) -> float:
+    import torch
+
+    from vilau_backend.generate import generate_codes
+    from vilau_backend.model import VilaUModel
+    from vilau_backend.understand import GREEDY, describe_images
+
+    model = VilaUModel.load(model_dir, dtype="float32", device="cpu")
+    pressed: list[float] = []
+
+    def on_compile() -> None:
+        pressed.append(time.monotonic())  # Cancel, just as compiling begins
+
+    def check(*_) -> None:
+        if pressed:
+            raise Cancelled
+
+    try:
+        if kind == "image":
+            generate_codes(model, "a red fox", compile=True, on_compile=on_compile, on_position=check)
+        else:
+            image = torch.rand(1, 32, 32, 3)
+            describe_images(model, image, "Describe the image.", sampling=GREEDY, max_new_tokens=8, compile=True,
+                            on_compile=on_compile, on_token=check)
+    except Cancelled:
+        return time.monotonic() - pressed[0]
+    raise SystemExit("the run was not compiled (on_compile never called)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--kind", nargs="+", default=["image", "text"], choices=["image", "text"])
+    parser.add_argument("--model", help="a VILA-U checkpoint folder (default: a tiny random one)")
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        print(f"{measure(args.one, args.model):.1f}")
+        return
+    with tempfile.TemporaryDirectory() as scratch:
+        model_dir = args.model
+        if model_dir is None:
+            from vilau_backend.tiny import write_tiny_checkpoint
+
+            model_dir = str(write_tiny_checkpoint(Path(scratch) / "tiny"))
+        for kind in args.kind:
+            out = subprocess.run([sys.executable, __file__, "--one", kind, "--model", model_dir],
+                                 check=True, capture_output=True, text=True).stdout.split()[-1]
+            print(f"{kind} step: Cancel pressed as compiling began took effect after {out} s")
+
+
+if __name__ == "__main__":
+    main()
