@@ -3,10 +3,12 @@
     python bench/cancel_compile.py [--kind image text] [--model DIR]
 
 ComfyUI's Cancel sets a flag that the nodes' callbacks read; the backend calls them before a run
-compiles (`on_compile`) and after every position or token. A Cancel pressed just after the
-compile began is the worst case: it takes effect at the first callback after the compile. This
-script plays that Cancel (`on_compile` sets the flag, the next callback raises) in a fresh
-process, where nothing is compiled yet, and prints the seconds from the Cancel to the stop.
+compiles (`on_compile`) and after every position or token. A Cancel pressed just after the last
+check before the compile is the worst case: it takes effect at the first callback after the
+compile. This script plays that Cancel in a fresh process, where nothing is compiled yet: for
+the image step at `on_compile` (the prefill and the compile of the first position follow), for
+the answer step after the check of the first token (the compile of the second follows); it
+prints the seconds from the Cancel to the stop.
 Each kind runs in its own process (dynamo's cache would make a second run a replay).
 """
 
@@ -35,23 +37,28 @@ def measure(kind: str, model_dir: str) -> float:
 
     model = VilaUModel.load(model_dir, dtype="float32", device="cpu")
     pressed: list[float] = []
+    compiling: list[bool] = []
 
-    def on_compile() -> None:
-        pressed.append(time.monotonic())  # Cancel, just as compiling begins
+    def press() -> None:
+        pressed.append(time.monotonic())
 
-    def check(*_) -> None:
+    def check(step: int, *_) -> None:
         if pressed:
             raise Cancelled
+        if kind == "text" and step == 0:
+            press()  # just after this check: the answer step compiles next
 
     try:
         if kind == "image":
-            generate_codes(model, "a red fox", compile=True, on_compile=on_compile, on_position=check)
+            generate_codes(model, "a red fox", compile=True, on_compile=lambda: compiling.append(True) or press(),
+                           on_position=check)
         else:
             image = torch.rand(1, 32, 32, 3)
             describe_images(model, image, "Describe the image.", sampling=GREEDY, max_new_tokens=8, compile=True,
-                            on_compile=on_compile, on_token=check)
+                            on_compile=lambda: compiling.append(True), on_token=check)
     except Cancelled:
-        return time.monotonic() - pressed[0]
+        if compiling:
+            return time.monotonic() - pressed[0]
     raise SystemExit("the run was not compiled (on_compile never called)")
 
 
