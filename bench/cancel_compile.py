@@ -9,12 +9,16 @@ compile. This script plays that Cancel in a fresh process, where nothing is comp
 the image step at `on_compile` (the prefill and the compile of the first position follow), for
 the answer step after the check of the first token (the compile of the second follows); it
 prints the seconds from the Cancel to the stop.
-Each kind runs in its own process (dynamo's cache would make a second run a replay).
+Each kind runs in its own process (dynamo's cache would make a second run a replay), with an
+empty inductor cache (TORCHINDUCTOR_CACHE_DIR), as a first run after installing: inductor keeps
+compiled kernels on disk, and a later process that finds them compiles several times faster
+(`--warm-cache` measures that case: run it after a cold run).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import tempfile
@@ -66,6 +70,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--kind", nargs="+", default=["image", "text"], choices=["image", "text"])
     parser.add_argument("--model", help="a VILA-U checkpoint folder (default: a tiny random one)")
+    parser.add_argument("--warm-cache", action="store_true", help="keep inductor's usual on-disk cache")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
@@ -78,9 +83,13 @@ def main() -> None:
 
             model_dir = str(write_tiny_checkpoint(Path(scratch) / "tiny"))
         for kind in args.kind:
-            out = subprocess.run([sys.executable, __file__, "--one", kind, "--model", model_dir],
+            env = dict(os.environ)
+            if not args.warm_cache:
+                env["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(dir=scratch)
+            out = subprocess.run([sys.executable, __file__, "--one", kind, "--model", model_dir], env=env,
                                  check=True, capture_output=True, text=True).stdout.split()[-1]
-            print(f"{kind} step: Cancel pressed as compiling began took effect after {out} s")
+            cache = "warm" if args.warm_cache else "empty"
+            print(f"{kind} step ({cache} inductor cache): Cancel pressed as compiling began took effect after {out} s")
 
 
 if __name__ == "__main__":
