@@ -30,5 +30,7 @@ def resolve_within(text: str, roots: Sequence[str | os.PathLike], base: str | os
 
 
 def is_inside(path: str, real_root: str) -> bool:
-    """Whether the resolved `path` is the resolved `real_root` or lies under it."""
+    """Whether the resolved `path` is the resolved `real_root` or lies under it (case-insensitively
+    where the platform's paths are: Windows)."""
+    path, real_root = os.path.normcase(path), os.path.normcase(real_root)
     return path == real_root or path.startswith(real_root.rstrip(os.sep) + os.sep)
