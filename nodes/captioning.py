@@ -7,6 +7,7 @@ import time
 from comfy_api.latest import io
 
 from ..vilau_backend.captioning import CaptionSettings
+from .caption_roots import resolve_caption_folder
 from .model_cache import releases_after_use
 from .progress import CaptionProgress, send_answer
 from .schema import CATEGORY, advanced, check_combo, model_input
@@ -34,9 +35,11 @@ class CaptionFolder(QuestionNode):
                 model_input(),
                 io.String.Input(
                     "folder", default="",
-                    tooltip="The folder of images (png, jpg, webp, bmp, tiff) on the machine ComfyUI runs on: an "
-                    "absolute path, or a path relative to ComfyUI's input folder. Only '<image name>.txt' files "
-                    "are written, beside their images.",
+                    tooltip="The folder of images (png, jpg, webp, bmp, tiff): a path relative to ComfyUI's input "
+                    "folder, or an absolute path inside ComfyUI's input or output folder (other folders only where "
+                    "the server's configuration allows them). Only '<image name>.txt' files are written, beside "
+                    "their images. Images over 64 megapixels, links out of the folder and special files are "
+                    "skipped and named in the summary.",
                 ),
                 io.String.Input(
                     "question", multiline=True, default=defaults.question,
@@ -50,7 +53,7 @@ class CaptionFolder(QuestionNode):
                 io.String.Input(
                     "prefix", default=defaults.prefix,
                     tooltip="Put in front of every caption exactly as typed, e.g. a trigger word with its "
-                    "separator: 'ohwx, '.",
+                    "separator: 'ohwx, '. Text only: it never becomes part of a file name.",
                 ),
                 io.String.Input(
                     "suffix", default=defaults.suffix,
@@ -91,26 +94,16 @@ class CaptionFolder(QuestionNode):
         from ..vilau_backend.captioning import caption_folder
 
         check_combo("existing_captions", existing_captions, [SKIP, OVERWRITE])
+        folder = resolve_caption_folder(folder)  # refused before the model is loaded
         settings = CaptionSettings(
             question=question, prefix=prefix, suffix=suffix, overwrite=existing_captions == OVERWRITE,
             recursive=recursive, system=system_prompt, max_new_tokens=max_new_tokens, seed=seed,
             sampling=text_sampling(do_sample, temperature, top_k, top_p, repetition_penalty), batch_size=batch_size,
         )
         progress = CaptionProgress(cls.hidden.unique_id, max_new_tokens)
-        report = caption_folder(model.ready(), resolve_folder(folder), settings, on_progress=progress,
+        report = caption_folder(model.ready(), folder, settings, on_progress=progress,
                                 on_compile=progress.on_compile)
         summary = report.summary()
         send_answer(cls.hidden.unique_id, [summary], done=True)
         return io.NodeOutput(summary, ui={"text": [summary]})
 
-
-def resolve_folder(folder: str) -> str:
-    """An absolute path as given; a relative one under ComfyUI's input folder (as Load Image's files)."""
-    import os
-
-    import folder_paths
-
-    folder = folder.strip()
-    if not folder or os.path.isabs(os.path.expanduser(folder)):
-        return folder
-    return os.path.join(folder_paths.get_input_directory(), folder)

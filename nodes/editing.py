@@ -307,5 +307,8 @@ def _video_source_codes(vila, frames, video, latent):
     if latent is not None:
         return vilau_latent_codes(vila, latent).cpu()
     if video is not None:
-        frames = video.get_components().images
+        from ..vilau_backend.video import FrameChoice
+        from .understanding import video_frames
+
+        frames, _ = video_frames(video, None, FrameChoice())  # every frame, read as Video Q&A reads it
     return vila.encode_images(frames).codes.cpu()

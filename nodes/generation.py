@@ -7,7 +7,7 @@ from fractions import Fraction
 from comfy_api.latest import io
 
 from .model_cache import releases_after_use
-from .progress import COMPILING, PositionProgress, show_status
+from .progress import PositionProgress, announce_compiling
 from .schema import CATEGORY, advanced, model_input, seed_input
 from .vilau_latent import make_vilau_latent
 
@@ -98,7 +98,7 @@ def generation_options(
         sampling=ImageSampling(cfg=cfg, temperature=temperature, top_k=top_k, top_p=top_p),
         seed=seed,
         on_position=PositionProgress(model, positions),
-        on_compile=lambda: show_status(node_id, COMPILING),
+        on_compile=lambda: announce_compiling(node_id),
     )
 
 

@@ -90,8 +90,8 @@ class ModelLoader(io.ComfyNode):
                     optional=True,
                     tooltip=(
                         "Run image generation and answers through compiled steps (torch.compile; CUDA graphs on "
-                        "CUDA). The first run of each batch size compiles (the node shows 'compiling…'); later "
-                        "runs replay it, faster. auto: on with CUDA, off on the CPU, where compiling takes "
+                        "CUDA). The first run of each batch size compiles (the node shows 'compiling…'; Cancel "
+                        "takes effect when compiling ends); later runs replay it, faster. auto: on with CUDA, off on the CPU, where compiling takes "
                         "minutes. Layers streamed from CPU memory or split over GPUs always run uncompiled."
                     ),
                 ),

@@ -9,7 +9,18 @@ from __future__ import annotations
 
 
 PREVIEWS_PER_IMAGE = 4  # a partial-grid preview every h/4 rows
-COMPILING = "compiling… (the first run of this batch size; later runs are faster)"
+# torch.compile itself can't be interrupted: Cancel is read just before compiling and takes effect right
+# after (README, Performance, has the measured worst case)
+COMPILING = ("compiling… (the first run of this batch size; later runs are faster; Cancel takes effect when "
+             "compiling ends)")
+
+
+def announce_compiling(node_id: str | None) -> None:
+    """on_compile: a Cancel pressed before compiling stops the run now, not after it; then the notice."""
+    import comfy.model_management as mm
+
+    mm.throw_exception_if_processing_interrupted()
+    show_status(node_id, COMPILING)
 
 
 class PositionProgress:
@@ -71,7 +82,7 @@ class AnswerProgress:
         self._show(len(self.finished), step, self.finished + [text])
 
     def on_compile(self) -> None:
-        show_status(self.node_id, COMPILING)
+        announce_compiling(self.node_id)
 
     def on_answers(self, step: int, texts: list[str]) -> None:
         """on_answers: answers generated together; `texts` holds every answer begun so far."""
@@ -128,7 +139,7 @@ class CaptionProgress:
         self.bar = None  # made at the first event, when the number of images is known
 
     def on_compile(self) -> None:
-        show_status(self.node_id, COMPILING)
+        announce_compiling(self.node_id)
 
     def __call__(self, event) -> None:
         import comfy.model_management as mm

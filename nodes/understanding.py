@@ -278,16 +278,25 @@ def frame_choice(
     )
 
 
-def video_frames(video, num_frames: int, choice):
+def video_frames(video, num_frames: int | None, choice):
     """A VIDEO's frames (F, H, W, 3) and the frame choice still to apply to them: from an untrimmed,
     uncropped file only the chosen frames are decoded (None left to apply); other videos give all
-    their frames."""
+    their frames. Video Q&A and Extend Video read through this, so a file that is not a video, has
+    no video stream or no frames gets one explanation in both."""
     from comfy_api.latest import InputImpl
 
+    from ..vilau_backend.errors import InputError
     from ..vilau_backend.video import read_video
     from .video_source import whole_file_path
 
     path = whole_file_path(video, InputImpl.VideoFromFile)
     if path is not None:
         return read_video(path, num_frames, choice=choice).frames, None
-    return video.get_components().images, choice
+    try:
+        images = video.get_components().images
+    except Exception as error:  # PyAV and the VIDEO's own code raise many kinds for a damaged file
+        raise InputError(f"cannot read the VIDEO's frames ({type(error).__name__}: {error}); give a video file "
+                         "with a video stream and at least one frame") from error
+    if images.shape[0] == 0:
+        raise InputError("the video has no frames")
+    return images, choice

@@ -163,7 +163,8 @@ TEMPLATES = {
             "note": node("Note", [40, 340], {"text": (
                 "Captions every image of a folder and writes '<image name>.txt' beside each (the layout LoRA "
                 "trainers read); the node shows the captions as they are written, then a summary (also its "
-                "summary output). folder: an absolute path, or one under ComfyUI's input folder. prefix/suffix "
+                "summary output). folder: a path under ComfyUI's input folder (or an absolute one inside input or "
+                "output; other folders only where the server's configuration allows them, see README). prefix/suffix "
                 "add trigger words as typed ('ohwx, '). existing_captions 'skip' resumes an interrupted run; "
                 "Cancel never leaves a half-written file.")}, size=[340, 200]),
         },

@@ -129,7 +129,7 @@ def test_images_are_read_one_batch_at_a_time(golden_fp32, tmp_path, monkeypatch)
     for i in range(7):
         write_png(tmp_path / f"{i}.png", i)
     loaded, seen_at_first_token = [], []
-    monkeypatch.setattr(captioning, "load_image", lambda path: loaded.append(path) or load_image(path))
+    monkeypatch.setattr(captioning, "load_image", lambda path, *root: loaded.append(path) or load_image(path, *root))
 
     def progress(event):
         if event.step == 0 and event.images:

@@ -112,3 +112,30 @@ def test_uniforms_of_image_i_do_not_depend_on_the_batch():
     g = image_generators(4, 1)[0]
     stepwise = torch.cat([torch.rand(1, generator=g) for _ in range(8)])
     assert torch.equal(one[0].flatten()[:8], stepwise)
+
+
+class CancelPressed(Exception):
+    pass
+
+
+def cancel() -> None:
+    raise CancelPressed
+
+
+@pytest.mark.parametrize("kind", ["image", "text"])
+def test_a_cancel_read_before_compiling_stops_the_run_before_anything_compiles(golden_fp32, kind):
+    """ComfyUI's on_compile reads Cancel first (nodes/progress.py): raising there must stop the run
+    before torch.compile starts, which can't be interrupted once it runs."""
+    from torch._dynamo.utils import counters
+
+    from vilau_backend.understand import GREEDY as GREEDY_TEXT
+    from vilau_backend.understand import describe_images
+
+    before = counters["stats"]["unique_graphs"]
+    with pytest.raises(CancelPressed):
+        if kind == "image":
+            generate_codes(golden_fp32, APPLE, num_images=3, compile=True, on_compile=cancel)
+        else:
+            describe_images(golden_fp32, torch.rand(3, 16, 16, 3), "Describe the image.", batch=True,
+                            sampling=GREEDY_TEXT, max_new_tokens=4, compile=True, on_compile=cancel)
+    assert counters["stats"]["unique_graphs"] == before  # nothing was traced or compiled

@@ -6,33 +6,39 @@ folder of thousands works. Each caption is written to a temporary file in the sa
 and renamed over its final name (an atomic replace on POSIX and Windows), so a reader (or a
 cancelled run) sees either no caption or a whole one, never half of one.
 
-What is touched, and what is not:
+What is touched, and what is not (vilau_backend/caption_files.py lists and reads):
 
-- only files with an image suffix count; hidden files (``.name``) are skipped;
+- only files with an image suffix count; hidden files (``.name``), links out of the folder
+  and special files (FIFOs, devices) are skipped, and named in the summary with the reason;
 - symlinks are never followed out of the folder: linked folders are not walked, and a
   linked image whose target lies outside the folder is skipped;
 - the only files written are ``<image stem>.txt`` beside their image (an existing link there is
   replaced by a plain file, never written through); two images with one stem (``a.png``,
-  ``a.jpg``) share a caption name, so only the first in sorted order is captioned.
+  ``a.jpg``) share a caption name, so only the first in sorted order is captioned;
+- a folder that cannot be written is found before its images are captioned, and passed over.
+
+One file never stops the run: an image that cannot be read (too large by its header, not
+decodable, not a regular file any more) or whose caption cannot be written is listed as
+failed with the reason, and the run goes on with the next one. Which folders may be
+captioned at all is the caller's decision (the ComfyUI node: vilau_backend/path_boundary.py).
 """
 
 from __future__ import annotations
 
 import os
 import secrets
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
+from .caption_files import IMAGE_SUFFIXES, UnreadableImage, list_folder, read_image, unwritable_reason
 from .errors import InputError
 from .prompts import SYSTEM_PROMPT
 from .position_step import CompileCallback
 from .understand import DEFAULT_BATCH_SIZE, DEFAULT_MAX_NEW_TOKENS, TextSampling, answer_each_image
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 CAPTION_SUFFIX = ".txt"
 SUMMARY_LISTED = 10  # skipped or failed files named in the summary; the rest are counted
 
@@ -60,18 +66,23 @@ class CaptionReport:
     written: list[Path] = field(default_factory=list)  # caption files
     skipped: list[tuple[Path, str]] = field(default_factory=list)  # (image, why)
     failed: list[tuple[Path, str]] = field(default_factory=list)  # (image, error)
+    folders: list[tuple[Path, str]] = field(default_factory=list)  # (subfolder or the folder, why not captioned)
 
     def summary(self) -> str:
         lines = [
             f"{len(self.written)} caption(s) written in {self.folder}, {len(self.skipped)} image(s) skipped, "
-            f"{len(self.failed)} failed."
+            f"{len(self.failed)} failed." + (f" {len(self.folders)} folder(s) passed over." if self.folders else "")
         ]
-        for title, entries in (("skipped", self.skipped), ("failed", self.failed)):
+        for title, entries in (("folder", self.folders), ("skipped", self.skipped), ("failed", self.failed)):
             for image, why in entries[:SUMMARY_LISTED]:
-                lines.append(f"{title}: {image.relative_to(self.folder)}: {why}")
+                lines.append(f"{title}: {_relative(image, self.folder)}: {why}")
             if len(entries) > SUMMARY_LISTED:
                 lines.append(f"... and {len(entries) - SUMMARY_LISTED} more {title}")
         return "\n".join(lines)
+
+
+def _relative(path: Path, folder: Path) -> str:
+    return "." if path == folder else str(path.relative_to(folder))
 
 
 @dataclass(frozen=True)
@@ -111,11 +122,19 @@ def caption_folder(
         if images:
             texts = _caption_batch(model, pixels, images, settings, on_progress, on_compile, done, len(todo))
             for image, text in zip(images, texts):
-                report.written.append(write_caption(caption_path(image), settings.prefix + text + settings.suffix))
+                _write_one(report, image, settings.prefix + text + settings.suffix)
         done += len(batch)
         if on_progress is not None:
             on_progress(CaptionProgress(done, len(todo), 0, [], []))
     return report
+
+
+def _write_one(report: CaptionReport, image: Path, text: str) -> None:
+    target = caption_path(image)
+    try:
+        report.written.append(write_caption(target, text))
+    except OSError as error:  # a full disk, a name the file system refuses, a folder changed meanwhile
+        report.failed.append((image, f"cannot write {target.name}: {error.strerror or error}"))
 
 
 def caption_path(image: Path) -> Path:
@@ -124,7 +143,8 @@ def caption_path(image: Path) -> Path:
 
 def write_caption(path: Path, text: str) -> Path:
     """Write `text` to `path` all at once: a temporary file in the same folder, then renamed over it."""
-    temporary = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    # a short name of its own: the caption's name plus a suffix may pass the file system's limit
+    temporary = path.with_name(f".vilau-caption-{secrets.token_hex(6)}.tmp")
     try:
         # O_EXCL: a new file of our own (never an existing one or a link); 0o666 minus the umask,
         # as any other file the user creates
@@ -136,21 +156,6 @@ def write_caption(path: Path, text: str) -> Path:
         temporary.unlink(missing_ok=True)
         raise
     return path
-
-
-def find_images(root: Path, recursive: bool) -> Iterator[Path]:
-    """Image files under `root` in sorted order, never through a symlink that leads outside it."""
-    resolved_root = root.resolve()
-    for directory, subdirectories, files in os.walk(root, followlinks=False):
-        # os.walk does not descend into linked folders; hidden folders are skipped too
-        subdirectories[:] = sorted(d for d in subdirectories if recursive and not d.startswith("."))
-        for name in sorted(files):
-            path = Path(directory) / name
-            if name.startswith(".") or path.suffix.lower() not in IMAGE_SUFFIXES:
-                continue
-            if path.is_symlink() and not path.resolve().is_relative_to(resolved_root):
-                continue
-            yield path
 
 
 def _checked_folder(folder: str | os.PathLike) -> Path:
@@ -166,8 +171,11 @@ def _checked_folder(folder: str | os.PathLike) -> Path:
 
 
 def _images_to_caption(root: Path, settings: CaptionSettings, report: CaptionReport) -> list[Path]:
-    todo, owners = [], {}
-    for image in find_images(root, settings.recursive):
+    listing = list_folder(root, settings.recursive)
+    report.skipped += listing.skipped
+    report.folders += listing.folders
+    todo, owners, unwritable = [], {}, {}
+    for image in listing.images:
         target = caption_path(image)
         if target in owners:
             report.skipped.append((image, f"{target.name} is the caption of {owners[target].name}"))
@@ -180,11 +188,22 @@ def _images_to_caption(root: Path, settings: CaptionSettings, report: CaptionRep
             if target.is_dir():
                 report.skipped.append((image, f"{target.name} is a folder"))
                 continue
-        todo.append(image)
-    if not todo and not report.skipped:
+        if image.parent not in unwritable:  # tried once per folder, before any of its images is captioned
+            unwritable[image.parent] = unwritable_reason(image.parent)
+        if unwritable[image.parent] is None:
+            todo.append(image)
+    _report_unwritable(report, unwritable, listing.images)
+    if not todo and not (report.skipped or report.folders):
         raise InputError(f"folder '{root}' holds no images ({', '.join(IMAGE_SUFFIXES)})"
                          + ("" if settings.recursive else "; turn on recursive to look in its subfolders"))
     return todo
+
+
+def _report_unwritable(report: CaptionReport, reasons: dict[Path, str | None], images: list[Path]) -> None:
+    for folder, why in reasons.items():
+        if why is not None:
+            count = sum(1 for image in images if image.parent == folder)
+            report.folders.append((folder, f"not writable ({why}); its {count} image(s) were not captioned"))
 
 
 def _read_batch(model, batch: list[Path], report: CaptionReport) -> tuple[list[Path], torch.Tensor | None]:
@@ -192,20 +211,21 @@ def _read_batch(model, batch: list[Path], report: CaptionReport) -> tuple[list[P
     images, pixels = [], []
     for path in batch:
         try:
-            pixels.append(model.preprocess(load_image(path)))
-            images.append(path)
-        except (OSError, ValueError) as error:
+            pixels.append(model.preprocess(load_image(path, report.folder)))
+        except UnreadableImage as error:
             report.failed.append((path, f"cannot read the image: {error}"))
+            continue
+        except (OSError, ValueError) as error:  # e.g. a size the model's preprocessing refuses
+            report.failed.append((path, f"cannot use the image: {error}"))
+            continue
+        images.append(path)
     return images, (torch.cat(pixels) if pixels else None)
 
 
-def load_image(path: Path) -> torch.Tensor:
-    """An image file as ComfyUI's Load Image gives it: (1, H, W, 3) float32 k/255, EXIF-rotated."""
-    from PIL import Image, ImageOps
-
-    with Image.open(path) as image:
-        rgb = ImageOps.exif_transpose(image).convert("RGB")
-    return torch.from_numpy(np.asarray(rgb, dtype=np.float32) / 255.0)[None]
+def load_image(path: Path, root: Path | None = None) -> torch.Tensor:
+    """An image file as ComfyUI's Load Image gives it: (1, H, W, 3) float32 k/255, EXIF-rotated
+    (only a regular file, inside `root` when given; see caption_files.read_image)."""
+    return read_image(path, root)
 
 
 def _caption_batch(

@@ -45,7 +45,7 @@ import torch
 from . import position_step
 from .position_step import CompileCallback
 from .errors import InputError
-from .prompts import DEFAULT_NEGATIVE_PROMPT, cfg_batch
+from .prompts import DEFAULT_NEGATIVE_PROMPT, cfg_batch, refuse_text_that_cannot_fit
 from .sampling import draw_uniforms
 
 DEFAULT_VIDEO_FRAMES = 8  # as the original's GENERATION_VIDEO_FRAMES
@@ -94,9 +94,13 @@ def image_generators(seed: int, count: int) -> list[torch.Generator]:
     return [torch.Generator().manual_seed(int(s) & 0x7FFF_FFFF_FFFF_FFFF) for s in states]
 
 
-def _check_request(model, prompt: str, num_images: int, frames: int | None, sampling: ImageSampling) -> None:
+def _check_request(
+    model, prompt: str, negative_prompt: str, num_images: int, frames: int | None, sampling: ImageSampling
+) -> None:
     if not prompt or not prompt.strip():
         raise InputError("the prompt is empty: describe the image or video to generate")
+    refuse_text_that_cannot_fit(model.tokenizer, {"prompt": prompt, "negative prompt": negative_prompt},
+                                model.config.llm.context_length)
     if num_images < 1:
         raise InputError(f"num_images must be at least 1, got {num_images}")
     if frames is not None and frames < 1:
@@ -131,7 +135,7 @@ def generate_codes(
     their kernels' rounding flips a near-tie. `on_compile` is called before a run that compiles.
 
     Returns codes (B, h, w, D), or (B, F, h, w, D) for a video, int64 on the model's device."""
-    _check_request(model, prompt, num_images, frames, sampling)
+    _check_request(model, prompt, negative_prompt, num_images, frames, sampling)
     video = frames is not None
     h, w = model.config.grid
     D = model.config.quantizer.depth

@@ -22,6 +22,19 @@ DEFAULT_NEGATIVE_PROMPT = " "
 PADDING_ID = 0  # the original pads CFG rows with zeros (= <unk>), not with pad_token_id
 
 
+def refuse_text_that_cannot_fit(tokenizer: VilaTokenizer, texts: dict[str, str], context_length: int) -> None:
+    """Refuse, before tokenizing, a text longer than any `context_length` tokens can hold: tokenizing
+    millions of characters takes seconds in which Cancel is not read. `texts`: {input name: text}."""
+    limit = context_length * tokenizer.longest_piece
+    for name, text in texts.items():
+        if len(text) > limit:
+            raise InputError(
+                f"the {name} is {len(text):,} characters long, more than the model's context of {context_length} "
+                f"tokens can hold ({limit:,} characters at most, {tokenizer.longest_piece} per token); shorten the "
+                f"{name}"
+            )
+
+
 def conversation_prompt(message: str, system: str = SYSTEM_PROMPT) -> str:
     """One vicuna_v1 user turn and the open assistant turn (``conv.get_prompt()``).
 

@@ -132,6 +132,16 @@ class VilaTokenizer:
     def __len__(self) -> int:
         return self._length
 
+    @property
+    def longest_piece(self) -> int:
+        """The most characters one token can stand for (the longest piece of the vocabulary, a
+        byte-fallback piece's '<0x..>' counted whole): a text of n characters takes at least
+        n / longest_piece tokens, known without tokenizing it."""
+        if not hasattr(self, "_longest_piece"):
+            pieces = (self._sp.id_to_piece(i) for i in range(self._sp.get_piece_size()))
+            self._longest_piece = max(max(map(len, pieces)), max(map(len, self._added), default=1))
+        return self._longest_piece
+
     # encoding
 
     def tokenize(self, text: str) -> list[str]:

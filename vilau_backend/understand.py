@@ -49,7 +49,13 @@ from . import position_step, text_step
 from .errors import InputError
 from .llm import additive_mask, forward_hidden, new_dynamic_cache, padded_positions
 from .position_step import CompileCallback
-from .prompts import IMAGE_PLACEHOLDER, IMAGE_TOKEN_INDEX, SYSTEM_PROMPT, understanding_prompt
+from .prompts import (
+    IMAGE_PLACEHOLDER,
+    IMAGE_TOKEN_INDEX,
+    SYSTEM_PROMPT,
+    refuse_text_that_cannot_fit,
+    understanding_prompt,
+)
 from .video import FrameChoice
 
 if TYPE_CHECKING:
@@ -179,8 +185,7 @@ def answer_each_image(
     the same tokens unless two candidates were tied to that precision (tests/test_batch_answers.py
     measures it). `on_answers(step, texts)` gets the B texts so far after each token."""
     _check_query(query)
-    input_ids = model.tokenizer.tokenize_with_image_slots(understanding_prompt(query, 1, system=system))
-    _check_context(model, input_ids, max_new_tokens)
+    input_ids = _prompt_ids(model, query, system, 1, max_new_tokens)
     prompts = [_prompt_embeddings(model, input_ids, pixels[i : i + 1]) for i in range(pixels.shape[0])]  # B x (T, H)
     generators = [_seeded_generator(seed) for _ in prompts]
     on_step = None if on_answers is None else (lambda step, tokens, texts: on_answers(step, texts))
@@ -250,8 +255,7 @@ def _answer_about(
     on_compile: CompileCallback | None = None,
 ) -> Answer:
     """pixels (N, 3, S, S) -> one answer to a prompt with N image slots."""
-    input_ids = model.tokenizer.tokenize_with_image_slots(understanding_prompt(query, pixels.shape[0], system=system))
-    _check_context(model, input_ids, max_new_tokens)
+    input_ids = _prompt_ids(model, query, system, pixels.shape[0], max_new_tokens)
     inputs_embeds = _prompt_embeddings(model, input_ids, pixels)  # (T, H)
     output_ids = generate_text(
         model, inputs_embeds, sampling=sampling, max_new_tokens=max_new_tokens, generator=_seeded_generator(seed),
@@ -539,19 +543,37 @@ def _check_batch_size(batch_size: int) -> None:
         raise InputError(f"batch_size (answers generated together) must be 1 or more, got {batch_size}")
 
 
-def _check_context(model, input_ids: list[int], max_new_tokens: int) -> None:
+def _prompt_ids(model, query: str, system: str, n_images: int, max_new_tokens: int) -> list[int]:
+    """The prompt's ids with `n_images` slots; a prompt that can't fit in the context is refused naming
+    the input to shorten (a text far too long for it before it is tokenized)."""
+    texts = {"system_prompt": system, "question": query}  # the nodes' input names
+    refuse_text_that_cannot_fit(model.tokenizer, texts, model.config.llm.context_length)
+    input_ids = model.tokenizer.tokenize_with_image_slots(understanding_prompt(query, n_images, system=system))
+    _check_context(model, input_ids, max_new_tokens, texts)
+    return input_ids
+
+
+def _check_context(model, input_ids: list[int], max_new_tokens: int, texts: dict[str, str]) -> None:
     # (max_new_tokens < 1 is refused by generate_texts, which every answer goes through)
     n_images = input_ids.count(IMAGE_TOKEN_INDEX)
     n_text = len(input_ids) - n_images
-    prompt = n_text + n_images * model.config.tokens_per_image
+    image_positions = n_images * model.config.tokens_per_image
+    prompt = n_text + image_positions
     limit = model.config.llm.context_length
-    if prompt + max_new_tokens > limit:
-        raise InputError(
-            f"the prompt takes {prompt} positions ({n_images} image(s) x {model.config.tokens_per_image} "
-            f"+ {n_text} text tokens); with max_new_tokens {max_new_tokens} that is {prompt + max_new_tokens}, "
-            f"beyond the model's context of {limit}. Use fewer images or video frames, a shorter question, "
-            "or a lower max_new_tokens"
-        )
+    if prompt + max_new_tokens <= limit:
+        return
+    counts = {name: len(model.tokenizer.encode(text, add_bos=False)) for name, text in texts.items()}
+    longest = max(counts, key=counts.get)
+    if counts[longest] >= image_positions:
+        lead, advice = f"the {longest} is too long ({counts[longest]} tokens)", f"Shorten the {longest}"
+    else:
+        lead, advice = f"{n_images} image(s) take {image_positions} positions", "Use fewer images or video frames"
+    of_which = ", ".join(f"{name} {count}" for name, count in counts.items())
+    raise InputError(
+        f"{lead}: the prompt takes {prompt} positions ({n_images} image(s) x {model.config.tokens_per_image} "
+        f"+ {n_text} text tokens, of which {of_which}); with max_new_tokens {max_new_tokens} that is "
+        f"{prompt + max_new_tokens}, beyond the model's context of {limit}. {advice}, or lower max_new_tokens"
+    )
 
 
 def _pixel_values(model, images: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
