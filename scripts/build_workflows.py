@@ -33,10 +33,10 @@ from comfy_harness import workflow_api  # noqa: E402
 
 WORKFLOWS = REPO / "workflows"
 DEFAULT_MODEL = "mit-han-lab/vila-u-7b-256"
-EXAMPLE_IMAGE = "example.png"  # ComfyUI ships input/example.png
+EXAMPLE_IMAGE = "vila-u-example.png"  # example_inputs/: the pack installs them into the input folder
 EXAMPLE_VIDEO = "vila-u-example.mp4"
 SECOND_IMAGE = "vila-u-example-2.png"
-MASKED_IMAGE = "vila-u-example-masked.png"  # example.png's scene with a painted (transparent) square
+MASKED_IMAGE = "vila-u-example-masked.png"  # vila-u-example.png's scene with a painted (transparent) square
 SD_CHECKPOINT = "v1-5-pruned-emaonly-fp16.safetensors"
 CAPTION_FOLDER = workflow_api.CAPTION_FOLDER
 CONTROLNET = "control_v11p_sd15_canny_fp16.safetensors"
@@ -448,7 +448,6 @@ def main() -> None:
     run = Path(tempfile.mkdtemp(prefix="vilau-build-workflows-"))
     tiny = "vila-u-tiny"
     server = cs.pack_server(run, tiny)
-    workflow_api.put_example_inputs(server.input_dir, cs.comfyui_dir())
     comfy_browser.write_quiet_settings(server.user_dir)
     server.start()
     try:

@@ -72,7 +72,6 @@ def main() -> int:
     gpu = torch.cuda.is_available()
     print(f"demo: using {what}; running on {'the GPU' if gpu else 'the CPU'}", flush=True)
     server = cs.pack_server(run, None if published else TINY, extra_model_paths=extra_yaml, cpu=not gpu)
-    wa.put_example_inputs(server.input_dir, cs.comfyui_dir())
     server.start(timeout=300)
     try:
         if server.import_failed(cs.PACK):

@@ -101,7 +101,7 @@ def masked(scene: Image.Image) -> Image.Image:
     region is painted (Load Image's MASK output is 1 there)."""
     rgba = scene.convert("RGBA")
     s = scene.width / 256
-    ImageDraw.Draw(rgba).rectangle([32 * s, 24 * s, 112 * s, 96 * s], fill=(0, 0, 0, 0))
+    ImageDraw.Draw(rgba).rectangle([32 * s, 32 * s, 127 * s, 95 * s], fill=(0, 0, 0, 0))  # whole grid cells
     return rgba
 
 

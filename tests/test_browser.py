@@ -73,7 +73,6 @@ def front_end(request) -> str:
 def server(tmp_path_factory, need_browser, front_end):
     srv = cs.pack_server(tmp_path_factory.mktemp("browser_run"), TINY)
     srv.extra_args += cb.front_end_args(front_end)
-    wa.put_example_inputs(srv.input_dir, srv.comfy_dir)
     cb.write_quiet_settings(srv.user_dir)
     srv.start(timeout=180)
     assert not srv.import_failed(PACK), srv.log_tail()

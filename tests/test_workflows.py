@@ -72,7 +72,6 @@ def node_label(node: dict) -> str:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     srv = cs.pack_server(tmp_path_factory.mktemp("workflows_run"), TINY)
-    wa.put_example_inputs(srv.input_dir, srv.comfy_dir)
     srv.start(timeout=180)
     yield srv
     srv.stop()
@@ -300,7 +299,8 @@ def test_caption_folder_template_writes_a_caption_beside_each_example_image(serv
     workflow, _, entry = run_template(server, object_info, "vila-u-caption-folder")
     (node,) = ids_of(workflow, "VILAU_CaptionFolder")
     assert server.ui_text(entry, node)[0].startswith(f"2 caption(s) written in {folder},"), entry["outputs"]
-    assert sorted(p.name for p in folder.iterdir()) == ["scene_1.png", "scene_1.txt", "scene_2.png", "scene_2.txt"]
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "lighthouse.png", "lighthouse.txt", "night_city.png", "night_city.txt"]
     assert all(p.read_text(encoding="utf-8").strip() for p in folder.glob("*.txt"))
 
 
@@ -353,9 +353,9 @@ def test_inpaint_template_regenerates_the_painted_square(server, object_info):
     [mask] = server.output_files(entry, region)
     with Image.open(mask) as im:
         regenerated = np.asarray(im.convert("L")) > 127
-    # the painted square (pixels 64..159 x 96..191 of 256) covers grid rows 2..4 and columns 3..5 of 8
+    # the painted square (rows 32..95, columns 32..127 of 256) covers grid rows 1..2 and columns 1..3 of 8
     expected = np.zeros((8, 8), dtype=bool)
-    expected[2:5, 3:6] = True
+    expected[1:3, 1:4] = True
     assert np.array_equal(regenerated[::8, ::8], expected)
 
 
