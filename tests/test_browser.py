@@ -11,7 +11,7 @@ caption runs.
 
 Answers must stream into the Q&A nodes' answer box while they are written, stay
 there after the run, be saved in the workflow and come back after a page reload;
-the generation nodes must show "position i / n" (web/js/vilau.js). A screenshot
+the generating nodes (generation and edits) must show "position i / n" (nodes/progress.py). A screenshot
 of each run goes to tests/artifacts/browser/ (path printed; $VILAU_SCREENSHOTS
 moves it).
 
@@ -254,10 +254,12 @@ def test_answer_streams_into_the_answer_box_and_stays(page, server, object_info,
     assert answer in page.text_boxes(), page.text_boxes()
 
 
-def test_text_to_image_node_shows_positions(page, server, object_info):
-    workflow, _ = open_and_queue(page, server, object_info, "vila-u-text-to-image-upscale")
-    (t2i,) = node_ids(workflow, "VILAU_TextToImage")
-    shown = shown_texts(page, t2i)
+@pytest.mark.parametrize("name, node_type", [("vila-u-text-to-image-upscale", "VILAU_TextToImage"),
+                                             ("vila-u-inpaint", "VILAU_Inpaint")])
+def test_generating_node_shows_positions(page, server, object_info, name, node_type):
+    workflow, _ = open_and_queue(page, server, object_info, name)
+    (node,) = node_ids(workflow, node_type)
+    shown = shown_texts(page, node)
     positions = [tuple(map(int, m.groups())) for t in shown if (m := re.fullmatch(r"position (\d+) / (\d+)", t))]
     assert len(positions) >= 8, shown  # one per grid position of the 8x8 tiny model (the socket may merge a few)
     assert positions[-1] == (64, 64), positions
