@@ -2,7 +2,7 @@
 
 Plain helper module, used by tests/test_workflows.py, tests/test_browser.py,
 scripts/build_workflows.py and scripts/demo.py. It does what the front end's
-graphToPrompt does for the graphs in workflows/:
+graphToPrompt does for the graphs in example_workflows/:
 
 - a node's `widgets_values` are matched to its widget inputs in the order of
   /object_info's `input_order` (required, then optional); an input with

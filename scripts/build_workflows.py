@@ -1,4 +1,4 @@
-"""Build the workflow templates in workflows/ through ComfyUI's own front end.
+"""Build the workflow templates in example_workflows/ through ComfyUI's own front end.
 
     .venv/bin/python scripts/build_workflows.py [--thumbnails-only | --no-thumbnails]
 
@@ -6,10 +6,10 @@ Starts the pinned ComfyUI (.cache/comfyui) with this pack and a tiny random
 VILA-U model, opens the real front end in headless Chromium, creates every
 template's nodes and links with the graph API (as a person would on the canvas),
 and writes what the front end saves (`app.graph.serialize()`, UI format) to
-workflows/<name>.json. Widget values come from the TEMPLATES below; everything
+example_workflows/<name>.json. Widget values come from the TEMPLATES below; everything
 else (slot layout, widget order, control_after_generate's extra value) is the
 front end's own. Then each template is run from the front end with the tiny
-model and a screenshot of the canvas becomes workflows/<name>.jpg (the template
+model and a screenshot of the canvas becomes example_workflows/<name>.jpg (the template
 browser shows <name>.jpg for templates of custom nodes).
 
 Run it again after a node's inputs change; tests/test_workflows.py says when.
@@ -31,7 +31,7 @@ from comfy_harness import browser as comfy_browser  # noqa: E402
 from comfy_harness import server as cs  # noqa: E402
 from comfy_harness import workflow_api  # noqa: E402
 
-WORKFLOWS = REPO / "workflows"
+WORKFLOWS = REPO / "example_workflows"
 DEFAULT_MODEL = "mit-han-lab/vila-u-7b-256"
 EXAMPLE_IMAGE = "vila-u-example.png"  # example_inputs/: the pack installs them into the input folder
 EXAMPLE_VIDEO = "vila-u-example.mp4"
@@ -61,7 +61,7 @@ def stitch(pos, title):
 # sd: the node needs a model file this ComfyUI does not ship (SD checkpoint, ControlNet, upscaler);
 # tests mute those nodes.
 TEMPLATES = {
-    "vila-u-text-to-image-upscale": {
+    "VILA-U 06 Text to Image, Upscaled": {
         "nodes": {
             "loader": {**LOADER, "pos": [40, 120]},
             "t2i": node("VILAU_TextToImage", [420, 120], {
@@ -82,7 +82,7 @@ TEMPLATES = {
         "links": [("loader", "model", "t2i", "model"), ("t2i", "image", "preview", "images"),
                   ("t2i", "image", "upscale", "image"), ("upscale", "IMAGE", "save", "images")],
     },
-    "vila-u-image-qa": {
+    "VILA-U 01 Image Q&A": {
         "nodes": {
             "loader": {**LOADER, "pos": [40, 80]},
             "image": node("LoadImage", [40, 300], {"image": EXAMPLE_IMAGE}, size=[320, 360]),
@@ -98,7 +98,7 @@ TEMPLATES = {
         },
         "links": [("loader", "model", "qa", "model"), ("image", "IMAGE", "qa", "image")],
     },
-    "vila-u-caption-to-sd": {
+    "VILA-U 05 Caption to Stable Diffusion": {
         "nodes": {
             "loader": {**LOADER, "pos": [40, 80]},
             "image": node("LoadImage", [40, 300], {"image": EXAMPLE_IMAGE}, size=[320, 360]),
@@ -134,7 +134,7 @@ TEMPLATES = {
                   ("decode", "IMAGE", "save", "images")],
         "groups": [{"title": "Stable Diffusion 1.5: needs a checkpoint in models/checkpoints", "sd": True}],
     },
-    "vila-u-two-image-qa": {
+    "VILA-U 02 Two-Image Q&A": {
         "nodes": {
             "loader": {**LOADER, "pos": [40, 80]},
             "image": node("LoadImage", [40, 300], {"image": EXAMPLE_IMAGE}, size=[300, 340],
@@ -153,7 +153,7 @@ TEMPLATES = {
         "links": [("loader", "model", "qa", "model"), ("image", "IMAGE", "qa", "image"),
                   ("image_2", "IMAGE", "qa", "image_2")],
     },
-    "vila-u-caption-folder": {
+    "VILA-U 04 Caption a Folder": {
         "nodes": {
             "loader": {**LOADER, "pos": [40, 80]},
             "caption": node("VILAU_CaptionFolder", [420, 80], {
@@ -169,7 +169,7 @@ TEMPLATES = {
         },
         "links": [("loader", "model", "caption", "model")],
     },
-    "vila-u-video-qa": {
+    "VILA-U 03 Video Q&A": {
         "nodes": {
             "loader": {**LOADER, "pos": [40, 80]},
             "video": node("LoadVideo", [40, 300], {"file": EXAMPLE_VIDEO}, size=[320, 360]),
@@ -183,7 +183,7 @@ TEMPLATES = {
         },
         "links": [("loader", "model", "qa", "model"), ("video", "VIDEO", "qa", "video")],
     },
-    "vila-u-text-to-video": {
+    "VILA-U 07 Text to Video": {
         "nodes": {
             "loader": {**LOADER, "pos": [40, 120]},
             "t2v": node("VILAU_TextToVideo", [420, 120], {
@@ -198,7 +198,7 @@ TEMPLATES = {
         },
         "links": [("loader", "model", "t2v", "model"), ("t2v", "video", "save", "video")],
     },
-    "vila-u-rqvae-blend": {
+    "VILA-U 10 RQ-VAE Round Trip and Blend": {
         "nodes": {
             "loader": {**LOADER, "pos": [40, 60]},
             "image_a": node("LoadImage", [40, 280], {"image": EXAMPLE_IMAGE}, size=[300, 340],
@@ -227,7 +227,7 @@ TEMPLATES = {
                   ("encode_b", "latent", "blend", "samples2"), ("blend", "LATENT", "decode_blend", "latent"),
                   ("decode_a", "image", "save_a", "images"), ("decode_blend", "image", "save_blend", "images")],
     },
-    "vila-u-inpaint": {
+    "VILA-U 08 Inpaint": {
         "nodes": {
             "loader": {**LOADER, "pos": [40, 60]},
             "image": node("LoadImage", [40, 280], {"image": MASKED_IMAGE}, size=[320, 380]),
@@ -247,7 +247,7 @@ TEMPLATES = {
                   ("image", "MASK", "inpaint", "mask"), ("inpaint", "image", "save", "images"),
                   ("inpaint", "regenerated", "region", "mask"), ("region", "IMAGE", "preview", "images")],
     },
-    "vila-u-variations": {
+    "VILA-U 09 Variations by Depth": {
         "nodes": {
             "loader": {**LOADER, "pos": [40, 60]},
             "image": node("LoadImage", [40, 280], {"image": EXAMPLE_IMAGE}, size=[300, 340]),
@@ -276,7 +276,7 @@ TEMPLATES = {
                   ("stitch_2", "IMAGE", "stitch_3", "image1"), ("vary_75", "image", "stitch_3", "image2"),
                   ("stitch_3", "IMAGE", "save", "images")],
     },
-    "vila-u-to-controlnet": {
+    "VILA-U 11 Text to Image to ControlNet": {
         "nodes": {
             "loader": {**LOADER, "pos": [40, 60]},
             "t2i": node("VILAU_TextToImage", [40, 280], {
@@ -319,7 +319,7 @@ TEMPLATES = {
         "groups": [{"title": "Stable Diffusion 1.5 + ControlNet: needs a checkpoint and a Canny ControlNet",
                     "sd": True}],
     },
-    "vila-u-model-upscale": {
+    "VILA-U 12 Text to Image, Model Upscale": {
         "nodes": {
             "loader": {**LOADER, "pos": [40, 60]},
             "t2i": node("VILAU_TextToImage", [40, 280], {

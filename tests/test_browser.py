@@ -37,12 +37,12 @@ pytestmark = pytest.mark.comfyui  # starts the pinned ComfyUI: not part of the t
 
 PACK = cs.PACK
 TINY = "vila-u-tiny"
-WORKFLOWS = cs.REPO_ROOT / "workflows"
+WORKFLOWS = cs.REPO_ROOT / "example_workflows"
 TEMPLATES = sorted(p.stem for p in WORKFLOWS.glob("*.json"))
 SHORT_ANSWERS = {"max_new_tokens": 24}
 # README figures, cropped to the nodes, from the runs with the pinned front end (copy them to docs/ when
 # the look of a node changes)
-DOCS_FIGURES = {"vila-u-image-qa-answer": "image-qa.jpg", "vila-u-text-to-image-upscale": "text-to-image.jpg"}
+DOCS_FIGURES = {"VILA-U 01 Image Q&A-answer": "image-qa.jpg", "VILA-U 06 Text to Image, Upscaled": "text-to-image.jpg"}
 SCREENSHOTS = Path(os.environ.get("VILAU_SCREENSHOTS", cs.REPO_ROOT / "tests" / "artifacts" / "browser"))
 
 
@@ -226,7 +226,8 @@ def test_template_runs_from_the_front_end(page, server, object_info, name):
     screenshot(page, name)
 
 
-@pytest.mark.parametrize("name, qa_type", [("vila-u-image-qa", "VILAU_ImageQA"), ("vila-u-video-qa", "VILAU_VideoQA")])
+@pytest.mark.parametrize("name, qa_type", [("VILA-U 01 Image Q&A", "VILAU_ImageQA"),
+                                           ("VILA-U 03 Video Q&A", "VILAU_VideoQA")])
 def test_answer_streams_into_the_answer_box_and_stays(page, server, object_info, name, qa_type):
     workflow, entry = open_and_queue(page, server, object_info, name)
     (qa,) = node_ids(workflow, qa_type)
@@ -254,8 +255,8 @@ def test_answer_streams_into_the_answer_box_and_stays(page, server, object_info,
     assert answer in page.text_boxes(), page.text_boxes()
 
 
-@pytest.mark.parametrize("name, node_type", [("vila-u-text-to-image-upscale", "VILAU_TextToImage"),
-                                             ("vila-u-inpaint", "VILAU_Inpaint")])
+@pytest.mark.parametrize("name, node_type", [("VILA-U 06 Text to Image, Upscaled", "VILAU_TextToImage"),
+                                             ("VILA-U 08 Inpaint", "VILAU_Inpaint")])
 def test_generating_node_shows_positions(page, server, object_info, name, node_type):
     workflow, _ = open_and_queue(page, server, object_info, name)
     (node,) = node_ids(workflow, node_type)
@@ -268,7 +269,7 @@ def test_generating_node_shows_positions(page, server, object_info, name, node_t
 
 def test_answer_with_markup_shows_as_written(page):
     """An answer is shown as text: '<b>' in it is not markup."""
-    page.load_workflow(json.loads((WORKFLOWS / "vila-u-image-qa.json").read_text(encoding="utf-8")))
+    page.load_workflow(json.loads((WORKFLOWS / "VILA-U 01 Image Q&A.json").read_text(encoding="utf-8")))
     qa = next(n["id"] for n in page.nodes() if n["type"] == "VILAU_ImageQA")
     page.evaluate("(id) => NODE(id).onExecuted({text: ['a <b>bold</b> & plain answer']})", qa)
     page.page.wait_for_timeout(300)
@@ -277,7 +278,7 @@ def test_answer_with_markup_shows_as_written(page):
 
 
 def test_answers_of_a_batch_are_numbered(page):
-    page.load_workflow(json.loads((WORKFLOWS / "vila-u-image-qa.json").read_text(encoding="utf-8")))
+    page.load_workflow(json.loads((WORKFLOWS / "VILA-U 01 Image Q&A.json").read_text(encoding="utf-8")))
     qa = next(n["id"] for n in page.nodes() if n["type"] == "VILAU_ImageQA")
     page.evaluate("(id) => NODE(id).onExecuted({text: ['first', 'second']})", qa)
     assert page.widget_value(qa, "answer") == "[1] first\n\n[2] second"
@@ -286,7 +287,7 @@ def test_answers_of_a_batch_are_numbered(page):
 def test_workflow_saved_with_the_four_input_loader_loads_with_its_values(page):
     """A workflow saved with the first release's loader (model, dtype, device, download_if_missing)
     opens with those values in place and the later inputs at their defaults."""
-    workflow = json.loads((WORKFLOWS / "vila-u-image-qa.json").read_text(encoding="utf-8"))
+    workflow = json.loads((WORKFLOWS / "VILA-U 01 Image Q&A.json").read_text(encoding="utf-8"))
     loader = next(n for n in workflow["nodes"] if n["type"] == "VILAU_ModelLoader")
     loader["widgets_values"] = [TINY, "fp32", "cpu", False]
     loader["inputs"] = [i for i in loader.get("inputs", []) if i["name"] in ("model", "dtype", "device",

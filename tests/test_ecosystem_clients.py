@@ -108,7 +108,7 @@ def test_manager_installs_the_pack_into_a_fresh_comfyui(ecosystem, tmp_path):
 
     installed = comfy / "custom_nodes" / cs.PACK
     assert git("rev-parse", "HEAD", cwd=installed) == git("rev-parse", "HEAD")
-    assert (installed / "web" / "js" / "vilau.js").is_file() and (installed / "workflows").is_dir()
+    assert (installed / "web" / "js" / "vilau.js").is_file() and (installed / "example_workflows").is_dir()
 
     loads_and_runs(comfy, installed, tmp_path / "run")
 
@@ -139,7 +139,7 @@ def loads_and_runs(comfy: Path, pack: Path, run_dir: Path) -> None:
 
 # what the registry package must hold: the code and files the nodes read at run time
 SHIPPED_FOLDERS = (
-    "nodes/", "vilau_backend/", "web/", "workflows/", "example_workflows/", "example_inputs/", "docs/",  # docs: README's pictures
+    "nodes/", "vilau_backend/", "web/", "example_workflows/", "example_inputs/", "docs/",  # docs: README's pictures
 )
 SHIPPED_FILES = ("__init__.py", "pyproject.toml", "requirements.txt", "LICENSE", "README.md")
 # what it must not: tests and their fixtures, benchmarks, the ComfyUI test harness, scripts, CI

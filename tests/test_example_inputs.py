@@ -50,7 +50,7 @@ def test_an_unusable_input_folder_costs_the_examples_not_the_pack(tmp_path, capl
 def test_every_input_file_a_template_names_is_shipped():
     names = set(shipped_files()) | {"vila-u-caption-example"}
     named = set()
-    for path in (REPO / "workflows").glob("*.json"):
+    for path in (REPO / "example_workflows").glob("*.json"):
         for node in json.loads(path.read_text(encoding="utf-8"))["nodes"]:
             if node["type"] in ("LoadImage", "LoadVideo"):
                 named.add(node["widgets_values"][0])
