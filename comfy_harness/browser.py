@@ -293,6 +293,22 @@ class ComfyPage:
         )
         self.page.wait_for_timeout(400)
 
+    def node_layout(self) -> list[dict]:
+        """Every node's box on the canvas in graph units, title bar included ([x, y, w, h]), its size, the
+        size it needs to show all its widgets (computeSize), whether it has a media preview, and its combo widgets' values and choices."""
+        return self.evaluate(
+            """() => GRAPH._nodes.map(n => ({
+                id: n.id, type: n.type, title: n.title,
+                box: [n.pos[0], n.pos[1] - LiteGraph.NODE_TITLE_HEIGHT, n.size[0],
+                      n.size[1] + LiteGraph.NODE_TITLE_HEIGHT],
+                size: Array.from(n.size), need: Array.from(n.computeSize()),
+                // a media preview (Load Video's) scales with the node: it needs more than any size it has
+                scales: (n.widgets || []).some(w => /preview/i.test(w.name) || /preview/i.test(w.type)),
+                combos: Object.fromEntries((n.widgets || []).filter(w => w.type === 'combo')
+                    .map(w => [w.name, [w.value, Array.isArray(w.options?.values) ? w.options.values : null]])),
+            }))"""
+        )
+
     def nodes_box(self, margin: int = 12) -> tuple[int, int, int, int]:
         """(left, top, right, bottom) on screen, in CSS pixels, of all nodes with their title bars."""
         box = self.evaluate(

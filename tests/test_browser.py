@@ -207,6 +207,32 @@ def test_template_browser_lists_the_templates(page):
     assert sorted(listed.get(PACK, [])) == TEMPLATES
 
 
+def overlaps(a: list[float], b: list[float]) -> float:
+    """The area two boxes [x, y, w, h] share (0: none)."""
+    dx = min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0])
+    dy = min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1])
+    return max(0.0, dx) * max(0.0, dy)
+
+
+@pytest.mark.parametrize("name", TEMPLATES)
+def test_template_opens_with_no_overlap_no_hidden_widget_and_its_inputs_there(page, name):
+    page.load_workflow(json.loads((WORKFLOWS / f"{name}.json").read_text(encoding="utf-8")))
+    page.page.wait_for_timeout(500)  # DOM widgets (text boxes, previews) take their size
+    layout = page.node_layout()
+    touching = [(a["title"], b["title"], round(overlaps(a["box"], b["box"])))
+                for i, a in enumerate(layout) for b in layout[i + 1:] if overlaps(a["box"], b["box"]) > 0]
+    assert touching == [], f"{name}: nodes overlap (title, title, area): {touching}"
+    # a node smaller than it needs cuts its last widgets off (a pixel of rounding allowed); a video
+    # preview scales to any size, and its node never reaches what computeSize asks
+    cut = [(n["title"], n["size"], n["need"]) for n in layout if not n["scales"]
+           and (n["size"][0] + 1 < n["need"][0] or n["size"][1] + 1 < n["need"][1])]
+    assert cut == [], f"{name}: nodes too small for their widgets (title, size, needed): {cut}"
+    # the example inputs the pack installed are among Load Image's / Load Video's choices
+    missing = [(n["title"], value) for n in layout if n["type"] in ("LoadImage", "LoadVideo")
+               for value, choices in [next(iter(n["combos"].values()))] if value not in (choices or [])]
+    assert missing == [], f"{name}: inputs not in the input folder: {missing}"
+
+
 @pytest.mark.parametrize("name", TEMPLATES)
 def test_template_runs_from_the_front_end(page, server, object_info, name):
     workflow, entry = open_and_queue(page, server, object_info, name)
@@ -298,3 +324,23 @@ def test_workflow_saved_with_the_four_input_loader_loads_with_its_values(page):
               for name in ("model", "dtype", "device", "download_if_missing", "quantize", "keep_loaded", "compile")}
     assert values == {"model": TINY, "dtype": "fp32", "device": "cpu", "download_if_missing": False,
                       "quantize": "none", "keep_loaded": True, "compile": "auto"}
+
+
+@pytest.mark.parametrize("name, qa_type", [("VILA-U 01 Image Q&A", "VILAU_ImageQA"),
+                                           ("VILA-U 04 Caption a Folder", "VILAU_CaptionFolder")])
+def test_workflow_saved_before_the_preset_input_loads_with_its_question_and_answer(page, name, qa_type):
+    """A Q&A node saved without `preset` (its widget values end with the answer box's text) opens with
+    its question, its answer in the answer box, and the preset that asks the question as typed."""
+    workflow = json.loads((WORKFLOWS / f"{name}.json").read_text(encoding="utf-8"))
+    qa = next(n for n in workflow["nodes"] if n["type"] == qa_type)
+    values = qa["widgets_values"]
+    preset_at = len(values) - 2  # the preset is the last input widget, before the answer box
+    old = values[:preset_at] + ["an answer saved with the workflow"]
+    qa["widgets_values"] = old
+    qa["inputs"] = [i for i in qa.get("inputs", []) if i["name"] != "preset"]
+    page.load_workflow(workflow)
+    assert page.widget_value(qa["id"], "preset") == "custom"
+    assert page.widget_value(qa["id"], "answer") == "an answer saved with the workflow"
+    assert page.widget_value(qa["id"], "question") == old[1 if qa_type == "VILAU_CaptionFolder" else 0]
+    assert page.api_prompt()[str(qa["id"])]["inputs"]["preset"] == "custom"
+

@@ -68,6 +68,19 @@ function addAnswerWidget(node) {
   return widget;
 }
 
+// Workflows saved before the `preset` input existed list their widget values without it, and the
+// front end assigns them by position: the saved answer lands in `preset` (not one of its choices).
+// Such a node gets its answer back and the preset that asks its question as typed.
+export const CUSTOM_PRESET = "custom"; // as vilau_backend/prompts.py CUSTOM_QUESTION
+function keepAnswerOfOlderWorkflow(node) {
+  const preset = node.widgets?.find((w) => w.name === "preset");
+  const choices = preset?.options?.values;
+  if (!preset || !Array.isArray(choices) || choices.includes(preset.value)) return;
+  const answer = answerWidget(node);
+  if (answer && typeof preset.value === "string" && !answer.value) answer.value = preset.value;
+  preset.value = CUSTOM_PRESET;
+}
+
 function showAnswer(node, text, { final = false } = {}) {
   const widget = answerWidget(node);
   if (!widget) return;
@@ -95,6 +108,12 @@ app.registerExtension({
     nodeType.prototype.onNodeCreated = function () {
       const result = onNodeCreated?.apply(this, arguments);
       addAnswerWidget(this);
+      return result;
+    };
+    const onConfigure = nodeType.prototype.onConfigure;
+    nodeType.prototype.onConfigure = function () {
+      const result = onConfigure?.apply(this, arguments);
+      keepAnswerOfOlderWorkflow(this);
       return result;
     };
     const onExecuted = nodeType.prototype.onExecuted;
