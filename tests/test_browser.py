@@ -40,7 +40,7 @@ TINY = "vila-u-tiny"
 WORKFLOWS = cs.REPO_ROOT / "example_workflows"
 TEMPLATES = sorted(p.stem for p in WORKFLOWS.glob("*.json"))
 SHORT_ANSWERS = {"max_new_tokens": 24}
-# README figures, cropped to the nodes, from the runs with the pinned front end (copy them to docs/ when
+# README figures, cropped to the nodes, from the runs with the newest front end (copy them to docs/ when
 # the look of a node changes)
 DOCS_FIGURES = {"VILA-U 01 Image Q&A-answer": "image-qa.jpg", "VILA-U 06 Text to Image, Upscaled": "text-to-image.jpg"}
 SCREENSHOTS = Path(os.environ.get("VILAU_SCREENSHOTS", cs.REPO_ROOT / "tests" / "artifacts" / "browser"))
@@ -171,7 +171,7 @@ def screenshot(page, name: str) -> Path:
     page.fit_view()
     path = page.screenshot(name)
     print(f"screenshot: {path}")
-    if name in DOCS_FIGURES and page.front_end_version() == metadata.version("comfyui-frontend-package"):
+    if name in DOCS_FIGURES and page.front_end_version() == cb.NEWEST_FRONT_END:
         docs_figure(page, path, SCREENSHOTS / "docs" / DOCS_FIGURES[name])
     return path
 
@@ -202,9 +202,23 @@ def test_front_end_loads_the_pack_extension(page, server):
     assert not [m for m in page.console if m.startswith("pageerror") and "vilau" in m.lower()], page.console_tail()
 
 
-def test_template_browser_lists_the_templates(page):
+def test_template_browser_lists_the_templates_and_serves_them_with_thumbnails(page):
     listed = page.evaluate("async () => await window.comfyAPI.api.api.getWorkflowTemplates()")
     assert sorted(listed.get(PACK, [])) == TEMPLATES
+    # fetched as the template browser fetches them: names with spaces, commas and '&' included
+    served = page.evaluate(
+        """async ([pack, names]) => Promise.all(names.map(async (name) => {
+            const url = (ext) => window.comfyAPI.api.api.apiURL(`/workflow_templates/${pack}/${name}.${ext}`);
+            const workflow = await fetch(url('json'));
+            const thumbnail = await fetch(url('jpg'));
+            return [name, workflow.status, (await workflow.json()).nodes.length, thumbnail.status,
+                    thumbnail.headers.get('content-type')];
+        }))""",
+        [PACK, TEMPLATES],
+    )
+    for name, status, nodes, thumb_status, thumb_type in served:
+        expected = len(json.loads((WORKFLOWS / f"{name}.json").read_text(encoding="utf-8"))["nodes"])
+        assert (status, nodes, thumb_status, thumb_type) == (200, expected, 200, "image/jpeg"), name
 
 
 def overlaps(a: list[float], b: list[float]) -> float:
