@@ -223,6 +223,26 @@ def test_templates_that_need_model_files_say_which_nodes():
         assert bool(listed) == (name in NEEDS_MODEL_FILES), name
 
 
+# where the front end's missing-model dialog downloads from (it refuses other hosts), and the folders
+MODEL_SOURCES = ("https://huggingface.co/", "https://github.com/xinntao/Real-ESRGAN/releases/")
+MODEL_FOLDERS = {"CheckpointLoaderSimple": "checkpoints", "ControlNetLoader": "controlnet",
+                 "UpscaleModelLoader": "upscale_models"}
+
+
+def test_loaders_of_model_files_not_shipped_say_where_to_download_them():
+    loaders = 0
+    for name in TEMPLATES:
+        for n in load(name)["nodes"]:
+            if n["type"] not in MODEL_FOLDERS:
+                continue
+            loaders += 1
+            [model] = n.get("properties", {}).get("models", [])
+            file = n["widgets_values"][0]
+            assert model["name"] == file and model["url"].endswith("/" + file), (name, model)
+            assert model["url"].startswith(MODEL_SOURCES) and model["directory"] == MODEL_FOLDERS[n["type"]], model
+    assert loaders == 4  # two SD checkpoints, a ControlNet, an upscale model
+
+
 def test_converter_reads_control_after_generate_as_no_input(object_info):
     workflow = load("VILA-U 01 Image Q&A")
     qa = wa.nodes_of_type(workflow, "VILAU_ImageQA")[0]
