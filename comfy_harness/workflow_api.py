@@ -29,7 +29,6 @@ WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 
 # the published models a template may name; tests swap in a tiny model for them
 PUBLISHED_MODELS = ("mit-han-lab/vila-u-7b-256", "mit-han-lab/vila-u-7b-384")
-EXAMPLE_INPUTS = ("example.png", "vila-u-example-2.png", "vila-u-example.mp4")
 
 
 class WorkflowError(ValueError):
