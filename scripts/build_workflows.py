@@ -484,14 +484,27 @@ def thumbnail(page: comfy_browser.ComfyPage, server: cs.ComfyServer, name: str, 
     server.wait(page.queue(), timeout=600)
     page.page.wait_for_timeout(1500)  # previews load
     page.dismiss_toasts()
-    page.fit_view(left=70, top=80, margin=10)
+    focus = thumbnail_nodes(workflow)
+    page.fit_view(left=70, top=80, margin=10, only=focus)
     shot = page.screenshot(name)
     out = WORKFLOWS / f"{name}.jpg"
     with Image.open(shot) as im:
-        im = im.convert("RGB").crop((60, 70, im.width, im.height))  # the canvas, without the side bar and tabs
+        left, top, right, bottom = page.nodes_box(only=focus)
+        im = im.convert("RGB").crop((max(60, left), max(70, top), min(im.width, right), min(im.height, bottom)))
         im.thumbnail((640, 400))
         im.save(out, quality=72, optimize=True)
     return out
+
+
+def thumbnail_nodes(workflow: dict) -> list[int]:
+    """The nodes a thumbnail shows, large enough to read at a card's size: the pack's nodes (the loader
+    aside) and the nodes wired straight to them, except model loaders we don't ship and notes."""
+    nodes = {n["id"]: n for n in workflow["nodes"]}
+    skip = set(workflow_api.model_node_ids(workflow)) | {i for i, n in nodes.items()
+                                                        if n["type"] in ("Note", "VILAU_ModelLoader")}
+    ours = {i for i, n in nodes.items() if n["type"].startswith("VILAU_") and i not in skip}
+    wired = {end for link in workflow["links"] for end in (link[1], link[3]) if {link[1], link[3]} & ours}
+    return sorted((ours | wired) - skip)
 
 
 def main() -> None:
