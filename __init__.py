@@ -10,7 +10,8 @@ WEB_DIRECTORY = "./web/js"
 
 
 async def comfy_entrypoint():
-    from .nodes import VilaUExtension, register_folder
+    from .nodes import VilaUExtension, install_example_inputs, register_folder
 
     register_folder()  # models/vila-u, after the vila_u paths extra_model_paths.yaml gave
+    install_example_inputs()  # the templates' pictures and video, where Load Image / Load Video look
     return VilaUExtension()

@@ -6,7 +6,7 @@ the repository root on sys.path. Not part of the node pack: ComfyUI never import
 
 - `server`: one ComfyUI process (ComfyServer), `pack_server` for this pack with a tiny model,
   the websocket recorder.
-- `workflow_api`: UI-format workflows (workflows/*.json) to API-format prompts, as the front end
+- `workflow_api`: UI-format workflows (example_workflows/*.json) to API-format prompts, as the front end
   converts them, and the example inputs the templates load.
 - `browser`: the front end in headless Chromium (Playwright), for the browser tests and the
   template builder.

@@ -273,13 +273,17 @@ class ComfyPage:
             "() => Array.from(document.querySelectorAll('.dom-widget')).map(e => e.innerText).filter(t => t)"
         )
 
-    def fit_view(self, left: int = 70, top: int = 120, margin: int = 20, max_scale: float = 1.0) -> None:
-        """Zoom and pan so that every node and group is on screen, below the tabs and right of the side bar."""
+    def fit_view(self, left: int = 70, top: int = 120, margin: int = 20, max_scale: float = 1.0,
+                 only: list | None = None) -> None:
+        """Zoom and pan so that every node and group (or only the nodes with the ids in `only`) is on
+        screen, below the tabs and right of the side bar."""
         self.evaluate(
-            """([left, top, margin, maxScale]) => {
+            """([left, top, margin, maxScale, only]) => {
                 const c = window.app.canvas, g = GRAPH;
-                const boxes = [...g._nodes.map(n => [n.pos[0], n.pos[1] - 30, n.size[0], n.size[1] + 30]),
-                               ...(g._groups || []).map(gr => gr._bounding ? Array.from(gr._bounding) : [...gr.pos, ...gr.size])];
+                const nodes = only ? g._nodes.filter(n => only.includes(n.id)) : g._nodes;
+                const groups = only ? [] : (g._groups || []);
+                const boxes = [...nodes.map(n => [n.pos[0], n.pos[1] - 30, n.size[0], n.size[1] + 30]),
+                               ...groups.map(gr => gr._bounding ? Array.from(gr._bounding) : [...gr.pos, ...gr.size])];
                 if (!boxes.length) return;
                 const x0 = Math.min(...boxes.map(b => b[0])), y0 = Math.min(...boxes.map(b => b[1]));
                 const x1 = Math.max(...boxes.map(b => b[0] + b[2])), y1 = Math.max(...boxes.map(b => b[1] + b[3]));
@@ -289,25 +293,43 @@ class ComfyPage:
                 c.ds.offset = [left / scale - x0, top / scale - y0];
                 c.setDirty(true, true);
             }""",
-            [left, top, margin, max_scale],
+            [left, top, margin, max_scale, only],
         )
         self.page.wait_for_timeout(400)
 
-    def nodes_box(self, margin: int = 12) -> tuple[int, int, int, int]:
-        """(left, top, right, bottom) on screen, in CSS pixels, of all nodes with their title bars."""
+    def nodes_box(self, margin: int = 12, only: list | None = None) -> tuple[int, int, int, int]:
+        """(left, top, right, bottom) on screen, in CSS pixels, of all nodes (or those with the ids in
+        `only`) with their title bars."""
         box = self.evaluate(
-            """(margin) => {
+            """([margin, only]) => {
                 const c = window.app.canvas, [ox, oy] = c.ds.offset, s = c.ds.scale;
-                const boxes = GRAPH._nodes.map(n => [n.pos[0], n.pos[1] - 30, n.pos[0] + n.size[0], n.pos[1] + n.size[1]]);
+                const nodes = only ? GRAPH._nodes.filter(n => only.includes(n.id)) : GRAPH._nodes;
+                const boxes = nodes.map(n => [n.pos[0], n.pos[1] - 30, n.pos[0] + n.size[0], n.pos[1] + n.size[1]]);
                 const [x0, y0] = [Math.min(...boxes.map(b => b[0])), Math.min(...boxes.map(b => b[1]))];
                 const [x1, y1] = [Math.max(...boxes.map(b => b[2])), Math.max(...boxes.map(b => b[3]))];
                 const rect = c.canvas.getBoundingClientRect();
                 return [(x0 + ox) * s + rect.left - margin, (y0 + oy) * s + rect.top - margin,
                         (x1 + ox) * s + rect.left + margin, (y1 + oy) * s + rect.top + margin];
             }""",
-            margin,
+            [margin, only],
         )
         return tuple(round(v) for v in box)
+
+    def node_layout(self) -> list[dict]:
+        """Every node's box on the canvas in graph units, title bar included ([x, y, w, h]), its size, the
+        size it needs to show all its widgets (computeSize), whether it has a media preview, and its combo widgets' values and choices."""
+        return self.evaluate(
+            """() => GRAPH._nodes.map(n => ({
+                id: n.id, type: n.type, title: n.title,
+                box: [n.pos[0], n.pos[1] - LiteGraph.NODE_TITLE_HEIGHT, n.size[0],
+                      n.size[1] + LiteGraph.NODE_TITLE_HEIGHT],
+                size: Array.from(n.size), need: Array.from(n.computeSize()),
+                // a media preview (Load Video's) scales with the node: it needs more than any size it has
+                scales: (n.widgets || []).some(w => /preview/i.test(w.name) || /preview/i.test(w.type)),
+                combos: Object.fromEntries((n.widgets || []).filter(w => w.type === 'combo')
+                    .map(w => [w.name, [w.value, Array.isArray(w.options?.values) ? w.options.values : null]])),
+            }))"""
+        )
 
     def dismiss_toasts(self) -> None:
         self.evaluate("() => document.querySelectorAll('.p-toast-close-button').forEach(b => b.click())")

@@ -2,7 +2,7 @@
 
 Plain helper module, used by tests/test_workflows.py, tests/test_browser.py,
 scripts/build_workflows.py and scripts/demo.py. It does what the front end's
-graphToPrompt does for the graphs in workflows/:
+graphToPrompt does for the graphs in example_workflows/:
 
 - a node's `widgets_values` are matched to its widget inputs in the order of
   /object_info's `input_order` (required, then optional); an input with
@@ -20,7 +20,6 @@ VILA-U Model Loader node they all start from.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +29,6 @@ WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 
 # the published models a template may name; tests swap in a tiny model for them
 PUBLISHED_MODELS = ("mit-han-lab/vila-u-7b-256", "mit-han-lab/vila-u-7b-384")
-EXAMPLE_INPUTS = ("example.png", "vila-u-example-2.png", "vila-u-example.mp4")
 
 
 class WorkflowError(ValueError):
@@ -216,71 +214,4 @@ def loader_node(
 # ---- example inputs the templates name --------------------------------------------------
 
 
-CAPTION_FOLDER = "vila-u-caption-example"  # under the input folder
-
-
-def put_example_inputs(input_dir: str | Path, comfy_dir: str | Path | None = None) -> list[Path]:
-    """Write the input files the templates name into a ComfyUI input folder: example.png (ComfyUI's own when
-    there is one), a second picture, a folder of two pictures to caption and a short mp4. Existing files are
-    kept."""
-    import numpy as np
-    from PIL import Image
-
-    input_dir = Path(input_dir)
-    input_dir.mkdir(parents=True, exist_ok=True)
-    written = []
-    example = input_dir / "example.png"
-    if not example.exists():
-        shipped = Path(comfy_dir) / "input" / "example.png" if comfy_dir else None
-        if shipped is not None and shipped.is_file():
-            shutil.copyfile(shipped, example)
-        else:
-            Image.fromarray(_scene(256, 256, 0.0)).save(example)
-        written.append(example)
-    masked = input_dir / "vila-u-example-masked.png"
-    if not masked.exists():  # as Load Image's mask editor saves a painted mask: transparent where painted
-        rgba = np.concatenate([_scene(256, 256, 0.3), np.full((256, 256, 1), 255, np.uint8)], axis=-1)
-        rgba[64:160, 96:192, 3] = 0
-        Image.fromarray(rgba, "RGBA").save(masked)
-        written.append(masked)
-    second = input_dir / "vila-u-example-2.png"
-    if not second.exists():
-        Image.fromarray(_scene(256, 256, 0.6, hue=1)).save(second)
-        written.append(second)
-    captions = input_dir / CAPTION_FOLDER  # the Caption Folder template's dataset: two pictures
-    if not captions.exists():
-        captions.mkdir()
-        for i, t in enumerate((0.2, 0.8)):
-            Image.fromarray(_scene(192, 256, t, hue=i)).save(captions / f"scene_{i + 1}.png")
-        written.append(captions)
-    video = input_dir / "vila-u-example.mp4"
-    if not video.exists():
-        import av
-
-        with av.open(str(video), "w") as container:
-            stream = container.add_stream("libx264", rate=8)
-            stream.width, stream.height, stream.pix_fmt = 128, 128, "yuv420p"
-            for t in np.linspace(0.0, 1.0, 16):
-                frame = av.VideoFrame.from_ndarray(_scene(128, 128, float(t)), format="rgb24")
-                for packet in stream.encode(frame):
-                    container.mux(packet)
-            for packet in stream.encode():
-                container.mux(packet)
-        written.append(video)
-    return written
-
-
-def _scene(h: int, w: int, t: float, hue: int = 0):
-    """A sky-and-ground picture with a sun at time t (0..1): something to look at, no download."""
-    import numpy as np
-
-    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
-    sky = np.stack([0.35 + 0.3 * y / h, 0.55 + 0.2 * y / h, 0.95 - 0.2 * y / h], -1)
-    ground = np.stack([0.25 + 0.1 * x / w, 0.55 - 0.1 * y / h, 0.2 + 0 * x], -1)
-    if hue:
-        ground = ground[..., [2, 0, 1]] + 0.2
-    img = np.where((y > h * 0.65)[..., None], ground, sky)
-    cx, cy = w * (0.2 + 0.6 * t), h * (0.45 - 0.2 * np.sin(np.pi * t))
-    sun = ((x - cx) ** 2 + (y - cy) ** 2) < (0.1 * w) ** 2
-    img[sun] = [1.0, 0.85, 0.3]
-    return (np.clip(img, 0, 1) * 255).astype(np.uint8)
+CAPTION_FOLDER = "vila-u-caption-example"  # under the input folder: the pack installs it when it loads

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from comfy_api.latest import ComfyExtension, io
 
+from .example_inputs import install_into_comfyui_input as install_example_inputs
 from .model_files import register_folder
 
-__all__ = ["VilaUExtension", "register_folder"]
+__all__ = ["VilaUExtension", "install_example_inputs", "register_folder"]
 
 
 class VilaUExtension(ComfyExtension):

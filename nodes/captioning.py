@@ -8,10 +8,11 @@ from comfy_api.latest import io
 
 from ..vilau_backend.captioning import CaptionSettings
 from .caption_roots import resolve_caption_folder
+from ..vilau_backend.prompts import CUSTOM_QUESTION
 from .model_cache import releases_after_use
 from .progress import CaptionProgress, send_answer
 from .schema import CATEGORY, advanced, check_combo, model_input
-from .understanding import MAX_BATCH_SIZE, QuestionNode, answer_inputs, text_sampling
+from .understanding import MAX_BATCH_SIZE, QuestionNode, answer_inputs, preset_input, text_sampling
 
 SKIP = "skip"
 OVERWRITE = "overwrite"
@@ -70,6 +71,7 @@ class CaptionFolder(QuestionNode):
                     tooltip="Advanced: how many images are captioned together in one pass (and held in memory). "
                     "Larger is faster per image and takes more memory.",
                 ),
+                preset_input("image"),
             ],
             outputs=[io.String.Output(
                 display_name="summary", tooltip="How many captions were written, skipped or failed, and why.",
@@ -89,14 +91,16 @@ class CaptionFolder(QuestionNode):
         cls, model, folder: str, question: str, existing_captions: str, prefix: str, suffix: str, recursive: bool,
         seed: int, max_new_tokens: int, do_sample: bool, temperature: float, top_k: int, top_p: float,
         repetition_penalty: float, system_prompt: str = CaptionSettings.system,
-        batch_size: int = CaptionSettings.batch_size,
+        batch_size: int = CaptionSettings.batch_size, preset: str = CUSTOM_QUESTION,
     ) -> io.NodeOutput:
         from ..vilau_backend.captioning import caption_folder
+        from ..vilau_backend.prompts import preset_question
 
         check_combo("existing_captions", existing_captions, [SKIP, OVERWRITE])
         folder = resolve_caption_folder(folder)  # refused before the model is loaded
         settings = CaptionSettings(
-            question=question, prefix=prefix, suffix=suffix, overwrite=existing_captions == OVERWRITE,
+            question=preset_question(preset, question, "image"), prefix=prefix, suffix=suffix,
+            overwrite=existing_captions == OVERWRITE,
             recursive=recursive, system=system_prompt, max_new_tokens=max_new_tokens, seed=seed,
             sampling=text_sampling(do_sample, temperature, top_k, top_p, repetition_penalty), batch_size=batch_size,
         )

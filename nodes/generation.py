@@ -7,7 +7,7 @@ from fractions import Fraction
 from comfy_api.latest import io
 
 from .model_cache import releases_after_use
-from .progress import PositionProgress, announce_compiling
+from .progress import PositionProgress, announce_compiling, executing_node_id
 from .schema import CATEGORY, advanced, model_input, seed_input
 from .vilau_latent import make_vilau_latent
 
@@ -87,17 +87,18 @@ def generation_options(
     model, positions: int, *, negative_prompt: str, cfg: float, seed: int, batch_size: int,
     temperature: float, top_k: int, top_p: float, node_id: str | None = None,
 ) -> dict:
-    """The node's generation inputs -> keyword arguments of generate_images / generate_video.
-    `node_id`: where "compiling…" shows before a run that compiles the generation step."""
+    """The node's generation inputs -> keyword arguments of generate_images / generate_video and the edits.
+    `node_id`: where "compiling…" and the positions show (by default the node being run)."""
     from ..vilau_backend.generate import ImageSampling
     from ..vilau_backend.prompts import DEFAULT_NEGATIVE_PROMPT
 
+    node_id = node_id if node_id is not None else executing_node_id()
     return dict(
         negative_prompt=negative_prompt if negative_prompt.strip() else DEFAULT_NEGATIVE_PROMPT,
         num_images=batch_size,
         sampling=ImageSampling(cfg=cfg, temperature=temperature, top_k=top_k, top_p=top_p),
         seed=seed,
-        on_position=PositionProgress(model, positions),
+        on_position=PositionProgress(model, positions, node_id),
         on_compile=lambda: announce_compiling(node_id),
     )
 

@@ -24,13 +24,19 @@ def announce_compiling(node_id: str | None) -> None:
 
 
 class PositionProgress:
-    """on_position callback for image and video generation: the bar advances one grid position at a
-    time, with a preview of the frame being generated every few rows."""
+    """on_position callback for image and video generation and the edits: the bar advances one grid
+    position at a time, the node shows "position i / n", and a preview of the frame being generated
+    comes every few rows.
 
-    def __init__(self, model, total_positions: int):
+    The text is sent from here, for every node that generates through this callback, rather than
+    made by the front-end extension from the bar's progress: then no list of generating nodes has
+    to be kept in web/js in step with the Python nodes."""
+
+    def __init__(self, model, total_positions: int, node_id: str | None = None):
         import comfy.utils
 
         self.model = model
+        self.node_id = node_id
         h, w = model.config.grid
         self.preview_every = max(1, h // PREVIEWS_PER_IMAGE) * w  # positions between previews
         self.bar = comfy.utils.ProgressBar(total_positions)
@@ -43,6 +49,7 @@ class PositionProgress:
         if done % self.preview_every == 0 or done == total:
             preview = self._preview(codes_so_far, total)
         self.bar.update_absolute(done, total, preview)
+        show_status(self.node_id, position_text(done, total))
 
     def _preview(self, codes_so_far, total: int):
         from comfy.cli_args import args
@@ -53,6 +60,19 @@ class PositionProgress:
         image = preview_image(self.model, codes_so_far[:1], total)[0]  # (H, W, 3): the first of the batch
         pixels = image.mul(255).round().clamp(0, 255).byte().numpy()
         return "JPEG", Image.fromarray(pixels), args.preview_size
+
+
+def position_text(done: int, total: int) -> str:
+    return f"position {done} / {total}"
+
+
+def executing_node_id() -> str | None:
+    """The id of the node ComfyUI is running (its execution id, "5:7" inside a subgraph), for the
+    callbacks of nodes that do not take the hidden unique_id; None outside a run."""
+    from comfy_execution.utils import get_executing_context
+
+    context = get_executing_context()
+    return None if context is None else str(context.node_id)
 
 
 ANSWER_EVENT = "vilau.answer"  # as web/js/vilau.js: the Q&A nodes' answer box listens for it

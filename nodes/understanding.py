@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..vilau_backend.prompts import SYSTEM_PROMPT
+from ..vilau_backend.prompts import CUSTOM_QUESTION, SYSTEM_PROMPT, question_presets
 from ..vilau_backend.understand import DEFAULT_BATCH_SIZE, DEFAULT_MAX_NEW_TOKENS, TextSampling
 from .model_cache import releases_after_use
 from .progress import AnswerProgress
@@ -21,6 +21,15 @@ EXTRA_IMAGE_INPUTS = ("image_2", "image_3", "image_4")  # fixed optional sockets
 def question_input(default: str, what: str) -> io.String.Input:
     return io.String.Input(
         "question", multiline=True, default=default, tooltip=f"What to ask about the {what}. Must not be empty."
+    )
+
+
+def preset_input(media: str) -> io.Combo.Input:
+    # optional and last: workflows and API graphs saved before it existed keep their question
+    return io.Combo.Input(
+        "preset", options=question_presets(media), default=CUSTOM_QUESTION, optional=True,
+        tooltip=f"A ready-made question (a short or detailed caption, tags, ...); '{CUSTOM_QUESTION}' asks the "
+        "question as typed in the question box, which the other choices leave unused.",
     )
 
 
@@ -87,7 +96,9 @@ def text_sampling(do_sample: bool, temperature: float, top_k: int, top_p: float,
     )
 
 
-def check_question(question: str | None) -> bool | str:
+def check_question(question: str | None, preset: str | None = None) -> bool | str:
+    if preset not in (None, CUSTOM_QUESTION):
+        return True  # the preset's question is asked; the box may be empty
     if question is not None and not question.strip():
         return "the question is empty: ask something, e.g. 'Describe the image in detail.'"
     return True
@@ -98,8 +109,8 @@ class QuestionNode(io.ComfyNode):
     refused when the workflow is queued, before anything runs."""
 
     @classmethod
-    def validate_inputs(cls, question: str | None = None) -> bool | str:
-        return check_question(question)
+    def validate_inputs(cls, question: str | None = None, preset: str | None = None) -> bool | str:
+        return check_question(question, preset)
 
 
 class ImageQA(QuestionNode):
@@ -140,6 +151,7 @@ class ImageQA(QuestionNode):
                     )
                     for name in EXTRA_IMAGE_INPUTS
                 ],
+                preset_input("image"),
             ],
             outputs=[answer_output("The answers: one per image, or one for all images.", is_list=True)],
             hidden=[io.Hidden.unique_id],
@@ -151,14 +163,17 @@ class ImageQA(QuestionNode):
     def execute(
         cls, model, image, question: str, batch_mode: str, seed: int, max_new_tokens: int, do_sample: bool,
         temperature: float, top_k: int, top_p: float, repetition_penalty: float,
-        system_prompt: str = SYSTEM_PROMPT, batch_size: int = DEFAULT_BATCH_SIZE, **extra_images,
+        system_prompt: str = SYSTEM_PROMPT, batch_size: int = DEFAULT_BATCH_SIZE, preset: str = CUSTOM_QUESTION,
+        **extra_images,
     ) -> io.NodeOutput:
+        from ..vilau_backend.prompts import preset_question
         from ..vilau_backend.understand import describe_images
 
         check_combo("batch_mode", batch_mode, [EACH_IMAGE, ALL_IMAGES])
         more = [extra_images[name] for name in EXTRA_IMAGE_INPUTS if extra_images.get(name) is not None]
         each = batch_mode == EACH_IMAGE and not more
         progress = AnswerProgress(cls.hidden.unique_id, image.shape[0] if each else 1, max_new_tokens, batch_size)
+        question = preset_question(preset, question, "image")
         answers = describe_images(
             model.ready(), [image, *more], question, batch=each, batch_size=batch_size, system=system_prompt,
             sampling=text_sampling(do_sample, temperature, top_k, top_p, repetition_penalty),
@@ -198,6 +213,7 @@ class VideoQA(QuestionNode):
                 ),
                 *answer_inputs(),
                 *frame_choice_inputs(),
+                preset_input("video"),
             ],
             outputs=[answer_output("The answer about the video.")],
             hidden=[io.Hidden.unique_id],
@@ -209,9 +225,10 @@ class VideoQA(QuestionNode):
     def execute(
         cls, model, question: str, seed: int, max_new_tokens: int, do_sample: bool, temperature: float,
         top_k: int, top_p: float, repetition_penalty: float, system_prompt: str = SYSTEM_PROMPT, frames=None,
-        video=None, **frame_options,
+        video=None, preset: str = CUSTOM_QUESTION, **frame_options,
     ) -> io.NodeOutput:
         from ..vilau_backend.errors import InputError
+        from ..vilau_backend.prompts import preset_question
         from ..vilau_backend.understand import describe_video
 
         if (frames is None) == (video is None):
@@ -223,7 +240,7 @@ class VideoQA(QuestionNode):
             frames, choice = video_frames(video, vila.config.num_video_frames, choice)
         progress = AnswerProgress(cls.hidden.unique_id, 1, max_new_tokens)
         answer = describe_video(
-            vila, frames, question, choice=choice, system=system_prompt,
+            vila, frames, preset_question(preset, question, "video"), choice=choice, system=system_prompt,
             sampling=text_sampling(do_sample, temperature, top_k, top_p, repetition_penalty),
             max_new_tokens=max_new_tokens, seed=seed, on_token=progress, on_compile=progress.on_compile,
         )

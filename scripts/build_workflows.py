@@ -1,4 +1,4 @@
-"""Build the workflow templates in workflows/ through ComfyUI's own front end.
+"""Build the workflow templates in example_workflows/ through ComfyUI's own front end.
 
     .venv/bin/python scripts/build_workflows.py [--thumbnails-only | --no-thumbnails]
 
@@ -6,10 +6,10 @@ Starts the pinned ComfyUI (.cache/comfyui) with this pack and a tiny random
 VILA-U model, opens the real front end in headless Chromium, creates every
 template's nodes and links with the graph API (as a person would on the canvas),
 and writes what the front end saves (`app.graph.serialize()`, UI format) to
-workflows/<name>.json. Widget values come from the TEMPLATES below; everything
+example_workflows/<name>.json. Widget values come from the TEMPLATES below; everything
 else (slot layout, widget order, control_after_generate's extra value) is the
 front end's own. Then each template is run from the front end with the tiny
-model and a screenshot of the canvas becomes workflows/<name>.jpg (the template
+model and a screenshot of the canvas becomes example_workflows/<name>.jpg (the template
 browser shows <name>.jpg for templates of custom nodes).
 
 Run it again after a node's inputs change; tests/test_workflows.py says when.
@@ -31,16 +31,27 @@ from comfy_harness import browser as comfy_browser  # noqa: E402
 from comfy_harness import server as cs  # noqa: E402
 from comfy_harness import workflow_api  # noqa: E402
 
-WORKFLOWS = REPO / "workflows"
+WORKFLOWS = REPO / "example_workflows"
 DEFAULT_MODEL = "mit-han-lab/vila-u-7b-256"
-EXAMPLE_IMAGE = "example.png"  # ComfyUI ships input/example.png
+EXAMPLE_IMAGE = "vila-u-example.png"  # example_inputs/: the pack installs them into the input folder
 EXAMPLE_VIDEO = "vila-u-example.mp4"
 SECOND_IMAGE = "vila-u-example-2.png"
-MASKED_IMAGE = "vila-u-example-masked.png"  # example.png's scene with a painted (transparent) square
-SD_CHECKPOINT = "v1-5-pruned-emaonly-fp16.safetensors"
+MASKED_IMAGE = "vila-u-example-masked.png"  # vila-u-example.png's scene with a painted (transparent) square
 CAPTION_FOLDER = workflow_api.CAPTION_FOLDER
+SD_CHECKPOINT = "v1-5-pruned-emaonly-fp16.safetensors"
 CONTROLNET = "control_v11p_sd15_canny_fp16.safetensors"
-UPSCALE_MODEL = "4x-UltraSharp.pth"
+UPSCALE_MODEL = "RealESRGAN_x4plus.pth"
+# model files the pack does not ship: name, url, folder. The front end's missing-model dialog
+# (newer front ends) offers the download from a node's properties.models
+MODEL_FILES = {
+    SD_CHECKPOINT: ("https://huggingface.co/Comfy-Org/stable-diffusion-v1-5-archive/resolve/main/"
+                    "v1-5-pruned-emaonly-fp16.safetensors", "checkpoints"),
+    CONTROLNET: ("https://huggingface.co/comfyanonymous/ControlNet-v1-1_fp16_safetensors/resolve/main/"
+                 "control_v11p_sd15_canny_fp16.safetensors", "controlnet"),
+    UPSCALE_MODEL: ("https://github.com/xinntao/Real-ESRGAN/releases/download/v0.1.0/RealESRGAN_x4plus.pth",
+                    "upscale_models"),
+}
+GAP = 50  # graph units between nodes, above a title bar: room for front ends that draw widgets taller
 EDIT_SAMPLING = {"negative_prompt": "", "cfg": 3.0, "seed": 42, "control_after_generate": "fixed", "batch_size": 1}
 
 LOADER = {"type": "VILAU_ModelLoader", "widgets": {"model": DEFAULT_MODEL, "dtype": "auto", "device": "auto",
@@ -52,6 +63,20 @@ def node(type_, pos, widgets=None, **extra):
     return {"type": type_, "pos": pos, "widgets": widgets or {}, **extra}
 
 
+def preset_text(preset: str) -> str:
+    """A preset's question, shown in the question box (used when the preset is switched to custom)."""
+    from vilau_backend.prompts import preset_question
+
+    return preset_question(preset, "", "image")
+
+
+def model_node(type_, pos, widget: str, file: str, **extra):
+    """A loader of a model file the pack does not ship, with the file's download in properties.models."""
+    url, directory = MODEL_FILES[file]
+    return node(type_, pos, {widget: file}, sd=True,
+                models=[{"name": file, "url": url, "directory": directory}], **extra)
+
+
 def stitch(pos, title):
     return node("ImageStitch", pos, {"direction": "right", "match_image_size": True, "spacing_width": 8,
                                      "spacing_color": "white"}, title=title)
@@ -61,7 +86,7 @@ def stitch(pos, title):
 # sd: the node needs a model file this ComfyUI does not ship (SD checkpoint, ControlNet, upscaler);
 # tests mute those nodes.
 TEMPLATES = {
-    "vila-u-text-to-image-upscale": {
+    "VILA-U 06 Text to Image, Upscaled": {
         "nodes": {
             "loader": {**LOADER, "pos": [40, 120]},
             "t2i": node("VILAU_TextToImage", [420, 120], {
@@ -82,12 +107,12 @@ TEMPLATES = {
         "links": [("loader", "model", "t2i", "model"), ("t2i", "image", "preview", "images"),
                   ("t2i", "image", "upscale", "image"), ("upscale", "IMAGE", "save", "images")],
     },
-    "vila-u-image-qa": {
+    "VILA-U 01 Image Q&A": {
         "nodes": {
             "loader": {**LOADER, "pos": [40, 80]},
             "image": node("LoadImage", [40, 300], {"image": EXAMPLE_IMAGE}, size=[320, 360]),
             "qa": node("VILAU_ImageQA", [420, 80], {
-                "question": "Describe the image in detail.", "batch_mode": "one answer per image",
+                "question": "Describe the image in detail.", "preset": "custom", "batch_mode": "one answer per image",
                 "seed": 0, "control_after_generate": "fixed", "max_new_tokens": 512, "do_sample": True},
                 size=[420, 560]),
             "note": node("Note", [880, 80], {"text": (
@@ -98,15 +123,15 @@ TEMPLATES = {
         },
         "links": [("loader", "model", "qa", "model"), ("image", "IMAGE", "qa", "image")],
     },
-    "vila-u-caption-to-sd": {
+    "VILA-U 05 Caption to Stable Diffusion": {
         "nodes": {
             "loader": {**LOADER, "pos": [40, 80]},
             "image": node("LoadImage", [40, 300], {"image": EXAMPLE_IMAGE}, size=[320, 360]),
             "qa": node("VILAU_ImageQA", [400, 80], {
-                "question": "Describe this image in one sentence, as a prompt for an image generator.",
+                "question": preset_text("Stable Diffusion prompt"), "preset": "Stable Diffusion prompt",
                 "batch_mode": "one answer per image", "seed": 0, "control_after_generate": "fixed",
                 "max_new_tokens": 77, "do_sample": False}, size=[400, 560]),
-            "ckpt": node("CheckpointLoaderSimple", [860, 80], {"ckpt_name": SD_CHECKPOINT}, sd=True),
+            "ckpt": model_node("CheckpointLoaderSimple", [860, 80], "ckpt_name", SD_CHECKPOINT),
             "positive": node("CLIPTextEncode", [1220, 80], {"text": ""}, title="CLIP Text Encode (caption)",
                              size=[400, 120], sd=True),
             "negative": node("CLIPTextEncode", [1220, 260], {"text": "blurry, low quality, watermark, text"},
@@ -134,7 +159,7 @@ TEMPLATES = {
                   ("decode", "IMAGE", "save", "images")],
         "groups": [{"title": "Stable Diffusion 1.5: needs a checkpoint in models/checkpoints", "sd": True}],
     },
-    "vila-u-two-image-qa": {
+    "VILA-U 02 Two-Image Q&A": {
         "nodes": {
             "loader": {**LOADER, "pos": [40, 80]},
             "image": node("LoadImage", [40, 300], {"image": EXAMPLE_IMAGE}, size=[300, 340],
@@ -142,7 +167,7 @@ TEMPLATES = {
             "image_2": node("LoadImage", [40, 680], {"image": SECOND_IMAGE}, size=[300, 340],
                             title="Load Image (second)"),
             "qa": node("VILAU_ImageQA", [400, 80], {
-                "question": "What is different between the first image and the second?",
+                "question": "What is different between the first image and the second?", "preset": "custom",
                 "batch_mode": "one answer about all images", "seed": 0, "control_after_generate": "fixed",
                 "max_new_tokens": 512, "do_sample": False}, size=[420, 640]),
             "note": node("Note", [860, 80], {"text": (
@@ -153,11 +178,11 @@ TEMPLATES = {
         "links": [("loader", "model", "qa", "model"), ("image", "IMAGE", "qa", "image"),
                   ("image_2", "IMAGE", "qa", "image_2")],
     },
-    "vila-u-caption-folder": {
+    "VILA-U 04 Caption a Folder": {
         "nodes": {
             "loader": {**LOADER, "pos": [40, 80]},
             "caption": node("VILAU_CaptionFolder", [420, 80], {
-                "folder": CAPTION_FOLDER, "question": "Describe the image in one sentence.",
+                "folder": CAPTION_FOLDER, "question": preset_text("short caption"), "preset": "short caption",
                 "existing_captions": "skip", "prefix": "", "suffix": "", "recursive": False, "seed": 0,
                 "control_after_generate": "fixed", "max_new_tokens": 128, "do_sample": False}, size=[440, 640]),
             "note": node("Note", [40, 340], {"text": (
@@ -170,12 +195,13 @@ TEMPLATES = {
         },
         "links": [("loader", "model", "caption", "model")],
     },
-    "vila-u-video-qa": {
+    "VILA-U 03 Video Q&A": {
         "nodes": {
             "loader": {**LOADER, "pos": [40, 80]},
-            "video": node("LoadVideo", [40, 300], {"file": EXAMPLE_VIDEO}, size=[320, 360]),
+            "video": node("LoadVideo", [40, 300], {"file": EXAMPLE_VIDEO}, size=[440, 480]),
             "qa": node("VILAU_VideoQA", [420, 80], {
-                "question": "Describe the video in detail.", "seed": 0, "control_after_generate": "fixed",
+                "question": "Describe the video in detail.", "preset": "custom", "seed": 0,
+                "control_after_generate": "fixed",
                 "max_new_tokens": 512, "do_sample": True}, size=[420, 560]),
             "note": node("Note", [880, 80], {"text": (
                 "Load a video (upload it in Load Video), ask a question. The model looks at 8 evenly spaced "
@@ -184,7 +210,7 @@ TEMPLATES = {
         },
         "links": [("loader", "model", "qa", "model"), ("video", "VIDEO", "qa", "video")],
     },
-    "vila-u-text-to-video": {
+    "VILA-U 07 Text to Video": {
         "nodes": {
             "loader": {**LOADER, "pos": [40, 120]},
             "t2v": node("VILAU_TextToVideo", [420, 120], {
@@ -199,7 +225,7 @@ TEMPLATES = {
         },
         "links": [("loader", "model", "t2v", "model"), ("t2v", "video", "save", "video")],
     },
-    "vila-u-rqvae-blend": {
+    "VILA-U 10 RQ-VAE Round Trip and Blend": {
         "nodes": {
             "loader": {**LOADER, "pos": [40, 60]},
             "image_a": node("LoadImage", [40, 280], {"image": EXAMPLE_IMAGE}, size=[300, 340],
@@ -228,7 +254,7 @@ TEMPLATES = {
                   ("encode_b", "latent", "blend", "samples2"), ("blend", "LATENT", "decode_blend", "latent"),
                   ("decode_a", "image", "save_a", "images"), ("decode_blend", "image", "save_blend", "images")],
     },
-    "vila-u-inpaint": {
+    "VILA-U 08 Inpaint": {
         "nodes": {
             "loader": {**LOADER, "pos": [40, 60]},
             "image": node("LoadImage", [40, 280], {"image": MASKED_IMAGE}, size=[320, 380]),
@@ -248,7 +274,7 @@ TEMPLATES = {
                   ("image", "MASK", "inpaint", "mask"), ("inpaint", "image", "save", "images"),
                   ("inpaint", "regenerated", "region", "mask"), ("region", "IMAGE", "preview", "images")],
     },
-    "vila-u-variations": {
+    "VILA-U 09 Variations by Depth": {
         "nodes": {
             "loader": {**LOADER, "pos": [40, 60]},
             "image": node("LoadImage", [40, 280], {"image": EXAMPLE_IMAGE}, size=[300, 340]),
@@ -277,7 +303,7 @@ TEMPLATES = {
                   ("stitch_2", "IMAGE", "stitch_3", "image1"), ("vary_75", "image", "stitch_3", "image2"),
                   ("stitch_3", "IMAGE", "save", "images")],
     },
-    "vila-u-to-controlnet": {
+    "VILA-U 11 Text to Image to ControlNet": {
         "nodes": {
             "loader": {**LOADER, "pos": [40, 60]},
             "t2i": node("VILAU_TextToImage", [40, 280], {
@@ -287,8 +313,8 @@ TEMPLATES = {
                                                     "crop": "disabled"}),
             "canny": node("Canny", [440, 260], {"low_threshold": 0.2, "high_threshold": 0.5}),
             "edges": node("PreviewImage", [440, 420], size=[260, 280], title="Canny edges"),
-            "ckpt": node("CheckpointLoaderSimple", [760, 60], {"ckpt_name": SD_CHECKPOINT}, sd=True),
-            "cnet": node("ControlNetLoader", [760, 220], {"control_net_name": CONTROLNET}, sd=True),
+            "ckpt": model_node("CheckpointLoaderSimple", [760, 60], "ckpt_name", SD_CHECKPOINT),
+            "cnet": model_node("ControlNetLoader", [760, 220], "control_net_name", CONTROLNET),
             "positive": node("CLIPTextEncode", [760, 340], {"text": "a lighthouse on a rocky coast at sunset, "
                                                                     "oil painting"},
                              title="CLIP Text Encode (positive)", size=[360, 120], sd=True),
@@ -320,7 +346,7 @@ TEMPLATES = {
         "groups": [{"title": "Stable Diffusion 1.5 + ControlNet: needs a checkpoint and a Canny ControlNet",
                     "sd": True}],
     },
-    "vila-u-model-upscale": {
+    "VILA-U 12 Text to Image, Model Upscale": {
         "nodes": {
             "loader": {**LOADER, "pos": [40, 60]},
             "t2i": node("VILAU_TextToImage", [40, 280], {
@@ -328,12 +354,12 @@ TEMPLATES = {
                 "negative_prompt": "", "cfg": 3.0, "seed": 42, "control_after_generate": "randomize",
                 "batch_size": 1}, size=[360, 420]),
             "preview": node("PreviewImage", [440, 300], size=[280, 300]),
-            "upscaler": node("UpscaleModelLoader", [440, 60], {"model_name": UPSCALE_MODEL}, sd=True),
+            "upscaler": model_node("UpscaleModelLoader", [440, 60], "model_name", UPSCALE_MODEL),
             "upscale": node("ImageUpscaleWithModel", [780, 60], sd=True),
             "save": node("SaveImage", [780, 180], {"filename_prefix": "VILA-U/model_upscale"}, size=[420, 440],
                          sd=True),
             "note": node("Note", [40, 740], {"text": (
-                "VILA-U's 256 px image through an upscale model (ESRGAN-style, e.g. 4x-UltraSharp, in "
+                "VILA-U's 256 px image through an upscale model (ESRGAN-style, e.g. RealESRGAN_x4plus, in "
                 "models/upscale_models): pick yours in Load Upscale Model.")}, size=[360, 120]),
         },
         "links": [("loader", "model", "t2i", "model"), ("t2i", "image", "preview", "images"),
@@ -354,12 +380,15 @@ BUILD_JS = """
         if (n.title) node.title = n.title;
         graph.add(node);
         node.pos = n.pos;
-        if (n.size) node.setSize(n.size);
         for (const [name, value] of Object.entries(n.widgets)) {
             const widget = node.widgets?.find(w => w.name === name);
             if (!widget) throw new Error(n.type + ' has no widget ' + name);
             widget.value = value;
         }
+        if (n.models) node.properties.models = n.models;
+        // never smaller than what shows every widget (a smaller node hides its last widgets)
+        const need = node.computeSize();
+        node.setSize([Math.max(n.size?.[0] ?? 0, need[0]), Math.max(n.size?.[1] ?? 0, need[1])]);
         made[key] = node;
     }
     for (const [from, output, to, input] of spec.links) {
@@ -368,6 +397,7 @@ BUILD_JS = """
         if (out < 0 || inp < 0) throw new Error(`no slot ${from}.${output} (${out}) -> ${to}.${input} (${inp})`);
         if (!src.connect(out, dst, inp)) throw new Error(`could not connect ${from}.${output} -> ${to}.${input}`);
     }
+    separate(Object.values(made), spec.gap);
     for (const g of spec.groups || []) {
         const inside = Object.entries(spec.nodes).filter(([k, n]) => n.sd).map(([k]) => made[k]);
         const x0 = Math.min(...inside.map(n => n.pos[0])) - 20, y0 = Math.min(...inside.map(n => n.pos[1])) - 80;
@@ -380,6 +410,33 @@ BUILD_JS = """
     }
     graph.setDirtyCanvas(true, true);
     return Object.fromEntries(Object.entries(made).map(([k, n]) => [k, n.id]));
+
+    // The positions in TEMPLATES say where a node goes; its real size is known only here. Columns
+    // (nodes with the same x) move right past wider nodes before them that they would touch, then
+    // each node moves down, top to bottom, until it is `gap` clear of every node placed before it
+    // (title bars included).
+    function separate(nodes, gap) {
+        const title = LiteGraph.NODE_TITLE_HEIGHT;
+        const top = n => n.pos[1] - title, bottom = n => n.pos[1] + n.size[1];
+        const meets = (a, b, g) => a.pos[0] < b.pos[0] + b.size[0] + g && b.pos[0] < a.pos[0] + a.size[0] + g
+            && top(a) < bottom(b) + g && top(b) < bottom(a) + g;
+        const columns = [...new Set(nodes.map(n => n.pos[0]))].sort((a, b) => a - b);
+        const byColumn = columns.map(x => nodes.filter(n => n.pos[0] === x));
+        byColumn.forEach((column, i) => {
+            const before = byColumn.slice(0, i).flat();
+            const rows = m => column.some(n => top(n) < bottom(m) + gap && top(m) < bottom(n) + gap);
+            const right = Math.max(-Infinity, ...before.filter(rows).map(m => m.pos[0] + m.size[0] + gap));
+            if (right > column[0].pos[0]) column.forEach(n => { n.pos = [right, n.pos[1]]; });
+        });
+        const placed = [];
+        for (const node of [...nodes].sort((a, b) => a.pos[1] - b.pos[1] || a.pos[0] - b.pos[0])) {
+            let other;
+            while ((other = placed.find(m => meets(node, m, gap)))) {
+                node.pos = [node.pos[0], bottom(other) + gap + title];
+            }
+            placed.push(node);
+        }
+    }
 }
 """
 
@@ -403,7 +460,7 @@ def tidy(workflow: dict, ds: dict) -> dict:
 
 
 def build(page: comfy_browser.ComfyPage, name: str, spec: dict) -> dict:
-    ids = page.evaluate(BUILD_JS, spec)
+    ids = page.evaluate(BUILD_JS, {**spec, "gap": GAP})
     page.fit_view(max_scale=0.9)
     ds = page.evaluate("() => ({scale: window.app.canvas.ds.scale, offset: Array.from(window.app.canvas.ds.offset)})")
     ds = {"scale": round(ds["scale"], 3), "offset": [round(v, 1) for v in ds["offset"]]}
@@ -428,14 +485,27 @@ def thumbnail(page: comfy_browser.ComfyPage, server: cs.ComfyServer, name: str, 
     server.wait(page.queue(), timeout=600)
     page.page.wait_for_timeout(1500)  # previews load
     page.dismiss_toasts()
-    page.fit_view(left=70, top=80, margin=10)
+    focus = thumbnail_nodes(workflow)
+    page.fit_view(left=70, top=80, margin=10, only=focus)
     shot = page.screenshot(name)
     out = WORKFLOWS / f"{name}.jpg"
     with Image.open(shot) as im:
-        im = im.convert("RGB").crop((60, 70, im.width, im.height))  # the canvas, without the side bar and tabs
-        im.thumbnail((480, 300))
+        left, top, right, bottom = page.nodes_box(only=focus)
+        im = im.convert("RGB").crop((max(60, left), max(70, top), min(im.width, right), min(im.height, bottom)))
+        im.thumbnail((640, 400))
         im.save(out, quality=72, optimize=True)
     return out
+
+
+def thumbnail_nodes(workflow: dict) -> list[int]:
+    """The nodes a thumbnail shows, large enough to read at a card's size: the pack's nodes (the loader
+    aside) and the nodes wired straight to them, except model loaders we don't ship and notes."""
+    nodes = {n["id"]: n for n in workflow["nodes"]}
+    skip = set(workflow_api.model_node_ids(workflow)) | {i for i, n in nodes.items()
+                                                        if n["type"] in ("Note", "VILAU_ModelLoader")}
+    ours = {i for i, n in nodes.items() if n["type"].startswith("VILAU_") and i not in skip}
+    wired = {end for link in workflow["links"] for end in (link[1], link[3]) if {link[1], link[3]} & ours}
+    return sorted((ours | wired) - skip)
 
 
 def main() -> None:
@@ -449,7 +519,6 @@ def main() -> None:
     run = Path(tempfile.mkdtemp(prefix="vilau-build-workflows-"))
     tiny = "vila-u-tiny"
     server = cs.pack_server(run, tiny)
-    workflow_api.put_example_inputs(server.input_dir, cs.comfyui_dir())
     comfy_browser.write_quiet_settings(server.user_dir)
     server.start()
     try:
@@ -463,6 +532,7 @@ def main() -> None:
                 if args.thumbnails_only:
                     workflow = json.loads(path.read_text(encoding="utf-8"))
                 else:
+                    page.reload()  # a fresh page: sizes must not carry over from the template before
                     workflow = build(page, name, spec)
                     path.write_text(json.dumps(workflow, indent=2) + "\n", encoding="utf-8")
                     print(f"wrote {path.relative_to(REPO)}")

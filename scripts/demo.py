@@ -3,8 +3,8 @@
     .venv/bin/python scripts/demo.py [--models DIR] [--out DIR]      (scripts/demo.sh sets up .venv first)
 
 Starts the pinned ComfyUI (.cache/comfyui) with this checkout as the custom node
-pack ComfyUI-VILA-U, converts workflows/vila-u-text-to-image-upscale.json and
-workflows/vila-u-image-qa.json to API prompts, queues them and prints what they
+pack ComfyUI-VILA-U, converts example_workflows/VILA-U 06 Text to Image, Upscaled.json and
+example_workflows/VILA-U 01 Image Q&A.json to API prompts, queues them and prints what they
 wrote. The model: a published VILA-U folder (vila-u-7b-256 or vila-u-7b-384) if
 one is in --models / $VILAU_MODELS / <repo>/models/vila-u / .cache/comfyui/models/vila-u,
 else a tiny random model in the published layout (then the image is noise and
@@ -29,7 +29,7 @@ from comfy_harness import workflow_api as wa  # noqa: E402
 
 PUBLISHED_FOLDERS = ("vila-u-7b-256", "vila-u-7b-384")
 TINY = "vila-u-tiny-demo"
-TEMPLATES = ("vila-u-text-to-image-upscale", "vila-u-image-qa")
+TEMPLATES = ("VILA-U 06 Text to Image, Upscaled", "VILA-U 01 Image Q&A")
 
 
 def find_published(candidates: list[Path]) -> Path | None:
@@ -72,7 +72,6 @@ def main() -> int:
     gpu = torch.cuda.is_available()
     print(f"demo: using {what}; running on {'the GPU' if gpu else 'the CPU'}", flush=True)
     server = cs.pack_server(run, None if published else TINY, extra_model_paths=extra_yaml, cpu=not gpu)
-    wa.put_example_inputs(server.input_dir, cs.comfyui_dir())
     server.start(timeout=300)
     try:
         if server.import_failed(cs.PACK):
@@ -82,7 +81,7 @@ def main() -> int:
         object_info = server.object_info()
         results = {}
         for name in TEMPLATES:
-            workflow = json.loads((REPO / "workflows" / f"{name}.json").read_text(encoding="utf-8"))
+            workflow = json.loads((REPO / "example_workflows" / f"{name}.json").read_text(encoding="utf-8"))
             extra = {} if published else {"VILAU_ImageQA": {"max_new_tokens": 48}}  # random tokens rarely end
             prompt = wa.to_api(workflow, object_info, wa.model_overrides(workflow, model, **extra))
             started = time.monotonic()

@@ -5,8 +5,8 @@
 #   bash scripts/demo.sh [--models DIR]
 #
 # Installs .venv and .cache/comfyui (scripts/setup_env.sh; a second run reuses them),
-# then scripts/demo.py: starts ComfyUI on 127.0.0.1, queues workflows/vila-u-text-to-image-upscale.json
-# and workflows/vila-u-image-qa.json, prints the files written and the answer, and says
+# then scripts/demo.py: starts ComfyUI on 127.0.0.1, queues example_workflows/VILA-U 06 Text to Image, Upscaled.json
+# and example_workflows/VILA-U 01 Image Q&A.json, prints the files written and the answer, and says
 # which model it used: a published one if models/vila-u/vila-u-7b-256 (or -384) is there
 # (or in --models DIR), else a tiny random demo model. Nothing is downloaded at run time.
 set -euo pipefail

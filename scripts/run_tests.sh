@@ -28,7 +28,7 @@ PY="$VENV/bin/python"
 start=$(date +%s)
 
 # ---- 1. the test environment ------------------------------------------------------------
-bash scripts/setup_env.sh "bitsandbytes>=0.49" "pytest>=8" "requests>=2.31" "av>=12" "pillow>=10" "numpy>=1.24" "playwright>=1.40"
+bash scripts/setup_env.sh "torchao>=0.18.0" "bitsandbytes>=0.49" "pytest>=8" "requests>=2.31" "av>=12" "pillow>=10" "numpy>=1.24" "playwright>=1.40"
 
 # ---- 1b. the newest front end, served by the pinned backend in the browser tests -------------
 # (comfy_harness/browser.py NEWEST_FRONT_END; the pinned ComfyUI's own front end is 1.32.9)

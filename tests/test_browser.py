@@ -11,7 +11,7 @@ caption runs.
 
 Answers must stream into the Q&A nodes' answer box while they are written, stay
 there after the run, be saved in the workflow and come back after a page reload;
-the generation nodes must show "position i / n" (web/js/vilau.js). A screenshot
+the generating nodes (generation and edits) must show "position i / n" (nodes/progress.py). A screenshot
 of each run goes to tests/artifacts/browser/ (path printed; $VILAU_SCREENSHOTS
 moves it).
 
@@ -37,12 +37,12 @@ pytestmark = pytest.mark.comfyui  # starts the pinned ComfyUI: not part of the t
 
 PACK = cs.PACK
 TINY = "vila-u-tiny"
-WORKFLOWS = cs.REPO_ROOT / "workflows"
+WORKFLOWS = cs.REPO_ROOT / "example_workflows"
 TEMPLATES = sorted(p.stem for p in WORKFLOWS.glob("*.json"))
 SHORT_ANSWERS = {"max_new_tokens": 24}
-# README figures, cropped to the nodes, from the runs with the pinned front end (copy them to docs/ when
+# README figures, cropped to the nodes, from the runs with the newest front end (copy them to docs/ when
 # the look of a node changes)
-DOCS_FIGURES = {"vila-u-image-qa-answer": "image-qa.jpg", "vila-u-text-to-image-upscale": "text-to-image.jpg"}
+DOCS_FIGURES = {"VILA-U 01 Image Q&A-answer": "image-qa.jpg", "VILA-U 06 Text to Image, Upscaled": "text-to-image.jpg"}
 SCREENSHOTS = Path(os.environ.get("VILAU_SCREENSHOTS", cs.REPO_ROOT / "tests" / "artifacts" / "browser"))
 
 
@@ -73,7 +73,6 @@ def front_end(request) -> str:
 def server(tmp_path_factory, need_browser, front_end):
     srv = cs.pack_server(tmp_path_factory.mktemp("browser_run"), TINY)
     srv.extra_args += cb.front_end_args(front_end)
-    wa.put_example_inputs(srv.input_dir, srv.comfy_dir)
     cb.write_quiet_settings(srv.user_dir)
     srv.start(timeout=180)
     assert not srv.import_failed(PACK), srv.log_tail()
@@ -172,7 +171,7 @@ def screenshot(page, name: str) -> Path:
     page.fit_view()
     path = page.screenshot(name)
     print(f"screenshot: {path}")
-    if name in DOCS_FIGURES and page.front_end_version() == metadata.version("comfyui-frontend-package"):
+    if name in DOCS_FIGURES and page.front_end_version() == cb.NEWEST_FRONT_END:
         docs_figure(page, path, SCREENSHOTS / "docs" / DOCS_FIGURES[name])
     return path
 
@@ -203,9 +202,49 @@ def test_front_end_loads_the_pack_extension(page, server):
     assert not [m for m in page.console if m.startswith("pageerror") and "vilau" in m.lower()], page.console_tail()
 
 
-def test_template_browser_lists_the_templates(page):
+def test_template_browser_lists_the_templates_and_serves_them_with_thumbnails(page):
     listed = page.evaluate("async () => await window.comfyAPI.api.api.getWorkflowTemplates()")
     assert sorted(listed.get(PACK, [])) == TEMPLATES
+    # fetched as the template browser fetches them: names with spaces, commas and '&' included
+    served = page.evaluate(
+        """async ([pack, names]) => Promise.all(names.map(async (name) => {
+            const url = (ext) => window.comfyAPI.api.api.apiURL(`/workflow_templates/${pack}/${name}.${ext}`);
+            const workflow = await fetch(url('json'));
+            const thumbnail = await fetch(url('jpg'));
+            return [name, workflow.status, (await workflow.json()).nodes.length, thumbnail.status,
+                    thumbnail.headers.get('content-type')];
+        }))""",
+        [PACK, TEMPLATES],
+    )
+    for name, status, nodes, thumb_status, thumb_type in served:
+        expected = len(json.loads((WORKFLOWS / f"{name}.json").read_text(encoding="utf-8"))["nodes"])
+        assert (status, nodes, thumb_status, thumb_type) == (200, expected, 200, "image/jpeg"), name
+
+
+def overlaps(a: list[float], b: list[float]) -> float:
+    """The area two boxes [x, y, w, h] share (0: none)."""
+    dx = min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0])
+    dy = min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1])
+    return max(0.0, dx) * max(0.0, dy)
+
+
+@pytest.mark.parametrize("name", TEMPLATES)
+def test_template_opens_with_no_overlap_no_hidden_widget_and_its_inputs_there(page, name):
+    page.load_workflow(json.loads((WORKFLOWS / f"{name}.json").read_text(encoding="utf-8")))
+    page.page.wait_for_timeout(500)  # DOM widgets (text boxes, previews) take their size
+    layout = page.node_layout()
+    touching = [(a["title"], b["title"], round(overlaps(a["box"], b["box"])))
+                for i, a in enumerate(layout) for b in layout[i + 1:] if overlaps(a["box"], b["box"]) > 0]
+    assert touching == [], f"{name}: nodes overlap (title, title, area): {touching}"
+    # a node smaller than it needs cuts its last widgets off (a pixel of rounding allowed); a video
+    # preview scales to any size, and its node never reaches what computeSize asks
+    cut = [(n["title"], n["size"], n["need"]) for n in layout if not n["scales"]
+           and (n["size"][0] + 1 < n["need"][0] or n["size"][1] + 1 < n["need"][1])]
+    assert cut == [], f"{name}: nodes too small for their widgets (title, size, needed): {cut}"
+    # the example inputs the pack installed are among Load Image's / Load Video's choices
+    missing = [(n["title"], value) for n in layout if n["type"] in ("LoadImage", "LoadVideo")
+               for value, choices in [next(iter(n["combos"].values()))] if value not in (choices or [])]
+    assert missing == [], f"{name}: inputs not in the input folder: {missing}"
 
 
 @pytest.mark.parametrize("name", TEMPLATES)
@@ -227,7 +266,8 @@ def test_template_runs_from_the_front_end(page, server, object_info, name):
     screenshot(page, name)
 
 
-@pytest.mark.parametrize("name, qa_type", [("vila-u-image-qa", "VILAU_ImageQA"), ("vila-u-video-qa", "VILAU_VideoQA")])
+@pytest.mark.parametrize("name, qa_type", [("VILA-U 01 Image Q&A", "VILAU_ImageQA"),
+                                           ("VILA-U 03 Video Q&A", "VILAU_VideoQA")])
 def test_answer_streams_into_the_answer_box_and_stays(page, server, object_info, name, qa_type):
     workflow, entry = open_and_queue(page, server, object_info, name)
     (qa,) = node_ids(workflow, qa_type)
@@ -255,10 +295,12 @@ def test_answer_streams_into_the_answer_box_and_stays(page, server, object_info,
     assert answer in page.text_boxes(), page.text_boxes()
 
 
-def test_text_to_image_node_shows_positions(page, server, object_info):
-    workflow, _ = open_and_queue(page, server, object_info, "vila-u-text-to-image-upscale")
-    (t2i,) = node_ids(workflow, "VILAU_TextToImage")
-    shown = shown_texts(page, t2i)
+@pytest.mark.parametrize("name, node_type", [("VILA-U 06 Text to Image, Upscaled", "VILAU_TextToImage"),
+                                             ("VILA-U 08 Inpaint", "VILAU_Inpaint")])
+def test_generating_node_shows_positions(page, server, object_info, name, node_type):
+    workflow, _ = open_and_queue(page, server, object_info, name)
+    (node,) = node_ids(workflow, node_type)
+    shown = shown_texts(page, node)
     positions = [tuple(map(int, m.groups())) for t in shown if (m := re.fullmatch(r"position (\d+) / (\d+)", t))]
     assert len(positions) >= 8, shown  # one per grid position of the 8x8 tiny model (the socket may merge a few)
     assert positions[-1] == (64, 64), positions
@@ -267,7 +309,7 @@ def test_text_to_image_node_shows_positions(page, server, object_info):
 
 def test_answer_with_markup_shows_as_written(page):
     """An answer is shown as text: '<b>' in it is not markup."""
-    page.load_workflow(json.loads((WORKFLOWS / "vila-u-image-qa.json").read_text(encoding="utf-8")))
+    page.load_workflow(json.loads((WORKFLOWS / "VILA-U 01 Image Q&A.json").read_text(encoding="utf-8")))
     qa = next(n["id"] for n in page.nodes() if n["type"] == "VILAU_ImageQA")
     page.evaluate("(id) => NODE(id).onExecuted({text: ['a <b>bold</b> & plain answer']})", qa)
     page.page.wait_for_timeout(300)
@@ -276,7 +318,7 @@ def test_answer_with_markup_shows_as_written(page):
 
 
 def test_answers_of_a_batch_are_numbered(page):
-    page.load_workflow(json.loads((WORKFLOWS / "vila-u-image-qa.json").read_text(encoding="utf-8")))
+    page.load_workflow(json.loads((WORKFLOWS / "VILA-U 01 Image Q&A.json").read_text(encoding="utf-8")))
     qa = next(n["id"] for n in page.nodes() if n["type"] == "VILAU_ImageQA")
     page.evaluate("(id) => NODE(id).onExecuted({text: ['first', 'second']})", qa)
     assert page.widget_value(qa, "answer") == "[1] first\n\n[2] second"
@@ -285,7 +327,7 @@ def test_answers_of_a_batch_are_numbered(page):
 def test_workflow_saved_with_the_four_input_loader_loads_with_its_values(page):
     """A workflow saved with the first release's loader (model, dtype, device, download_if_missing)
     opens with those values in place and the later inputs at their defaults."""
-    workflow = json.loads((WORKFLOWS / "vila-u-image-qa.json").read_text(encoding="utf-8"))
+    workflow = json.loads((WORKFLOWS / "VILA-U 01 Image Q&A.json").read_text(encoding="utf-8"))
     loader = next(n for n in workflow["nodes"] if n["type"] == "VILAU_ModelLoader")
     loader["widgets_values"] = [TINY, "fp32", "cpu", False]
     loader["inputs"] = [i for i in loader.get("inputs", []) if i["name"] in ("model", "dtype", "device",
@@ -296,3 +338,23 @@ def test_workflow_saved_with_the_four_input_loader_loads_with_its_values(page):
               for name in ("model", "dtype", "device", "download_if_missing", "quantize", "keep_loaded", "compile")}
     assert values == {"model": TINY, "dtype": "fp32", "device": "cpu", "download_if_missing": False,
                       "quantize": "none", "keep_loaded": True, "compile": "auto"}
+
+
+@pytest.mark.parametrize("name, qa_type", [("VILA-U 01 Image Q&A", "VILAU_ImageQA"),
+                                           ("VILA-U 04 Caption a Folder", "VILAU_CaptionFolder")])
+def test_workflow_saved_before_the_preset_input_loads_with_its_question_and_answer(page, name, qa_type):
+    """A Q&A node saved without `preset` (its widget values end with the answer box's text) opens with
+    its question, its answer in the answer box, and the preset that asks the question as typed."""
+    workflow = json.loads((WORKFLOWS / f"{name}.json").read_text(encoding="utf-8"))
+    qa = next(n for n in workflow["nodes"] if n["type"] == qa_type)
+    values = qa["widgets_values"]
+    preset_at = len(values) - 2  # the preset is the last input widget, before the answer box
+    old = values[:preset_at] + ["an answer saved with the workflow"]
+    qa["widgets_values"] = old
+    qa["inputs"] = [i for i in qa.get("inputs", []) if i["name"] != "preset"]
+    page.load_workflow(workflow)
+    assert page.widget_value(qa["id"], "preset") == "custom"
+    assert page.widget_value(qa["id"], "answer") == "an answer saved with the workflow"
+    assert page.widget_value(qa["id"], "question") == old[1 if qa_type == "VILAU_CaptionFolder" else 0]
+    assert page.api_prompt()[str(qa["id"])]["inputs"]["preset"] == "custom"
+

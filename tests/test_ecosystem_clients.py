@@ -15,6 +15,7 @@ import os
 import shutil
 import subprocess
 import threading
+import zipfile
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -88,8 +89,6 @@ def fresh_comfyui(dest: Path) -> Path:
 
 
 def test_manager_installs_the_pack_into_a_fresh_comfyui(ecosystem, tmp_path):
-    from vilau_backend.tiny import write_tiny_checkpoint
-
     comfy = fresh_comfyui(tmp_path / "ComfyUI")
     served = tmp_path / "served"
     bare = served / f"{cs.PACK}.git"
@@ -109,12 +108,17 @@ def test_manager_installs_the_pack_into_a_fresh_comfyui(ecosystem, tmp_path):
 
     installed = comfy / "custom_nodes" / cs.PACK
     assert git("rev-parse", "HEAD", cwd=installed) == git("rev-parse", "HEAD")
-    assert (installed / "web" / "js" / "vilau.js").is_file() and (installed / "workflows").is_dir()
+    assert (installed / "web" / "js" / "vilau.js").is_file() and (installed / "example_workflows").is_dir()
 
-    # the installed copy loads in that ComfyUI and works: encode and decode an image with a tiny model
-    run_dir = tmp_path / "run"
+    loads_and_runs(comfy, installed, tmp_path / "run")
+
+
+def loads_and_runs(comfy: Path, pack: Path, run_dir: Path) -> None:
+    """The pack at `pack` loads in that ComfyUI and works: encode and decode an image with a tiny model."""
+    from vilau_backend.tiny import write_tiny_checkpoint
+
     write_tiny_checkpoint(run_dir / "models" / "vila-u" / TINY)
-    server = cs.ComfyServer(comfy, run_dir, {cs.PACK: installed}, env={"OMP_NUM_THREADS": "1"})
+    server = cs.ComfyServer(comfy, run_dir, {cs.PACK: pack}, env={"OMP_NUM_THREADS": "1"})
     server.start(timeout=180)
     try:
         assert not server.import_failed(cs.PACK), server.log_tail()
@@ -131,3 +135,33 @@ def test_manager_installs_the_pack_into_a_fresh_comfyui(ecosystem, tmp_path):
         assert image.is_file() and image.stat().st_size > 0
     finally:
         server.stop()
+
+
+# what the registry package must hold: the code and files the nodes read at run time
+SHIPPED_FOLDERS = (
+    "nodes/", "vilau_backend/", "web/", "example_workflows/", "example_inputs/", "docs/",  # docs: README's pictures
+)
+SHIPPED_FILES = ("__init__.py", "pyproject.toml", "requirements.txt", "LICENSE", "README.md")
+# what it must not: tests and their fixtures, benchmarks, the ComfyUI test harness, scripts, CI
+DEV_FOLDERS = ("tests/", ".ci/", "bench/", "comfy_harness/", "scripts/", "dev/")
+
+
+def test_registry_package_holds_what_the_nodes_need_and_no_dev_folders(ecosystem, tmp_path):
+    clone = tmp_path / "clone"
+    git("clone", "--quiet", str(cs.REPO_ROOT), str(clone))
+    result = run([ecosystem / "bin" / "comfy", "--skip-prompt", "node", "pack"], cwd=clone, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    with zipfile.ZipFile(clone / "node.zip") as package:
+        packed = set(package.namelist())
+        unpacked = tmp_path / "unpacked" / cs.PACK
+        package.extractall(unpacked)
+
+    tracked = set(git("ls-files", cwd=clone).splitlines())
+    needed = {f for f in tracked if f.startswith(SHIPPED_FOLDERS) or f in SHIPPED_FILES}
+    assert {"nodes/__init__.py", "vilau_backend/model.py", "web/js/vilau.js"} <= needed
+    assert sorted(needed - packed) == []
+    assert sorted(f for f in packed if f.startswith(DEV_FOLDERS)) == []
+    assert sorted(packed - needed) == [], "files packed that no shipped folder lists: ship them or ignore them"
+
+    # the unpacked package alone (no tests, harness or scripts beside it) loads and runs in ComfyUI
+    loads_and_runs(fresh_comfyui(tmp_path / "ComfyUI"), unpacked, tmp_path / "run")

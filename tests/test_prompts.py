@@ -232,3 +232,36 @@ def test_cfg_batch_left_pads_the_shorter_conditional_rows_with_zero(tokenizer):
 def test_cfg_batch_rejects_image_placeholder_in_the_prompt(tokenizer):
     with pytest.raises(InputError, match="<image>"):
         cfg_batch(tokenizer, "a <image> of a cat")
+
+
+def test_custom_preset_asks_the_question_as_typed():
+    from vilau_backend.prompts import preset_question
+
+    assert preset_question("custom", "What color is the car?", "image") == "What color is the car?"
+
+
+def test_presets_ask_their_own_question_about_the_right_media():
+    from vilau_backend.prompts import preset_question
+
+    assert preset_question("short caption", "ignored", "image") == "Describe the image in one short sentence."
+    assert preset_question("detailed caption", "", "video") == "Describe the video in detail."
+    assert preset_question("detailed caption", "", "image") == "Describe the image in detail."  # today's default
+
+
+def test_preset_choices_fit_the_media():
+    from vilau_backend.prompts import question_presets
+
+    image, video = question_presets("image"), question_presets("video")
+    assert image[0] == video[0] == "custom"
+    assert {"short caption", "detailed caption", "Stable Diffusion prompt", "comma-separated tags"} <= set(image)
+    assert "Stable Diffusion prompt" not in video and "visible text (OCR)" not in video
+    assert "what happens" in video and "what happens" not in image
+
+
+def test_unknown_preset_lists_the_choices():
+    from vilau_backend.errors import InputError
+    from vilau_backend.prompts import preset_question
+
+    with pytest.raises(InputError, match=r"unknown question preset 'what happens' for questions about images; choose one of: custom"):
+        preset_question("what happens", "", "image")
+

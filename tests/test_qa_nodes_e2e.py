@@ -178,6 +178,38 @@ def test_system_prompt_input_reaches_the_prompt(server, reference):
     assert server.ui_text(entry, "3") == [custom.text]
 
 
+def test_question_preset_asks_its_question_and_leaves_the_box_unused(server, reference):
+    from vilau_backend.prompts import QUESTION_PRESETS
+    from vilau_backend.understand import GREEDY, describe_images
+
+    image = noise_png(server.input_dir / "qa_preset.png", 5)
+    load = {"class_type": "LoadImage", "inputs": {"image": "qa_preset.png"}}
+    node = {"class_type": "VILAU_ImageQA",
+            "inputs": {"model": ["1", 0], "image": ["2", 0], "question": "", "batch_mode": "one answer per image",
+                       "preset": "comma-separated tags", **answer_options()}}
+    entry = server.run({"1": model_node(), "2": load, "3": node}, timeout=120)  # an empty box is no error here
+    tags = QUESTION_PRESETS["comma-separated tags"][0].format(media="image")
+    expected = describe_images(reference, image, tags, sampling=GREEDY, max_new_tokens=12)[0]
+    typed = describe_images(reference, image, QUESTION, sampling=GREEDY, max_new_tokens=12)[0]
+    assert expected.output_ids != typed.output_ids  # the preset's question makes a difference here
+    assert server.ui_text(entry, "3") == [expected.text]
+
+    node["inputs"].update(question=QUESTION, preset="custom")
+    assert server.ui_text(server.run({"1": model_node(), "2": load, "3": node}, timeout=120), "3") == [typed.text]
+
+
+def test_caption_folder_with_a_preset_captions_with_its_question(server, reference, tmp_path):
+    from vilau_backend.prompts import QUESTION_PRESETS
+    from vilau_backend.understand import GREEDY, describe_images
+
+    image = noise_png(tmp_path / "presets" / "a.png", 6)
+    graph = {"1": model_node(), "2": caption_node(tmp_path / "presets", question="", preset="short caption")}
+    server.run(graph, timeout=180)
+    short = QUESTION_PRESETS["short caption"][0].format(media="image")
+    expected = describe_images(reference, [image], short, batch=True, sampling=GREEDY, max_new_tokens=12)[0]
+    assert (tmp_path / "presets" / "a.txt").read_text(encoding="utf-8") == expected.text
+
+
 def test_streamed_answers_never_show_a_partial_character(server, reference):
     from vilau_backend.understand import TextSampling, describe_images
 

@@ -1,4 +1,4 @@
-"""The workflow templates in workflows/ against a real ComfyUI 0.3.75 with this pack loaded.
+"""The workflow templates in example_workflows/ against a real ComfyUI 0.3.75 with this pack loaded.
 
 Each template (UI format, as the front end saves it) must only use nodes that
 /object_info lists, connect outputs to inputs of the same type, and carry widget
@@ -29,23 +29,26 @@ pytestmark = pytest.mark.comfyui  # starts the pinned ComfyUI: not part of the t
 
 PACK = cs.PACK
 TINY = "vila-u-tiny"  # 64 px images, an 8x8 grid
-WORKFLOWS = cs.REPO_ROOT / "workflows"
+WORKFLOWS = cs.REPO_ROOT / "example_workflows"
 TEMPLATES = {
-    "vila-u-text-to-image-upscale": "text-to-image with an upscale step",
-    "vila-u-image-qa": "image Q&A",
-    "vila-u-caption-to-sd": "caption an image, feed the caption into a Stable Diffusion pipeline",
-    "vila-u-two-image-qa": "one question about two images",
-    "vila-u-caption-folder": "caption a folder of images into .txt files",
-    "vila-u-video-qa": "video Q&A",
-    "vila-u-text-to-video": "text-to-video saved as mp4",
-    "vila-u-rqvae-blend": "RQ-VAE round trip with a latent blend",
-    "vila-u-inpaint": "inpaint a painted mask",
-    "vila-u-variations": "variations at three strengths, side by side",
-    "vila-u-to-controlnet": "VILA-U composition -> Canny -> ControlNet -> Stable Diffusion",
-    "vila-u-model-upscale": "text-to-image through an upscale model",
+    "VILA-U 06 Text to Image, Upscaled": "text-to-image with an upscale step",
+    "VILA-U 01 Image Q&A": "image Q&A",
+    "VILA-U 05 Caption to Stable Diffusion": "caption an image, feed the caption into a Stable Diffusion pipeline",
+    "VILA-U 02 Two-Image Q&A": "one question about two images",
+    "VILA-U 04 Caption a Folder": "caption a folder of images into .txt files",
+    "VILA-U 03 Video Q&A": "video Q&A",
+    "VILA-U 07 Text to Video": "text-to-video saved as mp4",
+    "VILA-U 10 RQ-VAE Round Trip and Blend": "RQ-VAE round trip with a latent blend",
+    "VILA-U 08 Inpaint": "inpaint a painted mask",
+    "VILA-U 09 Variations by Depth": "variations at three strengths, side by side",
+    "VILA-U 11 Text to Image to ControlNet": "VILA-U composition -> Canny -> ControlNet -> Stable Diffusion",
+    "VILA-U 12 Text to Image, Model Upscale": "text-to-image through an upscale model",
 }
 # templates with nodes that need model files not shipped here (muted in the runs below)
-NEEDS_MODEL_FILES = {"vila-u-caption-to-sd", "vila-u-to-controlnet", "vila-u-model-upscale"}
+NEEDS_MODEL_FILES = {
+    "VILA-U 05 Caption to Stable Diffusion", "VILA-U 11 Text to Image to ControlNet",
+    "VILA-U 12 Text to Image, Model Upscale",
+}
 DEFAULT_MODEL = "mit-han-lab/vila-u-7b-256"
 CONTROL_VALUES = {"fixed", "increment", "decrement", "randomize"}
 # model files a template may name although this ComfyUI has none (no SD checkpoint here)
@@ -72,7 +75,6 @@ def node_label(node: dict) -> str:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     srv = cs.pack_server(tmp_path_factory.mktemp("workflows_run"), TINY)
-    wa.put_example_inputs(srv.input_dir, srv.comfy_dir)
     srv.start(timeout=180)
     yield srv
     srv.stop()
@@ -89,7 +91,7 @@ def object_info(server):
 
 def test_every_template_is_there_with_a_small_thumbnail():
     found = sorted(p.stem for p in WORKFLOWS.glob("*.json"))
-    assert found == sorted(TEMPLATES), f"workflows/ has {found}, expected {sorted(TEMPLATES)}"
+    assert found == sorted(TEMPLATES), f"example_workflows/ has {found}, expected {sorted(TEMPLATES)}"
     for name in TEMPLATES:
         thumb = WORKFLOWS / f"{name}.jpg"  # the template browser asks extensions' templates for <name>.jpg
         assert thumb.is_file(), f"{thumb} missing"
@@ -221,8 +223,28 @@ def test_templates_that_need_model_files_say_which_nodes():
         assert bool(listed) == (name in NEEDS_MODEL_FILES), name
 
 
+# where the front end's missing-model dialog downloads from (it refuses other hosts), and the folders
+MODEL_SOURCES = ("https://huggingface.co/", "https://github.com/xinntao/Real-ESRGAN/releases/")
+MODEL_FOLDERS = {"CheckpointLoaderSimple": "checkpoints", "ControlNetLoader": "controlnet",
+                 "UpscaleModelLoader": "upscale_models"}
+
+
+def test_loaders_of_model_files_not_shipped_say_where_to_download_them():
+    loaders = 0
+    for name in TEMPLATES:
+        for n in load(name)["nodes"]:
+            if n["type"] not in MODEL_FOLDERS:
+                continue
+            loaders += 1
+            [model] = n.get("properties", {}).get("models", [])
+            file = n["widgets_values"][0]
+            assert model["name"] == file and model["url"].endswith("/" + file), (name, model)
+            assert model["url"].startswith(MODEL_SOURCES) and model["directory"] == MODEL_FOLDERS[n["type"]], model
+    assert loaders == 4  # two SD checkpoints, a ControlNet, an upscale model
+
+
 def test_converter_reads_control_after_generate_as_no_input(object_info):
-    workflow = load("vila-u-image-qa")
+    workflow = load("VILA-U 01 Image Q&A")
     qa = wa.nodes_of_type(workflow, "VILAU_ImageQA")[0]
     inputs = wa.to_api(workflow, object_info)[str(qa["id"])]["inputs"]
     assert inputs["seed"] == qa["widgets_values"][2]
@@ -232,7 +254,7 @@ def test_converter_reads_control_after_generate_as_no_input(object_info):
 
 
 def test_converter_feeds_the_caption_into_the_clip_text_widget(object_info):
-    workflow = load("vila-u-caption-to-sd")
+    workflow = load("VILA-U 05 Caption to Stable Diffusion")
     prompt = wa.to_api(workflow, object_info)
     qa_id = str(wa.nodes_of_type(workflow, "VILAU_ImageQA")[0]["id"])
     captions = [e for e in prompt.values() if e["class_type"] == "CLIPTextEncode" and e["inputs"]["text"] == [qa_id, 0]]
@@ -266,7 +288,7 @@ def image_size(path: Path) -> tuple[int, int]:
 
 
 def test_text_to_image_template_saves_the_upscaled_image(server, object_info):
-    workflow, _, entry = run_template(server, object_info, "vila-u-text-to-image-upscale")
+    workflow, _, entry = run_template(server, object_info, "VILA-U 06 Text to Image, Upscaled")
     (save,) = ids_of(workflow, "SaveImage")
     (preview,) = ids_of(workflow, "PreviewImage")
     saved = server.output_files(entry, save)
@@ -276,7 +298,8 @@ def test_text_to_image_template_saves_the_upscaled_image(server, object_info):
     assert [image_size(p) for p in server.output_files(entry, preview)] == [(64, 64)]
 
 
-@pytest.mark.parametrize("name, qa_type", [("vila-u-image-qa", "VILAU_ImageQA"), ("vila-u-video-qa", "VILAU_VideoQA")])
+@pytest.mark.parametrize("name, qa_type", [("VILA-U 01 Image Q&A", "VILAU_ImageQA"),
+                                           ("VILA-U 03 Video Q&A", "VILAU_VideoQA")])
 def test_qa_templates_answer_on_the_node(server, object_info, name, qa_type):
     workflow, _, entry = run_template(server, object_info, name)
     (qa,) = ids_of(workflow, qa_type)
@@ -285,7 +308,7 @@ def test_qa_templates_answer_on_the_node(server, object_info, name, qa_type):
 
 
 def test_two_image_template_asks_one_question_about_both(server, object_info):
-    workflow, prompt, entry = run_template(server, object_info, "vila-u-two-image-qa")
+    workflow, prompt, entry = run_template(server, object_info, "VILA-U 02 Two-Image Q&A")
     (qa,) = ids_of(workflow, "VILAU_ImageQA")
     first, second = ids_of(workflow, "LoadImage")
     assert prompt[qa]["inputs"]["image"] == [first, 0] and prompt[qa]["inputs"]["image_2"] == [second, 0]
@@ -297,15 +320,16 @@ def test_caption_folder_template_writes_a_caption_beside_each_example_image(serv
     folder = server.input_dir / wa.CAPTION_FOLDER
     for old in folder.glob("*.txt"):
         old.unlink()
-    workflow, _, entry = run_template(server, object_info, "vila-u-caption-folder")
+    workflow, _, entry = run_template(server, object_info, "VILA-U 04 Caption a Folder")
     (node,) = ids_of(workflow, "VILAU_CaptionFolder")
     assert server.ui_text(entry, node)[0].startswith(f"2 caption(s) written in {folder},"), entry["outputs"]
-    assert sorted(p.name for p in folder.iterdir()) == ["scene_1.png", "scene_1.txt", "scene_2.png", "scene_2.txt"]
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "lighthouse.png", "lighthouse.txt", "night_city.png", "night_city.txt"]
     assert all(p.read_text(encoding="utf-8").strip() for p in folder.glob("*.txt"))
 
 
 def test_caption_template_captions_with_the_sd_part_muted(server, object_info):
-    workflow, prompt, entry = run_template(server, object_info, "vila-u-caption-to-sd")
+    workflow, prompt, entry = run_template(server, object_info, "VILA-U 05 Caption to Stable Diffusion")
     (qa,) = ids_of(workflow, "VILAU_ImageQA")
     assert server.ui_text(entry, qa) and server.ui_text(entry, qa)[0].strip()
     assert not {"CheckpointLoaderSimple", "KSampler", "SaveImage"} & {e["class_type"] for e in prompt.values()}
@@ -314,7 +338,7 @@ def test_caption_template_captions_with_the_sd_part_muted(server, object_info):
 def test_text_to_video_template_saves_an_mp4(server, object_info):
     import av
 
-    workflow, _, entry = run_template(server, object_info, "vila-u-text-to-video")
+    workflow, _, entry = run_template(server, object_info, "VILA-U 07 Text to Video")
     (save,) = ids_of(workflow, "SaveVideo")
     files = server.output_files(entry, save)
     assert len(files) == 1 and files[0].suffix == ".mp4" and files[0].is_file(), entry["outputs"]
@@ -327,7 +351,7 @@ def test_rqvae_template_saves_round_trip_and_blend(server, object_info):
     import numpy as np
     from PIL import Image
 
-    workflow, _, entry = run_template(server, object_info, "vila-u-rqvae-blend")
+    workflow, _, entry = run_template(server, object_info, "VILA-U 10 RQ-VAE Round Trip and Blend")
     saves = {n.get("title") or n["widgets_values"][0]: str(n["id"]) for n in wa.nodes_of_type(workflow, "SaveImage")}
     by_prefix = {n["widgets_values"][0]: str(n["id"]) for n in wa.nodes_of_type(workflow, "SaveImage")}
     assert len(saves) == 2
@@ -345,7 +369,7 @@ def test_inpaint_template_regenerates_the_painted_square(server, object_info):
     import numpy as np
     from PIL import Image
 
-    workflow, _, entry = run_template(server, object_info, "vila-u-inpaint")
+    workflow, _, entry = run_template(server, object_info, "VILA-U 08 Inpaint")
     (save,) = ids_of(workflow, "SaveImage")
     (region,) = ids_of(workflow, "PreviewImage")
     [path] = server.output_files(entry, save)
@@ -353,25 +377,25 @@ def test_inpaint_template_regenerates_the_painted_square(server, object_info):
     [mask] = server.output_files(entry, region)
     with Image.open(mask) as im:
         regenerated = np.asarray(im.convert("L")) > 127
-    # the painted square (pixels 64..159 x 96..191 of 256) covers grid rows 2..4 and columns 3..5 of 8
+    # the painted square (rows 32..95, columns 32..127 of 256) covers grid rows 1..2 and columns 1..3 of 8
     expected = np.zeros((8, 8), dtype=bool)
-    expected[2:5, 3:6] = True
+    expected[1:3, 1:4] = True
     assert np.array_equal(regenerated[::8, ::8], expected)
 
 
 def test_variations_template_saves_source_and_three_strengths_side_by_side(server, object_info):
-    workflow, _, entry = run_template(server, object_info, "vila-u-variations")
+    workflow, _, entry = run_template(server, object_info, "VILA-U 09 Variations by Depth")
     (save,) = ids_of(workflow, "SaveImage")
     [path] = server.output_files(entry, save)
     assert image_size(path) == (4 * 64 + 3 * 8, 64)  # four 64 px panels, 8 px apart
 
 
-@pytest.mark.parametrize("name", ["vila-u-to-controlnet", "vila-u-model-upscale"])
+@pytest.mark.parametrize("name", ["VILA-U 11 Text to Image to ControlNet", "VILA-U 12 Text to Image, Model Upscale"])
 def test_templates_needing_model_files_run_their_vila_u_part(server, object_info, name):
     workflow, prompt, entry = run_template(server, object_info, name)
     (preview,) = ids_of(workflow, "PreviewImage")
     [path] = server.output_files(entry, preview)
-    assert image_size(path) == ((512, 512) if name == "vila-u-to-controlnet" else (64, 64))
+    assert image_size(path) == ((512, 512) if name == "VILA-U 11 Text to Image to ControlNet" else (64, 64))
     assert not {"KSampler", "UpscaleModelLoader"} & {e["class_type"] for e in prompt.values()}
 
 

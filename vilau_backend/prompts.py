@@ -96,3 +96,46 @@ def cfg_batch(
         input_ids[i, length - len(row) :] = torch.tensor(row, dtype=torch.long)
         attention_mask[i, length - len(row) :] = True
     return input_ids, attention_mask
+
+
+# ---- question presets ------------------------------------------------------------------
+
+CUSTOM_QUESTION = "custom"
+# The questions people ask captioners most (short and detailed captions, prompts for an image
+# generator, tags, what is in the picture or the video), worded for VILA-U's vicuna_v1 chat;
+# "{media}" becomes "image" or "video". Presets that only make sense for one kind say which.
+QUESTION_PRESETS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "short caption": ("Describe the {media} in one short sentence.", ("image", "video")),
+    "detailed caption": ("Describe the {media} in detail.", ("image", "video")),
+    "very detailed caption": (
+        "Describe the {media} in as much detail as you can: the subjects and what they look like, what they "
+        "are doing, the setting, the colors, the lighting and the composition.", ("image", "video")),
+    "Stable Diffusion prompt": (
+        "Write a prompt for an image generator that would recreate this image: one line of short, "
+        "comma-separated phrases, the main subject first, then the setting, the style, the lighting and "
+        "the colors. Answer with the prompt only.", ("image",)),
+    "comma-separated tags": (
+        "List what is in this {media} as comma-separated tags: objects, people, animals, colors, setting and "
+        "style, the most important first. Answer with the tags only.", ("image", "video")),
+    "main objects": ("What are the main objects in the {media}? Answer with a short list.", ("image", "video")),
+    "visible text (OCR)": (
+        "What text is written in the image? Write it out exactly; answer 'none' if there is no text.", ("image",)),
+    "art style": ("What is the style or medium of this {media} (photo, painting, drawing, 3D render, ...)? "
+                  "Answer in a few words.", ("image", "video")),
+    "what happens": ("What happens in the video, from beginning to end?", ("video",)),
+}
+
+
+def question_presets(media: str) -> list[str]:
+    """The preset choices for questions about an image or a video; 'custom' (the question as typed) first."""
+    return [CUSTOM_QUESTION] + [name for name, (_, kinds) in QUESTION_PRESETS.items() if media in kinds]
+
+
+def preset_question(preset: str, question: str, media: str) -> str:
+    """The question to ask: `question` as typed for 'custom', otherwise the preset's own."""
+    if preset == CUSTOM_QUESTION:
+        return question
+    if preset not in question_presets(media):
+        raise InputError(f"unknown question preset {preset!r} for questions about {media}s; choose one of: "
+                         f"{', '.join(question_presets(media))}")
+    return QUESTION_PRESETS[preset][0].format(media=media)

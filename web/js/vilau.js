@@ -7,8 +7,9 @@
 //   progress-text box of every node when a job resets), it is saved in the workflow
 //   (a serialized widget value, restored on load and page reload), and it is never sent
 //   with the prompt.
-// - Generation nodes: the server reports one `progress` step per grid position; the node
-//   shows "position i / n" in the front end's own progress-text box while it generates.
+// - Generating nodes (text to image/video and the edits) show "position i / n" in the front
+//   end's own progress-text box: the server sends that text itself (nodes/progress.py
+//   PositionProgress), so this file keeps no list of them.
 //
 // Only APIs present in the pinned front end (1.32) and the newest (1.5x) are used:
 // app.registerExtension, the api's events, node.addDOMWidget, and app.rootGraph (with
@@ -17,7 +18,6 @@ import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 
 const QA_NODES = new Set(["VILAU_ImageQA", "VILAU_VideoQA", "VILAU_CaptionFolder"]);
-const GENERATION_NODES = new Set(["VILAU_TextToImage", "VILAU_TextToVideo"]);
 export const ANSWER_EVENT = "vilau.answer"; // as nodes/progress.py ANSWER_EVENT
 export const ANSWER_WIDGET = "answer";
 
@@ -25,10 +25,6 @@ export const ANSWER_WIDGET = "answer";
 export function formatAnswers(answers) {
   if (answers.length === 1) return String(answers[0]);
   return answers.map((text, i) => `[${i + 1}] ${text}`).join("\n\n");
-}
-
-export function positionText(value, max) {
-  return `position ${value} / ${max}`;
 }
 
 function rootGraph() {
@@ -72,6 +68,19 @@ function addAnswerWidget(node) {
   return widget;
 }
 
+// Workflows saved before the `preset` input existed list their widget values without it, and the
+// front end assigns them by position: the saved answer lands in `preset` (not one of its choices).
+// Such a node gets its answer back and the preset that asks its question as typed.
+export const CUSTOM_PRESET = "custom"; // as vilau_backend/prompts.py CUSTOM_QUESTION
+function keepAnswerOfOlderWorkflow(node) {
+  const preset = node.widgets?.find((w) => w.name === "preset");
+  const choices = preset?.options?.values;
+  if (!preset || !Array.isArray(choices) || choices.includes(preset.value)) return;
+  const answer = answerWidget(node);
+  if (answer && typeof preset.value === "string" && !answer.value) answer.value = preset.value;
+  preset.value = CUSTOM_PRESET;
+}
+
 function showAnswer(node, text, { final = false } = {}) {
   const widget = answerWidget(node);
   if (!widget) return;
@@ -83,10 +92,6 @@ function showAnswer(node, text, { final = false } = {}) {
   if (final) app.canvas?.emitAfterChange?.();
 }
 
-function showPosition(nodeId, text) {
-  api.dispatchCustomEvent("progress_text", { nodeId: String(nodeId), text });
-}
-
 app.registerExtension({
   name: "VILA-U.NodeText",
 
@@ -94,12 +99,6 @@ app.registerExtension({
     api.addEventListener(ANSWER_EVENT, ({ detail }) => {
       const node = detail?.node != null ? nodeByExecutionId(detail.node) : null;
       if (node && QA_NODES.has(nodeClass(node))) showAnswer(node, String(detail.text ?? ""));
-    });
-    api.addEventListener("progress", ({ detail }) => {
-      if (detail?.node == null) return;
-      if (GENERATION_NODES.has(nodeClass(nodeByExecutionId(detail.node)))) {
-        showPosition(detail.node, positionText(detail.value, detail.max));
-      }
     });
   },
 
@@ -109,6 +108,12 @@ app.registerExtension({
     nodeType.prototype.onNodeCreated = function () {
       const result = onNodeCreated?.apply(this, arguments);
       addAnswerWidget(this);
+      return result;
+    };
+    const onConfigure = nodeType.prototype.onConfigure;
+    nodeType.prototype.onConfigure = function () {
+      const result = onConfigure?.apply(this, arguments);
+      keepAnswerOfOlderWorkflow(this);
       return result;
     };
     const onExecuted = nodeType.prototype.onExecuted;
