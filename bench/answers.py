@@ -26,8 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from generate import PRESETS, build_random_model, peak_memory_mb  # noqa: E402
 
-from vilau_backend.model import resolve_device, resolve_dtype  # noqa: E402
-from vilau_backend.understand import GREEDY, describe_images  # noqa: E402
+from vilau_backend.model.vila_u import resolve_device, resolve_dtype  # noqa: E402
+from vilau_backend.tasks.understand import GREEDY, describe_images  # noqa: E402
 
 QUESTION = "Describe the image in detail."
 

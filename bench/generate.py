@@ -36,7 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from vilau_backend.config import (  # noqa: E402
+from vilau_backend.checkpoint.config import (  # noqa: E402
     DecoderSpec,
     DepthSpec,
     LlmSpec,
@@ -45,14 +45,14 @@ from vilau_backend.config import (  # noqa: E402
     SiglipVisionSpec,
     VilaUConfig,
 )
-from vilau_backend.generate import ImageSampling, generate_codes  # noqa: E402
-from vilau_backend.model import VilaUModel, VisionTower, resolve_device, resolve_dtype  # noqa: E402
-from vilau_backend.position_step import resolve_compile  # noqa: E402
-from vilau_backend.projector import Projector  # noqa: E402
-from vilau_backend.quantize import DEPTH_TARGETS, LLM_TARGETS, QUANTIZE_CHOICES, quantize_module  # noqa: E402
-from vilau_backend.tiny import write_tokenizer  # noqa: E402
-from vilau_backend.tokenizer import VilaTokenizer  # noqa: E402
-from vilau_backend.understand import GREEDY, generate_texts  # noqa: E402
+from vilau_backend.tasks.generate import ImageSampling, generate_codes  # noqa: E402
+from vilau_backend.model.vila_u import VilaUModel, VisionTower, resolve_device, resolve_dtype  # noqa: E402
+from vilau_backend.decoding.position_step import resolve_compile  # noqa: E402
+from vilau_backend.model.projector import Projector  # noqa: E402
+from vilau_backend.memory.weight_quantization import DEPTH_TARGETS, LLM_TARGETS, QUANTIZE_CHOICES, quantize_module  # noqa: E402
+from vilau_backend.testing.random_checkpoint import write_tokenizer  # noqa: E402
+from vilau_backend.checkpoint.tokenizer import VilaTokenizer  # noqa: E402
+from vilau_backend.tasks.understand import GREEDY, generate_texts  # noqa: E402
 
 PRESETS = {
     #          llm: hidden, layers, heads, mlp | siglip: width, layers, heads, mlp | codes, depth-tf: width, heads, layers | decoder: ch, ch_mult, res blocks, z

@@ -2,7 +2,7 @@
 
     python bench/gpu_memory.py [--model DIR | --write DIR] [--quantize none int8 4bit] [--device cuda]
 
-Without --model it writes the 7B-shaped random checkpoint (vilau_backend/tiny.py
+Without --model it writes the 7B-shaped random checkpoint (vilau_backend/testing/random_checkpoint.py
 FULL_7B_256, about 15 GB) into --write (default: a temporary folder, deleted after).
 Each choice runs in a fresh process: load in bf16 on the GPU, then text-to-image at
 batch 1 (256 positions, decode included). Printed per choice: GPU memory after loading,
@@ -32,8 +32,8 @@ def measure(model_dir: str, device: str, quantize: str) -> dict:
     """In this process: load, generate one image twice (the second timed); the figures as a dict."""
     import torch
 
-    from vilau_backend.generate import generate_images
-    from vilau_backend.model import VilaUModel
+    from vilau_backend.tasks.generate import generate_images
+    from vilau_backend.model.vila_u import VilaUModel
 
     start = time.perf_counter()
     model = VilaUModel.load(model_dir, dtype="bfloat16", device=device, quantize=quantize)
@@ -67,7 +67,7 @@ def main() -> None:
     parser.add_argument("--quantize", nargs="+", default=["none", "int8", "4bit"])
     parser.add_argument("--device", default="cuda")
     args = parser.parse_args()
-    from vilau_backend.tiny import FULL_7B_256, write_tiny_checkpoint
+    from vilau_backend.testing.random_checkpoint import FULL_7B_256, write_tiny_checkpoint
 
     scratch = None
     model_dir = args.model

@@ -3,7 +3,7 @@
     python bench/load.py --model DIR [--quantize none int8 4bit] [--dtype bfloat16] [--device cpu]
     python bench/load.py --write DIR [--size full|tiny]      # write a random checkpoint first (then measure it)
 
---write writes a random-weight checkpoint in the published layout (vilau_backend/tiny.py;
+--write writes a random-weight checkpoint in the published layout (vilau_backend/testing/random_checkpoint.py;
 `full` is 7B-shaped: about 15 GB on disk and several minutes). Each quantize choice
 loads in a fresh Python process, which first loads a tiny model so that imports and
 lazy initialisations are done; its resident memory then is the baseline. Printed per
@@ -56,7 +56,7 @@ def measure_load(model_dir: str, warmup_dir: str, dtype: str, device: str, quant
 
     import torch
 
-    from vilau_backend.model import VilaUModel
+    from vilau_backend.model.vila_u import VilaUModel
 
     VilaUModel.load(warmup_dir, dtype=dtype, device=device, quantize=quantize)
     gc.collect()
@@ -89,7 +89,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
-    from vilau_backend.tiny import FULL_7B_256, TinySizes, write_tiny_checkpoint
+    from vilau_backend.testing.random_checkpoint import FULL_7B_256, TinySizes, write_tiny_checkpoint
 
     if args.write:
         start = time.perf_counter()

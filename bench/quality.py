@@ -30,11 +30,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from vilau_backend.generate import ImageSampling, generate_codes  # noqa: E402
-from vilau_backend.position_step import StepState, advance, cache_length, step_key  # noqa: E402
-from vilau_backend.llm import forward_hidden, new_dynamic_cache  # noqa: E402
-from vilau_backend.prompts import cfg_batch, understanding_prompt  # noqa: E402
-from vilau_backend.understand import GREEDY, generate_text, splice_image_embeddings  # noqa: E402
+from vilau_backend.tasks.generate import ImageSampling, generate_codes  # noqa: E402
+from vilau_backend.decoding.position_step import StepState, advance, cache_length, step_key  # noqa: E402
+from vilau_backend.model.llm import forward_hidden, new_dynamic_cache  # noqa: E402
+from vilau_backend.decoding.prompts import cfg_batch, understanding_prompt  # noqa: E402
+from vilau_backend.tasks.understand import GREEDY, generate_text, splice_image_embeddings  # noqa: E402
 
 PROMPT = "a red apple on a table"
 QUESTION = "Describe the image in detail."
@@ -102,7 +102,7 @@ def compare(reference, candidate, *, images: int = 2, answer_tokens: int = 32, s
 
 
 def _load(args, dtype: str, quantize: str, workdir: Path):
-    from vilau_backend.model import VilaUModel, resolve_device
+    from vilau_backend.model.vila_u import VilaUModel, resolve_device
 
     if args.model:
         return VilaUModel.load(args.model, dtype=dtype, device=args.device, quantize=quantize)

@@ -106,7 +106,7 @@ def main() -> None:
     args = parser.parse_args()
     from PIL import Image
 
-    from vilau_backend.tiny import TinySizes, write_tiny_checkpoint
+    from vilau_backend.testing.random_checkpoint import TinySizes, write_tiny_checkpoint
 
     run = Path(tempfile.mkdtemp(prefix="vilau-robustness-"))
     write_tiny_checkpoint(run / "models" / "vila-u" / TINY)

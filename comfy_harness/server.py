@@ -492,7 +492,7 @@ def pack_server(
     step down by orders of magnitude."""
     env = None
     if tiny_model is not None:
-        from vilau_backend.tiny import write_tiny_checkpoint
+        from vilau_backend.testing.random_checkpoint import write_tiny_checkpoint
 
         write_tiny_checkpoint(Path(run_dir) / "models" / "vila-u" / tiny_model)
         env = {"OMP_NUM_THREADS": "1"}

@@ -6,7 +6,7 @@ import time
 
 from comfy_api.latest import io
 
-from ..vilau_backend.captioning import CaptionSettings
+from ..vilau_backend.tasks.captioning import CaptionSettings
 from .model_cache import releases_after_use
 from .progress import CaptionProgress, send_answer
 from .schema import CATEGORY, advanced, check_combo, model_input
@@ -88,7 +88,7 @@ class CaptionFolder(QuestionNode):
         repetition_penalty: float, system_prompt: str = CaptionSettings.system,
         batch_size: int = CaptionSettings.batch_size,
     ) -> io.NodeOutput:
-        from ..vilau_backend.captioning import caption_folder
+        from ..vilau_backend.tasks.captioning import caption_folder
 
         check_combo("existing_captions", existing_captions, [SKIP, OVERWRITE])
         settings = CaptionSettings(

@@ -3,7 +3,7 @@
 One node per edit rather than one node with a mode: each edit has its own knobs (a mask with
 threshold, grow and feather; a strength; rows; frames), and a node shows only what applies, as
 ComfyUI's own inpaint and img2img nodes do. All four are masks over one backend call
-(vilau_backend/editing.py): the source's codes are kept where the edit says and the rest is
+(vilau_backend/tasks/editing.py): the source's codes are kept where the edit says and the rest is
 sampled under the prompt, with the progress bar, previews, cancel and seeds of Text to Image.
 """
 
@@ -44,7 +44,7 @@ def _image_outputs() -> list[io.Output]:
 
 def edit_source(vila, image, latent, node: str):
     """-> the source's codes (N, h, w, D) and, for an image, the pixels as the model sees them (N, S, S, 3)."""
-    from ..vilau_backend.editing import model_view
+    from ..vilau_backend.tasks.editing import model_view
     from ..vilau_backend.errors import InputError
 
     if (image is None) == (latent is None):
@@ -65,7 +65,7 @@ def edit_options(vila, positions: int, batch_size: int, **options) -> dict:
 def edit_whole_sources(edit, setting, node: str, model, prompt: str, batch_size: int, image, latent, options: dict):
     """Variations and Continue Image: each source's codes (N, h, w, D), `batch_size` times, through the
     backend edit `edit(vila, prompt, codes, setting(vila), **sampling)` -> the node's image and latent."""
-    from ..vilau_backend.editing import repeat_sources
+    from ..vilau_backend.tasks.editing import repeat_sources
 
     vila = model.ready()
     codes, _ = edit_source(vila, image, latent, node)
@@ -138,7 +138,7 @@ class Inpaint(PromptNode):
         image=None, latent=None, **options,
     ) -> io.NodeOutput:
         """options: the other generation inputs (negative_prompt, cfg, seed, temperature, top_k, top_p)."""
-        from ..vilau_backend import editing
+        from ..vilau_backend.tasks import editing
 
         vila = model.ready()
         codes, original = edit_source(vila, image, latent, "VILA-U Inpaint")
@@ -189,7 +189,7 @@ class VaryByDepth(PromptNode):
     @releases_after_use
     def execute(cls, model, prompt: str, strength: float, batch_size: int, image=None, latent=None, **options) -> io.NodeOutput:
         """options: the other generation inputs (negative_prompt, cfg, seed, temperature, top_k, top_p)."""
-        from ..vilau_backend import editing
+        from ..vilau_backend.tasks import editing
 
         def kept_depths(vila) -> int:
             return editing.depths_for_strength(strength, vila.config.quantizer.depth)
@@ -226,7 +226,7 @@ class ContinueImage(PromptNode):
     @releases_after_use
     def execute(cls, model, prompt: str, keep_rows: int, batch_size: int, image=None, latent=None, **options) -> io.NodeOutput:
         """options: the other generation inputs (negative_prompt, cfg, seed, temperature, top_k, top_p)."""
-        from ..vilau_backend.editing import continue_downward
+        from ..vilau_backend.tasks.editing import continue_downward
 
         return edit_whole_sources(
             continue_downward, lambda vila: keep_rows, "VILA-U Continue Image", model, prompt, batch_size, image,
@@ -287,7 +287,7 @@ class ExtendVideo(PromptNode):
         **options,
     ) -> io.NodeOutput:
         """options: the other generation inputs (negative_prompt, cfg, seed, temperature, top_k, top_p)."""
-        from ..vilau_backend.editing import extend_video
+        from ..vilau_backend.tasks.editing import extend_video
 
         vila = model.ready()
         given = _video_source_codes(vila, frames, video, latent)  # (Fg, h, w, D)

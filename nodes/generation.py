@@ -18,7 +18,7 @@ MAX_FRAMES = 32  # the context (8192 positions) holds 31 frames of the 256 px mo
 
 def generation_inputs(what: str, max_batch: int, batch_tooltip: str | None = None) -> list[io.Input]:
     """Prompt, guidance, seed, batch and depth-code sampling; defaults are the backend's (the original's)."""
-    from ..vilau_backend.generate import ImageSampling
+    from ..vilau_backend.tasks.generate import ImageSampling
 
     defaults = ImageSampling()
     return [
@@ -89,8 +89,8 @@ def generation_options(
 ) -> dict:
     """The node's generation inputs -> keyword arguments of generate_images / generate_video.
     `node_id`: where "compiling…" shows before a run that compiles the generation step."""
-    from ..vilau_backend.generate import ImageSampling
-    from ..vilau_backend.prompts import DEFAULT_NEGATIVE_PROMPT
+    from ..vilau_backend.tasks.generate import ImageSampling
+    from ..vilau_backend.decoding.prompts import DEFAULT_NEGATIVE_PROMPT
 
     return dict(
         negative_prompt=negative_prompt if negative_prompt.strip() else DEFAULT_NEGATIVE_PROMPT,
@@ -145,7 +145,7 @@ class TextToImage(PromptNode):
     @releases_after_use
     def execute(cls, model, prompt: str, **options) -> io.NodeOutput:
         """options: the other generation inputs (negative_prompt, cfg, seed, batch_size, temperature, top_k, top_p)."""
-        from ..vilau_backend.generate import generate_images
+        from ..vilau_backend.tasks.generate import generate_images
 
         vila = model.ready()
         h, w = vila.config.grid
@@ -186,7 +186,7 @@ class TextToVideo(PromptNode):
     @releases_after_use
     def execute(cls, model, prompt: str, frames: int, fps: float, **options) -> io.NodeOutput:
         """options: the other generation inputs, as for Text to Image."""
-        from ..vilau_backend.generate import generate_video
+        from ..vilau_backend.tasks.generate import generate_video
 
         vila = model.ready()
         h, w = vila.config.grid

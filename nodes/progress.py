@@ -37,7 +37,7 @@ class PositionProgress:
         from comfy.cli_args import args
         from PIL import Image
 
-        from ..vilau_backend.generate import preview_image
+        from ..vilau_backend.tasks.generate import preview_image
 
         image = preview_image(self.model, codes_so_far[:1], total)[0]  # (H, W, 3): the first of the batch
         pixels = image.mul(255).round().clamp(0, 255).byte().numpy()

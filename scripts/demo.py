@@ -33,7 +33,7 @@ TEMPLATES = ("vila-u-text-to-image-upscale", "vila-u-image-qa")
 
 
 def find_published(candidates: list[Path]) -> Path | None:
-    from vilau_backend.config import is_vila_u_folder
+    from vilau_backend.checkpoint.config import is_vila_u_folder
 
     for root in candidates:
         for name in PUBLISHED_FOLDERS:

@@ -23,8 +23,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from vilau_backend import editing  # noqa: E402
-from vilau_backend.generate import generate_codes  # noqa: E402
-from vilau_backend.model import VilaUModel  # noqa: E402
+from vilau_backend.tasks.generate import generate_codes  # noqa: E402
+from vilau_backend.model.vila_u import VilaUModel  # noqa: E402
 
 SCALE = 3  # 64 px -> 192 px per panel
 PROMPT = "a red apple on a wooden table"
@@ -73,7 +73,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = args.model
         if folder is None:
-            from vilau_backend.tiny import write_tiny_checkpoint
+            from vilau_backend.testing.random_checkpoint import write_tiny_checkpoint
 
             folder = write_tiny_checkpoint(Path(tmp) / "vila-u-tiny")
         model = VilaUModel.load(folder, dtype="float32", device="cpu")

@@ -10,14 +10,14 @@ import pytest
 import torch
 
 from vilau_backend.errors import CheckpointError, InputError
-from vilau_backend.generate import ImageSampling, generate_codes
+from vilau_backend.tasks.generate import ImageSampling, generate_codes
 
 APPLE = "a red apple on a table"
 
 
 @pytest.mark.parametrize("garbage", [b"not a sentencepiece model" * 40, b""], ids=["text", "empty"])
 def test_garbage_tokenizer_model_is_a_checkpoint_error_naming_the_file(tiny_checkpoint, tmp_path, garbage):
-    from vilau_backend.model import VilaUModel
+    from vilau_backend.model.vila_u import VilaUModel
 
     broken = shutil.copytree(tiny_checkpoint, tmp_path / "broken")
     (broken / "llm" / "tokenizer.model").write_bytes(garbage)

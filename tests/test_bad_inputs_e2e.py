@@ -38,7 +38,7 @@ def silent_hub():
 def server(tmp_path_factory, silent_hub):
     from PIL import Image
 
-    from vilau_backend.tiny import write_tiny_checkpoint
+    from vilau_backend.testing.random_checkpoint import write_tiny_checkpoint
 
     run = tmp_path_factory.mktemp("run")
     models = run / "models" / "vila-u"

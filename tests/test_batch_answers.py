@@ -19,9 +19,9 @@ from PIL import Image
 
 from conftest import REFERENCE, reference
 from vilau_backend.errors import InputError
-from vilau_backend.llm import new_dynamic_cache
-from vilau_backend.prompts import IMAGE_TOKEN_INDEX
-from vilau_backend.understand import (
+from vilau_backend.model.llm import new_dynamic_cache
+from vilau_backend.decoding.prompts import IMAGE_TOKEN_INDEX
+from vilau_backend.tasks.understand import (
     GREEDY,
     PromptBatch,
     TextSampling,

@@ -10,10 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
-import vilau_backend.captioning as captioning
-from vilau_backend.captioning import CaptionSettings, caption_folder, load_image, write_caption
+import vilau_backend.tasks.captioning as captioning
+from vilau_backend.tasks.captioning import CaptionSettings, caption_folder, load_image, write_caption
 from vilau_backend.errors import InputError
-from vilau_backend.understand import GREEDY, describe_images
+from vilau_backend.tasks.understand import GREEDY, describe_images
 
 FAST = dict(sampling=GREEDY, max_new_tokens=3)
 

@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import FRAMES_DIR, GOLDEN_CHECKPOINT, REFERENCE, REPO, recorded, reference
 from vilau_backend.cli import main as cli_main
-from vilau_backend.generate import ImageSampling, generate_codes
+from vilau_backend.tasks.generate import ImageSampling, generate_codes
 
 IMAGE_QUERY = "Describe the image."
 VIDEO_QUERY = "Describe the video."

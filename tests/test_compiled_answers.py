@@ -1,4 +1,4 @@
-"""The compiled answer step (vilau_backend/text_step.py): the same answers as the eager loop,
+"""The compiled answer step (vilau_backend/decoding/text_step.py): the same answers as the eager loop,
 compiled once per (rows, cache-length bucket), reused across tokens and runs.
 
 Compiling costs time (tens of seconds for the golden model on two busy cores), so the module
@@ -19,10 +19,10 @@ import pytest
 import torch
 
 from conftest import load_photo, recorded, smallest_top2_gap
-from vilau_backend.placement import has_placement
-from vilau_backend.position_step import resolve_compile
-from vilau_backend.prompts import understanding_prompt
-from vilau_backend.understand import (
+from vilau_backend.memory.placement import has_placement
+from vilau_backend.decoding.position_step import resolve_compile
+from vilau_backend.decoding.prompts import understanding_prompt
+from vilau_backend.tasks.understand import (
     GREEDY,
     TextSampling,
     _prompt_embeddings,

@@ -1,4 +1,4 @@
-"""The compiled generation step (vilau_backend/position_step.py): same codes as the eager step,
+"""The compiled generation step (vilau_backend/decoding/position_step.py): same codes as the eager step,
 compiled once per (rows, cache-length bucket), reused across positions and runs.
 
 Compiling costs time (minutes for the golden tiny model on two busy cores), so every test here
@@ -18,9 +18,9 @@ import pytest
 import torch
 
 from conftest import reference
-from vilau_backend.generate import ImageSampling, generate_codes, image_generators
-from vilau_backend.position_step import needs_compiling, step_key
-from vilau_backend.sampling import draw_uniforms
+from vilau_backend.tasks.generate import ImageSampling, generate_codes, image_generators
+from vilau_backend.decoding.position_step import needs_compiling, step_key
+from vilau_backend.decoding.sampling import draw_uniforms
 
 GREEDY = ImageSampling(top_k=1)
 APPLE = "a red apple on a table"

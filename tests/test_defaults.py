@@ -12,9 +12,9 @@ import pytest
 
 from conftest import REPO
 from vilau_backend.cli import build_parser
-from vilau_backend.generate import ImageSampling
-from vilau_backend.prompts import DEFAULT_NEGATIVE_PROMPT
-from vilau_backend.understand import DEFAULT_MAX_NEW_TOKENS, TextSampling
+from vilau_backend.tasks.generate import ImageSampling
+from vilau_backend.decoding.prompts import DEFAULT_NEGATIVE_PROMPT
+from vilau_backend.tasks.understand import DEFAULT_MAX_NEW_TOKENS, TextSampling
 
 README = (REPO / "README.md").read_text(encoding="utf-8")
 

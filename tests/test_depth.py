@@ -19,10 +19,10 @@ import torch
 from safetensors import safe_open
 
 from conftest import GOLDEN_CHECKPOINT, REFERENCE
-from vilau_backend.config import load_config
-from vilau_backend.depth import DepthTransformer, at_every_depth
-from vilau_backend.quantizer import ResidualQuantizer
-from vilau_backend.sampling import greedy, sample_codes
+from vilau_backend.checkpoint.config import load_config
+from vilau_backend.model.depth import DepthTransformer, at_every_depth
+from vilau_backend.model.rq_codebook import ResidualQuantizer
+from vilau_backend.decoding.sampling import greedy, sample_codes
 
 
 def read_tensors(path: Path, prefix: str = "") -> dict[str, torch.Tensor]:

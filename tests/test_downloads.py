@@ -10,7 +10,7 @@ import time
 import pytest
 
 from comfy_harness.silent_hub import SilentListener
-from vilau_backend.hub import DownloadFailed, download_repo
+from vilau_backend.checkpoint.hub import DownloadFailed, download_repo
 
 REPO = "mit-han-lab/vila-u-7b-256"
 

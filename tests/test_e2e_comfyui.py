@@ -42,7 +42,7 @@ GEN_ADVANCED = ["temperature", "top_k", "top_p"]
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    from vilau_backend.tiny import TinySizes, write_tiny_checkpoint
+    from vilau_backend.testing.random_checkpoint import TinySizes, write_tiny_checkpoint
 
     extra = tmp_path_factory.mktemp("extra_models")
     # a 32x32 grid, 1024 positions: a text-to-image run long enough to interrupt (about 2 s on 2 idle cores)
@@ -56,7 +56,7 @@ def server(tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference(server):
     """The 64 px checkpoint loaded by the backend in this process, as the server's loader does on the CPU."""
-    from vilau_backend.model import VilaUModel
+    from vilau_backend.model.vila_u import VilaUModel
 
     return VilaUModel.load(server.models_dir / "vila-u" / TINY, dtype="float32", device="cpu")
 
@@ -184,8 +184,8 @@ def test_object_info_lists_every_node_with_tooltips(server):
 
 def test_node_defaults_are_the_backends(server):
     """Sampling defaults have one source, the backend's dataclasses (tests/test_defaults.py: CLI, README)."""
-    from vilau_backend.generate import ImageSampling
-    from vilau_backend.understand import DEFAULT_MAX_NEW_TOKENS, TextSampling
+    from vilau_backend.tasks.generate import ImageSampling
+    from vilau_backend.tasks.understand import DEFAULT_MAX_NEW_TOKENS, TextSampling
 
     def defaults(node_id: str) -> dict:
         info = server.object_info(node_id)["input"]
@@ -212,7 +212,7 @@ def test_loader_lists_models_folder_and_extra_model_paths(server):
 
 
 def test_image_qa_answers_equal_backend_greedy_answers(server, reference, input_images):
-    from vilau_backend.understand import GREEDY, describe_images
+    from vilau_backend.tasks.understand import GREEDY, describe_images
 
     question = "What is in the picture?"
     graph = {

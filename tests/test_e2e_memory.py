@@ -24,7 +24,7 @@ LARGER = "vila-u-larger"
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    from vilau_backend.tiny import TinySizes, write_tiny_checkpoint
+    from vilau_backend.testing.random_checkpoint import TinySizes, write_tiny_checkpoint
 
     run = tmp_path_factory.mktemp("run")
     srv = cs.pack_server(run, TINY)

@@ -88,7 +88,7 @@ def fresh_comfyui(dest: Path) -> Path:
 
 
 def test_manager_installs_the_pack_into_a_fresh_comfyui(ecosystem, tmp_path):
-    from vilau_backend.tiny import write_tiny_checkpoint
+    from vilau_backend.testing.random_checkpoint import write_tiny_checkpoint
 
     comfy = fresh_comfyui(tmp_path / "ComfyUI")
     served = tmp_path / "served"

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vilau_backend.editing import (
+from vilau_backend.tasks.editing import (
     depths_for_strength,
     edit_codes,
     extend_video_codes,
@@ -20,9 +20,9 @@ from vilau_backend.editing import (
     regenerate_from_mask,
 )
 from vilau_backend.errors import InputError
-from vilau_backend.generate import ImageSampling, _code_loop, _edit_inputs, generate_codes
-from vilau_backend.position_step import StepState, advance, cache_length, prefix_inputs, step_key
-from vilau_backend.prompts import cfg_batch
+from vilau_backend.tasks.generate import ImageSampling, _code_loop, _edit_inputs, generate_codes
+from vilau_backend.decoding.position_step import StepState, advance, cache_length, prefix_inputs, step_key
+from vilau_backend.decoding.prompts import cfg_batch
 
 PROMPT = "a red apple on a table"
 SAMPLED = ImageSampling()  # the original's defaults: cfg 3, top-k 900, top-p 0.96

@@ -18,7 +18,7 @@ import torch
 
 from conftest import reference
 from vilau_backend.errors import InputError
-from vilau_backend.generate import (
+from vilau_backend.tasks.generate import (
     ImageSampling,
     generate_codes,
     generate_images,
@@ -26,7 +26,7 @@ from vilau_backend.generate import (
     image_generators,
     preview_image,
 )
-from vilau_backend.position_step import StepState, advance, cache_length, next_input, step_key
+from vilau_backend.decoding.position_step import StepState, advance, cache_length, next_input, step_key
 
 GREEDY = ImageSampling(top_k=1)
 APPLE = "a red apple on a table"
@@ -175,10 +175,10 @@ def test_kv_cached_loop_equals_full_recomputation(tiny_model):
     whole sequence at every position without any cache. Other kernel shapes, other roundings
     (about 1e-5 on the logits), but the smallest top-1/top-2 gap of these greedy decisions
     is 7.6e-4, so the codes agree exactly."""
-    from vilau_backend.depth import at_every_depth
-    from vilau_backend.llm import padded_positions
-    from vilau_backend.prompts import cfg_batch
-    from vilau_backend.sampling import greedy
+    from vilau_backend.model.depth import at_every_depth
+    from vilau_backend.model.llm import padded_positions
+    from vilau_backend.decoding.prompts import cfg_batch
+    from vilau_backend.decoding.sampling import greedy
 
     codes = generate_codes(tiny_model, APPLE, num_images=2, sampling=GREEDY)
     B, h, w, D = codes.shape

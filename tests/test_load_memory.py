@@ -14,7 +14,7 @@ from __future__ import annotations
 import pytest
 
 from bench.load import run_child
-from vilau_backend.tiny import TinySizes, write_tiny_checkpoint
+from vilau_backend.testing.random_checkpoint import TinySizes, write_tiny_checkpoint
 
 MiB = 2**20
 # the largest tensor is 2816 x 1024 bf16 (5.5 MiB); a load may hold a few of them at once

@@ -12,10 +12,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import GOLDEN_CHECKPOINT
-from vilau_backend.config import KNOWN_SIGLIP_VISION_CONFIGS, is_vila_u_folder, load_config
+from vilau_backend.checkpoint.config import KNOWN_SIGLIP_VISION_CONFIGS, is_vila_u_folder, load_config
 from vilau_backend.errors import CheckpointError
-from vilau_backend.model import VilaUModel
-from vilau_backend.tiny import TinySizes, write_tiny_checkpoint
+from vilau_backend.model.vila_u import VilaUModel
+from vilau_backend.testing.random_checkpoint import TinySizes, write_tiny_checkpoint
 
 
 @pytest.fixture

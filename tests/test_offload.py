@@ -13,12 +13,12 @@ import pytest
 import torch
 
 from vilau_backend.errors import InputError
-from vilau_backend.generate import ImageSampling, generate_codes
-from vilau_backend.model import VilaUModel
-from vilau_backend.placement import STREAMED, StreamFromCpu, apply_placement, plan_placement, remove_placement
-from vilau_backend.quantize import module_bytes
-from vilau_backend.tiny import TinySizes, write_tiny_checkpoint
-from vilau_backend.understand import GREEDY, describe_images
+from vilau_backend.tasks.generate import ImageSampling, generate_codes
+from vilau_backend.model.vila_u import VilaUModel
+from vilau_backend.memory.placement import STREAMED, StreamFromCpu, apply_placement, plan_placement, remove_placement
+from vilau_backend.memory.weight_quantization import module_bytes
+from vilau_backend.testing.random_checkpoint import TinySizes, write_tiny_checkpoint
+from vilau_backend.tasks.understand import GREEDY, describe_images
 
 SIZES = TinySizes(llm_layers=6, llm_hidden=128)
 

@@ -13,8 +13,8 @@ from safetensors import safe_open
 
 from conftest import FIXTURE, GOLDEN_CHECKPOINT, REFERENCE, recorded
 from vilau_backend.errors import CheckpointError, InputError
-from vilau_backend.prompts import cfg_batch, conversation_prompt, generation_prompt, understanding_prompt
-from vilau_backend.tokenizer import (
+from vilau_backend.decoding.prompts import cfg_batch, conversation_prompt, generation_prompt, understanding_prompt
+from vilau_backend.checkpoint.tokenizer import (
     IM_END,
     IM_PATCH,
     IM_START,

@@ -33,7 +33,7 @@ def server(tmp_path_factory):
 def reference(server):
     """The same checkpoint in this process, run as the server runs it: one intra-op thread (other
     thread counts split fp32 sums otherwise and may flip a near-tie between two tokens)."""
-    from vilau_backend.model import VilaUModel
+    from vilau_backend.model.vila_u import VilaUModel
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -69,7 +69,7 @@ def caption_node(folder: Path, **extra):
 
 
 def test_caption_folder_writes_captions_beside_images_and_a_summary(server, reference, tmp_path):
-    from vilau_backend.understand import GREEDY, describe_images
+    from vilau_backend.tasks.understand import GREEDY, describe_images
 
     folder = tmp_path / "dataset"
     images = {name: noise_png(folder / name, i) for i, name in enumerate(["a.png", "b.jpg", "c.png"])}
@@ -99,7 +99,7 @@ def test_caption_folder_writes_captions_beside_images_and_a_summary(server, refe
 
 
 def test_cancel_during_caption_folder_leaves_only_whole_captions(server, reference, tmp_path):
-    from vilau_backend.understand import GREEDY, describe_images
+    from vilau_backend.tasks.understand import GREEDY, describe_images
 
     folder = tmp_path / "many"
     images = [noise_png(folder / f"img_{i:03d}.png", 100 + i) for i in range(60)]
@@ -138,7 +138,7 @@ def test_caption_folder_refuses_a_missing_folder(server, tmp_path):
 
 
 def test_two_images_in_one_question_in_order(server, reference):
-    from vilau_backend.understand import GREEDY, describe_images
+    from vilau_backend.tasks.understand import GREEDY, describe_images
 
     first = noise_png(server.input_dir / "qa13_first.png", 1)
     second = noise_png(server.input_dir / "qa13_second.png", 2, size=(30, 24))
@@ -163,7 +163,7 @@ def test_two_images_in_one_question_in_order(server, reference):
 
 
 def test_system_prompt_input_reaches_the_prompt(server, reference):
-    from vilau_backend.understand import GREEDY, describe_images
+    from vilau_backend.tasks.understand import GREEDY, describe_images
 
     image = noise_png(server.input_dir / "qa13_system.png", 3)
     system = "You write short captions."
@@ -179,7 +179,7 @@ def test_system_prompt_input_reaches_the_prompt(server, reference):
 
 
 def test_streamed_answers_never_show_a_partial_character(server, reference):
-    from vilau_backend.understand import TextSampling, describe_images
+    from vilau_backend.tasks.understand import TextSampling, describe_images
 
     image = noise_png(server.input_dir / "qa13_stream.png", 4)
     tokenizer = reference.tokenizer
@@ -212,8 +212,8 @@ def test_streamed_answers_never_show_a_partial_character(server, reference):
 
 
 def test_video_frame_choice_from_a_file_and_from_frames(server, reference):
-    from vilau_backend.understand import GREEDY, describe_video
-    from vilau_backend.video import FrameChoice, read_video, write_video_file
+    from vilau_backend.tasks.understand import GREEDY, describe_video
+    from vilau_backend.media.video import FrameChoice, read_video, write_video_file
 
     levels = torch.linspace(0, 1, 20)
     frames = levels[:, None, None, None].expand(20, 32, 32, 3).contiguous()
@@ -258,7 +258,7 @@ def test_compile_on_says_compiling_once_and_answers_as_eager(server, reference):
     answers are the eager in-process ones: their greedy steps have no near-tie that the compiled
     kernels' rounding could flip (asserted)."""
     from conftest import smallest_top2_gap
-    from vilau_backend.understand import GREEDY, _prompt_embeddings, describe_images
+    from vilau_backend.tasks.understand import GREEDY, _prompt_embeddings, describe_images
 
     image = noise_png(server.input_dir / "compile_on.png", 5)
 

@@ -16,8 +16,8 @@ import torch
 from bench.quality import compare, guided_depth_logits
 from conftest import GOLDEN_CHECKPOINT
 from vilau_backend.errors import InputError
-from vilau_backend.model import VilaUModel
-from vilau_backend.quantize import check_quantize, module_bytes
+from vilau_backend.model.vila_u import VilaUModel
+from vilau_backend.memory.weight_quantization import check_quantize, module_bytes
 
 
 @pytest.fixture(scope="module")

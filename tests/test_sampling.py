@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from vilau_backend.sampling import filter_top_k, filter_top_p, greedy, sample_codes, sample_from_probs
+from vilau_backend.decoding.sampling import filter_top_k, filter_top_p, greedy, sample_codes, sample_from_probs
 
 
 def test_top_k_keeps_every_logit_tied_with_the_kth():

@@ -22,8 +22,8 @@ import torch
 
 from conftest import FRAMES_DIR, GOLDEN_CHECKPOINT, load_photo, recorded, reference
 from vilau_backend.errors import GenerationCancelled, InputError
-from vilau_backend.prompts import IMAGE_TOKEN_INDEX, understanding_prompt
-from vilau_backend.understand import (
+from vilau_backend.decoding.prompts import IMAGE_TOKEN_INDEX, understanding_prompt
+from vilau_backend.tasks.understand import (
     GREEDY,
     TextSampling,
     _logits_processors,
@@ -35,7 +35,7 @@ from vilau_backend.understand import (
     sample_video_frames,
     splice_image_embeddings,
 )
-from vilau_backend.video import read_video
+from vilau_backend.media.video import read_video
 
 IMAGE_QUERY = "Describe the image."
 VIDEO_QUERY = "Describe the video."
@@ -50,7 +50,7 @@ def last_logits(model, input_ids: list[int], pixels: torch.Tensor) -> torch.Tens
     z_q = model.encode_pixels(pixels).z_q
     image_embeds = model.project(z_q.reshape(z_q.shape[0], -1, z_q.shape[-1]))
     embeds = splice_image_embeddings(model, input_ids, image_embeds)
-    from vilau_backend.llm import new_dynamic_cache
+    from vilau_backend.model.llm import new_dynamic_cache
 
     with torch.inference_mode():
         return prefill(model.llm, embeds, new_dynamic_cache(model.llm))[0]
@@ -282,7 +282,7 @@ def test_query_with_image_placeholder_is_rejected(golden_fp32):
 
 def test_video_with_fewer_frames_uses_them_all_and_logs(golden_fp32, caplog):
     frames = golden_video_frames()[:5]
-    with caplog.at_level(logging.WARNING, logger="vilau_backend.understand"):
+    with caplog.at_level(logging.WARNING, logger="vilau_backend.tasks.understand"):
         answer = describe_video(golden_fp32, frames, VIDEO_QUERY, sampling=GREEDY, max_new_tokens=1)
     assert answer.input_ids.count(IMAGE_TOKEN_INDEX) == 5
     assert "5 frames, fewer than the 8" in caplog.text

@@ -20,8 +20,8 @@ def latents():
 @pytest.fixture(scope="module")
 def other_model(tmp_path_factory):
     """A second tiny model of the same geometry (same channels, same grid), other weights."""
-    from vilau_backend.model import VilaUModel
-    from vilau_backend.tiny import write_tiny_checkpoint
+    from vilau_backend.model.vila_u import VilaUModel
+    from vilau_backend.testing.random_checkpoint import write_tiny_checkpoint
 
     return VilaUModel.load(write_tiny_checkpoint(tmp_path_factory.mktemp("other") / "vila-u-other", seed=3), "float32")
 
@@ -49,7 +49,7 @@ def test_latent_reads_back_its_codes_and_features(tiny_model, latents, encoded):
 
 
 def test_the_stamp_is_the_same_for_every_dtype_of_one_checkpoint(tiny_model, tiny_checkpoint, latents, encoded):
-    from vilau_backend.model import VilaUModel
+    from vilau_backend.model.vila_u import VilaUModel
 
     bf16 = VilaUModel.load(tiny_checkpoint, "bfloat16")
     assert latents.model_stamp(bf16) == encoded["vilau_model"]
@@ -104,7 +104,7 @@ def test_bad_latents_say_what_is_wrong(tiny_model, latents, latent, message):
 
 
 def test_a_model_whose_folder_is_gone_still_makes_latents(tiny_checkpoint, tmp_path, latents, encoded):
-    from vilau_backend.model import VilaUModel
+    from vilau_backend.model.vila_u import VilaUModel
 
     moved = shutil.copytree(tiny_checkpoint, tmp_path / "vila-u-moved")
     model = VilaUModel.load(moved, "float32")

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from conftest import REFERENCE, load_photo, reference
-from vilau_backend.preprocess import preprocess_images
+from vilau_backend.media.preprocess import preprocess_images
 
 
 def test_preprocessing_reproduces_original_pixel_values_exactly():

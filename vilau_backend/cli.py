@@ -47,7 +47,7 @@ def save_image_file(image: torch.Tensor, path: str | Path) -> None:
 
 
 def _load_model(args: argparse.Namespace):
-    from .model import VilaUModel
+    from .model.vila_u import VilaUModel
 
     return VilaUModel.load(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize,
                            compile_steps=getattr(args, "compile", None))
@@ -87,8 +87,8 @@ def _describe(args: argparse.Namespace) -> int:
     import json
 
     from .errors import InputError
-    from .understand import TextSampling, describe_images, describe_video
-    from .video import read_video
+    from .tasks.understand import TextSampling, describe_images, describe_video
+    from .media.video import read_video
 
     sampling_flags = {
         "--temperature": args.temperature, "--top-p": args.top_p, "--top-k": args.top_k, "--seed": args.seed,
@@ -131,7 +131,7 @@ def _describe(args: argparse.Namespace) -> int:
 
 
 def _generation_options(args: argparse.Namespace) -> dict:
-    from .generate import ImageSampling
+    from .tasks.generate import ImageSampling
 
     sampling = ImageSampling(cfg=args.cfg, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     return dict(negative_prompt=args.negative_prompt, num_images=args.num, seed=args.seed, sampling=sampling,
@@ -161,7 +161,7 @@ def _save_images(images: torch.Tensor, folder: str, stem: str) -> None:
 
 
 def _generate_image(args: argparse.Namespace) -> int:
-    from .generate import generate_images
+    from .tasks.generate import generate_images
 
     model = _load_model(args)
     result = generate_images(model, args.prompt, **_generation_options(args))
@@ -171,8 +171,8 @@ def _generate_image(args: argparse.Namespace) -> int:
 
 
 def _generate_video(args: argparse.Namespace) -> int:
-    from .generate import generate_video
-    from .video import write_video_file
+    from .tasks.generate import generate_video
+    from .media.video import write_video_file
 
     model = _load_model(args)
     result = generate_video(model, args.prompt, frames=args.frames, **_generation_options(args))
@@ -200,7 +200,7 @@ def load_mask_file(path: str | Path) -> torch.Tensor:
 
 
 def _edit(args: argparse.Namespace) -> int:
-    from . import editing
+    from .tasks import editing
     from .errors import InputError
 
     if args.mode == "inpaint" and not args.mask:
@@ -250,8 +250,8 @@ def _add_edit_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _add_generation_arguments(p: argparse.ArgumentParser) -> None:
-    from .generate import ImageSampling
-    from .prompts import DEFAULT_NEGATIVE_PROMPT
+    from .tasks.generate import ImageSampling
+    from .decoding.prompts import DEFAULT_NEGATIVE_PROMPT
 
     defaults = ImageSampling()
     add_model_options(p)
@@ -288,7 +288,7 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .understand import DEFAULT_MAX_NEW_TOKENS, TextSampling
+    from .tasks.understand import DEFAULT_MAX_NEW_TOKENS, TextSampling
 
     parser = argparse.ArgumentParser(prog="python -m vilau_backend", description="VILA-U without ComfyUI")
     sub = parser.add_subparsers(dest="command", required=True)

@@ -13,7 +13,7 @@ A generation run draws all of an image's uniforms up front (`draw_uniforms`,
 a tensor too, so one position's sampling has fixed shapes, no host
 synchronisation (no `.item()`, no branching on tensor values) and no Python
 value that changes between runs: the compiled generation step
-(vilau_backend/position_step.py) replays it, in a CUDA graph on CUDA.
+(vilau_backend/decoding/position_step.py) replays it, in a CUDA graph on CUDA.
 `sample_codes` is the same computation for callers that hold generators.
 
 NaN logits become -inf after the top-k filter, as in the original (which also
@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
-from .errors import InputError
+from ..errors import InputError
 
 
 def filter_top_k(logits: torch.Tensor, k: int | torch.Tensor | None, ordered: torch.Tensor | None = None) -> torch.Tensor:

@@ -30,7 +30,7 @@ import torch
 from accelerate import init_empty_weights
 from torch import nn
 
-from .errors import CheckpointError
+from ..errors import CheckpointError
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"

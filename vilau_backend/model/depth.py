@@ -30,8 +30,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .config import DepthSpec
-from .errors import InputError
+from ..checkpoint.config import DepthSpec
+from ..errors import InputError
 
 EmbedCodes = Callable[[torch.Tensor], torch.Tensor]  # codes (..., D) -> per-depth embeddings (..., D, C)
 SampleCodes = Callable[[torch.Tensor, int], torch.Tensor]  # guided logits (B, V), depth d -> codes (B,) int64

@@ -3,7 +3,7 @@
 As the original's ``generate_content`` (``vila_u/model/vila_u_arch.py``):
 
 - the prompt is the vicuna_v1 conversation with one ``<image>`` slot per image
-  or video frame (:func:`vilau_backend.prompts.understanding_prompt`), tokenized
+  or video frame (:func:`vilau_backend.decoding.prompts.understanding_prompt`), tokenized
   chunk-wise with ``IMAGE_TOKEN_INDEX`` (-200) at each slot;
 - each image is encoded by the vision tower; its quantized features z_q,
   reshaped to (h*w, C) and projected into the LLM, replace its slot
@@ -45,15 +45,15 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from . import position_step, text_step
-from .errors import InputError
-from .llm import additive_mask, forward_hidden, new_dynamic_cache, padded_positions
-from .position_step import CompileCallback
-from .prompts import IMAGE_PLACEHOLDER, IMAGE_TOKEN_INDEX, SYSTEM_PROMPT, understanding_prompt
-from .video import FrameChoice
+from ..decoding import position_step, text_step
+from ..errors import InputError
+from ..model.llm import additive_mask, forward_hidden, new_dynamic_cache, padded_positions
+from ..decoding.position_step import CompileCallback
+from ..decoding.prompts import IMAGE_PLACEHOLDER, IMAGE_TOKEN_INDEX, SYSTEM_PROMPT, understanding_prompt
+from ..media.video import FrameChoice
 
 if TYPE_CHECKING:
-    from .model import VilaUModel
+    from ..model.vila_u import VilaUModel
 
 log = logging.getLogger(__name__)
 
@@ -208,7 +208,7 @@ def describe_video(
     """Answer `query` about a video: frames (F, H, W, C) float 0..1, of which the model looks at
     those `choice` picks; by default the original's: the model's ``num_video_frames`` spread
     evenly (all of them when there are fewer). `choice` None takes every given frame (frames
-    already chosen, e.g. by :func:`vilau_backend.video.read_video`)."""
+    already chosen, e.g. by :func:`vilau_backend.media.video.read_video`)."""
     _check_query(query)
     if choice is not None:
         frames, _ = sample_video_frames(frames, model.config.num_video_frames, choice)
@@ -333,7 +333,7 @@ def generate_texts(
     tokens, texts)` follows every step: the new token of each row (None once it has stopped) and
     each row's text so far, up to its last complete character (:func:`streamed_text`).
 
-    compile: decode through the compiled step (vilau_backend/text_step.py; None: the model's
+    compile: decode through the compiled step (vilau_backend/decoding/text_step.py; None: the model's
     `compile_steps`, whose None means on CUDA only); `on_compile` is called before a run that
     compiles. Compiled and eager answers draw the same numbers; their tokens can differ only
     where kernel rounding flips a near-tie. If `on_step` raises, the next run is unaffected."""

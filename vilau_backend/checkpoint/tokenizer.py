@@ -19,7 +19,7 @@ from typing import Any
 
 import sentencepiece as spm
 
-from .errors import CheckpointError, InputError
+from ..errors import CheckpointError, InputError
 
 IMAGE_TOKEN_INDEX = -200  # id of an image slot in input_ids; spliced out before the LLM
 IMAGE_PLACEHOLDER = "<image>"  # plain text, not an added token: only the prompt builder splits on it

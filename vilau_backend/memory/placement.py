@@ -15,7 +15,7 @@ copies a streamed layer's weights in for the call and drops the copies after.
 (accelerate's own offload hook cannot handle bitsandbytes 4-bit weights: it
 rebuilds them from meta tensors without their quantization state.)
 
-Each layer's KV cache lives on the device its layer runs on (vilau_backend/llm.py).
+Each layer's KV cache lives on the device its layer runs on (vilau_backend/model/llm.py).
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ from accelerate.hooks import AlignDevicesHook, ModelHook, add_hook_to_module, re
 from accelerate.utils import infer_auto_device_map, send_to_device
 from torch import nn
 
-from .errors import InputError
-from .quantize import module_bytes
+from ..errors import InputError
+from .weight_quantization import module_bytes
 
 STREAMED = "stream"  # a layer kept in CPU memory and run on the main device
 LAYER_CLASS = "LlamaDecoderLayer"

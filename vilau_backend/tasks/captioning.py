@@ -27,9 +27,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import InputError
-from .prompts import SYSTEM_PROMPT
-from .position_step import CompileCallback
+from ..errors import InputError
+from ..decoding.prompts import SYSTEM_PROMPT
+from ..decoding.position_step import CompileCallback
 from .understand import DEFAULT_BATCH_SIZE, DEFAULT_MAX_NEW_TOKENS, TextSampling, answer_each_image
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")

@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
-from .errors import InputError
+from ..errors import InputError
 from .generate import GeneratedImages, decode_videos, generate_codes
 
 DEFAULT_MASK_THRESHOLD = 0.5  # a position is regenerated when at least half its pixels are masked

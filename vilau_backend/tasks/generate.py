@@ -17,7 +17,7 @@ driven by the number of grid positions, in phases (position_step.py):
   compiled once per (rows, cache-length bucket) and replayed.
 - `generate_codes`: the loop over positions, with the progress callback.
 
-Editing (vilau_backend/editing.py) is one generalisation of this loop:
+Editing (vilau_backend/tasks/editing.py) is one generalisation of this loop:
 `given_codes` (B, P, D) and a boolean `keep` (B, P, D). A kept code is forced
 in place of the sampled one inside the depth loop, so it feeds the next depth
 step and the next LLM input exactly as a sampled code would; the random draw
@@ -42,11 +42,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import position_step
-from .position_step import CompileCallback
-from .errors import InputError
-from .prompts import DEFAULT_NEGATIVE_PROMPT, cfg_batch
-from .sampling import draw_uniforms
+from ..decoding import position_step
+from ..decoding.position_step import CompileCallback
+from ..errors import InputError
+from ..decoding.prompts import DEFAULT_NEGATIVE_PROMPT, cfg_batch
+from ..decoding.sampling import draw_uniforms
 
 DEFAULT_VIDEO_FRAMES = 8  # as the original's GENERATION_VIDEO_FRAMES
 
@@ -123,7 +123,7 @@ def generate_codes(
     """Generate the codes of `num_images` images (frames=None) or videos of `frames` frames.
 
     Editing: `given_codes` and `keep`, both (B, P, D) (or the shape of the result), make every
-    kept code the given one and sample the others; see vilau_backend/editing.py for the masks.
+    kept code the given one and sample the others; see vilau_backend/tasks/editing.py for the masks.
     Positions kept entirely at the start of every image go through one batched prefill.
 
     compile: run the compiled step (None: the model's `compile_steps`, whose None means on CUDA

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .config import ProjectorSpec
+from ..checkpoint.config import ProjectorSpec
 
 
 class Projector(nn.Module):

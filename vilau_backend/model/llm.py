@@ -34,10 +34,10 @@ def _cache_argument(model_class: type) -> str:
 
 def new_static_cache(llm: nn.Module, rows: int, length: int, dtype: torch.dtype, device: torch.device):
     """A KV cache for `rows` sequences of up to `length` positions, allocated once, each layer's
-    on the device that layer runs on (vilau_backend/placement.py may spread them)."""
+    on the device that layer runs on (vilau_backend/memory/placement.py may spread them)."""
     from transformers import StaticCache
 
-    from .placement import layer_devices
+    from ..memory.placement import layer_devices
 
     # 4.50 takes max_batch_size/device/dtype and a per-layer device map; 5.x sizes and places
     # each layer on first use and ignores them

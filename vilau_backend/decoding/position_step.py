@@ -31,9 +31,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .depth import SampleCodes
-from .llm import additive_mask, forward_hidden, new_static_cache, padded_positions
-from .placement import has_placement
+from ..model.depth import SampleCodes
+from ..model.llm import additive_mask, forward_hidden, new_static_cache, padded_positions
+from ..memory.placement import has_placement
 from .sampling import pick_codes, sampling_knobs
 
 log = logging.getLogger(__name__)
@@ -202,7 +202,7 @@ def compile_by_default(device: torch.device) -> bool:
 
 def resolve_compile(choice: bool | None, device: torch.device, placed: bool = False) -> bool:
     """Whether a run compiles. Never while LLM layers stream from CPU memory or are split over GPUs
-    (vilau_backend/placement.py): their accelerate hooks move weights and activations in Python at
+    (vilau_backend/memory/placement.py): their accelerate hooks move weights and activations in Python at
     every call, which neither dynamo nor a CUDA graph can capture; those runs are eager."""
     if placed:
         if choice:

@@ -24,12 +24,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from ..checkpoint.tokenizer import VILA_U_TOKENS
+from ..decoding.prompts import SYSTEM_PROMPT
+
 SINGLE_FILE = "model.safetensors"
-ADDED_TOKENS = ("<im_start>", "<im_end>", "<vi_start>", "<vi_end>")
-SYSTEM_TEXT = (
-    "A chat between a curious user and an artificial intelligence assistant. "
-    "The assistant gives helpful, detailed, and polite answers to the user's questions."
-)
 
 
 @dataclass(frozen=True)
@@ -91,7 +89,7 @@ def write_tiny_checkpoint(folder: str | Path, sizes: TinySizes = TinySizes(), se
     (folder / "mm_projector").mkdir(parents=True, exist_ok=True)
 
     n_words = write_tokenizer(folder / "llm", sizes.sp_vocab)
-    vocab = n_words + len(ADDED_TOKENS)
+    vocab = n_words + len(VILA_U_TOKENS)
     llm_cfg = _llm_config(sizes, vocab)
     vt_cfg = _vision_tower_config(sizes)
     proj_cfg = {
@@ -272,7 +270,7 @@ def write_tokenizer(llm_dir: Path, vocab_size: int) -> int:
 
     learned = min(vocab_size, 512)
     fillers = [f"<filler_{i}>" for i in range(vocab_size - learned)]
-    corpus = [SYSTEM_TEXT, "USER: ASSISTANT: describe the image in detail. what is in this video?",
+    corpus = [SYSTEM_PROMPT, "USER: ASSISTANT: describe the image in detail. what is in this video?",
               "a red apple on a table. fireworks in the air. a cat sitting on a sofa. a cup of coffee.",
               "The quick brown fox jumps over the lazy dog. 0123456789 .,;:!?'\"()[]{}<>-_/"]
     model = io.BytesIO()
@@ -293,11 +291,11 @@ def write_tokenizer(llm_dir: Path, vocab_size: int) -> int:
     )
     (llm_dir / "tokenizer.model").write_bytes(model.getvalue())
     n_words = spm.SentencePieceProcessor(model_proto=model.getvalue()).get_piece_size()
-    added = {tok: n_words + i for i, tok in enumerate(ADDED_TOKENS)}
+    added = {tok: n_words + i for i, tok in enumerate(VILA_U_TOKENS)}
     _dump(llm_dir / "added_tokens.json", added)
     special = {"content": "", "lstrip": False, "normalized": False, "rstrip": False, "single_word": False}
     _dump(llm_dir / "special_tokens_map.json", {
-        "additional_special_tokens": [dict(special, content=t) for t in ADDED_TOKENS],
+        "additional_special_tokens": [dict(special, content=t) for t in VILA_U_TOKENS],
         "bos_token": dict(special, content="<s>"),
         "eos_token": dict(special, content="</s>"),
         "pad_token": "<unk>",
@@ -307,7 +305,7 @@ def write_tokenizer(llm_dir: Path, vocab_size: int) -> int:
     decoder.update({str(i): dict(special, content=t, special=True) for t, i in added.items()})
     _dump(llm_dir / "tokenizer_config.json", {
         "add_bos_token": True, "add_eos_token": False, "add_prefix_space": True, "added_tokens_decoder": decoder,
-        "additional_special_tokens": list(ADDED_TOKENS), "bos_token": "<s>", "clean_up_tokenization_spaces": False,
+        "additional_special_tokens": list(VILA_U_TOKENS), "bos_token": "<s>", "clean_up_tokenization_spaces": False,
         "eos_token": "</s>", "legacy": False, "model_max_length": 8192, "pad_token": "<unk>",
         "padding_side": "right", "sp_model_kwargs": {}, "spaces_between_special_tokens": False,
         "tokenizer_class": "LlamaTokenizer", "unk_token": "<unk>", "use_default_system_prompt": False,
@@ -390,9 +388,9 @@ def _unit_embeddings(shapes: dict[str, torch.Tensor], gen: torch.Generator) -> t
 def _vision_tower_weights(s: TinySizes, gen: torch.Generator) -> dict[str, torch.Tensor]:
     from transformers import SiglipConfig, SiglipModel
 
-    from .config import DecoderSpec, DepthSpec
-    from .decoder import PixelDecoder
-    from .depth import DepthTransformer
+    from ..checkpoint.config import DecoderSpec, DepthSpec
+    from ..model.pixel_decoder import PixelDecoder
+    from ..model.depth import DepthTransformer
 
     parts = _siglip_config(s)
     siglip_cfg = SiglipConfig(text_config=parts["text_config"], vision_config=parts["vision_config"])
@@ -433,8 +431,8 @@ def _vision_tower_weights(s: TinySizes, gen: torch.Generator) -> dict[str, torch
 
 
 def _projector_weights(s: TinySizes, gen: torch.Generator) -> dict[str, torch.Tensor]:
-    from .config import ProjectorSpec
-    from .projector import Projector
+    from ..checkpoint.config import ProjectorSpec
+    from ..model.projector import Projector
 
     with torch.device("meta"):
         state = Projector(ProjectorSpec(kind=s.projector, in_dim=s.siglip_width, out_dim=s.llm_hidden)).state_dict()

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import CheckpointError
+from ..errors import CheckpointError
 
 ACCEPTED_MODEL_TYPES = ("vila_u_llama", "vila_u")
 

@@ -14,16 +14,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import VilaUConfig, load_config
-from .decoder import PixelDecoder
+from ..checkpoint.config import VilaUConfig, load_config
+from .pixel_decoder import PixelDecoder
 from .depth import DepthTransformer
-from .errors import CheckpointError, InputError
-from .loading import SafetensorsFolder, build_empty, load_weights
-from .preprocess import preprocess_images, to_comfy_images
+from ..errors import CheckpointError, InputError
+from ..checkpoint.loading import SafetensorsFolder, build_empty, load_weights
+from ..media.preprocess import preprocess_images, to_comfy_images
 from .projector import Projector
-from .quantize import DEPTH_TARGETS, LLM_TARGETS, check_quantize, linear_converter, module_bytes
-from .tokenizer import VilaTokenizer
-from .quantizer import ResidualQuantizer
+from ..memory.weight_quantization import DEPTH_TARGETS, LLM_TARGETS, check_quantize, linear_converter, module_bytes
+from ..checkpoint.tokenizer import VilaTokenizer
+from .rq_codebook import ResidualQuantizer
 from .siglip import SiglipFeatureEncoder
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -113,7 +113,7 @@ class VilaUModel:
         compile_steps: bool | None = None,
     ) -> VilaUModel:
         """Read a model folder. `quantize` ('none', 'int8', '4bit') stores the LLM's decoder layers and the
-        depth transformer weight-only quantized (vilau_backend/quantize.py), layer by layer as they are read."""
+        depth transformer weight-only quantized (vilau_backend/memory/weight_quantization.py), layer by layer as they are read."""
         scheme = check_quantize(quantize)
         config = load_config(folder)
         device = resolve_device(device)

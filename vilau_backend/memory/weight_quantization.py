@@ -32,7 +32,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from .errors import InputError
+from ..errors import InputError
 
 QUANTIZE_CHOICES = ("none", "int8", "4bit")
 

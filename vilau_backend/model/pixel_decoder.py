@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import DecoderSpec
+from ..checkpoint.config import DecoderSpec
 
 
 def _group_norm(channels: int) -> nn.GroupNorm:

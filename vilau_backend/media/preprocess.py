@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .errors import InputError
+from ..errors import InputError
 
 PAD_GREY = (127, 127, 127)  # as the original: tuple(int(x * 255) for x in image_mean=0.5)
 

@@ -12,7 +12,7 @@ from torch import nn
 from transformers import SiglipVisionConfig
 from transformers.models.siglip.modeling_siglip import SiglipEncoder, SiglipVisionEmbeddings
 
-from .config import SiglipVisionSpec
+from ..checkpoint.config import SiglipVisionSpec
 
 
 def _hf_config(spec: SiglipVisionSpec) -> SiglipVisionConfig:

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import VilaUError
+from ..errors import VilaUError
 
 POLL_SECONDS = 0.1  # how often the waiting thread calls on_progress
 PARTIAL_DIR = Path(".cache") / "huggingface" / "download"  # where hf_hub_download(local_dir=...) keeps partial files

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .config import QuantizerSpec
+from ..checkpoint.config import QuantizerSpec
 
 
 class ResidualQuantizer(nn.Module):
