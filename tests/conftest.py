@@ -1,11 +1,11 @@
 """Shared fixtures: the golden checkpoint from the original implementation and tiny checkpoints we write.
 
 Markers: `comfyui` marks the tests that start the pinned ComfyUI (or install into its
-environment). scripts/run_tests.sh runs every other test again under transformers 4.50.3,
+environment). dev/scripts/run_tests.sh runs every other test again under transformers 4.50.3,
 so a new backend test file joins that pass without being listed anywhere.
 
 `--device cuda` (or VILAU_TEST_DEVICE=cuda) loads the fixtures' models on that device instead of
-the CPU (bench/gpu_check.sh runs the backend tests so). Tests that build their own modules stay
+the CPU (dev/bench/gpu_check.sh runs the backend tests so). Tests that build their own modules stay
 on the CPU.
 """
 

@@ -11,7 +11,7 @@ the next, so `torch.compile` traces the step once per (rows, bucket) and
 reuses it for every position of every later run of that size: with CUDA graphs
 on CUDA (mode "reduce-overhead": one graph launch per position instead of
 thousands of kernel launches), plain inductor on the CPU. The CPU path is what
-the tests compile; the CUDA path is exercised by bench/gpu_check.sh.
+the tests compile; the CUDA path is exercised by dev/bench/gpu_check.sh.
 
 Buffers keep fixed addresses (`mark_static_address`, as transformers does for
 its StaticCache), which is what lets a CUDA graph that writes into them be
@@ -195,7 +195,7 @@ _traced: set[tuple] = set()  # (id(model), StepKey) already compiled, for the "c
 
 def compile_by_default(device: torch.device) -> bool:
     """Whether `compile=None` compiles: on CUDA, where a 7B step is bound by kernel launches that
-    a CUDA graph removes (bench/gpu_check.sh measures it); not on the CPU, where inductor's first
+    a CUDA graph removes (dev/bench/gpu_check.sh measures it); not on the CPU, where inductor's first
     compile takes minutes (README, Performance, has the measured CPU figures)."""
     return device.type == "cuda"
 

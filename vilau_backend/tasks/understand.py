@@ -176,7 +176,7 @@ def answer_each_image(
     would expose the quantizer's nearest-code choice to other GEMM roundings); the B prompts
     then share one LLM pass (:func:`generate_texts`). That pass runs other kernel shapes than
     B single runs, so its logits may differ from theirs in the last bits: greedy answers are
-    the same tokens unless two candidates were tied to that precision (tests/test_batch_answers.py
+    the same tokens unless two candidates were tied to that precision (tests/backend/test_batch_answers.py
     measures it). `on_answers(step, texts)` gets the B texts so far after each token."""
     _check_query(query)
     input_ids = model.tokenizer.tokenize_with_image_slots(understanding_prompt(query, 1, system=system))

@@ -68,7 +68,7 @@ class TinySizes:
 
 # A 7B-shaped 256 px model: LLaMA-2-7B (4096 x 32, MLP 11008, 32000 + 4 tokens) in 8 bf16 shards,
 # SigLIP-large-patch16-256 (vision and text towers), 16384 codes of depth 4; the depth transformer
-# (2560 x 6, 40 heads) and decoder follow the original code's defaults (as bench/generate.py's `full`).
+# (2560 x 6, 40 heads) and decoder follow the original code's defaults (as dev/bench/generate.py's `full`).
 FULL_7B_256 = TinySizes(
     image_size=256, patch_size=16, siglip_width=1024, siglip_layers=24, siglip_heads=16, siglip_intermediate=4096,
     siglip_hub_id="google/siglip-large-patch16-256", siglip_text=(1024, 24, 32000, 64),
