@@ -6,7 +6,7 @@ Without --model it writes the 7B-shaped random checkpoint (vilau_backend/testing
 FULL_7B_256, about 15 GB) into --write (default: a temporary folder, deleted after).
 Each choice runs in a fresh process: load in bf16 on the GPU, then text-to-image at
 batch 1 (256 positions, decode included). Printed per choice: GPU memory after loading,
-peak GPU memory during generation (the issue's goals, 256 px batch 1: bf16 <= 15.5 GB,
+peak GPU memory during generation (the goals, 256 px batch 1: bf16 <= 15.5 GB,
 int8 <= 9 GB, 4-bit <= 6 GB), ms per position and the ratio to bf16.
 """
 

@@ -12,8 +12,8 @@ dev/scripts/build_workflows.py. Typical use::
         page.screenshot("name")              # <screenshot_dir>/name.png
 
 Chromium is Debian's (``/usr/bin/chromium``, ``apt-get install chromium``);
-Playwright never downloads a browser here. The flags are the ones DESIGN.md
-gives for headless runs.
+Playwright never downloads a browser here. The flags keep a headless Chromium from
+reaching the network or a GPU.
 """
 
 from __future__ import annotations

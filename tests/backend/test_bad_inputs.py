@@ -1,5 +1,5 @@
 """Bad input to the backend gets an error that says what was wrong and what to do, and leaves
-the model usable (issue 9). End-to-end counterparts through ComfyUI's API are in
+the model usable. End-to-end counterparts through ComfyUI's API are in
 test_bad_inputs_e2e.py."""
 
 from __future__ import annotations

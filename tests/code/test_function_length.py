@@ -1,4 +1,4 @@
-"""No function in vilau_backend/ or nodes/ is longer than 60 lines (STYLE.md: each phase short enough to read at once).
+"""No function in vilau_backend/ or nodes/ is longer than 60 lines (each phase short enough to read at once).
 
 Exempt: a node's `define_schema`, which is a declaration (one entry per input, each with its tooltip).
 """

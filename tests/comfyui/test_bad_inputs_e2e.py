@@ -1,4 +1,4 @@
-"""What a hostile or unlucky user sends, through a real ComfyUI's API (issue 9).
+"""What a hostile or unlucky user sends, through a real ComfyUI's API.
 
 One server for the module, with this pack, two tiny models of the same geometry but other
 weights, one with a corrupt tokenizer, and HF_ENDPOINT pointing at a loopback listener that

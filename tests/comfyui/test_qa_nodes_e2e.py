@@ -1,4 +1,4 @@
-"""Captioning and Q&A the way ComfyUI users work, in a real ComfyUI 0.3.75 (issue 13).
+"""Captioning and Q&A the way ComfyUI users work, in a real ComfyUI 0.3.75.
 
 Caption Folder (captions written, summary, Cancel with nothing half-written, refusals),
 several images in one question, the system prompt, video frame choice, and answers that

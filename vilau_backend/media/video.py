@@ -13,7 +13,7 @@ memory, so a long video costs one extra decoding pass (to count its frames,
 which container headers often get wrong) rather than gigabytes of frames.
 
 With fewer frames than asked for, every frame is used once. The original's
-index formula would repeat frames instead; issue 3 asks for the frames there are.
+index formula would repeat frames instead; a shorter video gives the frames it has.
 """
 
 from __future__ import annotations

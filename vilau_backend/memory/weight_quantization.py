@@ -6,7 +6,7 @@ weights. The vision tower, decoder, projector, embeddings and the LLM's text
 head keep the compute dtype (they are small, and the pixels and the first
 answer tokens depend on them most directly).
 
-Which libraries, chosen by measurement (issue 11; figures in README.md):
+Which libraries, chosen by measurement (figures in README.md, "Memory: quantization, offloading, several GPUs"):
 - int8: torchao's `Int8WeightOnlyConfig` (per-channel scales). It runs on the CPU
   and on CUDA with the same kernels-free code, composes with `torch.compile`
   (inductor fuses the dequantisation into the matmul), survives module moves and
