@@ -95,6 +95,7 @@ class CaptionFolder(QuestionNode):
             question=question, prefix=prefix, suffix=suffix, overwrite=existing_captions == OVERWRITE,
             recursive=recursive, system=system_prompt, max_new_tokens=max_new_tokens, seed=seed,
             sampling=text_sampling(do_sample, temperature, top_k, top_p, repetition_penalty), batch_size=batch_size,
+            compile=model.compile,
         )
         progress = CaptionProgress(cls.hidden.unique_id, max_new_tokens)
         report = caption_folder(model.ready(), resolve_folder(folder), settings, on_progress=progress,

@@ -71,7 +71,7 @@ def edit_whole_sources(edit, setting, node: str, model, prompt: str, batch_size:
     codes, _ = edit_source(vila, image, latent, node)
     value = setting(vila)
     h, w = vila.config.grid
-    options = edit_options(vila, h * w, batch_size, **options)
+    options = edit_options(vila, h * w, batch_size, compile=model.compile, **options)
     result = edit(vila, prompt, repeat_sources(codes, batch_size), value, **options)
     return image_outputs(vila, result)
 
@@ -153,7 +153,7 @@ class Inpaint(PromptNode):
         h, w = vila.config.grid
         result = editing.inpaint(
             vila, prompt, codes, regenerate, original=original, feather=feather,
-            **edit_options(vila, h * w, batch_size, **options),
+            **edit_options(vila, h * w, batch_size, compile=model.compile, **options),
         )
         size = result.images.shape[1]
         region = editing.feathered_pixel_mask(regenerate, size, 0)[..., 0]  # (B, S, S)
@@ -293,7 +293,7 @@ class ExtendVideo(PromptNode):
         given = _video_source_codes(vila, frames, video, latent)  # (Fg, h, w, D)
         total = given.shape[0] + add_frames
         h, w = vila.config.grid
-        options = edit_options(vila, total * h * w, batch_size, **options)
+        options = edit_options(vila, total * h * w, batch_size, compile=model.compile, **options)
         return video_outputs(vila, extend_video(vila, prompt, given, total, videos=batch_size, **options), fps)
 
 

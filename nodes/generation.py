@@ -85,10 +85,11 @@ class PromptNode(io.ComfyNode):
 
 def generation_options(
     model, positions: int, *, negative_prompt: str, cfg: float, seed: int, batch_size: int,
-    temperature: float, top_k: int, top_p: float, node_id: str | None = None,
+    temperature: float, top_k: int, top_p: float, compile: bool | None = None, node_id: str | None = None,
 ) -> dict:
     """The node's generation inputs -> keyword arguments of generate_images / generate_video.
-    `node_id`: where "compiling…" shows before a run that compiles the generation step."""
+    `compile`: the loader's compile choice for this run; `node_id`: where "compiling…" shows
+    before a run that compiles the generation step."""
     from ..vilau_backend.tasks.generate import ImageSampling
     from ..vilau_backend.decoding.prompts import DEFAULT_NEGATIVE_PROMPT
 
@@ -98,6 +99,7 @@ def generation_options(
         sampling=ImageSampling(cfg=cfg, temperature=temperature, top_k=top_k, top_p=top_p),
         seed=seed,
         on_position=PositionProgress(model, positions),
+        compile=compile,
         on_compile=lambda: show_status(node_id, COMPILING),
     )
 
@@ -149,7 +151,7 @@ class TextToImage(PromptNode):
 
         vila = model.ready()
         h, w = vila.config.grid
-        result = generate_images(vila, prompt, **generation_options(vila, h * w, node_id=cls.hidden.unique_id, **options))
+        result = generate_images(vila, prompt, **generation_options(vila, h * w, compile=model.compile, node_id=cls.hidden.unique_id, **options))
         return image_outputs(vila, result)
 
 
@@ -190,5 +192,5 @@ class TextToVideo(PromptNode):
 
         vila = model.ready()
         h, w = vila.config.grid
-        options = generation_options(vila, frames * h * w, node_id=cls.hidden.unique_id, **options)
+        options = generation_options(vila, frames * h * w, compile=model.compile, node_id=cls.hidden.unique_id, **options)
         return video_outputs(vila, generate_video(vila, prompt, frames=frames, **options), fps)

@@ -39,7 +39,7 @@ from typing import Any
 
 DTYPE_CHOICES = {"auto": None, "bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 QUANTIZE_CHOICES = ("none", "int8", "4bit")  # vilau_backend.memory.weight_quantization.QUANTIZE_CHOICES, without importing torch
-# the loader's compile choice -> VilaUModel.compile_steps (None: on CUDA, off on the CPU)
+# the loader's compile choice -> the `compile` of every run through its handle (None: on CUDA, off on the CPU)
 COMPILE_CHOICES = {"auto": None, "on": True, "off": False}
 ALL_GPUS = "all GPUs"  # a device choice: the LLM's layers split over every visible GPU
 GiB = 2**30
@@ -156,13 +156,11 @@ class ModelHandle:
     def __init__(self, loaded: LoadedVilaU, keep_loaded: bool = True, compile: bool | None = None):
         self.loaded = loaded
         self.keep_loaded = keep_loaded
-        self.compile = compile  # VilaUModel.compile_steps while a node uses the model through this handle
+        self.compile = compile  # passed by the nodes to every run they make through this handle
 
     def ready(self):
-        """The backend model on its load device, set up for this loader's choices."""
-        model = self.loaded.ready()
-        model.compile_steps = self.compile
-        return model
+        """The backend model on its load device (shared with the other loaders of these weights)."""
+        return self.loaded.ready()
 
     def release(self) -> None:
         self.loaded.release()

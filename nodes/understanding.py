@@ -162,7 +162,7 @@ class ImageQA(QuestionNode):
         answers = describe_images(
             model.ready(), [image, *more], question, batch=each, batch_size=batch_size, system=system_prompt,
             sampling=text_sampling(do_sample, temperature, top_k, top_p, repetition_penalty),
-            max_new_tokens=max_new_tokens, seed=seed, on_compile=progress.on_compile,
+            max_new_tokens=max_new_tokens, seed=seed, compile=model.compile, on_compile=progress.on_compile,
             **(dict(on_answers=progress.on_answers) if each else dict(on_token=progress)),
         )
         texts = [answer.text for answer in answers]
@@ -225,7 +225,8 @@ class VideoQA(QuestionNode):
         answer = describe_video(
             vila, frames, question, choice=choice, system=system_prompt,
             sampling=text_sampling(do_sample, temperature, top_k, top_p, repetition_penalty),
-            max_new_tokens=max_new_tokens, seed=seed, on_token=progress, on_compile=progress.on_compile,
+            max_new_tokens=max_new_tokens, seed=seed, on_token=progress, compile=model.compile,
+            on_compile=progress.on_compile,
         )
         progress.done([answer.text])
         return io.NodeOutput(answer.text, ui={"text": [answer.text]})

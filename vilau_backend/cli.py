@@ -49,8 +49,7 @@ def save_image_file(image: torch.Tensor, path: str | Path) -> None:
 def _load_model(args: argparse.Namespace):
     from .model.vila_u import VilaUModel
 
-    return VilaUModel.load(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize,
-                           compile_steps=getattr(args, "compile", None))
+    return VilaUModel.load(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize)
 
 
 def _encode(args: argparse.Namespace) -> int:
@@ -109,7 +108,7 @@ def _describe(args: argparse.Namespace) -> int:
             repetition_penalty=args.repetition_penalty,
         )
     options = dict(sampling=sampling, max_new_tokens=args.max_new_tokens, seed=args.seed or 0,
-                   on_compile=_say_compiling)
+                   compile=args.compile, on_compile=_say_compiling)
 
     model = _load_model(args)
     if args.video:
@@ -135,7 +134,7 @@ def _generation_options(args: argparse.Namespace) -> dict:
 
     sampling = ImageSampling(cfg=args.cfg, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     return dict(negative_prompt=args.negative_prompt, num_images=args.num, seed=args.seed, sampling=sampling,
-                on_compile=_say_compiling)
+                compile=args.compile, on_compile=_say_compiling)
 
 
 def _say_compiling() -> None:

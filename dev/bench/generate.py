@@ -47,7 +47,7 @@ from vilau_backend.checkpoint.config import (  # noqa: E402
 )
 from vilau_backend.tasks.generate import ImageSampling, generate_codes  # noqa: E402
 from vilau_backend.model.vila_u import VilaUModel, VisionTower, resolve_device, resolve_dtype  # noqa: E402
-from vilau_backend.decoding.position_step import resolve_compile  # noqa: E402
+from vilau_backend.decoding.compiled_steps import resolve_compile  # noqa: E402
 from vilau_backend.model.projector import Projector  # noqa: E402
 from vilau_backend.memory.weight_quantization import DEPTH_TARGETS, LLM_TARGETS, QUANTIZE_CHOICES, quantize_module  # noqa: E402
 from vilau_backend.testing.random_checkpoint import write_tokenizer  # noqa: E402

@@ -31,7 +31,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from vilau_backend.tasks.generate import ImageSampling, generate_codes  # noqa: E402
-from vilau_backend.decoding.position_step import StepState, advance, cache_length, step_key  # noqa: E402
+from vilau_backend.decoding.compiled_steps import cache_length, step_key  # noqa: E402
+from vilau_backend.decoding.position_step import StepState, advance  # noqa: E402
 from vilau_backend.model.llm import forward_hidden, new_dynamic_cache  # noqa: E402
 from vilau_backend.decoding.prompts import cfg_batch, understanding_prompt  # noqa: E402
 from vilau_backend.tasks.understand import GREEDY, generate_text, splice_image_embeddings  # noqa: E402

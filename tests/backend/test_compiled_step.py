@@ -19,7 +19,8 @@ import torch
 
 from conftest import reference
 from vilau_backend.tasks.generate import ImageSampling, generate_codes, image_generators
-from vilau_backend.decoding.position_step import needs_compiling, step_key
+from vilau_backend.decoding import compiled_steps
+from vilau_backend.decoding.compiled_steps import needs_compiling, step_key
 from vilau_backend.decoding.sampling import draw_uniforms
 
 GREEDY = ImageSampling(top_k=1)
@@ -89,6 +90,28 @@ def test_cancel_in_a_compiled_run_leaves_the_next_run_unchanged(golden_fp32, com
     with pytest.raises(KeyboardInterrupt):
         generate_codes(golden_fp32, APPLE, seed=3, compile=True, on_position=stop)
     assert torch.equal(generate_codes(golden_fp32, APPLE, seed=3, compile=True), compiled)
+
+
+def test_a_run_after_a_cancelled_first_compiled_run_only_replays_and_says_so(golden_fp32, compiled_once):
+    """The first compiled run of a size is cancelled after its first position: the step is traced by
+    then, so the next run of that size neither compiles nor says "compiling…"."""
+    key = step_key(golden_fp32, 2, 512)
+    # as for a model that has not run this size yet (dynamo still holds the graph, so nothing recompiles)
+    compiled_steps._traced.discard((id(golden_fp32), key))
+    notices = []
+
+    def stop(done, total, codes):
+        raise KeyboardInterrupt("cancelled")
+
+    with pytest.raises(KeyboardInterrupt):
+        generate_codes(golden_fp32, APPLE, seed=3, compile=True, on_position=stop,
+                       on_compile=lambda: notices.append("compiling"))
+    assert notices == ["compiling"]
+    assert not needs_compiling(golden_fp32, key)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        codes = generate_codes(golden_fp32, APPLE, seed=3, compile=True, on_compile=lambda: notices.append("again"))
+    assert notices == ["compiling"]
+    assert torch.equal(codes, compiled_once[0])
 
 
 def test_compiled_step_is_kept_per_size_on_the_model(golden_fp32, compiled_once):

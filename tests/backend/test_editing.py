@@ -21,7 +21,8 @@ from vilau_backend.tasks.editing import (
 )
 from vilau_backend.errors import InputError
 from vilau_backend.tasks.generate import ImageSampling, _code_loop, _edit_inputs, generate_codes
-from vilau_backend.decoding.position_step import StepState, advance, cache_length, prefix_inputs, step_key
+from vilau_backend.decoding.compiled_steps import cache_length, step_key
+from vilau_backend.decoding.position_step import StepState, advance, prefix_inputs
 from vilau_backend.decoding.prompts import cfg_batch
 
 PROMPT = "a red apple on a table"

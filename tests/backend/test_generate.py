@@ -26,7 +26,8 @@ from vilau_backend.tasks.generate import (
     image_generators,
     preview_image,
 )
-from vilau_backend.decoding.position_step import StepState, advance, cache_length, next_input, step_key
+from vilau_backend.decoding.compiled_steps import cache_length, step_key
+from vilau_backend.decoding.position_step import StepState, advance, next_input
 
 GREEDY = ImageSampling(top_k=1)
 APPLE = "a red apple on a table"

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from ..model.llm import additive_mask, forward_hidden, new_static_cache, padded_positions
-from .position_step import StepKey, cache_length, step_key
+from .compiled_steps import StepKey, cache_length, step_key
 
 TEXT = "text"  # StepKey.kind of these states
 

@@ -86,7 +86,6 @@ class VilaUModel:
         projector: Projector,
         dtype: torch.dtype,
         quantize: str = "none",
-        compile_steps: bool | None = None,
     ):
         self.config = config
         self.tokenizer = tokenizer
@@ -98,8 +97,6 @@ class VilaUModel:
         # every weight in one plain module, for callers that move or measure the model as a whole
         # (ComfyUI's ModelPatcher cannot wrap a transformers model directly)
         self.networks = nn.ModuleDict({"llm": llm, "vision": vision, "projector": projector})
-        # whether generation runs its compiled step (position_step.py); None: on CUDA only
-        self.compile_steps = compile_steps
         # the compiled step's KV cache and buffers, kept for the next run of the same size
         self.step_states: dict = {}
 
@@ -110,7 +107,6 @@ class VilaUModel:
         dtype: str | torch.dtype | None = None,
         device: str | torch.device | None = None,
         quantize: str | None = "none",
-        compile_steps: bool | None = None,
     ) -> VilaUModel:
         """Read a model folder. `quantize` ('none', 'int8', '4bit') stores the LLM's decoder layers and the
         depth transformer weight-only quantized (vilau_backend/memory/weight_quantization.py), layer by layer as they are read."""
@@ -129,7 +125,7 @@ class VilaUModel:
         projector = build_empty(lambda: Projector(config.projector))
         with SafetensorsFolder(config.projector_dir) as weights:
             load_weights(projector, weights, "", dtype, device)
-        return cls(config, tokenizer, llm, vision, projector, dtype, scheme, compile_steps)
+        return cls(config, tokenizer, llm, vision, projector, dtype, scheme)
 
     @property
     def device(self) -> torch.device:

@@ -29,7 +29,7 @@ import torch
 
 from ..errors import InputError
 from ..decoding.prompts import SYSTEM_PROMPT
-from ..decoding.position_step import CompileCallback
+from ..decoding.compiled_steps import CompileCallback
 from .understand import DEFAULT_BATCH_SIZE, DEFAULT_MAX_NEW_TOKENS, TextSampling, answer_each_image
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
@@ -52,6 +52,7 @@ class CaptionSettings:
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     seed: int = 0
     batch_size: int = DEFAULT_BATCH_SIZE
+    compile: bool | None = None  # the compiled answer step; None: on CUDA only
 
 
 @dataclass
@@ -218,6 +219,7 @@ def _caption_batch(
             on_progress(CaptionProgress(done, total, step, images, texts))
     answers = answer_each_image(
         model, pixels, settings.question, system=settings.system, sampling=settings.sampling,
-        max_new_tokens=settings.max_new_tokens, seed=settings.seed, on_answers=report, on_compile=on_compile,
+        max_new_tokens=settings.max_new_tokens, seed=settings.seed, on_answers=report, compile=settings.compile,
+        on_compile=on_compile,
     )
     return [answer.text for answer in answers]

@@ -42,8 +42,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..decoding import position_step
-from ..decoding.position_step import CompileCallback
+from ..decoding import compiled_steps, position_step
+from ..decoding.compiled_steps import CompileCallback
 from ..errors import InputError
 from ..decoding.prompts import DEFAULT_NEGATIVE_PROMPT, cfg_batch
 from ..decoding.sampling import draw_uniforms
@@ -126,8 +126,7 @@ def generate_codes(
     kept code the given one and sample the others; see vilau_backend/tasks/editing.py for the masks.
     Positions kept entirely at the start of every image go through one batched prefill.
 
-    compile: run the compiled step (None: the model's `compile_steps`, whose None means on CUDA
-    only). Compiled and eager runs draw the same numbers; their codes can differ only where
+    compile: run the compiled step (None: on CUDA only). Compiled and eager runs draw the same numbers; their codes can differ only where
     their kernels' rounding flips a near-tie. `on_compile` is called before a run that compiles.
 
     Returns codes (B, h, w, D), or (B, F, h, w, D) for a video, int64 on the model's device."""
@@ -148,9 +147,9 @@ def generate_codes(
             f"{which} ({input_ids.shape[1]} tokens) plus {P} image positions exceeds the model's context of "
             f"{model.config.llm.context_length}; shorten the {which} or generate fewer frames"
         )
-    compile = position_step.resolve_model_compile(model, compile)
-    key = position_step.step_key(model, 2 * num_images, position_step.cache_length(input_ids.shape[1], P))
-    state = position_step.step_state(model, key, compile)
+    compile = compiled_steps.run_compiles(model, compile)
+    key = compiled_steps.step_key(model, 2 * num_images, compiled_steps.cache_length(input_ids.shape[1], P))
+    state = compiled_steps.step_state(model, key, compile, position_step.StepState)
     uniforms = draw_uniforms(image_generators(seed, num_images), P, D).to(model.device)  # (B, P, D), once
     forced = {} if edit is None else dict(given=edit.given, keep=edit.keep)
     state.begin(input_ids, attention_mask.to(model.device), uniforms, sampling, **forced)
@@ -210,16 +209,16 @@ def _code_loop(
             return state.codes[:, :P].clone()
     step = position_step.advance
     if compile:
-        if on_compile is not None and position_step.needs_compiling(model, state.key):
+        if on_compile is not None and compiled_steps.needs_compiling(model, state.key):
             on_compile()
         step = position_step.compiled_advance(model.device)
     state.prefill(model, position_step.prefix_inputs(model, state.codes[:, :start]) if start else None)
     for p in range(start, P):
         step(model, state, state.positions[p])
+        if compile and p == start:  # traced now: a later run of this size, even after a cancel, only replays
+            compiled_steps.mark_compiled(model, state.key)
         if on_position is not None:
             on_position(p + 1, P, state.codes[:, : p + 1])  # a view: later steps write beyond it
-    if compile:
-        position_step.mark_compiled(model, state.key)
     return state.codes[:, :P].clone()
 
 

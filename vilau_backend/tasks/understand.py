@@ -45,10 +45,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..decoding import position_step, text_step
+from ..decoding import compiled_steps, text_step
 from ..errors import InputError
 from ..model.llm import additive_mask, forward_hidden, new_dynamic_cache, padded_positions
-from ..decoding.position_step import CompileCallback
+from ..decoding.compiled_steps import CompileCallback
 from ..decoding.prompts import IMAGE_PLACEHOLDER, IMAGE_TOKEN_INDEX, SYSTEM_PROMPT, understanding_prompt
 from ..media.video import FrameChoice
 
@@ -333,8 +333,8 @@ def generate_texts(
     tokens, texts)` follows every step: the new token of each row (None once it has stopped) and
     each row's text so far, up to its last complete character (:func:`streamed_text`).
 
-    compile: decode through the compiled step (vilau_backend/decoding/text_step.py; None: the model's
-    `compile_steps`, whose None means on CUDA only); `on_compile` is called before a run that
+    compile: decode through the compiled step (vilau_backend/decoding/text_step.py; None: on CUDA
+    only); `on_compile` is called before a run that
     compiles. Compiled and eager answers draw the same numbers; their tokens can differ only
     where kernel rounding flips a near-tie. If `on_step` raises, the next run is unaffected."""
     rows = len(prompts)
@@ -377,16 +377,16 @@ class _Decoder:
     def __init__(self, model, batch: PromptBatch, max_new_tokens: int, compile: bool | None,
                  on_compile: CompileCallback | None):
         self.model, self.batch = model, batch
-        self.compiled = position_step.resolve_model_compile(model, compile)
+        self.compiled = compiled_steps.run_compiles(model, compile)
         if not self.compiled:
             self.cache = new_dynamic_cache(model.llm)
             return
         rows, prompt_len = batch.embeds.shape[:2]
         self.key = text_step.text_step_key(model, rows, prompt_len, max_new_tokens)
-        self.state = position_step.step_state(model, self.key, True, text_step.TextStepState)
-        if on_compile is not None and position_step.needs_compiling(model, self.key):
+        self.state = compiled_steps.step_state(model, self.key, True, text_step.TextStepState)
+        if on_compile is not None and compiled_steps.needs_compiling(model, self.key):
             on_compile()
-        self.step_function = position_step.compiled_step(text_step.decode_step, model.device)
+        self.step_function = compiled_steps.compiled_step(text_step.decode_step, model.device)
 
     def prefill(self) -> torch.Tensor:
         if not self.compiled:
@@ -398,7 +398,7 @@ class _Decoder:
             return self.batch.decode_step(self.model.llm, tokens, step, self.cache)
         logits = self.state.decode(self.step_function, self.model, tokens, step)
         if step == 0:  # compiled now: a later run of this size, even after a cancel, only replays
-            position_step.mark_compiled(self.model, self.key)
+            compiled_steps.mark_compiled(self.model, self.key)
         return logits
 
 
