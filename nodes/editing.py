@@ -55,9 +55,9 @@ def edit_source(vila, image, latent, node: str):
     return vila.encode_images(image).codes.cpu(), model_view(vila, image)
 
 
-def edit_options(vila, positions: int, batch_size: int, **options) -> dict:
+def edit_options(vila, batch_size: int, **options) -> dict:
     """The generation inputs -> keyword arguments of the backend edits (the batch comes from the codes)."""
-    options = generation_options(vila, positions, batch_size=batch_size, **options)
+    options = generation_options(vila, batch_size=batch_size, **options)
     del options["num_images"]
     return options
 
@@ -70,8 +70,7 @@ def edit_whole_sources(edit, setting, node: str, model, prompt: str, batch_size:
     vila = model.ready()
     codes, _ = edit_source(vila, image, latent, node)
     value = setting(vila)
-    h, w = vila.config.grid
-    options = edit_options(vila, h * w, batch_size, compile=model.compile, **options)
+    options = edit_options(vila, batch_size, compile=model.compile, **options)
     result = edit(vila, prompt, repeat_sources(codes, batch_size), value, **options)
     return image_outputs(vila, result)
 
@@ -150,10 +149,9 @@ class Inpaint(PromptNode):
         codes, regenerate = editing.repeat_sources(codes, batch_size), editing.repeat_sources(regenerate, batch_size)
         if original is not None:
             original = editing.repeat_sources(original, batch_size)
-        h, w = vila.config.grid
         result = editing.inpaint(
             vila, prompt, codes, regenerate, original=original, feather=feather,
-            **edit_options(vila, h * w, batch_size, compile=model.compile, **options),
+            **edit_options(vila, batch_size, compile=model.compile, **options),
         )
         size = result.images.shape[1]
         region = editing.feathered_pixel_mask(regenerate, size, 0)[..., 0]  # (B, S, S)
@@ -292,8 +290,7 @@ class ExtendVideo(PromptNode):
         vila = model.ready()
         given = _video_source_codes(vila, frames, video, latent)  # (Fg, h, w, D)
         total = given.shape[0] + add_frames
-        h, w = vila.config.grid
-        options = edit_options(vila, total * h * w, batch_size, compile=model.compile, **options)
+        options = edit_options(vila, batch_size, compile=model.compile, **options)
         return video_outputs(vila, extend_video(vila, prompt, given, total, videos=batch_size, **options), fps)
 
 

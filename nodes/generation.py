@@ -69,9 +69,10 @@ def fps_input() -> io.Float.Input:
 
 
 def check_prompt(prompt: str | None) -> bool | str:
-    if prompt is not None and not prompt.strip():
-        return "the prompt is empty: describe what to generate"
-    return True
+    from ..vilau_backend.tasks.generate import empty_prompt_problem
+
+    # None: the prompt comes from a link, known only when the node runs (the backend checks it then)
+    return True if prompt is None else empty_prompt_problem(prompt) or True
 
 
 class PromptNode(io.ComfyNode):
@@ -84,7 +85,7 @@ class PromptNode(io.ComfyNode):
 
 
 def generation_options(
-    model, positions: int, *, negative_prompt: str, cfg: float, seed: int, batch_size: int,
+    model, *, negative_prompt: str, cfg: float, seed: int, batch_size: int,
     temperature: float, top_k: int, top_p: float, compile: bool | None = None, node_id: str | None = None,
 ) -> dict:
     """The node's generation inputs -> keyword arguments of generate_images / generate_video.
@@ -98,7 +99,7 @@ def generation_options(
         num_images=batch_size,
         sampling=ImageSampling(cfg=cfg, temperature=temperature, top_k=top_k, top_p=top_p),
         seed=seed,
-        on_position=PositionProgress(model, positions),
+        on_position=PositionProgress(model),
         compile=compile,
         on_compile=lambda: show_status(node_id, COMPILING),
     )
@@ -150,8 +151,8 @@ class TextToImage(PromptNode):
         from ..vilau_backend.tasks.generate import generate_images
 
         vila = model.ready()
-        h, w = vila.config.grid
-        result = generate_images(vila, prompt, **generation_options(vila, h * w, compile=model.compile, node_id=cls.hidden.unique_id, **options))
+        options = generation_options(vila, compile=model.compile, node_id=cls.hidden.unique_id, **options)
+        result = generate_images(vila, prompt, **options)
         return image_outputs(vila, result)
 
 
@@ -191,6 +192,5 @@ class TextToVideo(PromptNode):
         from ..vilau_backend.tasks.generate import generate_video
 
         vila = model.ready()
-        h, w = vila.config.grid
-        options = generation_options(vila, frames * h * w, compile=model.compile, node_id=cls.hidden.unique_id, **options)
+        options = generation_options(vila, compile=model.compile, node_id=cls.hidden.unique_id, **options)
         return video_outputs(vila, generate_video(vila, prompt, frames=frames, **options), fps)

@@ -38,7 +38,6 @@ from pathlib import Path
 from typing import Any
 
 DTYPE_CHOICES = {"auto": None, "bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
-QUANTIZE_CHOICES = ("none", "int8", "4bit")  # vilau_backend.memory.weight_quantization.QUANTIZE_CHOICES, without importing torch
 # the loader's compile choice -> the `compile` of every run through its handle (None: on CUDA, off on the CPU)
 COMPILE_CHOICES = {"auto": None, "on": True, "off": False}
 ALL_GPUS = "all GPUs"  # a device choice: the LLM's layers split over every visible GPU

@@ -14,32 +14,34 @@ COMPILING = "compiling… (the first run of this batch size; later runs are fast
 
 class PositionProgress:
     """on_position callback for image and video generation: the bar advances one grid position at a
-    time, with a preview of the frame being generated every few rows."""
+    time, with a preview of the frame being generated every few rows. The total is the backend's,
+    as its first report gives it (an edit's kept positions count as done at once)."""
 
-    def __init__(self, model, total_positions: int):
-        import comfy.utils
-
+    def __init__(self, model):
         self.model = model
         h, w = model.config.grid
         self.preview_every = max(1, h // PREVIEWS_PER_IMAGE) * w  # positions between previews
-        self.bar = comfy.utils.ProgressBar(total_positions)
+        self.bar = None
 
     def __call__(self, done: int, total: int, codes_so_far) -> None:
         import comfy.model_management as mm
+        import comfy.utils
 
         mm.throw_exception_if_processing_interrupted()
+        if self.bar is None:
+            self.bar = comfy.utils.ProgressBar(total)
         preview = None
         if done % self.preview_every == 0 or done == total:
-            preview = self._preview(codes_so_far, total)
+            preview = self._preview(codes_so_far)
         self.bar.update_absolute(done, total, preview)
 
-    def _preview(self, codes_so_far, total: int):
+    def _preview(self, codes_so_far):
         from comfy.cli_args import args
         from PIL import Image
 
         from ..vilau_backend.tasks.generate import preview_image
 
-        image = preview_image(self.model, codes_so_far[:1], total)[0]  # (H, W, 3): the first of the batch
+        image = preview_image(self.model, codes_so_far[:1])[0]  # (H, W, 3): the first of the batch
         pixels = image.mul(255).round().clamp(0, 255).byte().numpy()
         return "JPEG", Image.fromarray(pixels), args.preview_size
 

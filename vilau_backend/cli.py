@@ -1,13 +1,17 @@
 """`python -m vilau_backend`: the backend from the command line, as the original's inference.py.
 
-Subcommands:
-    encode  --model DIR --image A.png [--image B.png ...] --out codes.safetensors
-    decode  --model DIR --codes codes.safetensors --out-dir DIR
-    edit    --model DIR --image in.png --mode inpaint|vary|continue [--mask mask.png] --prompt ... --save-dir DIR
+Subcommands (`python -m vilau_backend SUBCOMMAND --help` lists every option):
+    encode          --model DIR --image A.png [--image B.png ...] --out codes.safetensors
+    decode          --model DIR --codes codes.safetensors --out-dir DIR
+    describe        --model DIR (--image A.png [--image B.png ...] | --video V.mp4) --query ... [--batch] [--json]
+    generate-image  --model DIR --prompt ... --save-dir DIR [--num N] [--save-codes codes.safetensors]
+    generate-video  --model DIR --prompt ... --save-dir DIR [--frames 8] [--fps 8] [--save-codes ...]
+    edit            --model DIR --image in.png --mode inpaint|vary|continue [--mask mask.png] --prompt ... --save-dir DIR
 
 Every subcommand takes --dtype float32|bfloat16|float16 (default: bfloat16 on a
 GPU, float32 on the CPU), --device (default: cuda when available) and
---quantize none|int8|4bit (weight-only LLM and depth transformer; default none).
+--quantize none|int8|4bit (weight-only LLM and depth transformer; default none);
+describe, generate-* and edit take --compile/--no-compile (default: on with CUDA only).
 """
 
 from __future__ import annotations

@@ -231,7 +231,7 @@ def test_preview_shows_generated_rows_and_grey_elsewhere(tiny_model):
     h, w = tiny_model.config.grid
     rows_done = 3
     partial = codes.reshape(1, h * w, 4)[:, : rows_done * w]
-    preview = preview_image(tiny_model, partial, h * w)
+    preview = preview_image(tiny_model, partial)
     scale = tiny_model.config.image_size // h
     assert preview.shape == (1, h * scale, w * scale, 3)
     assert torch.all(preview[:, rows_done * scale :] == 0.5)

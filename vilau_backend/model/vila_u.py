@@ -1,4 +1,5 @@
-"""The loaded VILA-U model: LLM, tokenizer, vision tower and projector, on one device in one dtype.
+"""The loaded VILA-U model: LLM, tokenizer, vision tower and projector, in one compute dtype (weights
+optionally int8/4-bit, layers optionally placed over several devices or streamed from CPU memory).
 
 `VilaUModel.load(folder, dtype=..., device=..., quantize=...)` reads the published layout; the
 methods here are the vision API (encode images to codes, decode codes or summed

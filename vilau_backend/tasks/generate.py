@@ -94,9 +94,17 @@ def image_generators(seed: int, count: int) -> list[torch.Generator]:
     return [torch.Generator().manual_seed(int(s) & 0x7FFF_FFFF_FFFF_FFFF) for s in states]
 
 
-def _check_request(model, prompt: str, num_images: int, frames: int | None, sampling: ImageSampling) -> None:
-    if not prompt or not prompt.strip():
-        raise InputError("the prompt is empty: describe the image or video to generate")
+def empty_prompt_problem(prompt: str | None) -> str | None:
+    """What is wrong with an empty generation prompt, as the backend and the nodes' queue-time check say it."""
+    if prompt is None or not prompt.strip():
+        return "the prompt is empty: describe the image or video to generate"
+    return None
+
+
+def _check_request(prompt: str, num_images: int, frames: int | None, sampling: ImageSampling) -> None:
+    problem = empty_prompt_problem(prompt)
+    if problem:
+        raise InputError(problem)
     if num_images < 1:
         raise InputError(f"num_images must be at least 1, got {num_images}")
     if frames is not None and frames < 1:
@@ -130,7 +138,7 @@ def generate_codes(
     their kernels' rounding flips a near-tie. `on_compile` is called before a run that compiles.
 
     Returns codes (B, h, w, D), or (B, F, h, w, D) for a video, int64 on the model's device."""
-    _check_request(model, prompt, num_images, frames, sampling)
+    _check_request(prompt, num_images, frames, sampling)
     video = frames is not None
     h, w = model.config.grid
     D = model.config.quantizer.depth
@@ -249,7 +257,7 @@ def decode_videos(model, codes: torch.Tensor, decode: bool = True) -> GeneratedI
 
 
 @torch.inference_mode()
-def preview_image(model, codes: torch.Tensor, total_positions: int, grey: float = 0.5) -> torch.Tensor:
+def preview_image(model, codes: torch.Tensor, grey: float = 0.5) -> torch.Tensor:
     """Decode a partially generated grid for a progress preview.
 
     codes (B, done, D) in raster order; positions not yet generated are decoded
