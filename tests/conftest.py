@@ -112,7 +112,7 @@ def smallest_top2_gap(model, prompts, outputs: list[list[int]]) -> float:
     """The smallest logit gap between the two best tokens at any step of the eager loop that gave
     `outputs` (teacher-forced; a stopped row is fed its EOS, as generate_texts does)."""
     from vilau_backend.model.llm import new_dynamic_cache
-    from vilau_backend.tasks.understand import PromptBatch
+    from vilau_backend.decoding.answer_loop import PromptBatch
 
     batch = PromptBatch(prompts)
     cache = new_dynamic_cache(model.llm)

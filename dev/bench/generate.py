@@ -52,7 +52,8 @@ from vilau_backend.model.projector import Projector  # noqa: E402
 from vilau_backend.memory.weight_quantization import DEPTH_TARGETS, LLM_TARGETS, QUANTIZE_CHOICES, quantize_module  # noqa: E402
 from vilau_backend.testing.random_checkpoint import write_tokenizer  # noqa: E402
 from vilau_backend.checkpoint.tokenizer import VilaTokenizer  # noqa: E402
-from vilau_backend.tasks.understand import GREEDY, generate_texts  # noqa: E402
+from vilau_backend.decoding.answer_loop import generate_texts  # noqa: E402
+from vilau_backend.tasks.understand import GREEDY  # noqa: E402
 
 PRESETS = {
     #          llm: hidden, layers, heads, mlp | siglip: width, layers, heads, mlp | codes, depth-tf: width, heads, layers | decoder: ch, ch_mult, res blocks, z

@@ -35,7 +35,9 @@ from vilau_backend.decoding.compiled_steps import cache_length, step_key  # noqa
 from vilau_backend.decoding.position_step import StepState, advance  # noqa: E402
 from vilau_backend.model.llm import forward_hidden, new_dynamic_cache  # noqa: E402
 from vilau_backend.decoding.prompts import cfg_batch, understanding_prompt  # noqa: E402
-from vilau_backend.tasks.understand import GREEDY, generate_text, splice_image_embeddings  # noqa: E402
+from vilau_backend.decoding.answer_loop import generate_text  # noqa: E402
+from vilau_backend.tasks.image_splicing import splice_image_embeddings  # noqa: E402
+from vilau_backend.tasks.understand import GREEDY  # noqa: E402
 
 PROMPT = "a red apple on a table"
 QUESTION = "Describe the image in detail."

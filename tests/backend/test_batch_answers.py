@@ -21,17 +21,9 @@ from conftest import REFERENCE, reference
 from vilau_backend.errors import InputError
 from vilau_backend.model.llm import new_dynamic_cache
 from vilau_backend.decoding.prompts import IMAGE_TOKEN_INDEX
-from vilau_backend.tasks.understand import (
-    GREEDY,
-    PromptBatch,
-    TextSampling,
-    _prompt_embeddings,
-    answer_each_image,
-    describe_images,
-    generate_text,
-    generate_texts,
-    streamed_text,
-)
+from vilau_backend.decoding.answer_loop import PromptBatch, generate_text, generate_texts, streamed_text
+from vilau_backend.tasks.image_splicing import prompt_embeddings
+from vilau_backend.tasks.understand import answer_each_image, GREEDY, TextSampling, describe_images
 
 QUERY = "Describe the image."
 # fp32 logits of the tiny model lie within about +-5; the batched-vs-single gap measured on this
@@ -80,7 +72,7 @@ def test_batch_answers_equal_single_answers(golden_fp32):
     assert len(batch) == 4
     for i, answer in enumerate(batch):
         [alone] = describe_images(golden_fp32, images[i : i + 1], QUERY, sampling=GREEDY, max_new_tokens=16)
-        embeds = _prompt_embeddings(golden_fp32, alone.input_ids, golden_fp32.preprocess(images[i : i + 1]))
+        embeds = prompt_embeddings(golden_fp32, alone.input_ids, golden_fp32.preprocess(images[i : i + 1]))
         assert answer.input_ids == alone.input_ids
         assert_same_tokens_but_near_ties(golden_fp32, embeds, answer.output_ids, alone.output_ids)
         if answer.output_ids == alone.output_ids:
@@ -91,7 +83,7 @@ def test_batch_answers_equal_single_answers(golden_fp32):
 def test_batched_logits_match_single_logits(golden_fp32):
     images = golden_fp32.preprocess(photos())
     ids = golden_fp32.tokenizer.tokenize_with_image_slots(f"USER: <image>\n{QUERY} ASSISTANT:")
-    prompts = [_prompt_embeddings(golden_fp32, ids, images[i : i + 1]) for i in range(4)]
+    prompts = [prompt_embeddings(golden_fp32, ids, images[i : i + 1]) for i in range(4)]
     with torch.inference_mode():
         together = PromptBatch(prompts).prefill(golden_fp32.llm, new_dynamic_cache(golden_fp32.llm))  # (4, V)
     alone = torch.stack([single_run_logits(golden_fp32, p, []) for p in prompts])  # (4, V)
@@ -107,7 +99,7 @@ def test_padded_prompts_of_different_lengths_equal_single_runs(golden_fp32):
     prompts = []
     for i, question in enumerate(questions):
         ids = tokenizer.tokenize_with_image_slots(f"USER: {question} ASSISTANT:")
-        prompts.append(_prompt_embeddings(golden_fp32, ids, images[i : i + ids.count(IMAGE_TOKEN_INDEX)]))
+        prompts.append(prompt_embeddings(golden_fp32, ids, images[i : i + ids.count(IMAGE_TOKEN_INDEX)]))
     assert len({p.shape[0] for p in prompts}) == 3  # three lengths: the batch is left-padded
     together = generate_texts(golden_fp32, prompts, sampling=GREEDY, max_new_tokens=12)
     for embeds, got in zip(prompts, together):
@@ -122,7 +114,7 @@ def test_a_row_that_reaches_eos_stops_while_the_others_go_on(golden_fp32):
     first = generate_text(golden_fp32, embeds, sampling=GREEDY, max_new_tokens=12)
     eos = first[2]
     model = SimpleNamespace(llm=golden_fp32.llm, tokenizer=SimpleNamespace(eos_token_id=eos, decode=lambda *a, **k: ""))
-    other = _prompt_embeddings(golden_fp32, golden_fp32.tokenizer.tokenize_with_image_slots("USER: <image>\nHi"),
+    other = prompt_embeddings(golden_fp32, golden_fp32.tokenizer.tokenize_with_image_slots("USER: <image>\nHi"),
                                golden_fp32.preprocess(photos()[1:2]))
     other_alone = generate_text(model, other, sampling=GREEDY, max_new_tokens=12)
     assert eos not in other_alone[:11], "pick another prompt: this one meets the pretend EOS early too"

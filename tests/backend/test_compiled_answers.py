@@ -22,13 +22,9 @@ from conftest import load_photo, recorded, smallest_top2_gap
 from vilau_backend.memory.placement import has_placement
 from vilau_backend.decoding.compiled_steps import resolve_compile
 from vilau_backend.decoding.prompts import understanding_prompt
-from vilau_backend.tasks.understand import (
-    GREEDY,
-    TextSampling,
-    _prompt_embeddings,
-    describe_images,
-    generate_texts,
-)
+from vilau_backend.decoding.answer_loop import generate_texts
+from vilau_backend.tasks.image_splicing import prompt_embeddings
+from vilau_backend.tasks.understand import GREEDY, TextSampling, describe_images
 
 QUERY = "Describe the image."
 # fp32 logits of the golden model lie within about +-5; compiled-vs-eager differences are rounding
@@ -93,7 +89,7 @@ def test_padded_batch_compiled_equals_eager(golden_fp32, compiled_once):
     compiled greedy answers equal the eager ones, whose steps have no near-tie."""
     ids = [golden_fp32.tokenizer.tokenize_with_image_slots(understanding_prompt(q, 1))
            for q in (QUERY, "Is there a cat in this image? Say what colour it is.")]
-    prompts = [_prompt_embeddings(golden_fp32, i, golden_fp32.preprocess(load_photo(name)))
+    prompts = [prompt_embeddings(golden_fp32, i, golden_fp32.preprocess(load_photo(name)))
                for i, name in zip(ids, ("chelsea", "coffee"))]
     assert prompts[0].shape[0] != prompts[1].shape[0]
     eager = generate_texts(golden_fp32, prompts, max_new_tokens=10, compile=False)

@@ -258,7 +258,8 @@ def test_compile_on_says_compiling_once_and_answers_as_eager(server, reference):
     answers are the eager in-process ones: their greedy steps have no near-tie that the compiled
     kernels' rounding could flip (asserted)."""
     from conftest import smallest_top2_gap
-    from vilau_backend.tasks.understand import GREEDY, _prompt_embeddings, describe_images
+    from vilau_backend.tasks.image_splicing import prompt_embeddings
+    from vilau_backend.tasks.understand import GREEDY, describe_images
 
     image = noise_png(server.input_dir / "compile_on.png", 5)
 
@@ -275,7 +276,7 @@ def test_compile_on_says_compiling_once_and_answers_as_eager(server, reference):
             entry = server.run(graph(question), timeout=600, client_id=ws.client_id)
             statuses.append(ws.progress_texts("3"))
         expected = describe_images(reference, image, question, sampling=GREEDY, max_new_tokens=12)[0]
-        prompt = _prompt_embeddings(reference, expected.input_ids, reference.preprocess(image))
+        prompt = prompt_embeddings(reference, expected.input_ids, reference.preprocess(image))
         assert smallest_top2_gap(reference, [prompt], [expected.output_ids]) > 1e-4
         assert server.ui_text(entry, "3") == [expected.text]
     assert any(text.startswith("compiling") for text in statuses[0]), statuses[0]

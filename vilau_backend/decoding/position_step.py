@@ -16,7 +16,7 @@ the tests compile; the CUDA path is exercised by dev/bench/gpu_check.sh.
 Buffers keep fixed addresses (`mark_static_address`, as transformers does for
 its StaticCache), which is what lets a CUDA graph that writes into them be
 replayed. The cache length is the prompt plus the positions rounded up to a
-multiple of CACHE_BUCKET, so a new prompt length does not mean a new graph.
+multiple of CACHE_BUCKET (compiled_steps.py), so a new prompt length does not mean a new graph.
 
 Shapes: B images, R = 2B rows (conditional, then unconditional), T prompt
 length, L cache length, P positions, D depth, H LLM hidden size.
@@ -28,7 +28,7 @@ import torch
 
 from ..model.depth import SampleCodes
 from ..model.llm import additive_mask, forward_hidden, new_static_cache, padded_positions
-from .compiled_steps import CACHE_BUCKET, StepKey, compiled_step
+from .compiled_steps import StepKey, compiled_step
 from .sampling import pick_codes, sampling_knobs
 
 

@@ -1,6 +1,6 @@
 """One answer token as one fixed-shape step, compiled once and replayed.
 
-The compiled counterpart of `PromptBatch.decode_step` (understand.py): the LLM
+The compiled counterpart of `PromptBatch.decode_step` (answer_loop.py): the LLM
 runs on a StaticCache of fixed length, and every tensor a decode step reads or
 writes lives in `TextStepState`, allocated once per (rows, cache-length bucket)
 and rewritten in place at the start of a run; the step index is a 0-d tensor.
