@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench.load import run_child
+from dev.bench.load import run_child
 from vilau_backend.testing.random_checkpoint import TinySizes, write_tiny_checkpoint
 
 MiB = 2**20

@@ -13,7 +13,7 @@ import builtins
 import pytest
 import torch
 
-from bench.quality import compare, guided_depth_logits
+from dev.bench.quality import compare, guided_depth_logits
 from conftest import GOLDEN_CHECKPOINT
 from vilau_backend.errors import InputError
 from vilau_backend.model.vila_u import VilaUModel
