@@ -57,7 +57,7 @@ def guided_depth_logits(model, prompt: str, codes: torch.Tensor, cfg: float = 3.
     out = []
     for p in range(P):
         hidden = state.hidden.clone()  # (R, H): the LLM state before position p
-        advance(model, state, state.positions[p])
+        advance(model, state, state.grid_indices[p])
         logits = model.vision.depth(hidden, rows[:, p], model.vision.quantizer.embed_codes).float()  # (R, D, V)
         out.append(logits[B:] + cfg * (logits[:B] - logits[B:]))  # (B, D, V)
     return torch.stack(out, 1)

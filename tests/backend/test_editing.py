@@ -117,11 +117,11 @@ def test_prefilled_prefix_gives_the_hidden_states_of_stepping_through_it(tiny_mo
         prefilled.prefill(tiny_model, prefix_inputs(tiny_model, codes[:, :n]))
         stepped.prefill(tiny_model)
         for p in range(n):
-            advance(tiny_model, stepped, stepped.positions[p])
+            advance(tiny_model, stepped, stepped.grid_indices[p])
         after_prefill, after_step = [prefilled.hidden.clone()], [stepped.hidden.clone()]
         for p in range(n, n + 4):  # the same inputs continue both
             for state, seen in ((prefilled, after_prefill), (stepped, after_step)):
-                advance(tiny_model, state, state.positions[p])
+                advance(tiny_model, state, state.grid_indices[p])
                 seen.append(state.hidden.clone())
     for a, b in zip(after_prefill, after_step):
         assert torch.allclose(a, b, rtol=0, atol=5e-5), f"max difference {(a - b).abs().max():.2e}"
@@ -152,7 +152,7 @@ def test_prefilled_prefix_gives_the_codes_of_stepping_through_it(tiny_model, sou
             clear = (top2[..., 0] - top2[..., 1]) > 1e-3
             agree += int(((guided.argmax(-1) == stepped[:, p]) & clear).sum())
             checked += int(clear.sum())
-            advance(tiny_model, state, state.positions[p])  # feeds stepped[:, p]
+            advance(tiny_model, state, state.grid_indices[p])  # feeds stepped[:, p]
     assert checked > 0.9 * 2 * 40 * 4, f"only {checked} decisions were clear of near-ties"
     assert agree == checked, f"{checked - agree} of {checked} clear decisions differ"
 

@@ -55,7 +55,7 @@ def teacher_forced(model, ref: dict, cfg: float) -> tuple[torch.Tensor, torch.Te
         state.prefill(model)
         for p in range(P):
             hidden = state.hidden.clone()  # (R, H)
-            advance(model, state, state.positions[p])
+            advance(model, state, state.grid_indices[p])
             logits = model.vision.depth(hidden, codes[:, p], model.vision.quantizer.embed_codes)  # (R, D, V)
             guided = (logits[B:] + cfg * (logits[:B] - logits[B:])).float()  # (B, D, V)
             top2 = guided.topk(2, dim=-1).values

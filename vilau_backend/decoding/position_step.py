@@ -60,7 +60,7 @@ class StepState:
         self.key_index = torch.arange(L, device=device)  # (L,)
         self.key_mask = torch.ones(R, L, dtype=torch.bool, device=device)  # real prompt tokens, then every position
         self.start = torch.zeros((), dtype=torch.long, device=device)  # cache index of position 0's input: T
-        self.first_position = torch.zeros(R, 1, dtype=torch.long, device=device)  # position id of position 0's input
+        self.first_rope_id = torch.zeros(R, 1, dtype=torch.long, device=device)  # RoPE position id of grid position 0's input
         self.hidden = torch.zeros(R, H, dtype=key.dtype, device=device)  # LLM state for the next position
         self.uniforms = torch.zeros(B, L, D, dtype=torch.float32, device=device)  # (B, L, D): P <= L
         self.given = torch.zeros(B, L, D, dtype=torch.long, device=device)
@@ -68,9 +68,9 @@ class StepState:
         self.codes = torch.zeros(B, L, D, dtype=torch.long, device=device)
         self.cfg = torch.zeros((), dtype=torch.float32, device=device)
         self.knobs = torch.zeros(3, dtype=torch.float32, device=device)
-        self.positions = torch.arange(L, device=device)  # position p is passed as positions[p], a 0-d tensor
+        self.grid_indices = torch.arange(L, device=device)  # grid position p is passed as grid_indices[p], a 0-d tensor
         self.prompt_len = 0
-        for buffer in (self.key_mask, self.start, self.first_position, self.hidden, self.uniforms, self.given,
+        for buffer in (self.key_mask, self.start, self.first_rope_id, self.hidden, self.uniforms, self.given,
                        self.keep, self.codes, self.cfg, self.knobs):
             torch._dynamo.mark_static_address(buffer)
 
@@ -85,7 +85,7 @@ class StepState:
         self.key_mask.fill_(True)
         self.key_mask[:, :T].copy_(attention_mask)
         self.start.fill_(T)
-        self.first_position.copy_(attention_mask.long().sum(-1, keepdim=True))
+        self.first_rope_id.copy_(attention_mask.long().sum(-1, keepdim=True))
         self.uniforms[:, :P].copy_(uniforms)
         self.keep.zero_()
         if keep is not None:
@@ -99,17 +99,17 @@ class StepState:
         the inputs of the first n positions when an edit keeps them; sets `hidden` to the state
         for position n."""
         embeds = model.llm.get_input_embeddings()(self.input_ids)  # (R, T, H)
-        positions = padded_positions(self.key_mask[:, : self.prompt_len])  # (R, T)
+        rope_ids = padded_positions(self.key_mask[:, : self.prompt_len])  # (R, T)
         if prefix is not None and prefix.shape[1]:
-            steps = torch.arange(prefix.shape[1], device=positions.device)
+            steps = torch.arange(prefix.shape[1], device=rope_ids.device)
             embeds = torch.cat([embeds, prefix.to(embeds.dtype)], dim=1)  # (R, T + n, H)
-            positions = torch.cat([positions, self.first_position + steps], dim=1)
+            rope_ids = torch.cat([rope_ids, self.first_rope_id + steps], dim=1)
         T = embeds.shape[1]
         causal = self.key_index[None, :] <= torch.arange(T, device=embeds.device)[:, None]  # (T, L)
         allowed = self.key_mask[:, None, None, :] & causal[None, None]  # (R, 1, T, L)
         hidden = forward_hidden(
             model.llm, self.cache, inputs_embeds=embeds, attention_mask=additive_mask(allowed, embeds.dtype),
-            position_ids=positions, cache_position=torch.arange(T, device=embeds.device),
+            position_ids=rope_ids, cache_position=torch.arange(T, device=embeds.device),
         )
         self.hidden.copy_(hidden[:, -1])
 
@@ -152,7 +152,7 @@ def advance(model, state: StepState, p: torch.Tensor) -> None:
     allowed = (state.key_mask & (state.key_index <= index))[:, None, None, :]  # (R, 1, 1, L)
     hidden = forward_hidden(
         model.llm, state.cache, inputs_embeds=embed[:, None, :], attention_mask=additive_mask(allowed, embed.dtype),
-        position_ids=state.first_position + p, cache_position=index.reshape(1),
+        position_ids=state.first_rope_id + p, cache_position=index.reshape(1),
     )  # (R, 1, H)
     state.hidden.copy_(hidden[:, -1])
 

@@ -94,7 +94,7 @@ class VilaUModel:
         self.vision = vision
         self.projector = projector
         self.dtype = dtype  # the compute dtype (and that of every weight not quantized)
-        self.quantize = quantize  # 'none', 'int8' or '4bit': the LLM's and depth transformer's Linears
+        self.weight_quantization = quantize  # 'none', 'int8' or '4bit': the LLM's and depth transformer's Linears
         # every weight in one plain module, for callers that move or measure the model as a whole
         # (ComfyUI's ModelPatcher cannot wrap a transformers model directly)
         self.networks = nn.ModuleDict({"llm": llm, "vision": vision, "projector": projector})

@@ -222,7 +222,7 @@ def _code_loop(
         step = position_step.compiled_advance(model.device)
     state.prefill(model, position_step.prefix_inputs(model, state.codes[:, :start]) if start else None)
     for p in range(start, P):
-        step(model, state, state.positions[p])
+        step(model, state, state.grid_indices[p])
         if compile and p == start:  # traced now: a later run of this size, even after a cancel, only replays
             compiled_steps.mark_compiled(model, state.key)
         if on_position is not None:
