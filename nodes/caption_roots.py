@@ -42,7 +42,7 @@ def resolve_caption_folder(folder: str) -> str:
     folder); an empty input is passed on for the backend to explain."""
     import folder_paths
 
-    from ..vilau_backend.path_boundary import resolve_within
+    from ..vilau_backend.media.path_boundary import resolve_within
 
     if not folder.strip():
         return folder

@@ -6,9 +6,9 @@ import time
 
 from comfy_api.latest import io
 
-from ..vilau_backend.captioning import CaptionSettings
+from ..vilau_backend.tasks.captioning import CaptionSettings
 from .caption_roots import resolve_caption_folder
-from ..vilau_backend.prompts import CUSTOM_QUESTION
+from ..vilau_backend.decoding.prompts import CUSTOM_QUESTION
 from .model_cache import releases_after_use
 from .progress import CaptionProgress, send_answer
 from .schema import CATEGORY, advanced, check_combo, model_input
@@ -93,8 +93,8 @@ class CaptionFolder(QuestionNode):
         repetition_penalty: float, system_prompt: str = CaptionSettings.system,
         batch_size: int = CaptionSettings.batch_size, preset: str = CUSTOM_QUESTION,
     ) -> io.NodeOutput:
-        from ..vilau_backend.captioning import caption_folder
-        from ..vilau_backend.prompts import preset_question
+        from ..vilau_backend.tasks.captioning import caption_folder
+        from ..vilau_backend.decoding.prompts import preset_question
 
         check_combo("existing_captions", existing_captions, [SKIP, OVERWRITE])
         folder = resolve_caption_folder(folder)  # refused before the model is loaded
@@ -103,6 +103,7 @@ class CaptionFolder(QuestionNode):
             overwrite=existing_captions == OVERWRITE,
             recursive=recursive, system=system_prompt, max_new_tokens=max_new_tokens, seed=seed,
             sampling=text_sampling(do_sample, temperature, top_k, top_p, repetition_penalty), batch_size=batch_size,
+            compile=model.compile,
         )
         progress = CaptionProgress(cls.hidden.unique_id, max_new_tokens)
         report = caption_folder(model.ready(), folder, settings, on_progress=progress,

@@ -3,7 +3,7 @@
 One node per edit rather than one node with a mode: each edit has its own knobs (a mask with
 threshold, grow and feather; a strength; rows; frames), and a node shows only what applies, as
 ComfyUI's own inpaint and img2img nodes do. All four are masks over one backend call
-(vilau_backend/editing.py): the source's codes are kept where the edit says and the rest is
+(vilau_backend/tasks/editing.py): the source's codes are kept where the edit says and the rest is
 sampled under the prompt, with the progress bar, previews, cancel and seeds of Text to Image.
 """
 
@@ -44,7 +44,7 @@ def _image_outputs() -> list[io.Output]:
 
 def edit_source(vila, image, latent, node: str):
     """-> the source's codes (N, h, w, D) and, for an image, the pixels as the model sees them (N, S, S, 3)."""
-    from ..vilau_backend.editing import model_view
+    from ..vilau_backend.tasks.editing import model_view
     from ..vilau_backend.errors import InputError
 
     if (image is None) == (latent is None):
@@ -55,9 +55,9 @@ def edit_source(vila, image, latent, node: str):
     return vila.encode_images(image).codes.cpu(), model_view(vila, image)
 
 
-def edit_options(vila, positions: int, batch_size: int, **options) -> dict:
+def edit_options(vila, batch_size: int, **options) -> dict:
     """The generation inputs -> keyword arguments of the backend edits (the batch comes from the codes)."""
-    options = generation_options(vila, positions, batch_size=batch_size, **options)
+    options = generation_options(vila, batch_size=batch_size, **options)
     del options["num_images"]
     return options
 
@@ -65,13 +65,12 @@ def edit_options(vila, positions: int, batch_size: int, **options) -> dict:
 def edit_whole_sources(edit, setting, node: str, model, prompt: str, batch_size: int, image, latent, options: dict):
     """Variations and Continue Image: each source's codes (N, h, w, D), `batch_size` times, through the
     backend edit `edit(vila, prompt, codes, setting(vila), **sampling)` -> the node's image and latent."""
-    from ..vilau_backend.editing import repeat_sources
+    from ..vilau_backend.tasks.editing import repeat_sources
 
     vila = model.ready()
     codes, _ = edit_source(vila, image, latent, node)
     value = setting(vila)
-    h, w = vila.config.grid
-    options = edit_options(vila, h * w, batch_size, **options)
+    options = edit_options(vila, batch_size, compile=model.compile, **options)
     result = edit(vila, prompt, repeat_sources(codes, batch_size), value, **options)
     return image_outputs(vila, result)
 
@@ -138,7 +137,7 @@ class Inpaint(PromptNode):
         image=None, latent=None, **options,
     ) -> io.NodeOutput:
         """options: the other generation inputs (negative_prompt, cfg, seed, temperature, top_k, top_p)."""
-        from ..vilau_backend import editing
+        from ..vilau_backend.tasks import editing
 
         vila = model.ready()
         codes, original = edit_source(vila, image, latent, "VILA-U Inpaint")
@@ -150,10 +149,9 @@ class Inpaint(PromptNode):
         codes, regenerate = editing.repeat_sources(codes, batch_size), editing.repeat_sources(regenerate, batch_size)
         if original is not None:
             original = editing.repeat_sources(original, batch_size)
-        h, w = vila.config.grid
         result = editing.inpaint(
             vila, prompt, codes, regenerate, original=original, feather=feather,
-            **edit_options(vila, h * w, batch_size, **options),
+            **edit_options(vila, batch_size, compile=model.compile, **options),
         )
         size = result.images.shape[1]
         region = editing.feathered_pixel_mask(regenerate, size, 0)[..., 0]  # (B, S, S)
@@ -189,7 +187,7 @@ class VaryByDepth(PromptNode):
     @releases_after_use
     def execute(cls, model, prompt: str, strength: float, batch_size: int, image=None, latent=None, **options) -> io.NodeOutput:
         """options: the other generation inputs (negative_prompt, cfg, seed, temperature, top_k, top_p)."""
-        from ..vilau_backend import editing
+        from ..vilau_backend.tasks import editing
 
         def kept_depths(vila) -> int:
             return editing.depths_for_strength(strength, vila.config.quantizer.depth)
@@ -226,7 +224,7 @@ class ContinueImage(PromptNode):
     @releases_after_use
     def execute(cls, model, prompt: str, keep_rows: int, batch_size: int, image=None, latent=None, **options) -> io.NodeOutput:
         """options: the other generation inputs (negative_prompt, cfg, seed, temperature, top_k, top_p)."""
-        from ..vilau_backend.editing import continue_downward
+        from ..vilau_backend.tasks.editing import continue_downward
 
         return edit_whole_sources(
             continue_downward, lambda vila: keep_rows, "VILA-U Continue Image", model, prompt, batch_size, image,
@@ -287,13 +285,12 @@ class ExtendVideo(PromptNode):
         **options,
     ) -> io.NodeOutput:
         """options: the other generation inputs (negative_prompt, cfg, seed, temperature, top_k, top_p)."""
-        from ..vilau_backend.editing import extend_video
+        from ..vilau_backend.tasks.editing import extend_video
 
         vila = model.ready()
         given = _video_source_codes(vila, frames, video, latent)  # (Fg, h, w, D)
         total = given.shape[0] + add_frames
-        h, w = vila.config.grid
-        options = edit_options(vila, total * h * w, batch_size, **options)
+        options = edit_options(vila, batch_size, compile=model.compile, **options)
         return video_outputs(vila, extend_video(vila, prompt, given, total, videos=batch_size, **options), fps)
 
 
@@ -307,7 +304,7 @@ def _video_source_codes(vila, frames, video, latent):
     if latent is not None:
         return vilau_latent_codes(vila, latent).cpu()
     if video is not None:
-        from ..vilau_backend.video import FrameChoice
+        from ..vilau_backend.media.video import FrameChoice
         from .understanding import video_frames
 
         frames, _ = video_frames(video, None, FrameChoice())  # every frame, read as Video Q&A reads it

@@ -18,7 +18,7 @@ MAX_FRAMES = 32  # the context (8192 positions) holds 31 frames of the 256 px mo
 
 def generation_inputs(what: str, max_batch: int, batch_tooltip: str | None = None) -> list[io.Input]:
     """Prompt, guidance, seed, batch and depth-code sampling; defaults are the backend's (the original's)."""
-    from ..vilau_backend.generate import ImageSampling
+    from ..vilau_backend.tasks.generate import ImageSampling
 
     defaults = ImageSampling()
     return [
@@ -69,9 +69,10 @@ def fps_input() -> io.Float.Input:
 
 
 def check_prompt(prompt: str | None) -> bool | str:
-    if prompt is not None and not prompt.strip():
-        return "the prompt is empty: describe what to generate"
-    return True
+    from ..vilau_backend.tasks.generate import empty_prompt_problem
+
+    # None: the prompt comes from a link, known only when the node runs (the backend checks it then)
+    return True if prompt is None else empty_prompt_problem(prompt) or True
 
 
 class PromptNode(io.ComfyNode):
@@ -84,13 +85,14 @@ class PromptNode(io.ComfyNode):
 
 
 def generation_options(
-    model, positions: int, *, negative_prompt: str, cfg: float, seed: int, batch_size: int,
-    temperature: float, top_k: int, top_p: float, node_id: str | None = None,
+    model, *, negative_prompt: str, cfg: float, seed: int, batch_size: int,
+    temperature: float, top_k: int, top_p: float, compile: bool | None = None, node_id: str | None = None,
 ) -> dict:
-    """The node's generation inputs -> keyword arguments of generate_images / generate_video and the edits.
-    `node_id`: where "compiling…" and the positions show (by default the node being run)."""
-    from ..vilau_backend.generate import ImageSampling
-    from ..vilau_backend.prompts import DEFAULT_NEGATIVE_PROMPT
+    """The node's generation inputs -> keyword arguments of generate_images / generate_video.
+    `compile`: the loader's compile choice for this run; `node_id`: where "compiling…" shows
+    before a run that compiles the generation step."""
+    from ..vilau_backend.tasks.generate import ImageSampling
+    from ..vilau_backend.decoding.prompts import DEFAULT_NEGATIVE_PROMPT
 
     node_id = node_id if node_id is not None else executing_node_id()
     return dict(
@@ -98,7 +100,8 @@ def generation_options(
         num_images=batch_size,
         sampling=ImageSampling(cfg=cfg, temperature=temperature, top_k=top_k, top_p=top_p),
         seed=seed,
-        on_position=PositionProgress(model, positions, node_id),
+        on_position=PositionProgress(model, node_id),
+        compile=compile,
         on_compile=lambda: announce_compiling(node_id),
     )
 
@@ -146,11 +149,11 @@ class TextToImage(PromptNode):
     @releases_after_use
     def execute(cls, model, prompt: str, **options) -> io.NodeOutput:
         """options: the other generation inputs (negative_prompt, cfg, seed, batch_size, temperature, top_k, top_p)."""
-        from ..vilau_backend.generate import generate_images
+        from ..vilau_backend.tasks.generate import generate_images
 
         vila = model.ready()
-        h, w = vila.config.grid
-        result = generate_images(vila, prompt, **generation_options(vila, h * w, node_id=cls.hidden.unique_id, **options))
+        options = generation_options(vila, compile=model.compile, node_id=cls.hidden.unique_id, **options)
+        result = generate_images(vila, prompt, **options)
         return image_outputs(vila, result)
 
 
@@ -187,9 +190,8 @@ class TextToVideo(PromptNode):
     @releases_after_use
     def execute(cls, model, prompt: str, frames: int, fps: float, **options) -> io.NodeOutput:
         """options: the other generation inputs, as for Text to Image."""
-        from ..vilau_backend.generate import generate_video
+        from ..vilau_backend.tasks.generate import generate_video
 
         vila = model.ready()
-        h, w = vila.config.grid
-        options = generation_options(vila, frames * h * w, node_id=cls.hidden.unique_id, **options)
+        options = generation_options(vila, compile=model.compile, node_id=cls.hidden.unique_id, **options)
         return video_outputs(vila, generate_video(vila, prompt, frames=frames, **options), fps)

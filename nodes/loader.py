@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
+from ..vilau_backend.memory.weight_quantization import QUANTIZE_CHOICES
 from . import model_cache, model_files
 from .progress import show_status
 from .schema import CATEGORY, VilaUModelSocket, check_combo, model_input
@@ -62,7 +63,7 @@ class ModelLoader(io.ComfyNode):
                 # workflows and API graphs saved before them still load, with the same widget values
                 io.Combo.Input(
                     "quantize",
-                    options=list(model_cache.QUANTIZE_CHOICES),
+                    options=list(QUANTIZE_CHOICES),
                     default="none",
                     optional=True,
                     tooltip=(
@@ -120,7 +121,7 @@ class ModelLoader(io.ComfyNode):
 
         check_combo("dtype", dtype, list(model_cache.DTYPE_CHOICES))
         check_combo("device", device, model_cache.device_choices())
-        check_combo("quantize", quantize, list(model_cache.QUANTIZE_CHOICES))
+        check_combo("quantize", quantize, list(QUANTIZE_CHOICES))
         check_combo("compile", compile, list(model_cache.COMPILE_CHOICES))
         bar = None
 

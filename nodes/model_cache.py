@@ -9,7 +9,7 @@ reads the model's device from its weights, so it follows such moves.
 
 When the weights do not fit in the GPU's free memory even after ComfyUI freed
 what it could, the LLM layers that do not fit stay in CPU memory and stream to the
-GPU layer by layer at every step (vilau_backend/placement.py); the patcher then
+GPU layer by layer at every step (vilau_backend/memory/placement.py); the patcher then
 wraps only the part that lives on the GPU. With device "all GPUs" the LLM's layers
 are split over every visible GPU instead.
 
@@ -38,8 +38,7 @@ from pathlib import Path
 from typing import Any
 
 DTYPE_CHOICES = {"auto": None, "bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
-QUANTIZE_CHOICES = ("none", "int8", "4bit")  # vilau_backend.quantize.QUANTIZE_CHOICES, without importing torch
-# the loader's compile choice -> VilaUModel.compile_steps (None: on CUDA, off on the CPU)
+# the loader's compile choice -> the `compile` of every run through its handle (None: on CUDA, off on the CPU)
 COMPILE_CHOICES = {"auto": None, "on": True, "off": False}
 ALL_GPUS = "all GPUs"  # a device choice: the LLM's layers split over every visible GPU
 GiB = 2**30
@@ -61,9 +60,9 @@ class LoadedVilaU:
         self.key = key
         self.name = name
         self.target = target  # torch.device everything but split LLM layers runs on
-        self.model: Any = None  # vilau_backend.model.VilaUModel, None while released
+        self.model: Any = None  # vilau_backend.model.vila_u.VilaUModel, None while released
         self.patcher: Any = None  # comfy.model_patcher.ModelPatcher around the weights that live on `target`
-        self.placement: Any = None  # vilau_backend.placement.Placement when layers stream or are split
+        self.placement: Any = None  # vilau_backend.memory.placement.Placement when layers stream or are split
         self.status = ""  # where the weights are, for the loader node to show
 
     def ready(self):
@@ -87,7 +86,7 @@ class LoadedVilaU:
                 return
             _unregister(self.patcher)
             if self.placement is not None:
-                from ..vilau_backend.placement import remove_placement
+                from ..vilau_backend.memory.placement import remove_placement
 
                 remove_placement(self.model)
             self.model = self.patcher = self.placement = None
@@ -96,7 +95,7 @@ class LoadedVilaU:
                 _last.clear()
         gc.collect()
         mm.soft_empty_cache()
-        from ..vilau_backend.loading import return_freed_memory
+        from ..vilau_backend.checkpoint.loading import return_freed_memory
 
         return_freed_memory()
         logging.info("VILA-U: released %s", self.name)
@@ -104,7 +103,7 @@ class LoadedVilaU:
     def _load(self) -> None:
         import comfy.model_management as mm
 
-        from ..vilau_backend.model import VilaUModel
+        from ..vilau_backend.model.vila_u import VilaUModel
 
         # weights rest on ComfyUI's offload device (the CPU, unless --highvram / --gpu-only keeps
         # them on the GPU) and load_models_gpu moves them to the target, as for every core model
@@ -129,11 +128,11 @@ class LoadedVilaU:
             self.patcher = _patcher(self.model.networks, self.target, self.key, size)
 
     def _place(self, budgets: dict[str, int]) -> None:
-        from ..vilau_backend.placement import apply_placement, plan_placement
+        from ..vilau_backend.memory.placement import apply_placement, plan_placement
 
         self.placement = plan_placement(self.model, budgets, str(self.target))
         resident = apply_placement(self.model, self.placement)
-        from ..vilau_backend.quantize import module_bytes
+        from ..vilau_backend.memory.weight_quantization import module_bytes
 
         self.patcher = _patcher(resident, self.target, self.key, module_bytes(resident))
         self.status = f"{self.name}: {self.placement.describe()}"
@@ -156,13 +155,11 @@ class ModelHandle:
     def __init__(self, loaded: LoadedVilaU, keep_loaded: bool = True, compile: bool | None = None):
         self.loaded = loaded
         self.keep_loaded = keep_loaded
-        self.compile = compile  # VilaUModel.compile_steps while a node uses the model through this handle
+        self.compile = compile  # passed by the nodes to every run they make through this handle
 
     def ready(self):
-        """The backend model on its load device, set up for this loader's choices."""
-        model = self.loaded.ready()
-        model.compile_steps = self.compile
-        return model
+        """The backend model on its load device (shared with the other loaders of these weights)."""
+        return self.loaded.ready()
 
     def release(self) -> None:
         self.loaded.release()

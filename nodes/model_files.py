@@ -14,7 +14,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from ..vilau_backend.config import is_vila_u_folder
+from ..vilau_backend.checkpoint.config import is_vila_u_folder
 from ..vilau_backend.errors import CheckpointError
 
 FOLDER_NAME = "vila_u"  # folder_paths key, and the key in extra_model_paths.yaml
@@ -148,7 +148,7 @@ def download_published(repo_id: str, folder: Path, progress: DownloadProgress | 
         raise CheckpointError(
             f"downloading {repo_id} needs huggingface_hub", hint="install it with `pip install huggingface_hub`"
         ) from exc
-    from ..vilau_backend.hub import DownloadFailed, download_repo
+    from ..vilau_backend.checkpoint.hub import DownloadFailed, download_repo
 
     folder.mkdir(parents=True, exist_ok=True)
     unfinished_marker(folder).write_text(f"{repo_id}\n", encoding="utf-8")

@@ -26,38 +26,40 @@ def announce_compiling(node_id: str | None) -> None:
 class PositionProgress:
     """on_position callback for image and video generation and the edits: the bar advances one grid
     position at a time, the node shows "position i / n", and a preview of the frame being generated
-    comes every few rows.
+    comes every few rows. The total is the backend's, as its first report gives it (an edit's kept
+    positions count as done at once).
 
     The text is sent from here, for every node that generates through this callback, rather than
     made by the front-end extension from the bar's progress: then no list of generating nodes has
     to be kept in web/js in step with the Python nodes."""
 
-    def __init__(self, model, total_positions: int, node_id: str | None = None):
-        import comfy.utils
-
+    def __init__(self, model, node_id: str | None = None):
         self.model = model
         self.node_id = node_id
         h, w = model.config.grid
         self.preview_every = max(1, h // PREVIEWS_PER_IMAGE) * w  # positions between previews
-        self.bar = comfy.utils.ProgressBar(total_positions)
+        self.bar = None
 
     def __call__(self, done: int, total: int, codes_so_far) -> None:
         import comfy.model_management as mm
+        import comfy.utils
 
         mm.throw_exception_if_processing_interrupted()
+        if self.bar is None:
+            self.bar = comfy.utils.ProgressBar(total)
         preview = None
         if done % self.preview_every == 0 or done == total:
-            preview = self._preview(codes_so_far, total)
+            preview = self._preview(codes_so_far)
         self.bar.update_absolute(done, total, preview)
         show_status(self.node_id, position_text(done, total))
 
-    def _preview(self, codes_so_far, total: int):
+    def _preview(self, codes_so_far):
         from comfy.cli_args import args
         from PIL import Image
 
-        from ..vilau_backend.generate import preview_image
+        from ..vilau_backend.tasks.generate import preview_image
 
-        image = preview_image(self.model, codes_so_far[:1], total)[0]  # (H, W, 3): the first of the batch
+        image = preview_image(self.model, codes_so_far[:1])[0]  # (H, W, 3): the first of the batch
         pixels = image.mul(255).round().clamp(0, 255).byte().numpy()
         return "JPEG", Image.fromarray(pixels), args.preview_size
 

@@ -10,7 +10,7 @@ from comfy_api.latest import io
 
 CATEGORY = "VILA-U"
 
-# The loaded model travels between nodes on this socket (DESIGN.md: contracts with ComfyUI).
+# The loaded model travels between nodes on this socket (docs/ARCHITECTURE.md: Contracts with ComfyUI).
 VilaUModelSocket = io.Custom("VILAU_MODEL")
 
 SEED_MAX = 0xFFFF_FFFF_FFFF_FFFF

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..vilau_backend.prompts import CUSTOM_QUESTION, SYSTEM_PROMPT, question_presets
-from ..vilau_backend.understand import DEFAULT_BATCH_SIZE, DEFAULT_MAX_NEW_TOKENS, TextSampling
+from ..vilau_backend.decoding.prompts import CUSTOM_QUESTION, SYSTEM_PROMPT, question_presets
+from ..vilau_backend.tasks.understand import DEFAULT_BATCH_SIZE, DEFAULT_MAX_NEW_TOKENS, TextSampling
 from .model_cache import releases_after_use
 from .progress import AnswerProgress
 from .schema import CATEGORY, advanced, check_combo, model_input, seed_input
@@ -89,7 +89,7 @@ def answer_output(tooltip: str, is_list: bool = False) -> io.String.Output:
 
 
 def text_sampling(do_sample: bool, temperature: float, top_k: int, top_p: float, repetition_penalty: float):
-    from ..vilau_backend.understand import TextSampling
+    from ..vilau_backend.tasks.understand import TextSampling
 
     return TextSampling(
         do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty
@@ -166,8 +166,8 @@ class ImageQA(QuestionNode):
         system_prompt: str = SYSTEM_PROMPT, batch_size: int = DEFAULT_BATCH_SIZE, preset: str = CUSTOM_QUESTION,
         **extra_images,
     ) -> io.NodeOutput:
-        from ..vilau_backend.prompts import preset_question
-        from ..vilau_backend.understand import describe_images
+        from ..vilau_backend.decoding.prompts import preset_question
+        from ..vilau_backend.tasks.understand import describe_images
 
         check_combo("batch_mode", batch_mode, [EACH_IMAGE, ALL_IMAGES])
         more = [extra_images[name] for name in EXTRA_IMAGE_INPUTS if extra_images.get(name) is not None]
@@ -177,7 +177,7 @@ class ImageQA(QuestionNode):
         answers = describe_images(
             model.ready(), [image, *more], question, batch=each, batch_size=batch_size, system=system_prompt,
             sampling=text_sampling(do_sample, temperature, top_k, top_p, repetition_penalty),
-            max_new_tokens=max_new_tokens, seed=seed, on_compile=progress.on_compile,
+            max_new_tokens=max_new_tokens, seed=seed, compile=model.compile, on_compile=progress.on_compile,
             **(dict(on_answers=progress.on_answers) if each else dict(on_token=progress)),
         )
         texts = [answer.text for answer in answers]
@@ -228,8 +228,8 @@ class VideoQA(QuestionNode):
         video=None, preset: str = CUSTOM_QUESTION, **frame_options,
     ) -> io.NodeOutput:
         from ..vilau_backend.errors import InputError
-        from ..vilau_backend.prompts import preset_question
-        from ..vilau_backend.understand import describe_video
+        from ..vilau_backend.decoding.prompts import preset_question
+        from ..vilau_backend.tasks.understand import describe_video
 
         if (frames is None) == (video is None):
             state = "both are connected; keep one" if frames is not None else "neither is connected"
@@ -242,7 +242,8 @@ class VideoQA(QuestionNode):
         answer = describe_video(
             vila, frames, preset_question(preset, question, "video"), choice=choice, system=system_prompt,
             sampling=text_sampling(do_sample, temperature, top_k, top_p, repetition_penalty),
-            max_new_tokens=max_new_tokens, seed=seed, on_token=progress, on_compile=progress.on_compile,
+            max_new_tokens=max_new_tokens, seed=seed, on_token=progress, compile=model.compile,
+            on_compile=progress.on_compile,
         )
         progress.done([answer.text])
         return io.NodeOutput(answer.text, ui={"text": [answer.text]})
@@ -251,7 +252,7 @@ class VideoQA(QuestionNode):
 def frame_choice_inputs() -> list[io.Input]:
     """How Video Q&A picks frames; optional, so graphs saved before these inputs existed still run,
     and the defaults are the backend's FrameChoice(): the original's frames."""
-    from ..vilau_backend.video import FRAME_METHODS, FrameChoice
+    from ..vilau_backend.media.video import FRAME_METHODS, FrameChoice
 
     defaults = FrameChoice()
     return [
@@ -287,7 +288,7 @@ def frame_choice(
     frame_count: int = 0, frame_method: str = "uniform", frame_step: int = 1, start_frame: int = 0,
     end_frame: int = -1,
 ):
-    from ..vilau_backend.video import FrameChoice
+    from ..vilau_backend.media.video import FrameChoice
 
     return FrameChoice(
         count=frame_count or None, method=frame_method, step=frame_step, start=start_frame,
@@ -303,7 +304,7 @@ def video_frames(video, num_frames: int | None, choice):
     from comfy_api.latest import InputImpl
 
     from ..vilau_backend.errors import InputError
-    from ..vilau_backend.video import read_video
+    from ..vilau_backend.media.video import read_video
     from .video_source import whole_file_path
 
     path = whole_file_path(video, InputImpl.VideoFromFile)

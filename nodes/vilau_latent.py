@@ -33,7 +33,7 @@ def model_stamp(vila) -> dict:
     """{"name", "latent_space"}; latent_space None when the checkpoint can no longer be read (moved or
     deleted after loading): such latents are not compared rather than failing a finished generation."""
     from ..vilau_backend.errors import CheckpointError
-    from ..vilau_backend.latent_space import latent_space_id
+    from ..vilau_backend.checkpoint.latent_space import latent_space_id
 
     try:
         space = latent_space_id(vila.config.vision_tower_dir)

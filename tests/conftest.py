@@ -1,11 +1,11 @@
 """Shared fixtures: the golden checkpoint from the original implementation and tiny checkpoints we write.
 
 Markers: `comfyui` marks the tests that start the pinned ComfyUI (or install into its
-environment). scripts/run_tests.sh runs every other test again under transformers 4.50.3,
+environment). dev/scripts/run_tests.sh runs every other test again under transformers 4.50.3,
 so a new backend test file joins that pass without being listed anywhere.
 
 `--device cuda` (or VILAU_TEST_DEVICE=cuda) loads the fixtures' models on that device instead of
-the CPU (bench/gpu_check.sh runs the backend tests so). Tests that build their own modules stay
+the CPU (dev/bench/gpu_check.sh runs the backend tests so). Tests that build their own modules stay
 on the CPU.
 
 Comparing floating-point results of two computation paths (cached vs recomputed, prefilled vs
@@ -115,28 +115,28 @@ def load_photo(name: str) -> torch.Tensor:
 
 @pytest.fixture(scope="session")
 def golden_fp32(model_device):
-    from vilau_backend.model import VilaUModel
+    from vilau_backend.model.vila_u import VilaUModel
 
     return VilaUModel.load(GOLDEN_CHECKPOINT, dtype="float32", device=model_device)
 
 
 @pytest.fixture(scope="session")
 def golden_bf16(model_device):
-    from vilau_backend.model import VilaUModel
+    from vilau_backend.model.vila_u import VilaUModel
 
     return VilaUModel.load(GOLDEN_CHECKPOINT, dtype="bfloat16", device=model_device)
 
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
-    from vilau_backend.tiny import write_tiny_checkpoint
+    from vilau_backend.testing.random_checkpoint import write_tiny_checkpoint
 
     return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "vila-u-tiny")
 
 
 @pytest.fixture(scope="session")
 def tiny_model(tiny_checkpoint, model_device):
-    from vilau_backend.model import VilaUModel
+    from vilau_backend.model.vila_u import VilaUModel
 
     return VilaUModel.load(tiny_checkpoint, dtype="float32", device=model_device)
 
@@ -158,8 +158,8 @@ def pack_module(name: str):
 def smallest_top2_gap(model, prompts, outputs: list[list[int]]) -> float:
     """The smallest logit gap between the two best tokens at any step of the eager loop that gave
     `outputs` (teacher-forced; a stopped row is fed its EOS, as generate_texts does)."""
-    from vilau_backend.llm import new_dynamic_cache
-    from vilau_backend.understand import PromptBatch
+    from vilau_backend.model.llm import new_dynamic_cache
+    from vilau_backend.decoding.answer_loop import PromptBatch
 
     batch = PromptBatch(prompts)
     cache = new_dynamic_cache(model.llm)

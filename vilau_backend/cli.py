@@ -1,13 +1,17 @@
 """`python -m vilau_backend`: the backend from the command line, as the original's inference.py.
 
-Subcommands:
-    encode  --model DIR --image A.png [--image B.png ...] --out codes.safetensors
-    decode  --model DIR --codes codes.safetensors --out-dir DIR
-    edit    --model DIR --image in.png --mode inpaint|vary|continue [--mask mask.png] --prompt ... --save-dir DIR
+Subcommands (`python -m vilau_backend SUBCOMMAND --help` lists every option):
+    encode          --model DIR --image A.png [--image B.png ...] --out codes.safetensors
+    decode          --model DIR --codes codes.safetensors --out-dir DIR
+    describe        --model DIR (--image A.png [--image B.png ...] | --video V.mp4) --query ... [--batch] [--json]
+    generate-image  --model DIR --prompt ... --save-dir DIR [--num N] [--save-codes codes.safetensors]
+    generate-video  --model DIR --prompt ... --save-dir DIR [--frames 8] [--fps 8] [--save-codes ...]
+    edit            --model DIR --image in.png --mode inpaint|vary|continue [--mask mask.png] --prompt ... --save-dir DIR
 
 Every subcommand takes --dtype float32|bfloat16|float16 (default: bfloat16 on a
 GPU, float32 on the CPU), --device (default: cuda when available) and
---quantize none|int8|4bit (weight-only LLM and depth transformer; default none).
+--quantize none|int8|4bit (weight-only LLM and depth transformer; default none);
+describe, generate-* and edit take --compile/--no-compile (default: on with CUDA only).
 """
 
 from __future__ import annotations
@@ -47,10 +51,9 @@ def save_image_file(image: torch.Tensor, path: str | Path) -> None:
 
 
 def _load_model(args: argparse.Namespace):
-    from .model import VilaUModel
+    from .model.vila_u import VilaUModel
 
-    return VilaUModel.load(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize,
-                           compile_steps=getattr(args, "compile", None))
+    return VilaUModel.load(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize)
 
 
 def _encode(args: argparse.Namespace) -> int:
@@ -87,8 +90,8 @@ def _describe(args: argparse.Namespace) -> int:
     import json
 
     from .errors import InputError
-    from .understand import TextSampling, describe_images, describe_video
-    from .video import read_video
+    from .tasks.understand import TextSampling, describe_images, describe_video
+    from .media.video import read_video
 
     sampling_flags = {
         "--temperature": args.temperature, "--top-p": args.top_p, "--top-k": args.top_k, "--seed": args.seed,
@@ -109,7 +112,7 @@ def _describe(args: argparse.Namespace) -> int:
             repetition_penalty=args.repetition_penalty,
         )
     options = dict(sampling=sampling, max_new_tokens=args.max_new_tokens, seed=args.seed or 0,
-                   on_compile=_say_compiling)
+                   compile=args.compile, on_compile=_say_compiling)
 
     model = _load_model(args)
     if args.video:
@@ -131,11 +134,11 @@ def _describe(args: argparse.Namespace) -> int:
 
 
 def _generation_options(args: argparse.Namespace) -> dict:
-    from .generate import ImageSampling
+    from .tasks.generate import ImageSampling
 
     sampling = ImageSampling(cfg=args.cfg, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     return dict(negative_prompt=args.negative_prompt, num_images=args.num, seed=args.seed, sampling=sampling,
-                on_compile=_say_compiling)
+                compile=args.compile, on_compile=_say_compiling)
 
 
 def _say_compiling() -> None:
@@ -161,7 +164,7 @@ def _save_images(images: torch.Tensor, folder: str, stem: str) -> None:
 
 
 def _generate_image(args: argparse.Namespace) -> int:
-    from .generate import generate_images
+    from .tasks.generate import generate_images
 
     model = _load_model(args)
     result = generate_images(model, args.prompt, **_generation_options(args))
@@ -171,8 +174,8 @@ def _generate_image(args: argparse.Namespace) -> int:
 
 
 def _generate_video(args: argparse.Namespace) -> int:
-    from .generate import generate_video
-    from .video import write_video_file
+    from .tasks.generate import generate_video
+    from .media.video import write_video_file
 
     model = _load_model(args)
     result = generate_video(model, args.prompt, frames=args.frames, **_generation_options(args))
@@ -200,7 +203,7 @@ def load_mask_file(path: str | Path) -> torch.Tensor:
 
 
 def _edit(args: argparse.Namespace) -> int:
-    from . import editing
+    from .tasks import editing
     from .errors import InputError
 
     if args.mode == "inpaint" and not args.mask:
@@ -250,8 +253,8 @@ def _add_edit_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _add_generation_arguments(p: argparse.ArgumentParser) -> None:
-    from .generate import ImageSampling
-    from .prompts import DEFAULT_NEGATIVE_PROMPT
+    from .tasks.generate import ImageSampling
+    from .decoding.prompts import DEFAULT_NEGATIVE_PROMPT
 
     defaults = ImageSampling()
     add_model_options(p)
@@ -288,7 +291,7 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .understand import DEFAULT_MAX_NEW_TOKENS, TextSampling
+    from .tasks.understand import DEFAULT_MAX_NEW_TOKENS, TextSampling
 
     parser = argparse.ArgumentParser(prog="python -m vilau_backend", description="VILA-U without ComfyUI")
     sub = parser.add_subparsers(dest="command", required=True)

@@ -1,0 +1,43 @@
+"""Loading reads the weights without extra copies, and quantizes layer by layer: peak memory stays near the
+weights as loaded (the CI-sized version of dev/bench/load.py, which runs the same measurement at 7B size).
+
+Each load runs in a fresh process that first loads a tiny model (imports and lazy
+initialisations done), then the ~150 MB bf16 checkpoint below; what the load adds to the
+resident memory beyond the weights it keeps is the figure. Measured here: 10 to 30 MiB for
+every choice. Reading through memory maps added the whole checkpoint (every page read
+stays resident while the file is open); quantizing after a full-precision load would
+add the bf16 weights (150 MB) to an int8 or 4-bit load.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from dev.bench.load import run_child
+from vilau_backend.testing.random_checkpoint import TinySizes, write_tiny_checkpoint
+
+MiB = 2**20
+# the largest tensor is 2816 x 1024 bf16 (5.5 MiB); a load may hold a few of them at once
+# (read, converted, quantized, with the quantizer's float32 temporaries): 96 MiB of slack
+SLACK = 96 * MiB
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("load_memory")
+    sizes = TinySizes(llm_hidden=1024, llm_layers=6, llm_intermediate=2816, llm_shards=3)
+    return write_tiny_checkpoint(root / "model", sizes), write_tiny_checkpoint(root / "warmup")
+
+
+class Options:
+    def __init__(self, model: str):
+        self.model, self.dtype, self.device = model, "bfloat16", "cpu"
+
+
+@pytest.mark.parametrize("quantize", ["none", "int8", "4bit"])
+def test_peak_memory_while_loading_is_the_weights_plus_little(checkpoints, quantize):
+    model, warmup = checkpoints
+    r = run_child(Options(str(model)), quantize, warmup)
+    added = r["peak_rss"] - r["baseline"] - r["weights"]
+    assert r["weights"] > (40 if quantize == "4bit" else 70) * MiB, r  # the model is large enough to tell
+    assert added < SLACK, f"loading added {added / MiB:.0f} MiB beyond {r['weights'] / MiB:.0f} MiB of weights: {r}"

@@ -1,0 +1,51 @@
+"""What the loader puts on its output: a ModelHandle per loader on a model shared by all loaders
+of the same weights (nodes/model_cache.py), without ComfyUI: the shared instance is a stand-in."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from conftest import pack_module
+
+
+class SharedModel:
+    """Stands in for LoadedVilaU: one backend model, counted uses and releases."""
+
+    def __init__(self):
+        self.model = SimpleNamespace()
+        self.status = "on cpu"
+        self.key = "the key"
+        self.releases = 0
+
+    def ready(self):
+        return self.model
+
+    def release(self):
+        self.releases += 1
+
+
+def test_each_loader_keeps_its_own_compile_choice_on_a_shared_model():
+    """ComfyUI re-runs only loaders whose inputs changed: whichever ran last, each handle keeps its
+    own choice, which the nodes pass to each run; nothing is set on the shared model."""
+    model_cache = pack_module("model_cache")
+    shared = SharedModel()
+    on = model_cache.ModelHandle(shared, compile=True)
+    auto = model_cache.ModelHandle(shared, compile=None)
+    assert (on.compile, auto.compile) == (True, None)
+    assert vars(on.ready()) == vars(auto.ready()) == {}  # no choice written on the shared model
+    assert on.ready() is auto.ready() is shared.model  # the weights are shared
+    assert (on.status, on.key) == ("on cpu", "the key")
+
+
+def test_keep_loaded_off_releases_after_the_node_only_for_its_loader():
+    model_cache = pack_module("model_cache")
+    shared = SharedModel()
+
+    @model_cache.releases_after_use
+    def execute(cls, model, value):
+        return model.ready(), value
+
+    assert execute(None, model_cache.ModelHandle(shared, keep_loaded=True), 1) == (shared.model, 1)
+    assert shared.releases == 0
+    execute(None, model_cache.ModelHandle(shared, keep_loaded=False), 2)
+    assert shared.releases == 1

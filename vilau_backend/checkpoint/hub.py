@@ -1,0 +1,168 @@
+"""Downloading a published model from the Hugging Face Hub: bounded in time, stoppable at any moment.
+
+huggingface_hub's `snapshot_download` lists a repository with requests that have no read
+timeout (0.x through 2.x), so a network that accepts connections and never answers holds
+it for ever. Here the listing is one `repo_info` call with an explicit timeout, and every
+file is one `hf_hub_download` (metadata request bounded by `etag_timeout`, content reads by
+huggingface_hub's HF_HUB_DOWNLOAD_TIMEOUT). The files download in a worker thread; the
+calling thread only waits, polling its own `on_progress` callback every POLL_SECONDS, so a
+callback that raises (a cancel) returns control within that time whatever the network does.
+The worker then stops at its next chance: before the next file, or inside a file where
+huggingface_hub accepts a progress class (2.x). Progress is read from the bytes on disk,
+which works with every huggingface_hub version.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import inspect
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import VilaUError
+
+POLL_SECONDS = 0.1  # how often the waiting thread calls on_progress
+PARTIAL_DIR = Path(".cache") / "huggingface" / "download"  # where hf_hub_download(local_dir=...) keeps partial files
+
+Progress = Callable[[int, int], None]  # (bytes done, bytes in total; 0 while unknown); raising stops the wait
+
+
+class DownloadStopped(Exception):
+    """Raised inside the worker when the download was abandoned."""
+
+
+class DownloadFailed(VilaUError):
+    """The hub could not be reached, did not answer in time, or refused; `reason` says which."""
+
+    def __init__(self, repo_id: str, reason: str):
+        self.reason = reason
+        super().__init__(f"could not download {repo_id}: {reason}")
+
+
+@dataclass
+class _Download:
+    repo_id: str
+    folder: Path
+    files: dict[str, int] = field(default_factory=dict)  # name -> size in bytes
+    stop: threading.Event = field(default_factory=threading.Event)
+    error: BaseException | None = None
+    thread: threading.Thread | None = None
+
+    def bytes_done(self) -> int:
+        done = sum(size for name, size in self.files.items() if (self.folder / name).is_file())
+        partial = self.folder / PARTIAL_DIR
+        if partial.is_dir():
+            done += sum(p.stat().st_size for p in partial.rglob("*.incomplete") if p.is_file())
+        return done
+
+
+_ACTIVE: dict[Path, _Download] = {}  # folder -> the download writing into it
+_ACTIVE_LOCK = threading.Lock()
+
+
+def download_repo(
+    repo_id: str, folder: Path, *, ignore_patterns: list[str], on_progress: Progress | None = None,
+    timeout: float | None = None, endpoint: str | None = None,
+) -> None:
+    """Download `repo_id` into `folder` (resuming partial files). Returns when every file is there;
+    raises DownloadFailed when the hub cannot be reached or a metadata request gets no answer within
+    `timeout` seconds (default: huggingface_hub's HF_HUB_ETAG_TIMEOUT, 10 s unless set), and re-raises
+    whatever `on_progress` raises (the worker is told to stop). `endpoint`: default HF_ENDPOINT."""
+    from huggingface_hub import constants
+
+    folder = Path(folder).resolve()
+    timeout = float(timeout or constants.HF_HUB_ETAG_TIMEOUT)
+    for _ in range(2):  # a worker this call attached to may fail for its own, earlier request: retry once
+        download, attached = _attach_or_start(repo_id, folder, ignore_patterns, timeout, endpoint)
+        try:
+            while download.thread.is_alive():
+                download.thread.join(POLL_SECONDS)
+                if on_progress is not None:
+                    on_progress(download.bytes_done(), sum(download.files.values()))
+        except BaseException:
+            download.stop.set()
+            raise
+        if download.error is None or not attached:
+            break
+    if download.error is not None:
+        raise DownloadFailed(repo_id, failure_reason(download.error, timeout)) from download.error
+
+
+def _attach_or_start(
+    repo_id: str, folder: Path, ignore_patterns: list[str], timeout: float, endpoint: str | None
+) -> tuple[_Download, bool]:
+    """The download writing into `folder`, and whether it was already running (attached)."""
+    # a download abandoned by a cancel may still be finishing a file: carry on with it
+    # rather than start a second writer into the same folder
+    with _ACTIVE_LOCK:
+        running = _ACTIVE.get(folder)
+        if running is not None and running.thread.is_alive() and running.repo_id == repo_id:
+            running.stop.clear()
+            return running, True
+        download = _Download(repo_id, folder)
+        download.thread = threading.Thread(
+            target=_run, args=(download, ignore_patterns, timeout, endpoint), name=f"download {repo_id}", daemon=True
+        )
+        _ACTIVE[folder] = download
+        download.thread.start()
+        return download, False
+
+
+def _run(download: _Download, ignore_patterns: list[str], timeout: float, endpoint: str | None) -> None:
+    try:
+        from huggingface_hub import HfApi, hf_hub_download
+
+        info = HfApi(endpoint=endpoint).repo_info(download.repo_id, files_metadata=True, timeout=timeout)
+        download.files = {
+            s.rfilename: s.size or 0 for s in info.siblings
+            if not any(fnmatch.fnmatch(s.rfilename, pattern) for pattern in ignore_patterns)
+        }
+        extra = {"tqdm_class": _stoppable_tqdm(download.stop)} if _accepts_tqdm_class(hf_hub_download) else {}
+        for name in download.files:
+            if download.stop.is_set():
+                raise DownloadStopped(download.repo_id)
+            hf_hub_download(
+                download.repo_id, name, revision=info.sha, local_dir=str(download.folder), etag_timeout=timeout,
+                endpoint=endpoint, **extra,
+            )
+    except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread
+        download.error = exc
+
+
+def _accepts_tqdm_class(function) -> bool:
+    return "tqdm_class" in inspect.signature(function).parameters
+
+
+def _stoppable_tqdm(stop: threading.Event):
+    from huggingface_hub.utils import tqdm as hf_tqdm
+
+    class StoppableTqdm(hf_tqdm):
+        def update(self, n=1):
+            if stop.is_set():
+                raise DownloadStopped("download stopped")
+            return super().update(n)
+
+    return StoppableTqdm
+
+
+def failure_reason(error: BaseException, timeout: float) -> str:
+    if _is_timeout(error):
+        return (
+            f"the hub did not answer within {timeout:g} s (a network or proxy that accepts connections but never "
+            "replies: check the connection, HTTPS_PROXY and HF_ENDPOINT)"
+        )
+    text = str(error).strip()
+    return text.splitlines()[0].rstrip(".") if text else type(error).__name__
+
+
+def _is_timeout(error: BaseException | None) -> bool:
+    seen = 0
+    while error is not None and seen < 10:  # the timeout may be wrapped by huggingface_hub's own errors
+        if isinstance(error, TimeoutError) or "timeout" in type(error).__name__.lower():
+            return True
+        error = error.__cause__ or error.__context__
+        seen += 1
+    return False
+

@@ -1,0 +1,1 @@
+"""One generation step and what feeds it: prompts, sampling, the image position step, the answer token step."""

@@ -1,0 +1,111 @@
+"""The compiled-step machinery shared by the image step (position_step.py) and the answer step
+(text_step.py): which runs compile, what a compiled step is specialised on (`StepKey`), the
+step functions compiled once per process, the states kept on the model for replay, and which
+(model, key) pairs have been traced already (for the "compiling…" notice).
+
+A run's compile choice is its own argument: `compile=True/False` forces it, None compiles on
+CUDA only; runs whose LLM layers are placed by accelerate hooks always run eager.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from ..memory.placement import has_placement
+
+log = logging.getLogger(__name__)
+
+CACHE_BUCKET = 256  # cache lengths are multiples of this: prompts of similar length share one compiled step
+# called once before a run whose step must be compiled first (seconds on a GPU, minutes on a CPU)
+CompileCallback = Callable[[], object]
+RECOMPILE_LIMIT = 64  # compiled variants per step function (rows x buckets x models); torch's default is 8
+
+
+def cache_length(prompt_len: int, positions: int) -> int:
+    """L: room for the prompt and every position, rounded up to a multiple of CACHE_BUCKET."""
+    return -(-(prompt_len + positions) // CACHE_BUCKET) * CACHE_BUCKET
+
+
+@dataclass(frozen=True)
+class StepKey:
+    """What a compiled step is specialised on."""
+
+    rows: int
+    length: int
+    device: str
+    dtype: torch.dtype
+    kind: str = "image"  # "image": a grid position (this module); "text": an answer token (text_step.py)
+
+
+_lock = threading.Lock()
+_compiled: dict[tuple, object] = {}  # (step function, device type) -> its torch.compile
+_traced: set[tuple] = set()  # (id(model), StepKey) already compiled, for the "compiling" notice
+
+
+def compile_by_default(device: torch.device) -> bool:
+    """Whether `compile=None` compiles: on CUDA, where a 7B step is bound by kernel launches that
+    a CUDA graph removes (dev/bench/gpu_check.sh measures it); not on the CPU, where inductor's first
+    compile takes minutes (README, Performance, has the measured CPU figures)."""
+    return device.type == "cuda"
+
+
+def resolve_compile(choice: bool | None, device: torch.device, placed: bool = False) -> bool:
+    """Whether a run compiles. Never while LLM layers stream from CPU memory or are split over GPUs
+    (vilau_backend/memory/placement.py): their accelerate hooks move weights and activations in Python at
+    every call, which neither dynamo nor a CUDA graph can capture; those runs are eager."""
+    if placed:
+        if choice:
+            log.warning("VILA-U: the compiled step is off while LLM layers stream from CPU memory or are "
+                        "split over GPUs; running eager")
+        return False
+    return compile_by_default(device) if choice is None else bool(choice)
+
+
+def run_compiles(model, choice: bool | None) -> bool:
+    """`resolve_compile` for a run on `model` with the run's own `choice`."""
+    device = next(model.llm.parameters()).device
+    return resolve_compile(choice, device, placed=has_placement(model.llm))
+
+
+def compiled_step(step, device: torch.device):
+    """`step` compiled for this kind of device (once per process; dynamo keeps one graph per StepKey)."""
+    kind = device.type
+    with _lock:
+        if (step, kind) not in _compiled:
+            config = torch._dynamo.config
+            config.recompile_limit = max(config.recompile_limit, RECOMPILE_LIMIT)
+            config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 4 * RECOMPILE_LIMIT)
+            mode = "reduce-overhead" if kind == "cuda" else None  # CUDA graphs on CUDA; inductor elsewhere
+            _compiled[step, kind] = torch.compile(step, mode=mode, dynamic=False)
+        return _compiled[step, kind]
+
+
+def step_state(model, key: StepKey, compiled: bool, state_class: type):
+    """The `state_class` state for `key`. Compiled steps keep theirs on the model for the next run
+    (a CUDA graph replays fixed addresses), one at a time: a run of another size or kind frees
+    the previous state. Eager runs allocate their own, freed with the run."""
+    if not compiled:
+        return state_class(model, key)
+    held = model.step_states
+    if key not in held:
+        held.clear()  # free the old cache before allocating the new one
+        held[key] = state_class(model, key)
+    return held[key]
+
+
+def needs_compiling(model, key: StepKey) -> bool:
+    """Whether the next compiled run of this size compiles first (seconds to minutes)."""
+    return (id(model), key) not in _traced
+
+
+def mark_compiled(model, key: StepKey) -> None:
+    _traced.add((id(model), key))
+
+
+def step_key(model, rows: int, length: int, kind: str = "image") -> StepKey:
+    return StepKey(rows=rows, length=length, device=str(model.device), dtype=model.dtype, kind=kind)

@@ -1,0 +1,1 @@
+"""Where the weights live and in what form: int8/4-bit weight quantization, layer placement across devices."""

@@ -1,0 +1,2 @@
+"""The networks (SigLIP, RQ codebooks, depth transformer, pixel decoder, projector, LLM) and `VilaUModel`,
+which assembles them from a checkpoint."""

@@ -1,0 +1,284 @@
+"""Text-to-image and text-to-video: the autoregressive code loop with classifier-free guidance.
+
+The original (vila_u_arch.generate_image_content + its patched LlamaForCausalLM)
+drives this through transformers' `generate`, sampling a text token at every
+step that is then ignored (and that can derail the loop). Here the loop is
+driven by the number of grid positions, in phases (position_step.py):
+
+- `StepState.prefill`: the left-padded CFG batch (conditional rows, then
+  unconditional rows) through the LLM into a KV cache allocated once; the
+  last hidden state of every row. When editing, the positions kept at the
+  start (continue downward, extend a video) go through this same batched
+  forward after the prompt.
+- `advance`: one grid position as one fixed-shape step: the depth transformer
+  turns the hidden states into D codes under guidance, and their summed
+  embedding, through the projector, is the next LLM input, written at a fixed
+  cache index. The text head is never run. With `compile` the step is
+  compiled once per (rows, cache-length bucket) and replayed.
+- `generate_codes`: the loop over positions, with the progress callback.
+
+Editing (vilau_backend/tasks/editing.py) is one generalisation of this loop:
+`given_codes` (B, P, D) and a boolean `keep` (B, P, D). A kept code is forced
+in place of the sampled one inside the depth loop, so it feeds the next depth
+step and the next LLM input exactly as a sampled code would; the random draw
+of that (position, depth) is still made and discarded, so the codes sampled
+elsewhere depend on the seed and not on what is kept.
+
+A video is frames x h x w positions in one stream, frame after frame, as the
+original. Randomness comes only from per-image generators derived from
+(seed, image index), drawn up front as (B, P, D) uniforms, so image i is the
+same whatever the batch size, and compiled and eager runs draw the same numbers.
+
+Shapes: B images, R = 2B rows, T prompt length, L cache length, P positions,
+D depth, H LLM hidden, C code width.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..decoding import compiled_steps, position_step
+from ..decoding.compiled_steps import CompileCallback
+from ..errors import InputError
+from ..decoding.prompts import DEFAULT_NEGATIVE_PROMPT, cfg_batch, refuse_text_that_cannot_fit
+from ..decoding.sampling import draw_uniforms
+
+DEFAULT_VIDEO_FRAMES = 8  # as the original's GENERATION_VIDEO_FRAMES
+
+# (positions done, positions in total, codes so far (B, done, D)); raising stops the run
+PositionCallback = Callable[[int, int, torch.Tensor], None]
+
+
+@dataclass(frozen=True)
+class ImageSampling:
+    """Depth-code sampling; defaults are the values the original hard-codes.
+
+    top_k=1 (or temperature 0) is exact greedy decoding."""
+
+    cfg: float = 3.0
+    temperature: float = 1.0
+    top_k: int = 900
+    top_p: float = 0.96
+
+    def validate(self) -> None:
+        for name in ("cfg", "temperature", "top_p"):
+            value = getattr(self, name)
+            if not math.isfinite(value):  # NaN passes every range check (and JSON can carry it)
+                raise InputError(f"{name} must be a finite number, got {value}")
+        if self.temperature < 0:
+            raise InputError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise InputError(f"top_k must be >= 0 (0 = no top-k filter), got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise InputError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+@dataclass
+class GeneratedImages:
+    codes: torch.Tensor  # (B, h, w, D) int64, or (B, F, h, w, D) for a video
+    features: torch.Tensor  # summed code embeddings (B, h, w, C) or (B, F, h, w, C)
+    images: torch.Tensor | None  # ComfyUI IMAGE (B, H, W, 3) or frames (B, F, H, W, 3); None if not decoded
+
+
+def image_generators(seed: int, count: int) -> list[torch.Generator]:
+    """One CPU generator per image, seeded from (seed, index) through numpy's SeedSequence,
+    so that neighbouring seeds do not give shifted copies of each other's batches."""
+    if seed < 0:
+        raise InputError(f"seed must be >= 0, got {seed}")
+    states = [np.random.SeedSequence([seed, i]).generate_state(1, dtype=np.uint64)[0] for i in range(count)]
+    return [torch.Generator().manual_seed(int(s) & 0x7FFF_FFFF_FFFF_FFFF) for s in states]
+
+
+def empty_prompt_problem(prompt: str | None) -> str | None:
+    """What is wrong with an empty generation prompt, as the backend and the nodes' queue-time check say it."""
+    if prompt is None or not prompt.strip():
+        return "the prompt is empty: describe the image or video to generate"
+    return None
+
+
+def _check_request(
+    model, prompt: str, negative_prompt: str, num_images: int, frames: int | None, sampling: ImageSampling
+) -> None:
+    problem = empty_prompt_problem(prompt)
+    if problem:
+        raise InputError(problem)
+    refuse_text_that_cannot_fit(model.tokenizer, {"prompt": prompt, "negative prompt": negative_prompt},
+                                model.config.llm.context_length)
+    if num_images < 1:
+        raise InputError(f"num_images must be at least 1, got {num_images}")
+    if frames is not None and frames < 1:
+        raise InputError(f"frames must be at least 1, got {frames}")
+    sampling.validate()
+
+
+@torch.inference_mode()
+def generate_codes(
+    model,
+    prompt: str,
+    *,
+    negative_prompt: str = DEFAULT_NEGATIVE_PROMPT,
+    num_images: int = 1,
+    frames: int | None = None,
+    sampling: ImageSampling = ImageSampling(),
+    seed: int = 0,
+    on_position: PositionCallback | None = None,
+    given_codes: torch.Tensor | None = None,
+    keep: torch.Tensor | None = None,
+    compile: bool | None = None,
+    on_compile: CompileCallback | None = None,
+) -> torch.Tensor:
+    """Generate the codes of `num_images` images (frames=None) or videos of `frames` frames.
+
+    Editing: `given_codes` and `keep`, both (B, P, D) (or the shape of the result), make every
+    kept code the given one and sample the others; see vilau_backend/tasks/editing.py for the masks.
+    Positions kept entirely at the start of every image go through one batched prefill.
+
+    compile: run the compiled step (None: on CUDA only). Compiled and eager runs draw the same numbers; their codes can differ only where
+    their kernels' rounding flips a near-tie. `on_compile` is called before a run that compiles.
+
+    Returns codes (B, h, w, D), or (B, F, h, w, D) for a video, int64 on the model's device."""
+    _check_request(model, prompt, negative_prompt, num_images, frames, sampling)
+    video = frames is not None
+    h, w = model.config.grid
+    D = model.config.quantizer.depth
+    P = (frames or 1) * h * w
+    edit = _edit_inputs(model, given_codes, keep, (num_images, P, D))
+    input_ids, attention_mask = cfg_batch(model.tokenizer, prompt, negative_prompt, n=num_images, video=video)
+    total = input_ids.shape[1] + P
+    if total > model.config.llm.context_length:
+        # the CFG batch is as long as the longer of the prompt and the negative prompt: name that one
+        lengths = attention_mask.sum(-1)  # (R,): conditional rows, then unconditional rows
+        negative = int(lengths[num_images:].max()) > int(lengths[:num_images].max())
+        which = "negative prompt" if negative else "prompt"
+        raise InputError(
+            f"{which} ({input_ids.shape[1]} tokens) plus {P} image positions exceeds the model's context of "
+            f"{model.config.llm.context_length}; shorten the {which} or generate fewer frames"
+        )
+    compile = compiled_steps.run_compiles(model, compile)
+    key = compiled_steps.step_key(model, 2 * num_images, compiled_steps.cache_length(input_ids.shape[1], P))
+    state = compiled_steps.step_state(model, key, compile, position_step.StepState)
+    uniforms = draw_uniforms(image_generators(seed, num_images), P, D).to(model.device)  # (B, P, D), once
+    forced = {} if edit is None else dict(given=edit.given, keep=edit.keep)
+    state.begin(input_ids, attention_mask.to(model.device), uniforms, sampling, **forced)
+    codes = _code_loop(model, state, P, 0 if edit is None else edit.prefix, compile, on_position, on_compile)
+    if video:
+        return codes.reshape(num_images, frames, h, w, D)
+    return codes.reshape(num_images, h, w, D)
+
+
+@dataclass(frozen=True)
+class _Edit:
+    given: torch.Tensor  # (B, P, D) int64: the codes to force where kept (anything elsewhere)
+    keep: torch.Tensor  # (B, P, D) bool
+    prefix: int  # leading positions kept at every depth in every image: prefilled, not stepped
+
+
+def _edit_inputs(model, given_codes, keep, shape: tuple[int, int, int]) -> _Edit | None:
+    """Check and flatten the edit arguments to (B, P, D); None when nothing is edited."""
+    if given_codes is None and keep is None:
+        return None
+    if given_codes is None or keep is None:
+        raise InputError("editing needs both given_codes and keep (which of the given codes to keep)")
+    B, P, D = shape
+    for name, tensor in (("given_codes", given_codes), ("keep", keep)):
+        if tensor.numel() != B * P * D or tensor.shape[0] != B or tensor.shape[-1] != D:
+            raise InputError(
+                f"{name} must hold {B} x {P} positions x {D} depths (shaped (B, P, D) or as the generated codes), "
+                f"got shape {tuple(tensor.shape)}"
+            )
+    if keep.dtype != torch.bool:
+        raise InputError(f"keep must be a bool tensor (True = keep the given code), got {keep.dtype}")
+    device = model.device
+    given = given_codes.reshape(B, P, D).to(device=device, dtype=torch.long)
+    keep = keep.reshape(B, P, D).to(device)
+    n_embed = model.config.quantizer.n_embed
+    kept_values = given[keep]
+    if kept_values.numel() and (int(kept_values.min()) < 0 or int(kept_values.max()) >= n_embed):
+        raise InputError(f"kept codes must lie in 0..{n_embed - 1}, found {int(kept_values.min())}..{int(kept_values.max())}; "
+                         "were they made by another model?")
+    whole = keep.all(dim=-1).all(dim=0)  # (P,): positions kept entirely in every image
+    prefix = int(whole.long().cumprod(0).sum())
+    return _Edit(given=given, keep=keep, prefix=prefix)
+
+
+def _code_loop(
+    model, state, P: int, start: int, compile: bool, on_position: PositionCallback | None,
+    on_compile: CompileCallback | None,
+) -> torch.Tensor:
+    """Prefill (with the first `start` positions when an edit keeps them whole), then one step
+    per position. Their uniforms are simply not read: later positions draw what they would
+    stepping through. Returns codes (B, P, D)."""
+    if start:
+        state.codes[:, :start] = state.given[:, :start]
+        if on_position is not None:
+            on_position(start, P, state.codes[:, :start])
+        if start == P:
+            return state.codes[:, :P].clone()
+    step = position_step.advance
+    if compile:
+        if on_compile is not None and compiled_steps.needs_compiling(model, state.key):
+            on_compile()
+        step = position_step.compiled_advance(model.device)
+    state.prefill(model, position_step.prefix_inputs(model, state.codes[:, :start]) if start else None)
+    for p in range(start, P):
+        step(model, state, state.grid_indices[p])
+        if compile and p == start:  # traced now: a later run of this size, even after a cancel, only replays
+            compiled_steps.mark_compiled(model, state.key)
+        if on_position is not None:
+            on_position(p + 1, P, state.codes[:, : p + 1])  # a view: later steps write beyond it
+    return state.codes[:, :P].clone()
+
+
+def generate_images(model, prompt: str, *, decode: bool = True, **options) -> GeneratedImages:
+    """Text to image: codes, summed features and decoded images (conditional rows only)."""
+    if options.get("frames") is not None:
+        raise InputError("generate_images makes still images; use generate_video for frames")
+    codes = generate_codes(model, prompt, **options)
+    features = model.codes_to_features(codes)  # (B, h, w, C)
+    images = model.decode_features(features) if decode else None
+    return GeneratedImages(codes=codes.cpu(), features=features.cpu(), images=images)
+
+
+def generate_video(model, prompt: str, *, frames: int = DEFAULT_VIDEO_FRAMES, decode: bool = True, **options) -> GeneratedImages:
+    """Text to video: codes (B, F, h, w, D), features and frames (B, F, H, W, 3)."""
+    return decode_videos(model, generate_codes(model, prompt, frames=frames, **options), decode=decode)
+
+
+def decode_videos(model, codes: torch.Tensor, decode: bool = True) -> GeneratedImages:
+    """codes (B, F, h, w, D) -> codes, features (B, F, h, w, C) and frames (B, F, H, W, 3), a video at a time."""
+    B, F = codes.shape[:2]
+    features = model.codes_to_features(codes.flatten(0, 1))  # (B*F, h, w, C)
+    images = None
+    if decode:
+        decoded = torch.cat([model.decode_features(features[i : i + F]) for i in range(0, B * F, F)])
+        images = decoded.reshape(B, F, *decoded.shape[1:])
+    return GeneratedImages(codes=codes.cpu(), features=features.reshape(B, F, *features.shape[1:]).cpu(), images=images)
+
+
+@torch.inference_mode()
+def preview_image(model, codes: torch.Tensor, grey: float = 0.5) -> torch.Tensor:
+    """Decode a partially generated grid for a progress preview.
+
+    codes (B, done, D) in raster order; positions not yet generated are decoded
+    from zero features and then painted flat grey, so the preview shows exactly
+    the rows that exist. Returns (B, H, W, 3) float 0..1 of the frame being generated."""
+    h, w = model.config.grid
+    B, done, D = codes.shape
+    per_frame = h * w
+    frame_start = ((done - 1) // per_frame) * per_frame if done else 0
+    in_frame = codes[:, frame_start:done]  # (B, n, D)
+    n = in_frame.shape[1]
+    grid_codes = torch.zeros(B, per_frame, D, dtype=torch.long, device=codes.device)
+    grid_codes[:, :n] = in_frame
+    features = model.codes_to_features(grid_codes.reshape(B, h, w, D))
+    valid = (torch.arange(per_frame, device=features.device) < n).reshape(1, h, w, 1)
+    images = model.decode_features(features * valid.to(features.dtype))  # (B, H, W, 3)
+    H, W = images.shape[1:3]
+    pixel_valid = torch.nn.functional.interpolate(valid.permute(0, 3, 1, 2).float(), size=(H, W), mode="nearest")
+    pixel_valid = pixel_valid.permute(0, 2, 3, 1).cpu()  # (1, H, W, 1)
+    return images * pixel_valid + grey * (1 - pixel_valid)
