@@ -95,6 +95,22 @@ class linear_input_scales:
         self.handle.remove()
 
 
+def png_header(path: Path, width: int, height: int) -> Path:
+    """A PNG whose header says width x height, with almost no pixel data: decoding it would
+    allocate the whole image, reading its header costs nothing."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+                     + chunk(b"IEND", b""))
+    return path
+
+
+
 def reference(name: str) -> dict:
     from safetensors.torch import load_file
 

@@ -49,7 +49,7 @@ def test_a_too_long_negative_prompt_is_reported_as_the_negative_prompt(tiny_mode
 
 
 def ask(model, question="Describe the image.", **options):
-    from vilau_backend.understand import GREEDY, describe_images
+    from vilau_backend.tasks.understand import GREEDY, describe_images
 
     image = torch.rand(1, 16, 16, 3, generator=torch.Generator().manual_seed(0))
     return describe_images(model, image, question, sampling=GREEDY, max_new_tokens=4, **options)

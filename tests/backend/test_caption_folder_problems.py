@@ -5,19 +5,18 @@ from __future__ import annotations
 
 import errno
 import os
-import struct
 import threading
-import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-import vilau_backend.captioning as captioning
+import vilau_backend.tasks.captioning as captioning
+from conftest import png_header
 from vilau_backend.media.image_folder import MAX_IMAGE_PIXELS, UnreadableImage, read_image, unwritable_reason
-from vilau_backend.captioning import CaptionSettings, caption_folder
-from vilau_backend.understand import GREEDY
+from vilau_backend.tasks.captioning import CaptionSettings, caption_folder
+from vilau_backend.tasks.understand import GREEDY
 
 FAST = dict(sampling=GREEDY, max_new_tokens=3)
 LONG_NAME = "n" * 236 + ".png"  # 240 characters: the old temporary name (".<name>.<hex>.tmp") passed 255
@@ -27,18 +26,6 @@ def write_png(path: Path, seed: int, size: int = 24) -> Path:
     pixels = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(pixels).save(path)
-    return path
-
-
-def png_header(path: Path, width: int, height: int) -> Path:
-    """A PNG whose header says width x height, with almost no pixel data: decoding it would
-    allocate the whole image, reading its header costs nothing."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
-                     + chunk(b"IEND", b""))
     return path
 
 

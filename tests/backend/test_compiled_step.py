@@ -151,8 +151,8 @@ def test_a_cancel_read_before_compiling_stops_the_run_before_anything_compiles(g
     before torch.compile starts, which can't be interrupted once it runs."""
     from torch._dynamo.utils import counters
 
-    from vilau_backend.understand import GREEDY as GREEDY_TEXT
-    from vilau_backend.understand import describe_images
+    from vilau_backend.tasks.understand import GREEDY as GREEDY_TEXT
+    from vilau_backend.tasks.understand import describe_images
 
     before = counters["stats"]["unique_graphs"]
     with pytest.raises(CancelPressed):

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from comfy_harness import server as cs
-from comfy_harness import workflow_api as wa
+from dev.comfy_harness import server as cs
+from dev.comfy_harness import workflow_api as wa
 
 pytestmark = pytest.mark.comfyui  # starts the pinned ComfyUI: not part of the transformers 4.50.3 pass
 
@@ -43,7 +43,7 @@ def write_no_frames(path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    from vilau_backend.video import write_video_file
+    from vilau_backend.media.video import write_video_file
 
     import torch
 

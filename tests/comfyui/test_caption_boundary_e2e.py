@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from comfy_harness import server as cs
-from comfy_harness import workflow_api as wa
-from test_caption_folder_problems import png_header
+from dev.comfy_harness import server as cs
+from dev.comfy_harness import workflow_api as wa
+from conftest import png_header
 
 pytestmark = pytest.mark.comfyui  # starts the pinned ComfyUI: not part of the transformers 4.50.3 pass
 
@@ -44,7 +44,7 @@ def places(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, places):
-    from vilau_backend.tiny import write_tiny_checkpoint
+    from vilau_backend.testing.random_checkpoint import write_tiny_checkpoint
 
     run = tmp_path_factory.mktemp("run")
     write_tiny_checkpoint(run / "models" / "vila-u" / TINY)

@@ -20,7 +20,7 @@ import textwrap
 
 import pytest
 
-from comfy_harness import server as cs
+from dev.comfy_harness import server as cs
 from conftest import GOLDEN_CHECKPOINT, REPO
 
 pytestmark = pytest.mark.comfyui  # imports the pack through the pinned ComfyUI's comfy_api

@@ -179,8 +179,8 @@ def test_system_prompt_input_reaches_the_prompt(server, reference):
 
 
 def test_question_preset_asks_its_question_and_leaves_the_box_unused(server, reference):
-    from vilau_backend.prompts import QUESTION_PRESETS
-    from vilau_backend.understand import GREEDY, describe_images
+    from vilau_backend.decoding.prompts import QUESTION_PRESETS
+    from vilau_backend.tasks.understand import GREEDY, describe_images
 
     image = noise_png(server.input_dir / "qa_preset.png", 5)
     load = {"class_type": "LoadImage", "inputs": {"image": "qa_preset.png"}}
@@ -199,8 +199,8 @@ def test_question_preset_asks_its_question_and_leaves_the_box_unused(server, ref
 
 
 def test_caption_folder_with_a_preset_captions_with_its_question(server, reference, tmp_path):
-    from vilau_backend.prompts import QUESTION_PRESETS
-    from vilau_backend.understand import GREEDY, describe_images
+    from vilau_backend.decoding.prompts import QUESTION_PRESETS
+    from vilau_backend.tasks.understand import GREEDY, describe_images
 
     image = noise_png(tmp_path / "presets" / "a.png", 6)
     graph = {"1": model_node(), "2": caption_node(tmp_path / "presets", question="", preset="short caption")}
