@@ -83,10 +83,12 @@ class linear_input_scales:
         self.linear, self.scales = linear, []
 
     def __enter__(self):
+        @torch.no_grad()
         def record(module, args, output):
-            weight, bias = module.weight.detach().float(), module.bias
-            scale = args[0].detach().float().abs() @ weight.abs().T
-            self.scales.append(scale + (0 if bias is None else bias.detach().float().abs()))
+            weight, bias = module.weight, module.bias
+            weight = (weight.dequantize() if hasattr(weight, "dequantize") else weight).float()  # int8 weights too
+            scale = args[0].float().abs() @ weight.abs().T
+            self.scales.append(scale + (0 if bias is None else bias.float().abs()))
 
         self.handle = self.linear.register_forward_hook(record)
         return self
@@ -109,6 +111,17 @@ def png_header(path: Path, width: int, height: int) -> Path:
                      + chunk(b"IEND", b""))
     return path
 
+
+
+def guided_rounding_bound(depth, scales: torch.Tensor, cfg: float) -> torch.Tensor:
+    """fp32 bound on how far two correct evaluations of the depth transformer's guided logits may differ:
+    `scales` (R, ..., V) are the classifier's sum|x*W| + |b|; guidance weighs the conditional rows by cfg
+    and the unconditional by |1 - cfg|. The longest reduction is the MLP's 4E; in sequence run in_mlp, per
+    block q/k/v, scores, weighted values, proj and the two MLP layers, then the classifier."""
+    cond, uncond = scales.chunk(2)
+    spec = depth.spec
+    reduction = max(4 * spec.embed_dim, spec.llm_dim, spec.code_dim)
+    return rounding_bound(cfg * cond + abs(1 - cfg) * uncond, reduction, steps=2 + 6 * spec.n_layer)
 
 
 def reference(name: str) -> dict:

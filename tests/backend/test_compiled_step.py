@@ -162,3 +162,16 @@ def test_a_cancel_read_before_compiling_stops_the_run_before_anything_compiles(g
             describe_images(golden_fp32, torch.rand(3, 16, 16, 3), "Describe the image.", batch=True,
                             sampling=GREEDY_TEXT, max_new_tokens=4, compile=True, on_compile=cancel)
     assert counters["stats"]["unique_graphs"] == before  # nothing was traced or compiled
+
+
+def test_cpu_steps_compile_scalar_code_where_inductor_has_no_vector_isa(monkeypatch):
+    """With no vector ISA (a CPU without AVX2, or ATEN_CPU_CAPABILITY=default) inductor's reduction code
+    fails to build unless asked for scalar code; with one, inductor keeps its own choice."""
+    import torch._inductor.cpu_vec_isa as vec_isa
+
+    from vilau_backend.decoding.compiled_steps import cpu_inductor_options
+
+    monkeypatch.setattr(vec_isa, "pick_vec_isa", lambda: vec_isa.invalid_vec_isa)
+    assert cpu_inductor_options() == {"cpp.vec_isa_ok": False}
+    monkeypatch.setattr(vec_isa, "pick_vec_isa", lambda: vec_isa.VecAVX2())
+    assert cpu_inductor_options() == {}

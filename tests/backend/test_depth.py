@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from conftest import GOLDEN_CHECKPOINT, REFERENCE, linear_input_scales, rounding_bound
+from conftest import GOLDEN_CHECKPOINT, REFERENCE, guided_rounding_bound, linear_input_scales
 from vilau_backend.checkpoint.config import load_config
 from vilau_backend.model.depth import DepthTransformer, at_every_depth
 from vilau_backend.model.rq_codebook import ResidualQuantizer
@@ -74,17 +74,6 @@ def bf16_ulp(x: torch.Tensor) -> torch.Tensor:
 def top2_gap(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     top = logits.float().topk(2, dim=-1).values
     return top[..., 0] - top[..., 1], top[..., 0]
-
-
-def guided_rounding_bound(depth: DepthTransformer, scales: torch.Tensor, cfg: float) -> torch.Tensor:
-    """fp32 bound on how far two correct evaluations of the guided logits may differ (tests/conftest.py):
-    `scales` (R, ..., V) are the classifier's sum|x*W| + |b|; guidance weighs the conditional rows by cfg
-    and the unconditional by |1 - cfg|. The longest reduction is the MLP's 4E; in sequence run in_mlp, per
-    block q/k/v, scores, weighted values, proj and the two MLP layers, then the classifier."""
-    cond, uncond = scales.chunk(2)
-    spec = depth.spec
-    reduction = max(4 * spec.embed_dim, spec.llm_dim, spec.code_dim)
-    return rounding_bound(cfg * cond + abs(1 - cfg) * uncond, reduction, steps=2 + 6 * spec.n_layer)
 
 
 def recording_sampler(store: list[torch.Tensor], sample=greedy):

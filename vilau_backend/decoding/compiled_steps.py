@@ -80,9 +80,24 @@ def compiled_step(step, device: torch.device):
             config = torch._dynamo.config
             config.recompile_limit = max(config.recompile_limit, RECOMPILE_LIMIT)
             config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 4 * RECOMPILE_LIMIT)
-            mode = "reduce-overhead" if kind == "cuda" else None  # CUDA graphs on CUDA; inductor elsewhere
-            _compiled[step, kind] = torch.compile(step, mode=mode, dynamic=False)
+            if kind == "cuda":
+                _compiled[step, kind] = torch.compile(step, mode="reduce-overhead", dynamic=False)  # CUDA graphs
+            else:
+                _compiled[step, kind] = torch.compile(step, dynamic=False, options=cpu_inductor_options())
         return _compiled[step, kind]
+
+
+def cpu_inductor_options() -> dict:
+    """Inductor options for CPU steps. Where inductor finds no vector ISA to generate for (a CPU
+    without AVX2, or ATen capped with ATEN_CPU_CAPABILITY=default), torch 2.14's C++ code for
+    reductions still names vector types and fails to build: ask it for scalar code there."""
+    try:
+        from torch._inductor.cpu_vec_isa import pick_vec_isa
+
+        vectorized = bool(pick_vec_isa())
+    except Exception:  # a torch without this module: leave inductor its own choice
+        return {}
+    return {} if vectorized else {"cpp.vec_isa_ok": False}
 
 
 def step_state(model, key: StepKey, compiled: bool, state_class: type):
