@@ -148,13 +148,14 @@ def test_object_info_lists_every_node_with_tooltips(server):
         "model", "image", "question", "batch_mode", "seed", "max_new_tokens", "do_sample", *QA_ADVANCED]
     assert inputs("VILAU_VideoQA")["required"] == [
         "model", "question", "seed", "max_new_tokens", "do_sample", *QA_ADVANCED]
-    assert inputs("VILAU_ImageQA")["optional"] == ["system_prompt", "batch_size", "image_2", "image_3", "image_4"]
+    assert inputs("VILAU_ImageQA")["optional"] == ["system_prompt", "batch_size", "image_2", "image_3", "image_4", "preset"]
     assert inputs("VILAU_VideoQA")["optional"] == [
-        "frames", "video", "system_prompt", "frame_count", "frame_method", "frame_step", "start_frame", "end_frame"]
+        "frames", "video", "system_prompt", "frame_count", "frame_method", "frame_step", "start_frame", "end_frame",
+        "preset"]
     assert inputs("VILAU_CaptionFolder")["required"] == [
         "model", "folder", "question", "existing_captions", "prefix", "suffix", "recursive", "seed", "max_new_tokens",
         "do_sample", *QA_ADVANCED]
-    assert inputs("VILAU_CaptionFolder")["optional"] == ["system_prompt", "batch_size"]
+    assert inputs("VILAU_CaptionFolder")["optional"] == ["system_prompt", "batch_size", "preset"]
     generation = ["model", "prompt", "negative_prompt", "cfg", "seed", "batch_size", *GEN_ADVANCED]
     assert inputs("VILAU_TextToImage")["required"] == generation
     assert inputs("VILAU_TextToVideo")["required"] == [*generation, "frames", "fps"]

@@ -77,4 +77,4 @@ def test_pack_imports_no_quantization_library_when_quantize_is_none():
 def test_pack_imports_torchao_when_int8_is_chosen():
     # the same recording sees the pack's own import when int8 is chosen: the test above can fail
     asked = pack_files(importers_when_loading("int8"))
-    assert ("torchao", str(REPO / "vilau_backend" / "quantize.py")) in asked, asked
+    assert ("torchao", str(REPO / "vilau_backend" / "memory" / "weight_quantization.py")) in asked, asked

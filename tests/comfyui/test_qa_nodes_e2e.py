@@ -198,16 +198,17 @@ def test_question_preset_asks_its_question_and_leaves_the_box_unused(server, ref
     assert server.ui_text(server.run({"1": model_node(), "2": load, "3": node}, timeout=120), "3") == [typed.text]
 
 
-def test_caption_folder_with_a_preset_captions_with_its_question(server, reference, tmp_path):
+def test_caption_folder_with_a_preset_captions_with_its_question(server, reference):
     from vilau_backend.decoding.prompts import QUESTION_PRESETS
     from vilau_backend.tasks.understand import GREEDY, describe_images
 
-    image = noise_png(tmp_path / "presets" / "a.png", 6)
-    graph = {"1": model_node(), "2": caption_node(tmp_path / "presets", question="", preset="short caption")}
+    folder = server.input_dir / "qa13_presets"  # Caption Folder stays inside ComfyUI's input and output
+    image = noise_png(folder / "a.png", 6)
+    graph = {"1": model_node(), "2": caption_node(folder, question="", preset="short caption")}
     server.run(graph, timeout=180)
     short = QUESTION_PRESETS["short caption"][0].format(media="image")
     expected = describe_images(reference, [image], short, batch=True, sampling=GREEDY, max_new_tokens=12)[0]
-    assert (tmp_path / "presets" / "a.txt").read_text(encoding="utf-8") == expected.text
+    assert (folder / "a.txt").read_text(encoding="utf-8") == expected.text
 
 
 def test_streamed_answers_never_show_a_partial_character(server, reference):
