@@ -51,6 +51,10 @@ def pytest_configure(config):
     config.addinivalue_line(
         "markers", "comfyui: starts the pinned ComfyUI or installs into its environment (not in the transformers 4.50.3 pass)"
     )
+    config.addinivalue_line(
+        "markers", "no_transformers: runs none of transformers' code (the pack's own networks, sampling, files, "
+        "code checks), so the transformers 4.50.3 pass leaves it out"
+    )
 
 
 def pytest_addoption(parser):

@@ -12,10 +12,12 @@
 # 2. Chromium for the browser tests: Debian's chromium + chromium-driver, installed
 #    with apt-get when this runs as root and they are missing (otherwise the browser
 #    tests fail, saying what to install).
-# 3. pytest over tests/ (the whole suite, or what the arguments say).
+# 3. pytest over tests/ (the whole suite, or what the arguments say): the tests that start no ComfyUI in two
+#    worker processes (pytest-xdist), then the ComfyUI and browser tests (marked `comfyui`) in one.
 # 4. The backend tests again under transformers 4.50.3, ComfyUI's floor: .cache/venv-transformers-4.50.3
 #    layers transformers 4.50.3 over .venv's packages (same torch, no second copy). "Backend" is every
-#    test not marked `comfyui` (tests/conftest.py), so a new backend test file joins this pass unlisted.
+#    test not marked `comfyui` or `no_transformers` (tests/conftest.py), so a new backend test file joins
+#    this pass unlisted unless it says it runs none of transformers' code.
 #    VILAU_TF450=0 skips this pass.
 #
 # Re-running reuses everything. The exit code is pytest's (the first failing pass's).
@@ -28,7 +30,7 @@ PY="$VENV/bin/python"
 start=$(date +%s)
 
 # ---- 1. the test environment ------------------------------------------------------------
-bash dev/scripts/setup_env.sh "torchao>=0.18.0" "bitsandbytes>=0.49" "pytest>=8" "requests>=2.31" "av>=12" "pillow>=10" "numpy>=1.24" "playwright>=1.40"
+bash dev/scripts/setup_env.sh "torchao>=0.18.0" "bitsandbytes>=0.49" "pytest>=8" "pytest-xdist>=3.5" "requests>=2.31" "av>=12" "pillow>=10" "numpy>=1.24" "playwright>=1.40"
 
 # ---- 1b. the newest front end, served by the pinned backend in the browser tests -------------
 # (dev/comfy_harness/browser.py NEWEST_FRONT_END; the pinned ComfyUI's own front end is 1.32.9)
@@ -90,7 +92,17 @@ echo "run_tests: environment ready ($(( $(date +%s) - start )) s)"
 
 # ---- 3. the suite -----------------------------------------------------------------------
 rc=0
-"$PY" -m pytest "$@" || rc=$?
+if [ $# -gt 0 ]; then
+    "$PY" -m pytest "$@" || rc=$?
+else
+    # the tests that run no ComfyUI in two worker processes of one thread each: the tiny models' kernels
+    # are too small for a second thread to help, a second process halves the wall time; then the
+    # ComfyUI and browser tests one after another (each starts servers and a browser of its own)
+    OMP_NUM_THREADS=1 "$PY" -m pytest -n 2 --dist loadfile -m "not comfyui" tests || rc=$?
+    rc_comfyui=0
+    "$PY" -m pytest -m comfyui tests || rc_comfyui=$?
+    if [ "$rc" = 0 ]; then rc=$rc_comfyui; fi
+fi
 
 # ---- 4. the backend under transformers 4.50.3 -------------------------------------------
 if [ "${VILAU_TF450:-1}" != 0 ]; then
@@ -104,7 +116,7 @@ if [ "${VILAU_TF450:-1}" != 0 ]; then
     "$PY450" -m pip install --quiet "transformers==4.50.3"
     "$PY450" -c "import transformers, torch; print(f'run_tests: backend tests under transformers {transformers.__version__}, torch {torch.__version__}')"
     rc450=0
-    "$PY450" -m pytest -q -m "not comfyui" tests || rc450=$?
+    OMP_NUM_THREADS=1 "$PY450" -m pytest -q -n 2 --dist loadfile -m "not comfyui and not no_transformers" tests || rc450=$?
     if [ "$rc" = 0 ]; then rc=$rc450; fi
 fi
 echo "run_tests: done in $(( $(date +%s) - start )) s (exit $rc)"

@@ -128,6 +128,7 @@ def bf16_decoded(golden_bf16) -> torch.Tensor:
     return golden_bf16.decode_features_raw(reference("decode_bf16.safetensors")["code_embed_sum"])
 
 
+@pytest.mark.no_transformers  # the pixel decoder is the pack's own
 def test_bf16_decode_matches_original_within_bf16_rounding(bf16_decoded):
     recorded = reference("decode_bf16.safetensors")
     raw = bf16_decoded.float()
@@ -136,6 +137,7 @@ def test_bf16_decode_matches_original_within_bf16_rounding(bf16_decoded):
     assert err.max().item() < 0.08 and err.mean().item() < 0.006, (err.max().item(), err.mean().item())
 
 
+@pytest.mark.no_transformers  # the pixel decoder is the pack's own
 def test_decoded_image_matches_original_png(bf16_decoded):
     images = to_comfy_images(bf16_decoded).cpu()  # (2, 256, 256, 3) in 0..1, as decode_codes gives
     assert images.shape == (2, 256, 256, 3) and images.dtype == torch.float32
@@ -146,6 +148,7 @@ def test_decoded_image_matches_original_png(bf16_decoded):
         assert diff.max() <= 8 and diff.mean() < 1.0, (name, diff.max(), diff.mean())
 
 
+@pytest.mark.no_transformers  # the pixel decoder is the pack's own
 def test_fp32_decode_runs_and_stays_close_to_bf16(golden_fp32, bf16_decoded):
     # the original cannot decode in fp32 at all; ours can, and agrees with bf16 to bf16 precision
     codes = reference("encode_bf16.safetensors")["codes"]
