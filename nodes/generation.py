@@ -101,7 +101,7 @@ def generation_options(
         seed=seed,
         on_position=PositionProgress(model),
         compile=compile,
-        on_compile=lambda: show_status(node_id, COMPILING),
+        on_compile=lambda notice=None: show_status(node_id, notice or COMPILING),
     )
 
 

@@ -140,8 +140,9 @@ class ModelLoader(io.ComfyNode):
         loaded = model_cache.get_model(model, folder, dtype, device, quantize, keep_loaded,
                                        model_cache.COMPILE_CHOICES[compile])
         # where the weights are (and whether layers stream from CPU memory), after any warning
-        show_status(cls.hidden.unique_id, "\n".join(filter(None, [warn_if_slow_on_cpu(loaded.key), loaded.status])))
-        return io.NodeOutput(loaded, ui={"text": [loaded.status]})
+        lines = [warn_if_slow_on_cpu(loaded.key), loaded.status, model_cache.compile_notice(loaded)]
+        show_status(cls.hidden.unique_id, "\n".join(filter(None, lines)))
+        return io.NodeOutput(loaded, ui={"text": ["\n".join(filter(None, lines[1:]))]})
 
 
 def slow_on_cpu_warning(dtype: str, device: str) -> str | None:

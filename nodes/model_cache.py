@@ -176,6 +176,14 @@ class ModelHandle:
         return f"ModelHandle({self.loaded!r}, keep_loaded={self.keep_loaded}, compile={self.compile})"
 
 
+def compile_notice(handle: ModelHandle) -> str:
+    """What the handle's compile choice does differently on its device in this process (no CUDA graphs
+    under ComfyUI's cudaMallocAsync allocator, uncompiled without Triton...), for the loader node."""
+    from ..vilau_backend.decoding.compile_choice import device_notice
+
+    return device_notice(handle.loaded.target, handle.compile)
+
+
 def releases_after_use(execute):
     """For a node's `execute(cls, model, ...)`: when the model's loader has keep_loaded off, drop the
     weights once the node is done (also after an error or a cancel)."""

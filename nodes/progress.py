@@ -72,8 +72,9 @@ class AnswerProgress:
         self._current = text
         self._show(len(self.finished), step, self.finished + [text])
 
-    def on_compile(self) -> None:
-        show_status(self.node_id, COMPILING)
+    def on_compile(self, notice: str | None = None) -> None:
+        """Before a run that compiles; with a notice when compiling failed and the run went on uncompiled."""
+        show_status(self.node_id, notice or COMPILING)
 
     def on_answers(self, step: int, texts: list[str]) -> None:
         """on_answers: answers generated together; `texts` holds every answer begun so far."""
@@ -129,8 +130,9 @@ class CaptionProgress:
         self.max_new_tokens = max_new_tokens
         self.bar = None  # made at the first event, when the number of images is known
 
-    def on_compile(self) -> None:
-        show_status(self.node_id, COMPILING)
+    def on_compile(self, notice: str | None = None) -> None:
+        """Before a run that compiles; with a notice when compiling failed and the run went on uncompiled."""
+        show_status(self.node_id, notice or COMPILING)
 
     def __call__(self, event) -> None:
         import comfy.model_management as mm

@@ -125,3 +125,13 @@ def smallest_top2_gap(model, prompts, outputs: list[list[int]]) -> float:
             tokens = torch.tensor([o[min(step, len(o) - 1)] for o in outputs])
             logits = batch.decode_step(model.llm, tokens, step, cache)
     return min(gaps)
+
+
+def emulate_cuda(monkeypatch, allocator: str = "native", capability=(9, 0), triton: bool = True) -> None:
+    """torch reports a CUDA GPU of `capability`, the caching `allocator` backend and whether Triton is
+    installed, as a ComfyUI user's process would (nothing runs on it)."""
+    from torch.utils import _triton
+
+    monkeypatch.setattr(torch.cuda, "get_allocator_backend", lambda: allocator)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(_triton, "has_triton_package", lambda: triton)

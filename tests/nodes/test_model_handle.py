@@ -49,3 +49,19 @@ def test_keep_loaded_off_releases_after_the_node_only_for_its_loader():
     assert shared.releases == 0
     execute(None, model_cache.ModelHandle(shared, keep_loaded=False), 2)
     assert shared.releases == 1
+
+
+def test_the_loader_says_why_its_gpu_runs_compile_without_cuda_graphs(monkeypatch):
+    """Under ComfyUI's default cudaMallocAsync allocator the loader node names the allocator and the
+    remedy; with compile off it says nothing about compiling."""
+    import torch
+
+    from conftest import emulate_cuda
+
+    model_cache = pack_module("model_cache")
+    emulate_cuda(monkeypatch, allocator="cudaMallocAsync", capability=(8, 9))
+    shared = SharedModel()
+    shared.target = torch.device("cuda", 0)
+    notice = model_cache.compile_notice(model_cache.ModelHandle(shared, compile=None))
+    assert "cudaMallocAsync" in notice and "--disable-cuda-malloc" in notice, notice
+    assert model_cache.compile_notice(model_cache.ModelHandle(shared, compile=False)) == ""
