@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from ..errors import InputError
+from ..memory import working_memory
 from ..model.llm import additive_mask, forward_hidden, new_dynamic_cache, padded_positions
 from . import compiled_steps, text_step
 from .compile_choice import fall_back
@@ -122,11 +123,15 @@ class _LLMSteps:
         self.model, self.batch, self.on_compile = model, batch, on_compile
         self.compiled = compiled_steps.run_compiles(model, compile)
         self.fed: list[torch.Tensor] = []  # tokens (B,) the compiled steps took, to refill an eager cache
+        rows, prompt_len = batch.embeds.shape[:2]
+        self.key = text_step.text_step_key(model, rows, prompt_len, max_new_tokens)
+        length = self.key.length if self.compiled else prompt_len + max_new_tokens  # a DynamicCache grows so far
+        memory = working_memory.answer_memory(model, rows, prompt_len, length, kept=self.compiled, masked=batch.padded)
+        working_memory.reserve_for_run(model, self.key, memory, f"{rows} answer(s) of up to {max_new_tokens} tokens",
+                                       "lower batch_size or max_new_tokens")
         if not self.compiled:
             self.cache = new_dynamic_cache(model.llm)
             return
-        rows, prompt_len = batch.embeds.shape[:2]
-        self.key = text_step.text_step_key(model, rows, prompt_len, max_new_tokens)
         self.state = compiled_steps.step_state(model, self.key, True, text_step.TextStepState)
         if on_compile is not None and compiled_steps.needs_compiling(model, self.key):
             on_compile()

@@ -23,6 +23,7 @@ from ..checkpoint.loading import SafetensorsFolder, build_empty, load_weights
 from ..media.preprocess import preprocess_images, to_comfy_images
 from .projector import Projector
 from ..memory.weight_quantization import DEPTH_TARGETS, LLM_TARGETS, check_quantize, linear_converter, module_bytes
+from ..memory.working_memory import held_bytes
 from ..checkpoint.tokenizer import VilaTokenizer
 from .rq_codebook import ResidualQuantizer
 from .siglip import SiglipFeatureEncoder
@@ -100,6 +101,9 @@ class VilaUModel:
         self.networks = nn.ModuleDict({"llm": llm, "vision": vision, "projector": projector})
         # the compiled step's KV cache and buffers, kept for the next run of the same size
         self.step_states: dict = {}
+        # make_room(bytes) -> bytes free after the host freed memory for a run (memory/working_memory.py);
+        # None: the free memory of the device as torch sees it. ComfyUI's nodes set it.
+        self.make_room = None
 
     @classmethod
     def load(
@@ -142,6 +146,10 @@ class VilaUModel:
         self.networks.to(device)
         self.release_step_states()
         return self
+
+    def step_state_bytes(self) -> int:
+        """Memory the compiled steps keep between runs (KV cache, buffers), for the host to count."""
+        return held_bytes(self.step_states.values())
 
     def release_step_states(self) -> None:
         """Free the memory the compiled generation step keeps between runs (KV cache, buffers)."""

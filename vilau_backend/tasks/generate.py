@@ -46,6 +46,7 @@ from ..decoding import compiled_steps, position_step
 from ..decoding.compile_choice import CompiledStepFailed, fall_back
 from ..decoding.compiled_steps import CompileCallback
 from ..errors import InputError
+from ..memory import working_memory
 from ..decoding.prompts import DEFAULT_NEGATIVE_PROMPT, cfg_batch
 from ..decoding.sampling import draw_uniforms
 
@@ -195,10 +196,22 @@ def _run_codes_once(model, run: _CodeRun, compile: bool, on_position: PositionCa
                     on_compile: CompileCallback | None) -> torch.Tensor:
     P = run.uniforms.shape[1]
     key = compiled_steps.step_key(model, run.input_ids.shape[0], compiled_steps.cache_length(run.input_ids.shape[1], P))
+    _reserve_working_memory(model, run, key, compile)
     state = compiled_steps.step_state(model, key, compile, position_step.StepState)
     forced = {} if run.edit is None else dict(given=run.edit.given, keep=run.edit.keep)
     state.begin(run.input_ids, run.attention_mask, run.uniforms, run.sampling, **forced)
     return _code_loop(model, state, P, 0 if run.edit is None else run.edit.prefix, compile, on_position, on_compile)
+
+
+def _reserve_working_memory(model, run: _CodeRun, key, compile: bool) -> None:
+    """Ask for the run's working memory before allocating it; InputError when it cannot fit."""
+    R, T = run.input_ids.shape
+    B, P = R // 2, run.uniforms.shape[1]
+    frames = P // (model.config.grid[0] * model.config.grid[1])
+    size = model.config.image_size
+    what = f"{B} image(s) at {size} px" if frames == 1 else f"{B} video(s) of {frames} frames at {size} px"
+    memory = working_memory.generation_memory(model, B, T, key.length, kept=compile)
+    working_memory.reserve_for_run(model, key, memory, what, "lower batch_size" + (" or frames" if frames > 1 else ""))
 
 
 @dataclass(frozen=True)
