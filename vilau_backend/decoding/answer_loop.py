@@ -124,7 +124,7 @@ class _LLMSteps:
         self.compiled = compiled_steps.run_compiles(model, compile)
         self.fed: list[torch.Tensor] = []  # tokens (B,) the compiled steps took, to refill an eager cache
         rows, prompt_len = batch.embeds.shape[:2]
-        self.key = text_step.text_step_key(model, rows, prompt_len, max_new_tokens)
+        self.key = text_step.text_step_key(model, rows, prompt_len, max_new_tokens) if self.compiled else None
         length = self.key.length if self.compiled else prompt_len + max_new_tokens  # a DynamicCache grows so far
         memory = working_memory.answer_memory(model, rows, prompt_len, length, kept=self.compiled, masked=batch.padded)
         working_memory.reserve_for_run(model, self.key, memory, f"{rows} answer(s) of up to {max_new_tokens} tokens",

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import weakref
 from dataclasses import dataclass
 
 import torch
@@ -81,7 +80,6 @@ def compile_mode(device: torch.device) -> CompileMode:
 
 _lock = threading.Lock()
 _said: set[str] = set()  # notices already logged by this process
-_failed: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> why its compiled steps are off
 
 
 def say_once(notice: str) -> None:
@@ -105,14 +103,14 @@ def device_notice(device: torch.device, choice: bool | None) -> str:
 
 def compile_failed(model) -> str | None:
     """Why `model`'s compiled steps were turned off in this process (None while they are on)."""
-    return _failed.get(model)
+    return getattr(model, "compile_failure", None)
 
 
 def fall_back(model, error: BaseException) -> str:
     """Turn `model`'s compiled steps off after `error`; the line to log and show (logged here)."""
     notice = (f"compiling the VILA-U step failed ({type(error).__name__}: {error}); this run finished uncompiled "
               "and later runs of this model run uncompiled (choose compile off on the loader to skip the attempt)")
-    _failed[model] = notice
+    model.compile_failure = notice
     log.warning("VILA-U: %s", notice, exc_info=error)
     return notice
 

@@ -45,9 +45,14 @@ def _llm_shape(model) -> tuple[int, int, int, int, int]:
     return c.num_hidden_layers, getattr(c, "num_key_value_heads", None) or heads, head_dim, c.hidden_size, c.intermediate_size
 
 
+def _llm_weights(model) -> torch.Tensor:
+    """The LLM's input embeddings: in the compute dtype (never quantized), on the device the run starts on."""
+    return model.llm.get_input_embeddings().weight
+
+
 def kv_cache_bytes(model, rows: int, length: int) -> int:
     layers, kv_heads, head_dim, _, _ = _llm_shape(model)
-    return 2 * layers * rows * kv_heads * head_dim * length * model.dtype.itemsize
+    return 2 * layers * rows * kv_heads * head_dim * length * _llm_weights(model).dtype.itemsize
 
 
 def prefill_bytes(model, rows: int, prompt_len: int, length: int, masked: bool = True) -> int:
@@ -56,7 +61,7 @@ def prefill_bytes(model, rows: int, prompt_len: int, length: int, masked: bool =
     additive mask (R, 1, T, L) with the bool mask it is made from; scaled-dot-product attention keeps
     its scores inside its kernel."""
     _, _, _, hidden, intermediate = _llm_shape(model)
-    itemsize = model.dtype.itemsize
+    itemsize = _llm_weights(model).dtype.itemsize
     mask = length * (itemsize + 1) if masked else 0
     return rows * prompt_len * (mask + (3 * intermediate + 5 * hidden) * itemsize)
 
@@ -110,7 +115,7 @@ QUANTIZE_REMEDY = "choose quantize int8 or 4bit on the loader (smaller weights l
 def reserve_for_run(model, key, memory: WorkingMemory, what: str, remedy: str) -> None:
     """`reserve` before a run whose step state is `key`: a state already held for that key is reused,
     and a compiled run of another size first frees the held one (as step_state would, but before asking)."""
-    if memory.held and key in model.step_states:
+    if memory.held and key in model.step_states:  # key: None for runs that hold nothing
         need = memory.peak - memory.held
     else:
         if memory.held:
@@ -127,7 +132,7 @@ def reserve(model, need: int, what: str, remedy: str) -> None:
         return
     raise InputError(
         f"{what} needs about {need / GiB:.1f} GiB of working memory beyond the weights; "
-        f"{free / GiB:.1f} GiB are free on {model.device}: {remedy}")
+        f"{free / GiB:.1f} GiB are free on {_llm_weights(model).device}: {remedy}")
 
 
 def free_bytes(model, need: int) -> int | None:
@@ -135,7 +140,7 @@ def free_bytes(model, need: int) -> int | None:
     make_room: RoomCallback | None = getattr(model, "make_room", None)
     if make_room is not None:
         return make_room(need)
-    device = model.device
+    device = _llm_weights(model).device
     if device.type != "cuda":
         return None
     free, _ = torch.cuda.mem_get_info(device)

@@ -104,6 +104,8 @@ class VilaUModel:
         # make_room(bytes) -> bytes free after the host freed memory for a run (memory/working_memory.py);
         # None: the free memory of the device as torch sees it. ComfyUI's nodes set it.
         self.make_room = None
+        # why this model's compiled steps were turned off after a failure (decoding/compile_choice.py); None: on
+        self.compile_failure: str | None = None
 
     @classmethod
     def load(
