@@ -93,7 +93,10 @@ class ModelLoader(io.ComfyNode):
                         "Run image generation and answers through compiled steps (torch.compile; CUDA graphs on "
                         "CUDA). The first run of each batch size compiles (the node shows 'compiling…'); later "
                         "runs replay it, faster. auto: on with CUDA, off on the CPU, where compiling takes "
-                        "minutes. Layers streamed from CPU memory or split over GPUs always run uncompiled."
+                        "minutes. Layers streamed from CPU memory or split over GPUs always run uncompiled. Under "
+                        "ComfyUI's default cudaMallocAsync allocator the steps compile without CUDA graphs; without "
+                        "Triton or on GPUs older than compute capability 7.0 they run uncompiled; a compile that "
+                        "fails finishes the run uncompiled. The node says which applies."
                     ),
                 ),
             ],
