@@ -131,3 +131,8 @@ def test_a_failing_compiled_answer_step_finishes_the_answer_eager(failing_compil
     assert answers == [eager, eager]
     assert failing_compile == ["decode_step"]
     assert len([n for n in notices if n is not None]) == 1, notices
+
+
+def test_device_tests_run_with_tf32_off_for_fp32_parity():
+    """cuDNN's convolutions default to TF32 on Ampere and newer; the CPU references need full fp32."""
+    assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
