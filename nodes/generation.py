@@ -102,7 +102,7 @@ def generation_options(
         seed=seed,
         on_position=PositionProgress(model, node_id),
         compile=compile,
-        on_compile=lambda: announce_compiling(node_id),
+        on_compile=lambda notice=None: announce_compiling(node_id, notice),
     )
 
 

@@ -92,8 +92,12 @@ class ModelLoader(io.ComfyNode):
                     tooltip=(
                         "Run image generation and answers through compiled steps (torch.compile; CUDA graphs on "
                         "CUDA). The first run of each batch size compiles (the node shows 'compiling…'; Cancel "
-                        "takes effect when compiling ends); later runs replay it, faster. auto: on with CUDA, off on the CPU, where compiling takes "
-                        "minutes. Layers streamed from CPU memory or split over GPUs always run uncompiled."
+                        "takes effect when compiling ends); later "
+                        "runs replay it, faster. auto: on with CUDA, off on the CPU, where compiling takes "
+                        "minutes. Layers streamed from CPU memory or split over GPUs always run uncompiled. Under "
+                        "ComfyUI's default cudaMallocAsync allocator the steps compile without CUDA graphs; without "
+                        "Triton or on GPUs older than compute capability 7.0 they run uncompiled; a compile that "
+                        "fails finishes the run uncompiled. The node says which applies."
                     ),
                 ),
             ],
@@ -140,8 +144,9 @@ class ModelLoader(io.ComfyNode):
         loaded = model_cache.get_model(model, folder, dtype, device, quantize, keep_loaded,
                                        model_cache.COMPILE_CHOICES[compile])
         # where the weights are (and whether layers stream from CPU memory), after any warning
-        show_status(cls.hidden.unique_id, "\n".join(filter(None, [warn_if_slow_on_cpu(loaded.key), loaded.status])))
-        return io.NodeOutput(loaded, ui={"text": [loaded.status]})
+        lines = [warn_if_slow_on_cpu(loaded.key), loaded.status, model_cache.compile_notice(loaded)]
+        show_status(cls.hidden.unique_id, "\n".join(filter(None, lines)))
+        return io.NodeOutput(loaded, ui={"text": ["\n".join(filter(None, lines[1:]))]})
 
 
 def slow_on_cpu_warning(dtype: str, device: str) -> str | None:

@@ -77,6 +77,17 @@ class LoadedVilaU:
             _last[:] = [self]
             return self.model
 
+    def make_room(self, need: int) -> int | None:
+        """The backend's `model.make_room`: ComfyUI unloads other models (never this one) until `need`
+        bytes of working memory are free on the target; the bytes free then (None on the CPU)."""
+        import comfy.model_management as mm
+
+        if self.target.type == "cpu":
+            return None
+        ours = [m for m in mm.current_loaded_models if m.model is self.patcher]
+        mm.free_memory(need, self.target, keep_loaded=ours)
+        return int(mm.get_free_memory(self.target))
+
     def release(self) -> None:
         """Take the model out of ComfyUI's model management and drop its weights (VRAM and RAM)."""
         import comfy.model_management as mm
@@ -113,6 +124,7 @@ class LoadedVilaU:
         logging.info("VILA-U: loading %s from %s (%s, quantize %s, runs on %s)", self.name, self.key.folder,
                      self.key.dtype, self.key.quantize, self.key.device)
         self.model = VilaUModel.load(self.key.folder, dtype=self.key.dtype, device=offload, quantize=self.key.quantize)
+        self.model.make_room = self.make_room  # runs ask ComfyUI for their working memory before allocating
 
     def _fit(self) -> None:
         """Decide what lives on the GPU(s): everything, or what fits with the rest streamed / split."""
@@ -126,6 +138,7 @@ class LoadedVilaU:
                 self._place(budgets)
         if self.placement is None:
             self.patcher = _patcher(self.model.networks, self.target, self.key, size)
+        count_step_states(self.patcher, self.model)
 
     def _place(self, budgets: dict[str, int]) -> None:
         from ..vilau_backend.memory.placement import apply_placement, plan_placement
@@ -176,6 +189,14 @@ class ModelHandle:
         return f"ModelHandle({self.loaded!r}, keep_loaded={self.keep_loaded}, compile={self.compile})"
 
 
+def compile_notice(handle: ModelHandle) -> str:
+    """What the handle's compile choice does differently on its device in this process (no CUDA graphs
+    under ComfyUI's cudaMallocAsync allocator, uncompiled without Triton...), for the loader node."""
+    from ..vilau_backend.decoding.compile_choice import device_notice
+
+    return device_notice(handle.loaded.target, handle.compile)
+
+
 def releases_after_use(execute):
     """For a node's `execute(cls, model, ...)`: when the model's loader has keep_loaded off, drop the
     weights once the node is done (also after an error or a cancel)."""
@@ -224,6 +245,25 @@ def _patcher(module, target, key: ModelKey, size: int):
     patcher = comfy.model_patcher.ModelPatcher(module, load_device=target, offload_device=offload, size=size)
     patcher.add_callback(CallbacksMP.ON_DETACH, partial(_release, key))
     return patcher
+
+
+def count_step_states(patcher, model) -> None:
+    """The compiled steps' KV cache and buffers, kept on the model between runs, count in the model's
+    size while held, and go first when ComfyUI asks this model to give back memory: a partial unload
+    frees them before any weight moves, and a full unload (ON_DETACH, `_release`) frees them too."""
+    weights_size, unload_weights = patcher.model_size, patcher.partially_unload
+
+    def model_size():
+        return weights_size() + model.step_state_bytes()
+
+    def partially_unload(device_to, memory_to_free=0, *args, **kwargs):
+        held = model.step_state_bytes()
+        model.release_step_states()
+        if held >= memory_to_free:
+            return held
+        return held + unload_weights(device_to, memory_to_free - held, *args, **kwargs)
+
+    patcher.model_size, patcher.partially_unload = model_size, partially_unload
 
 
 def _gpu_budgets(device: str, target, size: int) -> dict[str, int]:

@@ -15,12 +15,13 @@ COMPILING = ("compiling… (the first run of this batch size; later runs are fas
              "compiling ends)")
 
 
-def announce_compiling(node_id: str | None) -> None:
-    """on_compile: a Cancel pressed before compiling stops the run now, not after it; then the notice."""
+def announce_compiling(node_id: str | None, notice: str | None = None) -> None:
+    """on_compile: a Cancel pressed before compiling stops the run now, not after it; then "compiling…",
+    or the backend's notice when compiling failed and the run goes on uncompiled."""
     import comfy.model_management as mm
 
     mm.throw_exception_if_processing_interrupted()
-    show_status(node_id, COMPILING)
+    show_status(node_id, notice or COMPILING)
 
 
 class PositionProgress:
@@ -103,8 +104,9 @@ class AnswerProgress:
         self._current = text
         self._show(len(self.finished), step, self.finished + [text])
 
-    def on_compile(self) -> None:
-        announce_compiling(self.node_id)
+    def on_compile(self, notice: str | None = None) -> None:
+        """Before a run that compiles; with a notice when compiling failed and the run went on uncompiled."""
+        announce_compiling(self.node_id, notice)
 
     def on_answers(self, step: int, texts: list[str]) -> None:
         """on_answers: answers generated together; `texts` holds every answer begun so far."""
@@ -160,8 +162,9 @@ class CaptionProgress:
         self.max_new_tokens = max_new_tokens
         self.bar = None  # made at the first event, when the number of images is known
 
-    def on_compile(self) -> None:
-        announce_compiling(self.node_id)
+    def on_compile(self, notice: str | None = None) -> None:
+        """Before a run that compiles; with a notice when compiling failed and the run went on uncompiled."""
+        announce_compiling(self.node_id, notice)
 
     def __call__(self, event) -> None:
         import comfy.model_management as mm

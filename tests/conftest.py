@@ -55,6 +55,10 @@ def pytest_configure(config):
         "markers", "no_transformers: runs none of transformers' code (the pack's own networks, sampling, files, "
         "code checks), so the transformers 4.50.3 pass leaves it out"
     )
+    # fp32 parity with the CPU references under --device cuda: cuDNN convolutions (and matmuls where
+    # enabled) default to TF32, whose 10-bit mantissa errs by ~1e-3 relative, far beyond 1e-5 tolerances
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
 
 
 def pytest_addoption(parser):
@@ -205,3 +209,13 @@ def smallest_top2_gap(model, prompts, outputs: list[list[int]]) -> float:
             tokens = torch.tensor([o[min(step, len(o) - 1)] for o in outputs])
             logits = batch.decode_step(model.llm, tokens, step, cache)
     return min(gaps)
+
+
+def emulate_cuda(monkeypatch, allocator: str = "native", capability=(9, 0), triton: bool = True) -> None:
+    """torch reports a CUDA GPU of `capability`, the caching `allocator` backend and whether Triton is
+    installed, as a ComfyUI user's process would (nothing runs on it)."""
+    from torch.utils import _triton
+
+    monkeypatch.setattr(torch.cuda, "get_allocator_backend", lambda: allocator)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(_triton, "has_triton_package", lambda: triton)

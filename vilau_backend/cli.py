@@ -141,8 +141,8 @@ def _generation_options(args: argparse.Namespace) -> dict:
                 compile=args.compile, on_compile=_say_compiling)
 
 
-def _say_compiling() -> None:
-    print("compiling the step (once per batch size and prompt-length bucket)...", file=sys.stderr, flush=True)
+def _say_compiling(notice: str | None = None) -> None:
+    print(notice or "compiling the step (once per batch size and prompt-length bucket)...", file=sys.stderr, flush=True)
 
 
 def _save_codes(codes: torch.Tensor, path: str | None) -> None:

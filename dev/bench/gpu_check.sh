@@ -1,52 +1,50 @@
 #!/usr/bin/env bash
-# GPU check of the compiled steps and the quantized weights, in at most 8 minutes, on a machine with a CUDA GPU whose
-# python has torch, transformers, accelerate, safetensors and sentencepiece (no package registry needed).
+# The GPU check: one call of at most 6 minutes on an H100 or H200 whose python has torch, transformers,
+# accelerate, safetensors and sentencepiece (no network, nothing else installed).
 #
-#   bash dev/bench/gpu_check.sh [python]        (default: python3)
+#   bash dev/bench/gpu_check.sh [python] [--dry-run]
 #
-# 1. Full-size random weights (LLaMA-2-7B + SigLIP + depth transformer, bf16) built in GPU memory, no
-#    files: text to image at the 256 px model's geometry (16x16 grid, depth 4) and the 384 px model's
-#    (27x27 grid, depth 16), batch 1 and 4, eager and compiled (CUDA graphs): ms per position, s per
-#    image, peak VRAM, compile time, compiled/eager ratio. Eager runs at 384 px are timed over their
-#    first 96 positions and extrapolated, to stay inside the time budget.
-#    Then B answers of 32 tokens after a one-image prompt: ms per answer token, eager and compiled.
-# 2. The backend tests on CUDA (pytest --device cuda): the golden parity tests with the fixtures' models
-#    on the GPU, and tests/backend/test_compiled_step.py (compiled against eager) there.
-#    CUDA parity tolerances: discrete results (codes, token ids) must be identical, because every run
-#    checked is clear of near-ties by more than kernel rounding (fp32 logits differ between cuBLAS/Triton
-#    and the CPU by ~1e-6 relative; TF32 stays off, torch's default for matmuls); tensors compared with
-#    a tolerance keep the CPU tests' tolerance (rtol 1e-5 / atol 1e-5 in fp32, one bf16 ulp in bf16).
-# 3. VRAM after loading and peak VRAM while generating, for quantize int8 and none, from a 7B-shaped
-#    checkpoint on disk (dev/bench/gpu_memory.py; 4bit needs bitsandbytes, which the reference machine lacks).
-# Each part has its own time limit; a part that overruns is reported and the next one starts.
+# Every figure is printed when measured and added to $OUT/gpu_check.json (a temporary folder without
+# $OUT), so a part cut short by its limit leaves everything it finished. Parts, in order:
+# 1. 7B-shaped random weights built in GPU memory (no checkpoint written), bf16, 256 px geometry,
+#    batch 1: eager and compiled ms/position, compile seconds, cudagraph_skips, peak VRAM, s/image;
+#    then answer tokens/s at batch 1, eager and compiled (dev/bench/gpu_check.py).
+# 2. The same images under PYTORCH_CUDA_ALLOC_CONF=backend:cudaMallocAsync, ComfyUI's default: the pack
+#    must choose inductor without CUDA graphs there, and that mode must run.
+# 3. The backend tests with --device cuda (models on the GPU, every comparison on the CPU, TF32 off).
+# 4. Only with time left: batch 4, then the 384 px geometry (729 positions, depth 16).
+# --dry-run runs every part on the CPU with the tiny preset and torch.cuda stubbed (tests/backend/
+# test_gpu_check.py does, so that a Python error never spends device time).
 set -u
 cd "$(dirname "$0")/../.."
-PY="${1:-python3}"
+PY=python3 DRY=""
+for arg in "$@"; do
+  if [ "$arg" = --dry-run ]; then DRY=--dry-run; else PY=$arg; fi
+done
+OUT="${OUT:-$(mktemp -d)}"
+JSON="$OUT/gpu_check.json"
+BUDGET=${GPU_CHECK_BUDGET:-345}  # seconds of the 6-minute call the parts may use, start-up included
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 start=$(date +%s)
-part() {  # part SECONDS TITLE COMMAND...
+left() { echo $(( BUDGET - ($(date +%s) - start) )); }
+part() {  # part SECONDS TITLE COMMAND...: runs for SECONDS at most, and never past the budget
   local limit=$1 title=$2; shift 2
+  [ "$limit" -gt "$(left)" ] && limit=$(left)
+  if [ "$limit" -lt 20 ]; then echo "=== $title: skipped, $(left)s left"; return; fi
   echo; echo "=== $title (limit ${limit}s, at $(( $(date +%s) - start ))s)"
-  timeout --signal=INT --kill-after=10 "$limit" "$@"
+  timeout --signal=INT --kill-after=5 "$limit" "$@"
   local rc=$?
   [ $rc -eq 0 ] || echo "=== $title: exit code $rc$( [ $rc -eq 124 ] && echo ' (time limit)')"
 }
-"$PY" - <<'PYEOF'
-import torch, transformers
-print(f"torch {torch.__version__}, transformers {transformers.__version__}, "
-      f"GPU {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none'}")
-assert torch.cuda.is_available(), "no CUDA GPU visible to this python"
-PYEOF
-[ $? -eq 0 ] || exit 1
-part 130 "7B bf16, 256 px geometry (256 positions, depth 4), then answers of 32 tokens" \
-  "$PY" dev/bench/generate.py --preset full --geometry 256 --batch 1 4 --compile --dtype bfloat16 --device cuda \
-  --answer-tokens 32
-part 150 "7B bf16, 384 px geometry (729 positions, depth 16)" \
-  "$PY" dev/bench/generate.py --preset full --geometry 384 --batch 1 4 --compile --dtype bfloat16 --device cuda \
-  --eager-positions 96 --answer-tokens 0
-part 90 "backend tests on CUDA" \
-  "$PY" -m pytest -q -p no:cacheprovider --device cuda tests/backend/test_compiled_step.py tests/backend/test_compiled_answers.py \
-  tests/backend/test_generate.py tests/backend/test_depth.py tests/backend/test_vision_parity.py
-part 100 "VRAM of each quantize choice at 7B (writes a 15 GB random checkpoint first)" \
-  "$PY" dev/bench/gpu_memory.py --quantize int8 none --device cuda
-echo; echo "=== done in $(( $(date +%s) - start ))s"
+CHECK=("$PY" dev/bench/gpu_check.py images --json "$JSON" $DRY)
+part 150 "7B bf16, 256 px, batch 1, native allocator; answers" "${CHECK[@]}" --label "native allocator" --answers
+part 75 "7B bf16, 256 px, batch 1, cudaMallocAsync" \
+  env PYTORCH_CUDA_ALLOC_CONF=backend:cudaMallocAsync "${CHECK[@]}" --label cudaMallocAsync
+if [ -n "$DRY" ]; then TESTS=(--device cpu tests/backend/test_compile_choice.py)
+else TESTS=(--device cuda tests/backend); fi
+part 90 "backend tests ${TESTS[*]}" "$PY" -m pytest -q -p no:cacheprovider "${TESTS[@]}" > "$OUT/tests.log" 2>&1
+tail -3 "$OUT/tests.log"
+"$PY" dev/bench/gpu_check.py record --json "$JSON" --label tests --name summary --value "$(tail -1 "$OUT/tests.log")"
+part 80 "7B bf16, 256 px, batch 4 (time left)" "${CHECK[@]}" --label "batch 4" --batch 4
+part 120 "7B bf16, 384 px, batch 1 (time left)" "${CHECK[@]}" --label "384 px" --geometry 384
+echo; echo "=== done in $(( $(date +%s) - start ))s; figures in $JSON"

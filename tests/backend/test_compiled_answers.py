@@ -18,7 +18,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import load_photo, recorded, smallest_top2_gap
+from conftest import emulate_cuda, load_photo, recorded, smallest_top2_gap
 from vilau_backend.memory.placement import has_placement
 from vilau_backend.decoding.compiled_steps import resolve_compile
 from vilau_backend.decoding.prompts import understanding_prompt
@@ -105,8 +105,9 @@ def test_cpu_default_is_eager_and_keeps_no_state(golden_fp32):
     assert golden_fp32.step_states == {}
 
 
-def test_layers_placed_by_accelerate_run_eager():
+def test_layers_placed_by_accelerate_run_eager(monkeypatch):
     """Streamed or split LLM layers move weights in Python hooks at every call: never compiled."""
+    emulate_cuda(monkeypatch)
     assert resolve_compile(None, torch.device("cuda"), placed=False)
     assert not resolve_compile(None, torch.device("cpu"), placed=False)
     assert not resolve_compile(None, torch.device("cuda"), placed=True)

@@ -146,6 +146,24 @@ def test_int8_composes_with_torch_compile(golden_int8):
     assert (eager.argmax(-1) == traced.argmax(-1))[clear].all()
 
 
+def test_loading_int8_leaves_the_process_wide_inductor_config_and_matmul_precision_unchanged():
+    """torchao's default would turn on coordinate-descent tuning, int_mm fusion... for every later compile
+    in ComfyUI. The settings it touches are set to their defaults first, so that a load earlier in the
+    session cannot hide a change."""
+    import torch._inductor.config as inductor
+
+    defaults = dict(coordinate_descent_tuning=False, coordinate_descent_check_all_directions=False,
+                    force_fuse_int_mm_with_mul=False)
+    precision = torch.get_float32_matmul_precision()
+    with inductor.patch(**defaults):
+        before = inductor.get_config_copy()
+        VilaUModel.load(GOLDEN_CHECKPOINT, dtype="float32", device="cpu", quantize="int8")
+        after = inductor.get_config_copy()
+    changed = {k: (before[k], after[k]) for k in before if before[k] != after[k]}
+    assert changed == {}, changed
+    assert torch.get_float32_matmul_precision() == precision
+
+
 def test_unknown_choice_lists_the_choices():
     with pytest.raises(InputError, match=r"unknown quantize choice 'int4'; choose one of: none, int8, 4bit"):
         check_quantize("int4")

@@ -52,3 +52,51 @@ def test_keep_loaded_off_releases_after_the_node_only_for_its_loader():
     assert shared.releases == 0
     execute(None, model_cache.ModelHandle(shared, keep_loaded=False), 2)
     assert shared.releases == 1
+
+
+def test_the_loader_says_why_its_gpu_runs_compile_without_cuda_graphs(monkeypatch):
+    """Under ComfyUI's default cudaMallocAsync allocator the loader node names the allocator and the
+    remedy; with compile off it says nothing about compiling."""
+    import torch
+
+    from conftest import emulate_cuda
+
+    model_cache = pack_module("model_cache")
+    emulate_cuda(monkeypatch, allocator="cudaMallocAsync", capability=(8, 9))
+    shared = SharedModel()
+    shared.target = torch.device("cuda", 0)
+    notice = model_cache.compile_notice(model_cache.ModelHandle(shared, compile=None))
+    assert "cudaMallocAsync" in notice and "--disable-cuda-malloc" in notice, notice
+    assert model_cache.compile_notice(model_cache.ModelHandle(shared, compile=False)) == ""
+
+
+class HeldStates:
+    """Stands in for VilaUModel's compiled-step states: one state holding a 400-byte cache."""
+
+    def __init__(self):
+        import torch
+
+        self.step_states = {"key": SimpleNamespace(cache=[torch.zeros(50, dtype=torch.float64)])}
+
+    def step_state_bytes(self):
+        from vilau_backend.memory.working_memory import held_bytes
+
+        return held_bytes(self.step_states.values())
+
+    def release_step_states(self):
+        self.step_states.clear()
+
+
+def test_held_step_states_count_in_the_size_and_go_first_when_comfyui_asks_for_memory():
+    model_cache = pack_module("model_cache")
+    moved = []
+    patcher = SimpleNamespace(model_size=lambda: 1000,
+                              partially_unload=lambda device, memory, *rest: moved.append(memory) or memory)
+    model = HeldStates()
+    model_cache.count_step_states(patcher, model)
+    assert patcher.model_size() == 1400
+    assert patcher.partially_unload("cpu", 300) == 400  # the states alone are enough: no weight moves
+    assert moved == [] and model.step_states == {} and patcher.model_size() == 1000
+    model = HeldStates()
+    model_cache.count_step_states(patcher, model)
+    assert patcher.partially_unload("cpu", 1000) == 1000 and moved == [600]

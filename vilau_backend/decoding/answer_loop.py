@@ -17,8 +17,10 @@ from collections.abc import Callable, Sequence
 import torch
 
 from ..errors import InputError
+from ..memory import working_memory
 from ..model.llm import additive_mask, forward_hidden, new_dynamic_cache, padded_positions
 from . import compiled_steps, text_step
+from .compile_choice import fall_back
 from .compiled_steps import CompileCallback
 from .token_choice import GREEDY, TextSampling, logits_processors, next_tokens
 
@@ -118,13 +120,18 @@ class _LLMSteps:
 
     def __init__(self, model, batch: PromptBatch, max_new_tokens: int, compile: bool | None,
                  on_compile: CompileCallback | None):
-        self.model, self.batch = model, batch
+        self.model, self.batch, self.on_compile = model, batch, on_compile
         self.compiled = compiled_steps.run_compiles(model, compile)
+        self.fed: list[torch.Tensor] = []  # tokens (B,) the compiled steps took, to refill an eager cache
+        rows, prompt_len = batch.embeds.shape[:2]
+        self.key = text_step.text_step_key(model, rows, prompt_len, max_new_tokens) if self.compiled else None
+        length = self.key.length if self.compiled else prompt_len + max_new_tokens  # a DynamicCache grows so far
+        memory = working_memory.answer_memory(model, rows, prompt_len, length, kept=self.compiled, masked=batch.padded)
+        working_memory.reserve_for_run(model, self.key, memory, f"{rows} answer(s) of up to {max_new_tokens} tokens",
+                                       "lower batch_size or max_new_tokens")
         if not self.compiled:
             self.cache = new_dynamic_cache(model.llm)
             return
-        rows, prompt_len = batch.embeds.shape[:2]
-        self.key = text_step.text_step_key(model, rows, prompt_len, max_new_tokens)
         self.state = compiled_steps.step_state(model, self.key, True, text_step.TextStepState)
         if on_compile is not None and compiled_steps.needs_compiling(model, self.key):
             on_compile()
@@ -138,10 +145,28 @@ class _LLMSteps:
     def step(self, tokens: torch.Tensor, step: int) -> torch.Tensor:
         if not self.compiled:
             return self.batch.decode_step(self.model.llm, tokens, step, self.cache)
-        logits = self.state.decode(self.step_function, self.model, tokens, step)
+        try:
+            logits = self.state.decode(self.step_function, self.model, tokens, step)
+        except Exception as error:  # only the step: the callbacks' errors (a cancel) pass unchanged
+            return self._go_on_eager(error, tokens, step)
+        self.fed.append(tokens)
         if step == 0:  # compiled now: a later run of this size, even after a cancel, only replays
             compiled_steps.mark_compiled(self.model, self.key)
         return logits
+
+    def _go_on_eager(self, error: Exception, tokens: torch.Tensor, step: int) -> torch.Tensor:
+        """The compiled step failed at `step`: the answer goes on eager from a DynamicCache refilled with
+        the prompts and the tokens fed so far; later runs of the model are eager (compile_choice.py)."""
+        notice = fall_back(self.model, error)
+        self.model.release_step_states()
+        if self.on_compile is not None:
+            self.on_compile(notice)
+        self.compiled = False
+        self.cache = new_dynamic_cache(self.model.llm)
+        self.batch.prefill(self.model.llm, self.cache)
+        for i, fed in enumerate(self.fed):
+            self.batch.decode_step(self.model.llm, fed, i, self.cache)
+        return self.batch.decode_step(self.model.llm, tokens, step, self.cache)
 
 
 class PromptBatch:

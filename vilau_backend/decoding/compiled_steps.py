@@ -4,7 +4,8 @@ step functions compiled once per process, the states kept on the model for repla
 (model, key) pairs have been traced already (for the "compiling…" notice).
 
 A run's compile choice is its own argument: `compile=True/False` forces it, None compiles on
-CUDA only; runs whose LLM layers are placed by accelerate hooks always run eager.
+CUDA only; runs whose LLM layers are placed by accelerate hooks always run eager, and so do runs
+where this process cannot compile or compiling already failed for the model (compile_choice.py).
 """
 
 from __future__ import annotations
@@ -17,12 +18,14 @@ from dataclasses import dataclass
 import torch
 
 from ..memory.placement import has_placement
+from .compile_choice import compile_failed, compile_mode, say_once
 
 log = logging.getLogger(__name__)
 
 CACHE_BUCKET = 256  # cache lengths are multiples of this: prompts of similar length share one compiled step
-# called once before a run whose step must be compiled first (seconds on a GPU, minutes on a CPU)
-CompileCallback = Callable[[], object]
+# called with no argument before a run whose step must be compiled first (seconds on a GPU, minutes
+# on a CPU), and with a notice when compiling failed and the run went on uncompiled
+CompileCallback = Callable[..., object]
 RECOMPILE_LIMIT = 64  # compiled variants per step function (rows x buckets x models); torch's default is 8
 
 
@@ -43,7 +46,7 @@ class StepKey:
 
 
 _lock = threading.Lock()
-_compiled: dict[tuple, object] = {}  # (step function, device type) -> its torch.compile
+_compiled: dict[tuple, object] = {}  # (step function, device type, CompileMode) -> its torch.compile
 _traced: set[tuple] = set()  # (id(model), StepKey) already compiled, for the "compiling" notice
 
 
@@ -57,34 +60,44 @@ def compile_by_default(device: torch.device) -> bool:
 def resolve_compile(choice: bool | None, device: torch.device, placed: bool = False) -> bool:
     """Whether a run compiles. Never while LLM layers stream from CPU memory or are split over GPUs
     (vilau_backend/memory/placement.py): their accelerate hooks move weights and activations in Python at
-    every call, which neither dynamo nor a CUDA graph can capture; those runs are eager."""
+    every call, which neither dynamo nor a CUDA graph can capture; those runs are eager. Nor where
+    inductor cannot run on the device (compile_choice.py says why, once)."""
     if placed:
         if choice:
             log.warning("VILA-U: the compiled step is off while LLM layers stream from CPU memory or are "
                         "split over GPUs; running eager")
         return False
-    return compile_by_default(device) if choice is None else bool(choice)
+    wanted = compile_by_default(device) if choice is None else bool(choice)
+    if not wanted:
+        return False
+    mode = compile_mode(device)
+    say_once(mode.reason)
+    return mode.compiled
 
 
 def run_compiles(model, choice: bool | None) -> bool:
-    """`resolve_compile` for a run on `model` with the run's own `choice`."""
+    """`resolve_compile` for a run on `model` with the run's own `choice`; eager once compiling failed
+    for this model (compile_choice.fall_back)."""
     device = next(model.llm.parameters()).device
+    if choice is not False and compile_failed(model) is not None:
+        return False
     return resolve_compile(choice, device, placed=has_placement(model.llm))
 
 
 def compiled_step(step, device: torch.device):
-    """`step` compiled for this kind of device (once per process; dynamo keeps one graph per StepKey)."""
-    kind = device.type
+    """`step` compiled for this kind of device in the mode this process supports (compile_choice.py),
+    once per process; dynamo keeps one graph per StepKey."""
+    mode = compile_mode(device)
     with _lock:
-        if (step, kind) not in _compiled:
+        if (step, device.type, mode) not in _compiled:
             config = torch._dynamo.config
             config.recompile_limit = max(config.recompile_limit, RECOMPILE_LIMIT)
             config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 4 * RECOMPILE_LIMIT)
-            if kind == "cuda":
-                _compiled[step, kind] = torch.compile(step, mode="reduce-overhead", dynamic=False)  # CUDA graphs
-            else:
-                _compiled[step, kind] = torch.compile(step, dynamic=False, options=cpu_inductor_options())
-        return _compiled[step, kind]
+            options = mode.compile_options()
+            if device.type == "cpu":
+                options = {**options, "options": {**options.get("options", {}), **cpu_inductor_options()}}
+            _compiled[step, device.type, mode] = torch.compile(step, dynamic=False, **options)
+        return _compiled[step, device.type, mode]
 
 
 def cpu_inductor_options() -> dict:

@@ -107,7 +107,9 @@ def quantize_linear(linear: nn.Linear, scheme: str, dtype: torch.dtype) -> nn.Mo
     if scheme == "int8":
         from torchao.quantization import Int8WeightOnlyConfig, quantize_
 
-        quantize_(linear, Int8WeightOnlyConfig())
+        # torchao's default set_inductor_config=True flips process-wide inductor settings (and the fp32
+        # matmul precision) for every later compile in ComfyUI: the pack changes no global state
+        quantize_(linear, Int8WeightOnlyConfig(set_inductor_config=False))
         return linear
     if scheme == "4bit":
         return _nf4_linear(linear, dtype)

@@ -30,6 +30,7 @@ from ..memory.weight_quantization import (
     log_kept_layers,
     module_bytes,
 )
+from ..memory.working_memory import held_bytes
 from ..checkpoint.tokenizer import VilaTokenizer
 from .rq_codebook import ResidualQuantizer
 from .siglip import SiglipFeatureEncoder
@@ -108,6 +109,11 @@ class VilaUModel:
         self.networks = nn.ModuleDict({"llm": llm, "vision": vision, "projector": projector})
         # the compiled step's KV cache and buffers, kept for the next run of the same size
         self.step_states: dict = {}
+        # make_room(bytes) -> bytes free after the host freed memory for a run (memory/working_memory.py);
+        # None: the free memory of the device as torch sees it. ComfyUI's nodes set it.
+        self.make_room = None
+        # why this model's compiled steps were turned off after a failure (decoding/compile_choice.py); None: on
+        self.compile_failure: str | None = None
 
     @classmethod
     def load(
@@ -151,6 +157,10 @@ class VilaUModel:
         self.networks.to(device)
         self.release_step_states()
         return self
+
+    def step_state_bytes(self) -> int:
+        """Memory the compiled steps keep between runs (KV cache, buffers), for the host to count."""
+        return held_bytes(self.step_states.values())
 
     def release_step_states(self) -> None:
         """Free the memory the compiled generation step keeps between runs (KV cache, buffers)."""

@@ -43,9 +43,11 @@ import numpy as np
 import torch
 
 from ..decoding import compiled_steps, position_step
+from ..decoding.compile_choice import CompiledStepFailed, fall_back
 from ..decoding.compiled_steps import CompileCallback
 from ..errors import InputError
 from ..decoding.prompts import DEFAULT_NEGATIVE_PROMPT, cfg_batch, refuse_text_that_cannot_fit
+from ..memory import working_memory
 from ..decoding.sampling import draw_uniforms
 
 DEFAULT_VIDEO_FRAMES = 8  # as the original's GENERATION_VIDEO_FRAMES
@@ -139,7 +141,8 @@ def generate_codes(
     Positions kept entirely at the start of every image go through one batched prefill.
 
     compile: run the compiled step (None: on CUDA only). Compiled and eager runs draw the same numbers; their codes can differ only where
-    their kernels' rounding flips a near-tie. `on_compile` is called before a run that compiles.
+    their kernels' rounding flips a near-tie. `on_compile` is called before a run that compiles, and
+    with a notice when compiling failed and the run finished eager.
 
     Returns codes (B, h, w, D), or (B, F, h, w, D) for a video, int64 on the model's device."""
     _check_request(model, prompt, negative_prompt, num_images, frames, sampling)
@@ -160,15 +163,59 @@ def generate_codes(
             f"{model.config.llm.context_length}; shorten the {which} or generate fewer frames"
         )
     compile = compiled_steps.run_compiles(model, compile)
-    key = compiled_steps.step_key(model, 2 * num_images, compiled_steps.cache_length(input_ids.shape[1], P))
-    state = compiled_steps.step_state(model, key, compile, position_step.StepState)
     uniforms = draw_uniforms(image_generators(seed, num_images), P, D).to(model.device)  # (B, P, D), once
-    forced = {} if edit is None else dict(given=edit.given, keep=edit.keep)
-    state.begin(input_ids, attention_mask.to(model.device), uniforms, sampling, **forced)
-    codes = _code_loop(model, state, P, 0 if edit is None else edit.prefix, compile, on_position, on_compile)
+    run = _CodeRun(input_ids, attention_mask.to(model.device), uniforms, sampling, edit)
+    codes = _run_codes(model, run, compile, on_position, on_compile)
     if video:
         return codes.reshape(num_images, frames, h, w, D)
     return codes.reshape(num_images, h, w, D)
+
+
+@dataclass(frozen=True)
+class _CodeRun:
+    """One run's inputs, as `StepState.begin` takes them."""
+
+    input_ids: torch.Tensor  # (R, T)
+    attention_mask: torch.Tensor  # (R, T) on the model's device
+    uniforms: torch.Tensor  # (B, P, D) float32
+    sampling: ImageSampling
+    edit: _Edit | None
+
+
+def _run_codes(model, run: _CodeRun, compile: bool, on_position: PositionCallback | None,
+               on_compile: CompileCallback | None) -> torch.Tensor:
+    """The run's codes (B, P, D). A run whose compiled step fails starts again eager, which gives
+    the codes an eager run gives; later runs of the model stay eager (decoding/compile_choice.py)."""
+    try:
+        return _run_codes_once(model, run, compile, on_position, on_compile)
+    except CompiledStepFailed as failed:
+        notice = fall_back(model, failed.error)
+        model.release_step_states()  # the failed compiled state is not replayed again
+        if on_compile is not None:
+            on_compile(notice)
+        return _run_codes_once(model, run, False, on_position, on_compile)
+
+
+def _run_codes_once(model, run: _CodeRun, compile: bool, on_position: PositionCallback | None,
+                    on_compile: CompileCallback | None) -> torch.Tensor:
+    P = run.uniforms.shape[1]
+    key = compiled_steps.step_key(model, run.input_ids.shape[0], compiled_steps.cache_length(run.input_ids.shape[1], P))
+    _reserve_working_memory(model, run, key, compile)
+    state = compiled_steps.step_state(model, key, compile, position_step.StepState)
+    forced = {} if run.edit is None else dict(given=run.edit.given, keep=run.edit.keep)
+    state.begin(run.input_ids, run.attention_mask, run.uniforms, run.sampling, **forced)
+    return _code_loop(model, state, P, 0 if run.edit is None else run.edit.prefix, compile, on_position, on_compile)
+
+
+def _reserve_working_memory(model, run: _CodeRun, key, compile: bool) -> None:
+    """Ask for the run's working memory before allocating it; InputError when it cannot fit."""
+    R, T = run.input_ids.shape
+    B, P = R // 2, run.uniforms.shape[1]
+    frames = P // (model.config.grid[0] * model.config.grid[1])
+    size = model.config.image_size
+    what = f"{B} image(s) at {size} px" if frames == 1 else f"{B} video(s) of {frames} frames at {size} px"
+    memory = working_memory.generation_memory(model, B, T, key.length, kept=compile)
+    working_memory.reserve_for_run(model, key, memory, what, "lower batch_size" + (" or frames" if frames > 1 else ""))
 
 
 @dataclass(frozen=True)
@@ -226,7 +273,12 @@ def _code_loop(
         step = position_step.compiled_advance(model.device)
     state.prefill(model, position_step.prefix_inputs(model, state.codes[:, :start]) if start else None)
     for p in range(start, P):
-        step(model, state, state.grid_indices[p])
+        try:
+            step(model, state, state.grid_indices[p])
+        except Exception as error:  # only the step: the callbacks' errors (a cancel) pass unchanged
+            if not compile:
+                raise
+            raise CompiledStepFailed(error) from error
         if compile and p == start:  # traced now: a later run of this size, even after a cancel, only replays
             compiled_steps.mark_compiled(model, state.key)
         if on_position is not None:
