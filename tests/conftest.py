@@ -52,8 +52,8 @@ def pytest_configure(config):
         "markers", "comfyui: starts the pinned ComfyUI or installs into its environment (not in the transformers 4.50.3 pass)"
     )
     config.addinivalue_line(
-        "markers", "no_transformers: runs none of transformers' code (the pack's own networks, sampling, files, "
-        "code checks), so the transformers 4.50.3 pass leaves it out"
+        "markers", "no_transformers: depends on nothing transformers does (the pack's own networks, sampling, files, "
+        "code checks, dev scripts), so the transformers 4.50.3 pass leaves it out"
     )
     # fp32 parity with the CPU references under --device cuda: cuDNN convolutions (and matmuls where
     # enabled) default to TF32, whose 10-bit mantissa errs by ~1e-3 relative, far beyond 1e-5 tolerances
