@@ -95,16 +95,23 @@ def caption_folder(
     model, folder: str | os.PathLike, settings: CaptionSettings = CaptionSettings(),
     on_progress: ProgressCallback | None = None,
     on_compile: CompileCallback | None = None,
+    share: tuple[int, int] = (0, 1),
+    report: CaptionReport | None = None,
 ) -> CaptionReport:
     """Write a caption beside every image of `folder` (see the module's docstring for what is touched).
 
     Whatever `on_progress` raises (a cancel) stops the run between two tokens and reaches the
-    caller: the captions of earlier batches are on disk, the current batch's are not written."""
+    caller: the captions of earlier batches are on disk, the current batch's are not written.
+
+    share (i, n): this run takes only the images whose place in the sorted listing is i modulo n
+    (one of n processes splitting a folder; the split does not depend on which captions exist yet).
+    `report`, when given, is filled as the run goes (a caller can read it at each progress event)."""
     if settings.batch_size < 1:
         raise InputError(f"batch_size must be 1 or more, got {settings.batch_size}")
     root = _checked_folder(folder)
-    report = CaptionReport(root)
-    todo = _images_to_caption(root, settings, report)
+    report = CaptionReport(root) if report is None else report
+    report.folder = root
+    todo = _images_to_caption(root, settings, report, share)
     done = 0
     for start in range(0, len(todo), settings.batch_size):
         batch = todo[start : start + settings.batch_size]
@@ -125,13 +132,18 @@ def caption_path(image: Path) -> Path:
 
 def write_caption(path: Path, text: str) -> Path:
     """Write `text` to `path` all at once: a temporary file in the same folder, then renamed over it."""
+    return write_file_whole(path, text.encode("utf-8"))
+
+
+def write_file_whole(path: Path, data: bytes) -> Path:
+    """Write `data` to `path` all at once (a reader sees no file or the whole file, never part of one)."""
     temporary = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
     try:
         # O_EXCL: a new file of our own (never an existing one or a link); 0o666 minus the umask,
         # as any other file the user creates
         descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
         with os.fdopen(descriptor, "wb") as file:
-            file.write(text.encode("utf-8"))
+            file.write(data)
         os.replace(temporary, path)  # replaces a link at `path` itself, never its target
     except BaseException:
         temporary.unlink(missing_ok=True)
@@ -166,10 +178,15 @@ def _checked_folder(folder: str | os.PathLike) -> Path:
     return root.absolute()
 
 
-def _images_to_caption(root: Path, settings: CaptionSettings, report: CaptionReport) -> list[Path]:
+def _images_to_caption(
+    root: Path, settings: CaptionSettings, report: CaptionReport, share: tuple[int, int] = (0, 1),
+) -> list[Path]:
     todo, owners = [], {}
-    for image in find_images(root, settings.recursive):
+    for place, image in enumerate(find_images(root, settings.recursive)):
         target = caption_path(image)
+        if place % share[1] != share[0]:
+            owners.setdefault(target, image)  # another process's image, still the owner of its caption name
+            continue
         if target in owners:
             report.skipped.append((image, f"{target.name} is the caption of {owners[target].name}"))
             continue
@@ -182,7 +199,7 @@ def _images_to_caption(root: Path, settings: CaptionSettings, report: CaptionRep
                 report.skipped.append((image, f"{target.name} is a folder"))
                 continue
         todo.append(image)
-    if not todo and not report.skipped:
+    if not owners and not report.skipped:  # no image at all (another process's share may be empty)
         raise InputError(f"folder '{root}' holds no images ({', '.join(IMAGE_SUFFIXES)})"
                          + ("" if settings.recursive else "; turn on recursive to look in its subfolders"))
     return todo
