@@ -237,6 +237,6 @@ def _caption_batch(
     answers = answer_each_image(
         model, pixels, settings.question, system=settings.system, sampling=settings.sampling,
         max_new_tokens=settings.max_new_tokens, seed=settings.seed, on_answers=report, compile=settings.compile,
-        on_compile=on_compile,
+        on_compile=on_compile, pad_to=settings.batch_size,
     )
     return [answer.text for answer in answers]
