@@ -49,7 +49,7 @@ def run(command: list[str], processes: int, threads: int) -> float:
 def report(label: str, summary_file: Path, wall: float) -> None:
     summary = json.loads(summary_file.read_text())
     done = summary["written"]
-    print(f"{label}: {done} items in {summary['seconds']} s = {done / summary["seconds"]:.3f} items/s "
+    print(f"{label}: {done} items in {summary['seconds']} s = {done / summary['seconds']:.3f} items/s "
           f"({summary['processes']} process(es); command {wall:.1f} s with loading)", flush=True)
 
 
