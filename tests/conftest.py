@@ -68,6 +68,17 @@ def pytest_addoption(parser):
     )
 
 
+@pytest.fixture(scope="session", autouse=True)
+def compile_cache_folder(tmp_path_factory):
+    """Compiled steps saved beside pytest's temporary folders, not in the user's cache: kept from one
+    test session to the next on a machine, as a user's are from one process to the next."""
+    from vilau_backend.decoding import compile_cache
+
+    previous = compile_cache.use_folder(tmp_path_factory.getbasetemp().parent / "vilau-compile-cache")
+    yield
+    compile_cache.use_folder(previous)
+
+
 @pytest.fixture(scope="session")
 def model_device(request) -> str:
     return request.config.getoption("--device")

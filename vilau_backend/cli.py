@@ -7,6 +7,12 @@ Subcommands (`python -m vilau_backend SUBCOMMAND --help` lists every option):
     generate-image  --model DIR --prompt ... --save-dir DIR [--num N] [--save-codes codes.safetensors]
     generate-video  --model DIR --prompt ... --save-dir DIR [--frames 8] [--fps 8] [--save-codes ...]
     edit            --model DIR --image in.png --mode inpaint|vary|continue [--mask mask.png] --prompt ... --save-dir DIR
+    caption         --model DIR FOLDER [--question ...] [--overwrite] [--recursive] [--prefix ...] [--suffix ...]
+    generate-batch  --model DIR PROMPTS.jsonl --out DIR
+
+caption and generate-batch run as one process or under torchrun / accelerate launch (each
+process takes its share of the items; the main process writes the summary); a rerun does only
+what is missing.
 
 Every subcommand takes --dtype float32|bfloat16|float16 (default: bfloat16 on a
 GPU, float32 on the CPU), --device (default: cuda when available) and
@@ -44,10 +50,9 @@ def load_image_file(path: str | Path) -> torch.Tensor:
 
 def save_image_file(image: torch.Tensor, path: str | Path) -> None:
     """(H, W, 3) float 0..1 -> PNG, truncating to 8 bits as the original's inference.py does."""
-    from PIL import Image
+    from .jobs.generate_job import png_bytes
 
-    array = (image.clamp(0, 1) * 255).to(torch.uint8).cpu().numpy()
-    Image.fromarray(array, mode="RGB").save(path)
+    Path(path).write_bytes(png_bytes(image))
 
 
 def _load_model(args: argparse.Namespace):
@@ -90,27 +95,12 @@ def _describe(args: argparse.Namespace) -> int:
     import json
 
     from .errors import InputError
-    from .tasks.understand import TextSampling, describe_images, describe_video
+    from .tasks.understand import describe_images, describe_video
     from .media.video import read_video
 
-    sampling_flags = {
-        "--temperature": args.temperature, "--top-p": args.top_p, "--top-k": args.top_k, "--seed": args.seed,
-    }
-    given = [flag for flag, value in sampling_flags.items() if value is not None]
-    if args.greedy and given:
-        raise InputError(f"--greedy picks the most likely token; it cannot be combined with {', '.join(given)}")
     if args.batch and args.video:
         raise InputError("--batch answers each --image on its own; a --video is always one prompt")
-    defaults = TextSampling()
-    if args.greedy:
-        sampling = TextSampling(do_sample=False, repetition_penalty=args.repetition_penalty)
-    else:
-        sampling = TextSampling(
-            temperature=defaults.temperature if args.temperature is None else args.temperature,
-            top_k=defaults.top_k if args.top_k is None else args.top_k,
-            top_p=defaults.top_p if args.top_p is None else args.top_p,
-            repetition_penalty=args.repetition_penalty,
-        )
+    sampling = _text_sampling(args)
     options = dict(sampling=sampling, max_new_tokens=args.max_new_tokens, seed=args.seed or 0,
                    compile=args.compile, on_compile=_say_compiling)
 
@@ -131,6 +121,28 @@ def _describe(args: argparse.Namespace) -> int:
         for answer in answers:
             print(answer.text)
     return 0
+
+
+def _text_sampling(args: argparse.Namespace):
+    """TextSampling from --greedy or the sampling flags (a flag not given takes TextSampling's default)."""
+    from .errors import InputError
+    from .tasks.understand import TextSampling
+
+    sampling_flags = {
+        "--temperature": args.temperature, "--top-p": args.top_p, "--top-k": args.top_k, "--seed": args.seed,
+    }
+    given = [flag for flag, value in sampling_flags.items() if value is not None]
+    if args.greedy and given:
+        raise InputError(f"--greedy picks the most likely token; it cannot be combined with {', '.join(given)}")
+    if args.greedy:
+        return TextSampling(do_sample=False, repetition_penalty=args.repetition_penalty)
+    defaults = TextSampling()
+    return TextSampling(
+        temperature=defaults.temperature if args.temperature is None else args.temperature,
+        top_k=defaults.top_k if args.top_k is None else args.top_k,
+        top_p=defaults.top_p if args.top_p is None else args.top_p,
+        repetition_penalty=args.repetition_penalty,
+    )
 
 
 def _generation_options(args: argparse.Namespace) -> dict:
@@ -233,6 +245,55 @@ def _edit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _job_model(args: argparse.Namespace):
+    """This process of a job, and the model loaded on its device (its own GPU under a launcher)."""
+    from .jobs.processes import JobProcesses
+    from .model.vila_u import VilaUModel
+
+    processes = JobProcesses(args.device)
+    model = VilaUModel.load(args.model, dtype=args.dtype, device=processes.device, quantize=args.quantize)
+    return processes, model
+
+
+def _caption(args: argparse.Namespace) -> int:
+    from .jobs.caption_job import caption_job
+    from .tasks.captioning import CaptionSettings
+
+    settings = CaptionSettings(
+        question=args.question, prefix=args.prefix, suffix=args.suffix, overwrite=args.overwrite,
+        recursive=args.recursive, sampling=_text_sampling(args), max_new_tokens=args.max_new_tokens,
+        seed=args.seed or 0, batch_size=args.batch_size, compile=args.compile,
+    )
+    processes, model = _job_model(args)
+    summary = caption_job(model, args.folder, settings, processes, job_dir=_path_or_none(args.job_dir),
+                          on_compile=_say_compiling)
+    return _print_summary(summary)
+
+
+def _generate_batch(args: argparse.Namespace) -> int:
+    from .jobs.generate_job import generate_job
+
+    processes, model = _job_model(args)
+    summary = generate_job(model, args.prompts, args.out, processes, compile=args.compile, on_compile=_say_compiling,
+                           job_dir=_path_or_none(args.job_dir))
+    return _print_summary(summary)
+
+
+def _path_or_none(text: str | None) -> Path | None:
+    return None if text is None else Path(text)
+
+
+def _print_summary(summary: dict | None) -> int:
+    """The main process prints the merged summary; exit status 1 when an item failed."""
+    if summary is None:
+        return 0
+    print(f"{summary['written']} written, {summary['skipped']} skipped, {summary['failed']} failed "
+          f"by {summary['processes']} process(es) in {summary['seconds']} s")
+    for failure in summary["failures"]:
+        print(f"failed: {failure['item']}: {failure['error']}")
+    return 1 if summary["failed"] else 0
+
+
 def _add_edit_arguments(p: argparse.ArgumentParser) -> None:
     _add_generation_arguments(p)
     p.add_argument("--image", required=True, help="the image to edit (any size; the model's preprocessing applies)")
@@ -290,9 +351,54 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
                              "(bitsandbytes NF4); default none")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _add_answer_arguments(p: argparse.ArgumentParser) -> None:
     from .tasks.understand import DEFAULT_MAX_NEW_TOKENS, TextSampling
 
+    answers = TextSampling()  # sampling flags default to None: --greedy refuses any that is given
+    p.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS,
+                   help="longest answer in tokens (default %(default)s)")
+    p.add_argument("--greedy", action="store_true", help="always take the most likely token (no sampling)")
+    p.add_argument("--temperature", type=float, default=None, help=f"sampling temperature (default {answers.temperature})")
+    p.add_argument("--top-p", type=float, default=None, help=f"nucleus sampling threshold (default {answers.top_p})")
+    p.add_argument("--top-k", type=int, default=None,
+                   help=f"sample among the k most likely tokens; 0 = all (default {answers.top_k})")
+    p.add_argument("--seed", type=int, default=None, help="random seed of the sampler (default 0)")
+    p.add_argument("--repetition-penalty", type=float, default=answers.repetition_penalty,
+                   help="above 1 discourages repeats (default %(default)s = off)")
+
+
+def _add_dataset_commands(sub) -> None:
+    from .tasks.captioning import CaptionSettings
+    from .tasks.understand import DEFAULT_BATCH_SIZE
+
+    p = sub.add_parser("caption", help="caption every image of a folder (<image>.txt beside each); "
+                       "one process or many (torchrun / accelerate launch)")
+    add_model_options(p)
+    add_compile_option(p)
+    p.add_argument("folder", help="the folder of images")
+    p.add_argument("--question", default=CaptionSettings.question, help="what to ask about each image (default %(default)r)")
+    p.add_argument("--prefix", default="", help="text before every caption, as given (e.g. 'ohwx, ')")
+    p.add_argument("--suffix", default="", help="text after every caption, as given")
+    p.add_argument("--overwrite", action="store_true", help="caption images that already have a caption again "
+                   "(default: skip them, which is also how a rerun resumes)")
+    p.add_argument("--recursive", action="store_true", help="also caption the images of subfolders")
+    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="images answered together (default %(default)s)")
+    _add_answer_arguments(p)
+    p.add_argument("--job-dir", default=None, help="where the logs and summary.json go (default FOLDER/.vilau-job)")
+    p.set_defaults(run=_caption)
+
+    p = sub.add_parser("generate-batch", help="one image per line of a JSON-lines file of prompts; "
+                       "one process or many (torchrun / accelerate launch)")
+    add_model_options(p)
+    add_compile_option(p)
+    p.add_argument("prompts", help='JSON lines: {"prompt": ..., "name": ..., "seed": ..., "negative_prompt": ..., '
+                   '"cfg": ..., "temperature": ..., "top_k": ..., "top_p": ...}; only "prompt" is required')
+    p.add_argument("--out", required=True, help="folder for <name>.png (a rerun makes only the missing ones)")
+    p.add_argument("--job-dir", default=None, help="where the logs and summary.json go (default OUT/.vilau-job)")
+    p.set_defaults(run=_generate_batch)
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m vilau_backend", description="VILA-U without ComfyUI")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -316,17 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
     media.add_argument("--video", help="a video file (mp4, webm, gif, mov, ...) or a folder of frames")
     p.add_argument("--query", required=True, help="the question, e.g. 'Describe the image.'")
     p.add_argument("--batch", action="store_true", help="answer each --image on its own, one answer per image")
-    answers = TextSampling()  # sampling flags default to None: --greedy refuses any that is given
-    p.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS,
-                   help="longest answer in tokens (default %(default)s)")
-    p.add_argument("--greedy", action="store_true", help="always take the most likely token (no sampling)")
-    p.add_argument("--temperature", type=float, default=None, help=f"sampling temperature (default {answers.temperature})")
-    p.add_argument("--top-p", type=float, default=None, help=f"nucleus sampling threshold (default {answers.top_p})")
-    p.add_argument("--top-k", type=int, default=None,
-                   help=f"sample among the k most likely tokens; 0 = all (default {answers.top_k})")
-    p.add_argument("--seed", type=int, default=None, help="random seed of the sampler (default 0)")
-    p.add_argument("--repetition-penalty", type=float, default=answers.repetition_penalty,
-                   help="above 1 discourages repeats (default %(default)s = off)")
+    _add_answer_arguments(p)
     p.add_argument("--json", action="store_true",
                    help='print {"answers", "input_ids", "output_ids"} as one JSON object')
     p.set_defaults(run=_describe)
@@ -344,6 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("edit", help="edit an image in code space -> edit_0.png, ... (inpaint, vary, continue)")
     _add_edit_arguments(p)
     p.set_defaults(run=_edit)
+    _add_dataset_commands(sub)
     return parser
 
 

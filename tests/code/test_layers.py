@@ -13,7 +13,7 @@ pytestmark = pytest.mark.no_transformers  # the 4.50.3 pass leaves it out (tests
 
 BACKEND = REPO / "vilau_backend"
 # bottom to top; a module may import from its own layer or any layer before it
-LAYERS = ("errors", "checkpoint", "memory", "media", "model", "decoding", "tasks", "testing", "cli", "__main__", "__init__")
+LAYERS = ("errors", "checkpoint", "memory", "media", "model", "decoding", "tasks", "testing", "jobs", "cli", "__main__", "__init__")
 
 
 def module_name(path: Path) -> str:

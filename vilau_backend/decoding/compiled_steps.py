@@ -19,6 +19,7 @@ import torch
 
 from ..memory.placement import has_placement
 from .compile_choice import compile_failed, compile_mode, say_once
+from . import compile_cache
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +120,8 @@ def step_state(model, key: StepKey, compiled: bool, state_class: type):
     the previous state. Eager runs allocate their own, freed with the run."""
     if not compiled:
         return state_class(model, key)
+    if needs_compiling(model, key):
+        compile_cache.load(model, key)  # compiled by an earlier process: its kernels, not a compile
     held = model.step_states
     if key not in held:
         held.clear()  # free the old cache before allocating the new one
@@ -132,7 +135,9 @@ def needs_compiling(model, key: StepKey) -> bool:
 
 
 def mark_compiled(model, key: StepKey) -> None:
-    _traced.add((id(model), key))
+    if needs_compiling(model, key):
+        _traced.add((id(model), key))
+        compile_cache.save(model, key)  # for the next process on this machine
 
 
 def step_key(model, rows: int, length: int, kind: str = "image") -> StepKey:

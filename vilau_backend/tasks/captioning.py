@@ -106,16 +106,24 @@ def caption_folder(
     model, folder: str | os.PathLike, settings: CaptionSettings = CaptionSettings(),
     on_progress: ProgressCallback | None = None,
     on_compile: CompileCallback | None = None,
+    share: tuple[int, int] = (0, 1),
+    report: CaptionReport | None = None,
 ) -> CaptionReport:
     """Write a caption beside every image of `folder` (see the module's docstring for what is touched).
 
     Whatever `on_progress` raises (a cancel) stops the run between two tokens and reaches the
-    caller: the captions of earlier batches are on disk, the current batch's are not written."""
+    caller: the captions of earlier batches are on disk, the current batch's are not written.
+
+    share (i, n): this run takes only the images whose place in the sorted listing is i modulo n
+    (one of n processes splitting a folder; the split does not depend on which captions exist yet);
+    the folder-wide findings (files passed over, folders skipped) are the first share's to report.
+    `report`, when given, is filled as the run goes (a caller can read it at each progress event)."""
     if settings.batch_size < 1:
         raise InputError(f"batch_size must be 1 or more, got {settings.batch_size}")
     root = _checked_folder(folder)
-    report = CaptionReport(root)
-    todo = _images_to_caption(root, settings, report)
+    report = CaptionReport(root) if report is None else report
+    report.folder = root
+    todo = _images_to_caption(root, settings, report, share)
     done = 0
     for start in range(0, len(todo), settings.batch_size):
         batch = todo[start : start + settings.batch_size]
@@ -144,6 +152,11 @@ def caption_path(image: Path) -> Path:
 
 def write_caption(path: Path, text: str) -> Path:
     """Write `text` to `path` all at once: a temporary file in the same folder, then renamed over it."""
+    return write_file_whole(path, text.encode("utf-8"))
+
+
+def write_file_whole(path: Path, data: bytes) -> Path:
+    """Write `data` to `path` all at once (a reader sees no file or the whole file, never part of one)."""
     # a short name of its own: the caption's name plus a suffix may pass the file system's limit
     temporary = path.with_name(f".vilau-caption-{secrets.token_hex(6)}.tmp")
     try:
@@ -151,7 +164,7 @@ def write_caption(path: Path, text: str) -> Path:
         # as any other file the user creates
         descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
         with os.fdopen(descriptor, "wb") as file:
-            file.write(text.encode("utf-8"))
+            file.write(data)
         os.replace(temporary, path)  # replaces a link at `path` itself, never its target
     except BaseException:
         temporary.unlink(missing_ok=True)
@@ -171,13 +184,20 @@ def _checked_folder(folder: str | os.PathLike) -> Path:
     return root.absolute()
 
 
-def _images_to_caption(root: Path, settings: CaptionSettings, report: CaptionReport) -> list[Path]:
+def _images_to_caption(
+    root: Path, settings: CaptionSettings, report: CaptionReport, share: tuple[int, int] = (0, 1),
+) -> list[Path]:
     listing = list_folder(root, settings.recursive)
-    report.skipped += listing.skipped
-    report.folders += listing.folders
-    todo, owners, unwritable = [], {}, {}
-    for image in listing.images:
+    if share[0] == 0:
+        report.skipped += listing.skipped
+        report.folders += listing.folders
+    todo, owners, unwritable, mine = [], {}, {}, []
+    for place, image in enumerate(listing.images):
         target = caption_path(image)
+        if place % share[1] != share[0]:
+            owners.setdefault(target, image)  # another process's image, still the owner of its caption name
+            continue
+        mine.append(image)
         if target in owners:
             report.skipped.append((image, f"{target.name} is the caption of {owners[target].name}"))
             continue
@@ -193,8 +213,8 @@ def _images_to_caption(root: Path, settings: CaptionSettings, report: CaptionRep
             unwritable[image.parent] = unwritable_reason(image.parent)
         if unwritable[image.parent] is None:
             todo.append(image)
-    _report_unwritable(report, unwritable, listing.images)
-    if not todo and not (report.skipped or report.folders):
+    _report_unwritable(report, unwritable, mine)
+    if not owners and not (report.skipped or report.folders):  # no image at all (a share may be empty)
         raise InputError(f"folder '{root}' holds no images ({', '.join(IMAGE_SUFFIXES)})"
                          + ("" if settings.recursive else "; turn on recursive to look in its subfolders"))
     return todo
@@ -225,7 +245,7 @@ def _read_batch(model, batch: list[Path], report: CaptionReport) -> tuple[list[P
 
 def load_image(path: Path, root: Path | None = None) -> torch.Tensor:
     """An image file as ComfyUI's Load Image gives it: (1, H, W, 3) float32 k/255, EXIF-rotated
-    (only a regular file, inside `root` when given; see caption_files.read_image)."""
+    (only a regular file, inside `root` when given; see media/image_folder.read_image)."""
     return read_image(path, root)
 
 
@@ -240,6 +260,6 @@ def _caption_batch(
     answers = answer_each_image(
         model, pixels, settings.question, system=settings.system, sampling=settings.sampling,
         max_new_tokens=settings.max_new_tokens, seed=settings.seed, on_answers=report, compile=settings.compile,
-        on_compile=on_compile,
+        on_compile=on_compile, pad_to=settings.batch_size,
     )
     return [answer.text for answer in answers]

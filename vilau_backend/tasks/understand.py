@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..decoding.answer_loop import DEFAULT_MAX_NEW_TOKENS, TokenCallback, answer_text, generate_text, generate_texts
-from ..decoding.compiled_steps import CompileCallback
+from ..decoding.compiled_steps import CompileCallback, run_compiles
 from ..decoding.prompts import (
     IMAGE_PLACEHOLDER,
     IMAGE_TOKEN_INDEX,
@@ -121,7 +121,8 @@ def describe_images(
     for first in range(0, pixels.shape[0], batch_size):
         done = [answer.text for answer in answers]
         report = None if on_answers is None else (lambda step, texts, done=done: on_answers(step, done + texts))
-        answers += answer_each_image(model, pixels[first : first + batch_size], query, on_answers=report, **options)
+        answers += answer_each_image(model, pixels[first : first + batch_size], query, on_answers=report,
+                                     pad_to=batch_size, **options)
     return answers
 
 
@@ -137,6 +138,7 @@ def answer_each_image(
     on_answers: AnswersCallback | None = None,
     compile: bool | None = None,
     on_compile: CompileCallback | None = None,
+    pad_to: int | None = None,
 ) -> list[Answer]:
     """pixels (B, 3, S, S) -> B answers to the same question, one per image, generated together.
 
@@ -145,17 +147,25 @@ def answer_each_image(
     then share one LLM pass (:func:`generate_texts`). That pass runs other kernel shapes than
     B single runs, so its logits may differ from theirs in the last bits: greedy answers are
     the same tokens unless two candidates were tied to that precision (tests/backend/test_batch_answers.py
-    measures it). `on_answers(step, texts)` gets the B texts so far after each token."""
+    measures it). `on_answers(step, texts)` gets the B texts so far after each token.
+
+    pad_to: when the run is compiled, a batch of fewer images is filled up to this many rows with
+    copies of its last prompt (answers thrown away), so that a short last batch replays the step
+    compiled for the full ones instead of compiling one of its own size."""
     _check_query(query)
     input_ids = _prompt_ids(model, query, system, 1, max_new_tokens)
-    prompts = [prompt_embeddings(model, input_ids, pixels[i : i + 1]) for i in range(pixels.shape[0])]  # B x (T, H)
+    B = pixels.shape[0]
+    prompts = [prompt_embeddings(model, input_ids, pixels[i : i + 1]) for i in range(B)]  # B x (T, H)
+    if pad_to is not None and B < pad_to and run_compiles(model, compile):
+        # a copy stops when its original stops: the pass takes no step more than it would have
+        prompts += [prompts[-1]] * (pad_to - B)
     generators = [_seeded_generator(seed) for _ in prompts]
-    on_step = None if on_answers is None else (lambda step, tokens, texts: on_answers(step, texts))
+    on_step = None if on_answers is None else (lambda step, tokens, texts: on_answers(step, texts[:B]))
     outputs = generate_texts(
         model, prompts, sampling=sampling, max_new_tokens=max_new_tokens, generators=generators, on_step=on_step,
         compile=compile, on_compile=on_compile,
     )
-    return [Answer(text=answer_text(model, ids), input_ids=input_ids, output_ids=ids) for ids in outputs]
+    return [Answer(text=answer_text(model, ids), input_ids=input_ids, output_ids=ids) for ids in outputs[:B]]
 
 
 def describe_video(
