@@ -56,7 +56,7 @@ def test_a_second_process_loads_the_compiled_step_the_first_saved(tiny_checkpoin
 
 def test_another_size_model_or_torch_looks_for_another_file(tiny_model, tmp_path, monkeypatch):
     config = tiny_model.config
-    model = SimpleNamespace(config=config, quantize="none", device=torch.device("cpu"))
+    model = SimpleNamespace(config=config, weight_quantization="none", device=torch.device("cpu"))
     key = step_key(tiny_model, 2, 512, kind="text")
     previous = compile_cache.use_folder(tmp_path)
     try:
@@ -65,7 +65,7 @@ def test_another_size_model_or_torch_looks_for_another_file(tiny_model, tmp_path
         assert compile_cache.cache_file(model, replace(key, rows=4)) != name
         deeper = replace(config.llm, num_hidden_layers=config.llm.num_hidden_layers + 1)
         assert compile_cache.cache_file(SimpleNamespace(**{**vars(model), "config": replace(config, llm=deeper)}), key) != name
-        assert compile_cache.cache_file(SimpleNamespace(**{**vars(model), "quantize": "int8"}), key) != name
+        assert compile_cache.cache_file(SimpleNamespace(**{**vars(model), "weight_quantization": "int8"}), key) != name
         monkeypatch.setattr(torch, "__version__", "0.0.0")
         assert compile_cache.cache_file(model, key) != name
         compile_cache.use_folder(None)

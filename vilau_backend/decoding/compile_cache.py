@@ -49,7 +49,7 @@ def cache_file(model, key) -> Path | None:
     folder = _folder[0]
     if folder is None:
         return None
-    shapes = repr((model.config.llm, model.config.quantizer, str(key), model.quantize))
+    shapes = repr((model.config.llm, model.config.quantizer, str(key), model.weight_quantization))
     digest = hashlib.sha256(shapes.encode()).hexdigest()[:16]
     return folder / f"torch-{torch.__version__}-{_device_tag(model.device)}-{key.kind}-{key.rows}x{key.length}-{digest}.bin"
 

@@ -6,7 +6,7 @@ folder of thousands works. Each caption is written to a temporary file in the sa
 and renamed over its final name (an atomic replace on POSIX and Windows), so a reader (or a
 cancelled run) sees either no caption or a whole one, never half of one.
 
-What is touched, and what is not (vilau_backend/caption_files.py lists and reads):
+What is touched, and what is not (vilau_backend/media/image_folder.py lists and reads):
 
 - only files with an image suffix count; hidden files (``.name``), links out of the folder
   and special files (FIFOs, devices) are skipped, and named in the summary with the reason;
