@@ -143,6 +143,19 @@ def guided_rounding_bound(depth, scales: torch.Tensor, cfg: float) -> torch.Tens
     return rounding_bound(cfg * cond + abs(1 - cfg) * uncond, reduction, steps=2 + 6 * spec.n_layer)
 
 
+def projected_feature_bound(model, codes: torch.Tensor) -> tuple[torch.Tensor, "linear_input_scales"]:
+    """fp32 bound on two evaluations of `model.project(codes_to_features(codes))` (rule above): the codes'
+    summed embedding (a reduction of length D) through the projector's Linears (the longest reduction is
+    the wider of its widths). Returns the bound (..., out) and the projected features it bounds."""
+    projector = model.projector.layers
+    last = projector[-1] if isinstance(projector, torch.nn.Sequential) else projector
+    linears = [m for m in model.projector.modules() if isinstance(m, torch.nn.Linear)]
+    with torch.inference_mode(), linear_input_scales(last) as scales:
+        projected = model.project(model.codes_to_features(codes).flatten(1, -2))
+    reduction = max(model.config.quantizer.depth, *(m.in_features for m in linears))
+    return rounding_bound(scales.scales[0], reduction, steps=1 + len(linears)), projected
+
+
 def reference(name: str) -> dict:
     from safetensors.torch import load_file
 
