@@ -156,6 +156,51 @@ def projected_feature_bound(model, codes: torch.Tensor) -> tuple[torch.Tensor, "
     return rounding_bound(scales.scales[0], reduction, steps=1 + len(linears)), projected
 
 
+class llm_hidden_bounds:
+    """Inside the `with` block, each forward of `model.llm` appends to `bounds` an fp32 bound (R, H) on its
+    last position's hidden state (after the final RMSNorm), by the rule above. The residual stream x is a sum
+    of the embedding and, per layer, the attention's o_proj and the MLP's down_proj outputs, so its scale is
+    |x| plus their sum|a*b|; the reductions in sequence are six per layer (q/k/v, scores, weighted values,
+    o_proj, gate/up, down_proj) and the norm's; the longest is the widest of H, the MLP width and the cache.
+    The norm divides by rms(x): an error e in x moves h = w*x/rms(x) by |w|(e + |x| max(e)/rms)/rms."""
+
+    def __init__(self, model, cache_length: int):
+        llm = model.llm
+        config = llm.config
+        self.layers = llm.model.layers
+        self.norm = llm.model.norm
+        self.reduction = max(config.hidden_size, config.intermediate_size, cache_length)
+        self.steps = 6 * len(self.layers) + 1
+        self.bounds: list[torch.Tensor] = []
+        self._residual_scales: list[torch.Tensor] = []
+
+    def __enter__(self):
+        @torch.no_grad()
+        def record_linear(module, args, output):
+            x = args[0][:, -1].float()  # (R, in): the last position
+            self._residual_scales.append(x.abs() @ module.weight.float().abs().T)
+
+        @torch.no_grad()
+        def record_norm(module, args, output):
+            x = args[0][:, -1].float()  # (R, H)
+            scale = x.abs() + sum(self._residual_scales)
+            self._residual_scales.clear()
+            error = rounding_bound(scale, self.reduction, self.steps)  # (R, H) on x
+            rms = x.pow(2).mean(-1, keepdim=True).add(module.variance_epsilon).sqrt()
+            weight = module.weight.float().abs()
+            self.bounds.append(weight * (error + x.abs() * error.amax(-1, keepdim=True) / rms) / rms)
+
+        self.handles = [self.norm.register_forward_hook(record_norm)]
+        for layer in self.layers:
+            self.handles += [layer.self_attn.o_proj.register_forward_hook(record_linear),
+                             layer.mlp.down_proj.register_forward_hook(record_linear)]
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self.handles:
+            handle.remove()
+
+
 def reference(name: str) -> dict:
     from safetensors.torch import load_file
 
