@@ -201,6 +201,29 @@ class llm_hidden_bounds:
             handle.remove()
 
 
+class logit_bounds(llm_hidden_bounds):
+    """llm_hidden_bounds carried through the text head: each forward appends to `logits` an fp32 bound
+    (R, V) on its last position's logits, the hidden state's bound times |W| plus the head's own rounding."""
+
+    def __init__(self, model, cache_length: int):
+        super().__init__(model, cache_length)
+        self.head = model.llm.lm_head
+        self.logits: list[torch.Tensor] = []
+
+    def __enter__(self):
+        super().__enter__()
+
+        @torch.no_grad()
+        def record_head(module, args, output):
+            h = args[0] if args[0].dim() == 2 else args[0][:, -1]  # (R, H): the last position
+            h, weight = h.float(), module.weight.float().abs()  # (R, H), (V, H)
+            own = rounding_bound(h.abs() @ weight.T, reduction=weight.shape[1])
+            self.logits.append(self.bounds[-1] @ weight.T + own)
+
+        self.handles.append(self.head.register_forward_hook(record_head))
+        return self
+
+
 def reference(name: str) -> dict:
     from safetensors.torch import load_file
 
