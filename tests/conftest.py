@@ -284,23 +284,40 @@ def pack_module(name: str):
     return importlib.import_module(f"vilau_pack.nodes.{name}")
 
 
-def smallest_top2_gap(model, prompts, outputs: list[list[int]]) -> float:
-    """The smallest logit gap between the two best tokens at any step of the eager loop that gave
-    `outputs` (teacher-forced; a stopped row is fed its EOS, as generate_texts does)."""
-    from vilau_backend.model.llm import new_dynamic_cache
+def clear_steps(model, prompts, outputs: list[list[int]]) -> list[list[bool]]:
+    """For each step of the eager loop that gave `outputs` (teacher-forced; a stopped row is fed its EOS,
+    as generate_texts does), whether its decision was clear: the gap between the two best tokens' logits
+    exceeds both logits' rounding bounds (logit_bounds, over a cache as long as a compiled step's bucket),
+    so no other correct order of summation could flip it."""
     from vilau_backend.decoding.answer_loop import PromptBatch
+    from vilau_backend.decoding.compiled_steps import cache_length
+    from vilau_backend.model.llm import new_dynamic_cache
 
     batch = PromptBatch(prompts)
     cache = new_dynamic_cache(model.llm)
-    gaps = []
-    with torch.inference_mode():
+    steps = max(len(o) for o in outputs)
+    clear: list[list[bool]] = [[] for _ in outputs]
+    with torch.inference_mode(), logit_bounds(model, cache_length(max(p.shape[0] for p in prompts), steps)) as bounds:
         logits = batch.prefill(model.llm, cache)  # (B, V)
-        for step in range(max(len(o) for o in outputs)):
-            top2 = logits.topk(2, dim=-1).values  # (B, 2)
-            gaps += [float(top2[b, 0] - top2[b, 1]) for b, o in enumerate(outputs) if step < len(o)]
+        for step in range(steps):
+            top2 = logits.topk(2, dim=-1)  # (B, 2)
+            margin = top2.values[:, 0] - top2.values[:, 1] - bounds.logits[-1].gather(1, top2.indices).sum(-1)  # (B,)
+            for b, o in enumerate(outputs):
+                if step < len(o):
+                    clear[b].append(bool(margin[b] > 0))
             tokens = torch.tensor([o[min(step, len(o) - 1)] for o in outputs])
             logits = batch.decode_step(model.llm, tokens, step, cache)
-    return min(gaps)
+    return clear
+
+
+def first_unclear_steps(model, prompts, outputs: list[list[int]], at_least: float = 0.5) -> list[int]:
+    """Per row, the first step whose decision is not clear (len(output) when all are): two correct runs
+    agree token for token up to there. Fails when fewer than `at_least` of all decisions are clear (the
+    comparison would then prove little)."""
+    clear = clear_steps(model, prompts, outputs)
+    flat = [c for row in clear for c in row]
+    assert sum(flat) >= at_least * len(flat), f"only {sum(flat)} of {len(flat)} decisions clear of rounding"
+    return [row.index(False) if False in row else len(row) for row in clear]
 
 
 def emulate_cuda(monkeypatch, allocator: str = "native", capability=(9, 0), triton: bool = True) -> None:

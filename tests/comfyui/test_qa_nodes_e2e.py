@@ -288,9 +288,9 @@ def test_video_frame_choice_from_a_file_and_from_frames(server, reference):
 def test_compile_on_says_compiling_once_and_answers_as_eager(server, reference):
     """Loader compile "on": the first Image Q&A run of its size compiles the answer step and says so
     on the node; a later run with another question (same cache bucket) replays it silently. Both
-    answers are the eager in-process ones: their greedy steps have no near-tie that the compiled
-    kernels' rounding could flip (asserted)."""
-    from conftest import smallest_top2_gap
+    answers are the eager in-process ones up to the first greedy step whose decision is not clear of
+    the compiled kernels' rounding (conftest's first_unclear_steps)."""
+    from conftest import first_unclear_steps
     from vilau_backend.tasks.image_splicing import prompt_embeddings
     from vilau_backend.tasks.understand import GREEDY, describe_images
 
@@ -310,8 +310,12 @@ def test_compile_on_says_compiling_once_and_answers_as_eager(server, reference):
             statuses.append(ws.progress_texts("3"))
         expected = describe_images(reference, image, question, sampling=GREEDY, max_new_tokens=12)[0]
         prompt = prompt_embeddings(reference, expected.input_ids, reference.preprocess(image))
-        assert smallest_top2_gap(reference, [prompt], [expected.output_ids]) > 1e-4
-        assert server.ui_text(entry, "3") == [expected.text]
+        [agree] = first_unclear_steps(reference, [prompt], [expected.output_ids])
+        [answer] = server.ui_text(entry, "3")
+        if agree == len(expected.output_ids):
+            assert answer == expected.text
+        else:  # compiled kernels may settle a near-tie the other way from there on
+            assert answer.startswith(reference.tokenizer.decode(expected.output_ids[:agree], skip_special_tokens=True))
     # the node says that this run compiles, and that Cancel waits for the compiler
     assert ("compiling… (the first run of this batch size; later runs are faster; Cancel takes effect when "
             "compiling ends)") in statuses[0], statuses[0]
