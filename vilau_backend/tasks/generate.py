@@ -18,7 +18,7 @@ driven by the number of grid positions, in phases (position_step.py):
 - `generate_codes`: the loop over positions, with the progress callback.
 
 Editing (vilau_backend/tasks/editing.py) is one generalisation of this loop:
-`given_codes` (B, P, D) and a boolean `keep` (B, P, D). A kept code is forced
+an `EditRequest` (requests.py): `given_codes` (B, P, D) and a boolean `keep` (B, P, D). A kept code is forced
 in place of the sampled one inside the depth loop, so it feeds the next depth
 step and the next LLM input exactly as a sampled code would; the random draw
 of that (position, depth) is still made and discarded, so the codes sampled
@@ -70,9 +70,8 @@ class GeneratedImages:
 
 def image_generators(seed: int, count: int) -> list[torch.Generator]:
     """One CPU generator per image, seeded from (seed, index) through numpy's SeedSequence,
-    so that neighbouring seeds do not give shifted copies of each other's batches."""
-    if seed < 0:
-        raise InputError(f"seed must be >= 0, got {seed}")
+    so that neighbouring seeds do not give shifted copies of each other's batches (seed >= 0:
+    ImageRequest checks it)."""
     states = [np.random.SeedSequence([seed, i]).generate_state(1, dtype=np.uint64)[0] for i in range(count)]
     return [torch.Generator().manual_seed(int(s) & 0x7FFF_FFFF_FFFF_FFFF) for s in states]
 
