@@ -12,8 +12,8 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from .generation import (
-    MAX_FRAMES, MAX_IMAGES, MAX_VIDEOS, PromptNode, fps_input, generation_inputs, generation_options,
-    image_outputs, video_outputs,
+    MAX_FRAMES, MAX_IMAGES, MAX_VIDEOS, PromptNode, fps_input, generation_callbacks, generation_inputs,
+    generation_request, image_outputs, video_outputs,
 )
 from .model_cache import releases_after_use
 from .schema import CATEGORY
@@ -55,23 +55,16 @@ def edit_source(vila, image, latent, node: str):
     return vila.encode_images(image).codes.cpu(), model_view(vila, image)
 
 
-def edit_options(vila, batch_size: int, **options) -> dict:
-    """The generation inputs -> keyword arguments of the backend edits (the batch comes from the codes)."""
-    options = generation_options(vila, batch_size=batch_size, **options)
-    del options["num_images"]
-    return options
-
-
-def edit_whole_sources(edit, setting, node: str, model, prompt: str, batch_size: int, image, latent, options: dict):
+def edit_whole_sources(edit, setting, node: str, model, prompt: str, batch_size: int, image, latent, inputs: dict):
     """Variations and Continue Image: each source's codes (N, h, w, D), `batch_size` times, through the
-    backend edit `edit(vila, prompt, codes, setting(vila), **sampling)` -> the node's image and latent."""
+    backend edit `edit(vila, request, codes, setting(vila), **callbacks)` -> the node's image and latent."""
     from ..vilau_backend.tasks.editing import repeat_sources
 
+    request = generation_request(prompt, batch_size=batch_size, compile=model.compile, **inputs)
     vila = model.ready()
     codes, _ = edit_source(vila, image, latent, node)
     value = setting(vila)
-    options = edit_options(vila, batch_size, compile=model.compile, **options)
-    result = edit(vila, prompt, repeat_sources(codes, batch_size), value, **options)
+    result = edit(vila, request, repeat_sources(codes, batch_size), value, **generation_callbacks(vila))
     return image_outputs(vila, result)
 
 
@@ -134,11 +127,12 @@ class Inpaint(PromptNode):
     @releases_after_use
     def execute(
         cls, model, prompt: str, mask, mask_threshold: float, grow_mask: int, feather: int, batch_size: int,
-        image=None, latent=None, **options,
+        image=None, latent=None, **inputs,
     ) -> io.NodeOutput:
-        """options: the other generation inputs (negative_prompt, cfg, seed, temperature, top_k, top_p)."""
+        """inputs: the other generation inputs (negative_prompt, cfg, seed, temperature, top_k, top_p)."""
         from ..vilau_backend.tasks import editing
 
+        request = generation_request(prompt, batch_size=batch_size, compile=model.compile, **inputs)
         vila = model.ready()
         codes, original = edit_source(vila, image, latent, "VILA-U Inpaint")
         aspect = vila.config.image_aspect_ratio if original is not None else "resize"
@@ -150,8 +144,7 @@ class Inpaint(PromptNode):
         if original is not None:
             original = editing.repeat_sources(original, batch_size)
         result = editing.inpaint(
-            vila, prompt, codes, regenerate, original=original, feather=feather,
-            **edit_options(vila, batch_size, compile=model.compile, **options),
+            vila, request, codes, regenerate, original=original, feather=feather, **generation_callbacks(vila)
         )
         size = result.images.shape[1]
         region = editing.feathered_pixel_mask(regenerate, size, 0)[..., 0]  # (B, S, S)
@@ -185,15 +178,15 @@ class VaryByDepth(PromptNode):
 
     @classmethod
     @releases_after_use
-    def execute(cls, model, prompt: str, strength: float, batch_size: int, image=None, latent=None, **options) -> io.NodeOutput:
-        """options: the other generation inputs (negative_prompt, cfg, seed, temperature, top_k, top_p)."""
+    def execute(cls, model, prompt: str, strength: float, batch_size: int, image=None, latent=None, **inputs) -> io.NodeOutput:
+        """inputs: the other generation inputs (negative_prompt, cfg, seed, temperature, top_k, top_p)."""
         from ..vilau_backend.tasks import editing
 
         def kept_depths(vila) -> int:
             return editing.depths_for_strength(strength, vila.config.quantizer.depth)
 
         return edit_whole_sources(
-            editing.vary_by_depth, kept_depths, "VILA-U Variations", model, prompt, batch_size, image, latent, options
+            editing.vary_by_depth, kept_depths, "VILA-U Variations", model, prompt, batch_size, image, latent, inputs
         )
 
 
@@ -222,13 +215,13 @@ class ContinueImage(PromptNode):
 
     @classmethod
     @releases_after_use
-    def execute(cls, model, prompt: str, keep_rows: int, batch_size: int, image=None, latent=None, **options) -> io.NodeOutput:
-        """options: the other generation inputs (negative_prompt, cfg, seed, temperature, top_k, top_p)."""
+    def execute(cls, model, prompt: str, keep_rows: int, batch_size: int, image=None, latent=None, **inputs) -> io.NodeOutput:
+        """inputs: the other generation inputs (negative_prompt, cfg, seed, temperature, top_k, top_p)."""
         from ..vilau_backend.tasks.editing import continue_downward
 
         return edit_whole_sources(
             continue_downward, lambda vila: keep_rows, "VILA-U Continue Image", model, prompt, batch_size, image,
-            latent, options,
+            latent, inputs,
         )
 
 
@@ -282,16 +275,17 @@ class ExtendVideo(PromptNode):
     @releases_after_use
     def execute(
         cls, model, prompt: str, add_frames: int, fps: float, batch_size: int, frames=None, video=None, latent=None,
-        **options,
+        **inputs,
     ) -> io.NodeOutput:
-        """options: the other generation inputs (negative_prompt, cfg, seed, temperature, top_k, top_p)."""
+        """inputs: the other generation inputs (negative_prompt, cfg, seed, temperature, top_k, top_p)."""
         from ..vilau_backend.tasks.editing import extend_video
 
+        request = generation_request(prompt, batch_size=batch_size, compile=model.compile, **inputs)
         vila = model.ready()
         given = _video_source_codes(vila, frames, video, latent)  # (Fg, h, w, D)
         total = given.shape[0] + add_frames
-        options = edit_options(vila, batch_size, compile=model.compile, **options)
-        return video_outputs(vila, extend_video(vila, prompt, given, total, videos=batch_size, **options), fps)
+        result = extend_video(vila, request, given, total, videos=batch_size, **generation_callbacks(vila))
+        return video_outputs(vila, result, fps)
 
 
 def _video_source_codes(vila, frames, video, latent):

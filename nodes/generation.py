@@ -84,24 +84,31 @@ class PromptNode(io.ComfyNode):
         return check_prompt(prompt)
 
 
-def generation_options(
-    model, *, negative_prompt: str, cfg: float, seed: int, batch_size: int,
-    temperature: float, top_k: int, top_p: float, compile: bool | None = None, node_id: str | None = None,
-) -> dict:
-    """The node's generation inputs -> keyword arguments of generate_images / generate_video.
-    `compile`: the loader's compile choice for this run; `node_id`: where "compiling…" shows
-    before a run that compiles the generation step."""
-    from ..vilau_backend.tasks.generate import ImageSampling
+def generation_request(
+    prompt: str, *, negative_prompt: str, cfg: float, seed: int, batch_size: int, temperature: float, top_k: int,
+    top_p: float, compile: bool | None = None, frames: int | None = None,
+):
+    """The node's generation inputs -> the backend's ImageRequest (`compile`: the loader's choice for this run)."""
     from ..vilau_backend.decoding.prompts import DEFAULT_NEGATIVE_PROMPT
+    from ..vilau_backend.tasks.requests import ImageRequest, ImageSampling
 
-    node_id = node_id if node_id is not None else executing_node_id()
-    return dict(
+    return ImageRequest(
+        prompt=prompt,
         negative_prompt=negative_prompt if negative_prompt.strip() else DEFAULT_NEGATIVE_PROMPT,
         num_images=batch_size,
+        frames=frames,
         sampling=ImageSampling(cfg=cfg, temperature=temperature, top_k=top_k, top_p=top_p),
         seed=seed,
-        on_position=PositionProgress(model, node_id),
         compile=compile,
+    )
+
+
+def generation_callbacks(model, node_id: str | None = None) -> dict:
+    """The progress bar with previews and the "compiling…" notice of node `node_id` (None: the executing
+    node), as the backend's on_position and on_compile."""
+    node_id = node_id if node_id is not None else executing_node_id()
+    return dict(
+        on_position=PositionProgress(model, node_id),
         on_compile=lambda notice=None: announce_compiling(node_id, notice),
     )
 
@@ -147,13 +154,13 @@ class TextToImage(PromptNode):
 
     @classmethod
     @releases_after_use
-    def execute(cls, model, prompt: str, **options) -> io.NodeOutput:
-        """options: the other generation inputs (negative_prompt, cfg, seed, batch_size, temperature, top_k, top_p)."""
+    def execute(cls, model, prompt: str, **inputs) -> io.NodeOutput:
+        """inputs: the other generation inputs (negative_prompt, cfg, seed, batch_size, temperature, top_k, top_p)."""
         from ..vilau_backend.tasks.generate import generate_images
 
+        request = generation_request(prompt, compile=model.compile, **inputs)
         vila = model.ready()
-        options = generation_options(vila, compile=model.compile, node_id=cls.hidden.unique_id, **options)
-        result = generate_images(vila, prompt, **options)
+        result = generate_images(vila, request, **generation_callbacks(vila, cls.hidden.unique_id))
         return image_outputs(vila, result)
 
 
@@ -188,10 +195,11 @@ class TextToVideo(PromptNode):
 
     @classmethod
     @releases_after_use
-    def execute(cls, model, prompt: str, frames: int, fps: float, **options) -> io.NodeOutput:
-        """options: the other generation inputs, as for Text to Image."""
+    def execute(cls, model, prompt: str, frames: int, fps: float, **inputs) -> io.NodeOutput:
+        """inputs: the other generation inputs, as for Text to Image."""
         from ..vilau_backend.tasks.generate import generate_video
 
+        request = generation_request(prompt, frames=frames, compile=model.compile, **inputs)
         vila = model.ready()
-        options = generation_options(vila, compile=model.compile, node_id=cls.hidden.unique_id, **options)
-        return video_outputs(vila, generate_video(vila, prompt, frames=frames, **options), fps)
+        result = generate_video(vila, request, **generation_callbacks(vila, cls.hidden.unique_id))
+        return video_outputs(vila, result, fps)

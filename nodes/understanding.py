@@ -167,19 +167,19 @@ class ImageQA(QuestionNode):
         **extra_images,
     ) -> io.NodeOutput:
         from ..vilau_backend.decoding.prompts import preset_question
-        from ..vilau_backend.tasks.understand import describe_images
+        from ..vilau_backend.tasks.understand import AnswerRequest, describe_images
 
         check_combo("batch_mode", batch_mode, [EACH_IMAGE, ALL_IMAGES])
         more = [extra_images[name] for name in EXTRA_IMAGE_INPUTS if extra_images.get(name) is not None]
         each = batch_mode == EACH_IMAGE and not more
         progress = AnswerProgress(cls.hidden.unique_id, image.shape[0] if each else 1, max_new_tokens, batch_size)
-        question = preset_question(preset, question, "image")
-        answers = describe_images(
-            model.ready(), [image, *more], question, batch=each, batch_size=batch_size, system=system_prompt,
+        request = AnswerRequest(
+            question=preset_question(preset, question, "image"), system=system_prompt,
             sampling=text_sampling(do_sample, temperature, top_k, top_p, repetition_penalty),
-            max_new_tokens=max_new_tokens, seed=seed, compile=model.compile, on_compile=progress.on_compile,
-            **(dict(on_answers=progress.on_answers) if each else dict(on_token=progress)),
+            max_new_tokens=max_new_tokens, seed=seed, batch=each, batch_size=batch_size, compile=model.compile,
         )
+        streams = dict(on_answers=progress.on_answers) if each else dict(on_token=progress)
+        answers = describe_images(model.ready(), [image, *more], request, on_compile=progress.on_compile, **streams)
         texts = [answer.text for answer in answers]
         progress.done(texts)
         return io.NodeOutput(texts, ui={"text": texts})
@@ -229,7 +229,7 @@ class VideoQA(QuestionNode):
     ) -> io.NodeOutput:
         from ..vilau_backend.errors import InputError
         from ..vilau_backend.decoding.prompts import preset_question
-        from ..vilau_backend.tasks.understand import describe_video
+        from ..vilau_backend.tasks.understand import AnswerRequest, describe_video
 
         if (frames is None) == (video is None):
             state = "both are connected; keep one" if frames is not None else "neither is connected"
@@ -239,12 +239,12 @@ class VideoQA(QuestionNode):
         if video is not None:
             frames, choice = video_frames(video, vila.config.num_video_frames, choice)
         progress = AnswerProgress(cls.hidden.unique_id, 1, max_new_tokens)
-        answer = describe_video(
-            vila, frames, preset_question(preset, question, "video"), choice=choice, system=system_prompt,
+        request = AnswerRequest(
+            question=preset_question(preset, question, "video"), system=system_prompt,
             sampling=text_sampling(do_sample, temperature, top_k, top_p, repetition_penalty),
-            max_new_tokens=max_new_tokens, seed=seed, on_token=progress, compile=model.compile,
-            on_compile=progress.on_compile,
+            max_new_tokens=max_new_tokens, seed=seed, compile=model.compile,
         )
+        answer = describe_video(vila, frames, request, choice=choice, on_token=progress, on_compile=progress.on_compile)
         progress.done([answer.text])
         return io.NodeOutput(answer.text, ui={"text": [answer.text]})
 

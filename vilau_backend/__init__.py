@@ -11,7 +11,10 @@ from .errors import CheckpointError, GenerationCancelled, InputError, VilaUError
 # (as the nodes do at ComfyUI start-up) loads neither torch nor transformers
 _PUBLIC = {
     "VilaUModel": "model.vila_u",
-    "ImageSampling": "tasks.generate",
+    "ImageSampling": "tasks.requests",
+    "ImageRequest": "tasks.requests",
+    "EditRequest": "tasks.requests",
+    "AnswerRequest": "tasks.requests",
     "GeneratedImages": "tasks.generate",
     "generate_images": "tasks.generate",
     "generate_video": "tasks.generate",

@@ -95,22 +95,21 @@ def _describe(args: argparse.Namespace) -> int:
     import json
 
     from .errors import InputError
-    from .tasks.understand import describe_images, describe_video
+    from .tasks.understand import AnswerRequest, describe_images, describe_video
     from .media.video import read_video
 
     if args.batch and args.video:
         raise InputError("--batch answers each --image on its own; a --video is always one prompt")
-    sampling = _text_sampling(args)
-    options = dict(sampling=sampling, max_new_tokens=args.max_new_tokens, seed=args.seed or 0,
-                   compile=args.compile, on_compile=_say_compiling)
+    request = AnswerRequest(question=args.query, sampling=_text_sampling(args), max_new_tokens=args.max_new_tokens,
+                            seed=args.seed or 0, batch=args.batch, compile=args.compile)
 
     model = _load_model(args)
     if args.video:
         frames = read_video(args.video, num_frames=model.config.num_video_frames).frames
-        answers = [describe_video(model, frames, args.query, **options)]
+        answers = [describe_video(model, frames, request, on_compile=_say_compiling)]
     else:
         images = [load_image_file(p) for p in args.image]
-        answers = describe_images(model, images, args.query, batch=args.batch, **options)
+        answers = describe_images(model, images, request, on_compile=_say_compiling)
     if args.json:
         print(json.dumps({
             "answers": [a.text for a in answers],
@@ -145,12 +144,13 @@ def _text_sampling(args: argparse.Namespace):
     )
 
 
-def _generation_options(args: argparse.Namespace) -> dict:
-    from .tasks.generate import ImageSampling
+def _image_request(args: argparse.Namespace, frames: int | None = None):
+    """The generation flags -> ImageRequest (--num images, or edits of the one image)."""
+    from .tasks.requests import ImageRequest, ImageSampling
 
     sampling = ImageSampling(cfg=args.cfg, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
-    return dict(negative_prompt=args.negative_prompt, num_images=args.num, seed=args.seed, sampling=sampling,
-                compile=args.compile, on_compile=_say_compiling)
+    return ImageRequest(prompt=args.prompt, negative_prompt=args.negative_prompt, num_images=args.num, frames=frames,
+                        sampling=sampling, seed=args.seed, compile=args.compile)
 
 
 def _say_compiling(notice: str | None = None) -> None:
@@ -179,7 +179,7 @@ def _generate_image(args: argparse.Namespace) -> int:
     from .tasks.generate import generate_images
 
     model = _load_model(args)
-    result = generate_images(model, args.prompt, **_generation_options(args))
+    result = generate_images(model, _image_request(args), on_compile=_say_compiling)
     _save_images(result.images, args.save_dir, "image")
     _save_codes(result.codes, args.save_codes)
     return 0
@@ -190,7 +190,7 @@ def _generate_video(args: argparse.Namespace) -> int:
     from .media.video import write_video_file
 
     model = _load_model(args)
-    result = generate_video(model, args.prompt, frames=args.frames, **_generation_options(args))
+    result = generate_video(model, _image_request(args, frames=args.frames), on_compile=_say_compiling)
     out_dir = Path(args.save_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     for i, frames in enumerate(result.images):
@@ -223,23 +223,22 @@ def _edit(args: argparse.Namespace) -> int:
     model = _load_model(args)
     image = load_image_file(args.image)
     codes = model.encode_images(image).codes.repeat_interleave(args.num, dim=0)  # (N, h, w, D)
-    options = _generation_options(args)
-    del options["num_images"]  # --num edits of the one image: the batch is that of the repeated codes
+    request = _image_request(args)  # --num edits of the one image: the batch is that of the repeated codes
     if args.mode == "inpaint":
         regenerate = editing.regenerate_from_mask(
             load_mask_file(args.mask), model.config.grid, aspect=model.config.image_aspect_ratio,
             threshold=args.threshold, grow=args.grow,
         ).expand(args.num, -1, -1)
         original = editing.model_view(model, image).expand(args.num, -1, -1, -1) if args.feather >= 0 else None
-        result = editing.inpaint(model, args.prompt, codes, regenerate, original=original,
-                                 feather=max(args.feather, 0), **options)
+        result = editing.inpaint(model, request, codes, regenerate, original=original,
+                                 feather=max(args.feather, 0), on_compile=_say_compiling)
     elif args.mode == "vary":
         depth = model.config.quantizer.depth
         kept = args.keep_depths if args.keep_depths is not None else editing.depths_for_strength(args.strength, depth)
-        result = editing.vary_by_depth(model, args.prompt, codes, kept, **options)
+        result = editing.vary_by_depth(model, request, codes, kept, on_compile=_say_compiling)
     else:
         rows = model.config.grid[0] // 2 if args.rows is None else args.rows
-        result = editing.continue_downward(model, args.prompt, codes, rows, **options)
+        result = editing.continue_downward(model, request, codes, rows, on_compile=_say_compiling)
     _save_images(result.images, args.save_dir, "edit")
     _save_codes(result.codes, args.save_codes)
     return 0

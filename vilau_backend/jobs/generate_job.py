@@ -16,7 +16,7 @@ import io
 import json
 import re
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -25,7 +25,8 @@ from ..decoding.compiled_steps import CompileCallback
 from ..decoding.prompts import DEFAULT_NEGATIVE_PROMPT
 from ..errors import InputError, VilaUError
 from ..tasks.captioning import write_file_whole
-from ..tasks.generate import ImageSampling, empty_prompt_problem, generate_images
+from ..tasks.generate import generate_images
+from ..tasks.requests import ImageRequest, ImageSampling, empty_prompt_problem
 from .processes import JobProcesses
 from .records import JobLog, finish_job
 
@@ -38,10 +39,11 @@ _NAME = re.compile(r"[^/\\\x00-\x1f]{1,200}")  # one file name: no folders, no c
 class PromptLine:
     number: int  # from 1, as an editor counts lines
     name: str
-    prompt: str
-    negative_prompt: str
-    seed: int
-    sampling: ImageSampling
+    request: ImageRequest  # one image; the run's compile choice is added when it is made
+
+    @property
+    def seed(self) -> int:
+        return self.request.seed
 
 
 def read_prompt_lines(path: Path) -> list[PromptLine | tuple[int, str]]:
@@ -89,12 +91,11 @@ def _parse_line(number: int, line: str) -> PromptLine:
     for key, value in knobs.items():
         if not isinstance(value, (int, float)) or isinstance(value, bool):
             raise InputError(f"{key} must be a number, got {value!r}")
-    sampling = ImageSampling(**knobs)
-    sampling.validate()
     negative = entry.get("negative_prompt", DEFAULT_NEGATIVE_PROMPT)
     if not isinstance(negative, str):
         raise InputError("negative_prompt must be text")
-    return PromptLine(number, name, entry["prompt"], negative, seed, sampling)
+    request = ImageRequest(prompt=entry["prompt"], negative_prompt=negative, seed=seed, sampling=ImageSampling(**knobs))
+    return PromptLine(number, name, request)
 
 
 def generate_job(
@@ -132,8 +133,7 @@ def _generate_one(model, line: PromptLine, out: Path, log: JobLog, compile: bool
                   on_compile: CompileCallback | None) -> None:
     target = _output(out, line)
     try:
-        result = generate_images(model, line.prompt, negative_prompt=line.negative_prompt, num_images=1,
-                                 seed=line.seed, sampling=line.sampling, compile=compile, on_compile=on_compile)
+        result = generate_images(model, replace(line.request, compile=compile), on_compile=on_compile)
         write_file_whole(target, png_bytes(result.images[0]))
     except (VilaUError, RuntimeError, OSError) as error:  # one line's problem (too long a prompt, memory, disk)
         log.finished(target.name, "failed", f"line {line.number}: {error}")

@@ -37,7 +37,7 @@ from ..media.image_folder import IMAGE_SUFFIXES, UnreadableImage, list_folder, r
 from ..errors import InputError
 from ..decoding.prompts import SYSTEM_PROMPT
 from ..decoding.compiled_steps import CompileCallback
-from .understand import DEFAULT_BATCH_SIZE, DEFAULT_MAX_NEW_TOKENS, TextSampling, answer_each_image
+from .understand import DEFAULT_BATCH_SIZE, DEFAULT_MAX_NEW_TOKENS, AnswerRequest, TextSampling, answer_each_image
 
 CAPTION_SUFFIX = ".txt"
 SUMMARY_LISTED = 10  # skipped or failed files named in the summary; the rest are counted
@@ -59,6 +59,13 @@ class CaptionSettings:
     seed: int = 0
     batch_size: int = DEFAULT_BATCH_SIZE
     compile: bool | None = None  # the compiled answer step; None: on CUDA only
+
+    def answer_request(self) -> AnswerRequest:
+        """The question asked of every image, as the answer task takes it (checked when made)."""
+        return AnswerRequest(
+            question=self.question, system=self.system, sampling=self.sampling, max_new_tokens=self.max_new_tokens,
+            seed=self.seed, batch=True, batch_size=self.batch_size, compile=self.compile,
+        )
 
 
 @dataclass
@@ -120,6 +127,7 @@ def caption_folder(
     `report`, when given, is filled as the run goes (a caller can read it at each progress event)."""
     if settings.batch_size < 1:
         raise InputError(f"batch_size must be 1 or more, got {settings.batch_size}")
+    request = settings.answer_request()
     root = _checked_folder(folder)
     report = CaptionReport(root) if report is None else report
     report.folder = root
@@ -129,7 +137,7 @@ def caption_folder(
         batch = todo[start : start + settings.batch_size]
         images, pixels = _read_batch(model, batch, report)
         if images:
-            texts = _caption_batch(model, pixels, images, settings, on_progress, on_compile, done, len(todo))
+            texts = _caption_batch(model, pixels, images, request, on_progress, on_compile, done, len(todo))
             for image, text in zip(images, texts):
                 _write_one(report, image, settings.prefix + text + settings.suffix)
         done += len(batch)
@@ -250,16 +258,13 @@ def load_image(path: Path, root: Path | None = None) -> torch.Tensor:
 
 
 def _caption_batch(
-    model, pixels: torch.Tensor, images: list[Path], settings: CaptionSettings,
+    model, pixels: torch.Tensor, images: list[Path], request: AnswerRequest,
     on_progress: ProgressCallback | None, on_compile: CompileCallback | None, done: int, total: int,
 ) -> list[str]:
     report = None
     if on_progress is not None:
         def report(step: int, texts: list[str]) -> None:
             on_progress(CaptionProgress(done, total, step, images, texts))
-    answers = answer_each_image(
-        model, pixels, settings.question, system=settings.system, sampling=settings.sampling,
-        max_new_tokens=settings.max_new_tokens, seed=settings.seed, on_answers=report, compile=settings.compile,
-        on_compile=on_compile, pad_to=settings.batch_size,
-    )
+    answers = answer_each_image(model, pixels, request, on_answers=report, on_compile=on_compile,
+                                pad_to=request.batch_size)
     return [answer.text for answer in answers]

@@ -1,6 +1,6 @@
 """Editing in VILA-U's code space: inpaint, vary by depth, continue downward, extend a video.
 
-Every edit is one call of `generate_codes(..., given_codes, keep)` (generate.py):
+Every edit is one call of `generate_codes` with an `EditRequest` (generate.py, requests.py):
 the codes of a source (encoded image, latent or video frames) are given, and a
 boolean `keep` (B, P, D) says which of them stay; the rest are sampled under the
 prompt, each position seeing the kept codes before it, exactly as if the model
@@ -22,11 +22,15 @@ Shapes: B images, S model image size, h x w grid, P positions, D depth, F frames
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch.nn import functional as F
 
+from ..decoding.compiled_steps import CompileCallback
 from ..errors import InputError
-from .generate import GeneratedImages, decode_videos, generate_codes
+from .generate import GeneratedImages, PositionCallback, decode_videos, generate_codes
+from .requests import EditRequest, ImageRequest, image_request
 
 DEFAULT_MASK_THRESHOLD = 0.5  # a position is regenerated when at least half its pixels are masked
 
@@ -141,19 +145,26 @@ def match_batch(mask: torch.Tensor, sources: int) -> torch.Tensor:
     raise InputError(f"{mask.shape[0]} masks for {sources} images: give one mask, or one per image")
 
 
-def edit_codes(model, prompt: str, given_codes: torch.Tensor, keep: torch.Tensor, **options) -> torch.Tensor:
+def edit_codes(
+    model, request: ImageRequest | str, given_codes: torch.Tensor, keep: torch.Tensor, *,
+    on_position: PositionCallback | None = None, on_compile: CompileCallback | None = None, **fields,
+) -> torch.Tensor:
     """Regenerate the codes not kept: given_codes (B, h, w, D) with keep (B, P, D) -> codes (B, h, w, D).
 
-    options: those of generate_codes (negative_prompt, sampling, seed, on_position)."""
+    request: the generation (its num_images is that of the given codes), or a prompt with its fields
+    as keywords."""
     model.check_codes(given_codes)
-    return generate_codes(
-        model, prompt, num_images=given_codes.shape[0], given_codes=given_codes, keep=keep, **options
-    )
+    generation = replace(image_request(request, fields), num_images=given_codes.shape[0])
+    return generate_codes(model, EditRequest(generation, given_codes, keep), on_position=on_position,
+                          on_compile=on_compile)
 
 
-def extend_video_codes(model, prompt: str, frame_codes: torch.Tensor, frames: int, *, videos: int = 1, **options):
+def extend_video_codes(
+    model, request: ImageRequest | str, frame_codes: torch.Tensor, frames: int, *, videos: int = 1,
+    on_position: PositionCallback | None = None, on_compile: CompileCallback | None = None, **fields,
+) -> torch.Tensor:
     """frame_codes (Fg, h, w, D), the given frames of one video -> `videos` videos (B, frames, h, w, D)
-    that start with exactly those frames and continue under the prompt."""
+    that start with exactly those frames and continue under the request's prompt."""
     model.check_codes(frame_codes)
     given_frames = frame_codes.shape[0]
     if frames <= given_frames:
@@ -162,7 +173,8 @@ def extend_video_codes(model, prompt: str, frame_codes: torch.Tensor, frames: in
     given = torch.zeros(videos, frames, h, w, D, dtype=torch.long)
     given[:, :given_frames] = frame_codes.cpu().long()
     keep = keep_frames(videos, given_frames, frames, (h, w), D)
-    return generate_codes(model, prompt, num_images=videos, frames=frames, given_codes=given, keep=keep, **options)
+    generation = replace(image_request(request, fields), num_images=videos, frames=frames)
+    return generate_codes(model, EditRequest(generation, given, keep), on_position=on_position, on_compile=on_compile)
 
 
 def decode_edit(model, codes: torch.Tensor) -> GeneratedImages:
@@ -201,32 +213,50 @@ def paste_outside(original: torch.Tensor, edited: torch.Tensor, regenerate: torc
 
 
 def inpaint(
-    model, prompt: str, codes: torch.Tensor, regenerate: torch.Tensor, *, original: torch.Tensor | None = None,
-    feather: int = 0, **options,
+    model, request: ImageRequest | str, codes: torch.Tensor, regenerate: torch.Tensor, *,
+    original: torch.Tensor | None = None, feather: int = 0, on_position: PositionCallback | None = None,
+    on_compile: CompileCallback | None = None, **fields,
 ) -> GeneratedImages:
-    """Regenerate the grid positions `regenerate` (B, h, w) of codes (B, h, w, D) under the prompt.
+    """Regenerate the grid positions `regenerate` (B, h, w) of codes (B, h, w, D) under the request.
 
     With `original` (B, S, S, 3), the source as the model sees it (model_view), its pixels are
-    pasted back outside the regenerated positions with a `feather`-pixel edge."""
-    edited = decode_edit(model, edit_codes(model, prompt, codes, keep_positions(regenerate.cpu(), codes.shape[-1]), **options))
+    pasted back outside the regenerated positions with a `feather`-pixel edge. request: as edit_codes."""
+    keep = keep_positions(regenerate.cpu(), codes.shape[-1])
+    edited = decode_edit(
+        model, edit_codes(model, request, codes, keep, on_position=on_position, on_compile=on_compile, **fields)
+    )
     if original is not None:
         edited.images = paste_outside(original, edited.images, regenerate, feather)
     return edited
 
 
-def vary_by_depth(model, prompt: str, codes: torch.Tensor, kept_depths: int, **options) -> GeneratedImages:
-    """Keep the first `kept_depths` residual depths of every position of codes (B, h, w, D), resample the rest."""
+def vary_by_depth(model, request: ImageRequest | str, codes: torch.Tensor, kept_depths: int, *,
+                  on_position: PositionCallback | None = None, on_compile: CompileCallback | None = None,
+                  **fields) -> GeneratedImages:
+    """Keep the first `kept_depths` residual depths of every position of codes (B, h, w, D), resample
+    the rest. request: as edit_codes."""
     B, h, w, D = codes.shape
-    return decode_edit(model, edit_codes(model, prompt, codes, keep_depths(B, h * w, D, kept_depths), **options))
+    keep = keep_depths(B, h * w, D, kept_depths)
+    codes = edit_codes(model, request, codes, keep, on_position=on_position, on_compile=on_compile, **fields)
+    return decode_edit(model, codes)
 
 
-def continue_downward(model, prompt: str, codes: torch.Tensor, rows: int, **options) -> GeneratedImages:
-    """Keep the first `rows` grid rows of codes (B, h, w, D), generate the rows below them."""
+def continue_downward(model, request: ImageRequest | str, codes: torch.Tensor, rows: int, *,
+                      on_position: PositionCallback | None = None, on_compile: CompileCallback | None = None,
+                      **fields) -> GeneratedImages:
+    """Keep the first `rows` grid rows of codes (B, h, w, D), generate the rows below them.
+    request: as edit_codes."""
     B, h, w, D = codes.shape
-    return decode_edit(model, edit_codes(model, prompt, codes, keep_rows(B, (h, w), D, rows), **options))
+    keep = keep_rows(B, (h, w), D, rows)
+    codes = edit_codes(model, request, codes, keep, on_position=on_position, on_compile=on_compile, **fields)
+    return decode_edit(model, codes)
 
 
-def extend_video(model, prompt: str, frame_codes: torch.Tensor, frames: int, *, videos: int = 1, **options) -> GeneratedImages:
+def extend_video(model, request: ImageRequest | str, frame_codes: torch.Tensor, frames: int, *, videos: int = 1,
+                 on_position: PositionCallback | None = None, on_compile: CompileCallback | None = None,
+                 **fields) -> GeneratedImages:
     """The given frames' codes (Fg, h, w, D) -> `videos` videos of `frames` frames starting with them,
-    decoded: codes (B, F, h, w, D), features and frames (B, F, H, W, 3)."""
-    return decode_videos(model, extend_video_codes(model, prompt, frame_codes, frames, videos=videos, **options))
+    decoded: codes (B, F, h, w, D), features and frames (B, F, H, W, 3). request: as extend_video_codes."""
+    codes = extend_video_codes(model, request, frame_codes, frames, videos=videos, on_position=on_position,
+                               on_compile=on_compile, **fields)
+    return decode_videos(model, codes)

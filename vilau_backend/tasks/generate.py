@@ -18,7 +18,7 @@ driven by the number of grid positions, in phases (position_step.py):
 - `generate_codes`: the loop over positions, with the progress callback.
 
 Editing (vilau_backend/tasks/editing.py) is one generalisation of this loop:
-`given_codes` (B, P, D) and a boolean `keep` (B, P, D). A kept code is forced
+an `EditRequest` (requests.py): `given_codes` (B, P, D) and a boolean `keep` (B, P, D). A kept code is forced
 in place of the sampled one inside the depth loop, so it feeds the next depth
 step and the next LLM input exactly as a sampled code would; the random draw
 of that (position, depth) is still made and discarded, so the codes sampled
@@ -35,7 +35,6 @@ D depth, H LLM hidden, C code width.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -46,38 +45,20 @@ from ..decoding import compiled_steps, position_step
 from ..decoding.compile_choice import CompiledStepFailed, fall_back
 from ..decoding.compiled_steps import CompileCallback
 from ..errors import InputError
-from ..decoding.prompts import DEFAULT_NEGATIVE_PROMPT, cfg_batch, refuse_text_that_cannot_fit
+from ..decoding.prompts import cfg_batch, refuse_text_that_cannot_fit
 from ..memory import working_memory
 from ..decoding.sampling import draw_uniforms
+from .requests import EditRequest, ImageRequest, ImageSampling, empty_prompt_problem, image_request
+
+__all__ = [  # ImageSampling and empty_prompt_problem are imported from here too
+    "DEFAULT_VIDEO_FRAMES", "GeneratedImages", "ImageRequest", "ImageSampling", "decode_videos", "empty_prompt_problem",
+    "generate_codes", "generate_images", "generate_video", "image_generators", "preview_image",
+]
 
 DEFAULT_VIDEO_FRAMES = 8  # as the original's GENERATION_VIDEO_FRAMES
 
 # (positions done, positions in total, codes so far (B, done, D)); raising stops the run
 PositionCallback = Callable[[int, int, torch.Tensor], None]
-
-
-@dataclass(frozen=True)
-class ImageSampling:
-    """Depth-code sampling; defaults are the values the original hard-codes.
-
-    top_k=1 (or temperature 0) is exact greedy decoding."""
-
-    cfg: float = 3.0
-    temperature: float = 1.0
-    top_k: int = 900
-    top_p: float = 0.96
-
-    def validate(self) -> None:
-        for name in ("cfg", "temperature", "top_p"):
-            value = getattr(self, name)
-            if not math.isfinite(value):  # NaN passes every range check (and JSON can carry it)
-                raise InputError(f"{name} must be a finite number, got {value}")
-        if self.temperature < 0:
-            raise InputError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise InputError(f"top_k must be >= 0 (0 = no top-k filter), got {self.top_k}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise InputError(f"top_p must be in (0, 1], got {self.top_p}")
 
 
 @dataclass
@@ -89,86 +70,87 @@ class GeneratedImages:
 
 def image_generators(seed: int, count: int) -> list[torch.Generator]:
     """One CPU generator per image, seeded from (seed, index) through numpy's SeedSequence,
-    so that neighbouring seeds do not give shifted copies of each other's batches."""
-    if seed < 0:
-        raise InputError(f"seed must be >= 0, got {seed}")
+    so that neighbouring seeds do not give shifted copies of each other's batches (seed >= 0:
+    ImageRequest checks it)."""
     states = [np.random.SeedSequence([seed, i]).generate_state(1, dtype=np.uint64)[0] for i in range(count)]
     return [torch.Generator().manual_seed(int(s) & 0x7FFF_FFFF_FFFF_FFFF) for s in states]
 
 
-def empty_prompt_problem(prompt: str | None) -> str | None:
-    """What is wrong with an empty generation prompt, as the backend and the nodes' queue-time check say it."""
-    if prompt is None or not prompt.strip():
-        return "the prompt is empty: describe the image or video to generate"
-    return None
-
-
-def _check_request(
-    model, prompt: str, negative_prompt: str, num_images: int, frames: int | None, sampling: ImageSampling
-) -> None:
-    problem = empty_prompt_problem(prompt)
-    if problem:
-        raise InputError(problem)
-    refuse_text_that_cannot_fit(model.tokenizer, {"prompt": prompt, "negative prompt": negative_prompt},
+def _check_request(model, request: ImageRequest) -> None:
+    """What only the model can tell: whether the prompts fit its context (the request checked the rest)."""
+    refuse_text_that_cannot_fit(model.tokenizer, {"prompt": request.prompt, "negative prompt": request.negative_prompt},
                                 model.config.llm.context_length)
-    if num_images < 1:
-        raise InputError(f"num_images must be at least 1, got {num_images}")
-    if frames is not None and frames < 1:
-        raise InputError(f"frames must be at least 1, got {frames}")
-    sampling.validate()
+
+
+def code_request(request: ImageRequest | EditRequest | str | None, fields: dict, given_codes=None, keep=None):
+    """The request generate_codes was given, or the one a prompt, the request's fields as keywords and
+    an edit's given_codes and keep make."""
+    if isinstance(request, EditRequest):
+        if fields or given_codes is not None or keep is not None:
+            raise TypeError("pass an EditRequest or a prompt with keywords, not both")
+        return request
+    generation = image_request(request, fields)
+    if given_codes is None and keep is None:
+        return generation
+    return EditRequest(generation, given_codes, keep)
 
 
 @torch.inference_mode()
 def generate_codes(
     model,
-    prompt: str,
+    request: ImageRequest | EditRequest | str | None = None,
     *,
-    negative_prompt: str = DEFAULT_NEGATIVE_PROMPT,
-    num_images: int = 1,
-    frames: int | None = None,
-    sampling: ImageSampling = ImageSampling(),
-    seed: int = 0,
     on_position: PositionCallback | None = None,
+    on_compile: CompileCallback | None = None,
     given_codes: torch.Tensor | None = None,
     keep: torch.Tensor | None = None,
-    compile: bool | None = None,
-    on_compile: CompileCallback | None = None,
+    **fields,
 ) -> torch.Tensor:
-    """Generate the codes of `num_images` images (frames=None) or videos of `frames` frames.
+    """Generate the codes of `num_images` images (frames None) or videos of `frames` frames.
 
-    Editing: `given_codes` and `keep`, both (B, P, D) (or the shape of the result), make every
-    kept code the given one and sample the others; see vilau_backend/tasks/editing.py for the masks.
-    Positions kept entirely at the start of every image go through one batched prefill.
+    request: an ImageRequest, an EditRequest, or a prompt with the ImageRequest's fields (and an
+    edit's given_codes and keep) as keywords. Editing: every kept code is the given one, the others
+    are sampled; see vilau_backend/tasks/editing.py for the masks. Positions kept entirely at the
+    start of every image go through one batched prefill.
 
-    compile: run the compiled step (None: on CUDA only). Compiled and eager runs draw the same numbers; their codes can differ only where
-    their kernels' rounding flips a near-tie. `on_compile` is called before a run that compiles, and
-    with a notice when compiling failed and the run finished eager.
+    Compiled and eager runs draw the same numbers; their codes can differ only where their kernels'
+    rounding flips a near-tie. `on_compile` is called before a run that compiles, and with a notice
+    when compiling failed and the run finished eager.
 
     Returns codes (B, h, w, D), or (B, F, h, w, D) for a video, int64 on the model's device."""
-    _check_request(model, prompt, negative_prompt, num_images, frames, sampling)
-    video = frames is not None
+    request = code_request(request, fields, given_codes, keep)
+    given_codes, keep = (request.given_codes, request.keep) if isinstance(request, EditRequest) else (None, None)
+    request = request.generation if isinstance(request, EditRequest) else request
+    _check_request(model, request)
+    B, frames = request.num_images, request.frames
     h, w = model.config.grid
     D = model.config.quantizer.depth
     P = (frames or 1) * h * w
-    edit = _edit_inputs(model, given_codes, keep, (num_images, P, D))
-    input_ids, attention_mask = cfg_batch(model.tokenizer, prompt, negative_prompt, n=num_images, video=video)
-    total = input_ids.shape[1] + P
-    if total > model.config.llm.context_length:
-        # the CFG batch is as long as the longer of the prompt and the negative prompt: name that one
-        lengths = attention_mask.sum(-1)  # (R,): conditional rows, then unconditional rows
-        negative = int(lengths[num_images:].max()) > int(lengths[:num_images].max())
-        which = "negative prompt" if negative else "prompt"
-        raise InputError(
-            f"{which} ({input_ids.shape[1]} tokens) plus {P} image positions exceeds the model's context of "
-            f"{model.config.llm.context_length}; shorten the {which} or generate fewer frames"
-        )
-    compile = compiled_steps.run_compiles(model, compile)
-    uniforms = draw_uniforms(image_generators(seed, num_images), P, D).to(model.device)  # (B, P, D), once
-    run = _CodeRun(input_ids, attention_mask.to(model.device), uniforms, sampling, edit)
+    edit = _edit_inputs(model, given_codes, keep, (B, P, D))
+    input_ids, attention_mask = cfg_batch(model.tokenizer, request.prompt, request.negative_prompt, n=B,
+                                          video=frames is not None)
+    _check_context(model, input_ids, attention_mask, B, P)
+    compile = compiled_steps.run_compiles(model, request.compile)
+    uniforms = draw_uniforms(image_generators(request.seed, B), P, D).to(model.device)  # (B, P, D), once
+    run = _CodeRun(input_ids, attention_mask.to(model.device), uniforms, request.sampling, edit)
     codes = _run_codes(model, run, compile, on_position, on_compile)
-    if video:
-        return codes.reshape(num_images, frames, h, w, D)
-    return codes.reshape(num_images, h, w, D)
+    if frames is not None:
+        return codes.reshape(B, frames, h, w, D)
+    return codes.reshape(B, h, w, D)
+
+
+def _check_context(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, B: int, P: int) -> None:
+    """Refuse a CFG batch (R, T) whose prompt plus P positions is longer than the model's context."""
+    if input_ids.shape[1] + P <= model.config.llm.context_length:
+        return
+    # the CFG batch is as long as the longer of the prompt and the negative prompt: name that one
+    lengths = attention_mask.sum(-1)  # (R,): conditional rows, then unconditional rows
+    negative = int(lengths[B:].max()) > int(lengths[:B].max())
+    which = "negative prompt" if negative else "prompt"
+    raise InputError(
+        f"{which} ({input_ids.shape[1]} tokens) plus {P} image positions exceeds the model's context of "
+        f"{model.config.llm.context_length}; shorten the {which} or generate fewer frames"
+    )
 
 
 @dataclass(frozen=True)
@@ -225,12 +207,12 @@ class _Edit:
     prefix: int  # leading positions kept at every depth in every image: prefilled, not stepped
 
 
-def _edit_inputs(model, given_codes, keep, shape: tuple[int, int, int]) -> _Edit | None:
-    """Check and flatten the edit arguments to (B, P, D); None when nothing is edited."""
-    if given_codes is None and keep is None:
-        return None
+def _edit_inputs(model, given_codes: torch.Tensor | None, keep: torch.Tensor | None,
+                 shape: tuple[int, int, int]) -> _Edit | None:
+    """Check an edit's tensors (as EditRequest holds them) against the run and flatten them to (B, P, D);
+    None when nothing is edited."""
     if given_codes is None or keep is None:
-        raise InputError("editing needs both given_codes and keep (which of the given codes to keep)")
+        return None
     B, P, D = shape
     for name, tensor in (("given_codes", given_codes), ("keep", keep)):
         if tensor.numel() != B * P * D or tensor.shape[0] != B or tensor.shape[-1] != D:
@@ -238,8 +220,6 @@ def _edit_inputs(model, given_codes, keep, shape: tuple[int, int, int]) -> _Edit
                 f"{name} must hold {B} x {P} positions x {D} depths (shaped (B, P, D) or as the generated codes), "
                 f"got shape {tuple(tensor.shape)}"
             )
-    if keep.dtype != torch.bool:
-        raise InputError(f"keep must be a bool tensor (True = keep the given code), got {keep.dtype}")
     device = model.device
     given = given_codes.reshape(B, P, D).to(device=device, dtype=torch.long)
     keep = keep.reshape(B, P, D).to(device)
@@ -286,19 +266,35 @@ def _code_loop(
     return state.codes[:, :P].clone()
 
 
-def generate_images(model, prompt: str, *, decode: bool = True, **options) -> GeneratedImages:
-    """Text to image: codes, summed features and decoded images (conditional rows only)."""
-    if options.get("frames") is not None:
+def generate_images(
+    model, request: ImageRequest | str, *, decode: bool = True, on_position: PositionCallback | None = None,
+    on_compile: CompileCallback | None = None, **fields,
+) -> GeneratedImages:
+    """Text to image: codes, summed features and decoded images (conditional rows only).
+    request: an ImageRequest, or a prompt with its fields as keywords."""
+    request = image_request(request, fields)
+    if request.frames is not None:
         raise InputError("generate_images makes still images; use generate_video for frames")
-    codes = generate_codes(model, prompt, **options)
+    codes = generate_codes(model, request, on_position=on_position, on_compile=on_compile)
     features = model.codes_to_features(codes)  # (B, h, w, C)
     images = model.decode_features(features) if decode else None
     return GeneratedImages(codes=codes.cpu(), features=features.cpu(), images=images)
 
 
-def generate_video(model, prompt: str, *, frames: int = DEFAULT_VIDEO_FRAMES, decode: bool = True, **options) -> GeneratedImages:
-    """Text to video: codes (B, F, h, w, D), features and frames (B, F, H, W, 3)."""
-    return decode_videos(model, generate_codes(model, prompt, frames=frames, **options), decode=decode)
+def generate_video(
+    model, request: ImageRequest | str, *, decode: bool = True, on_position: PositionCallback | None = None,
+    on_compile: CompileCallback | None = None, **fields,
+) -> GeneratedImages:
+    """Text to video: codes (B, F, h, w, D), features and frames (B, F, H, W, 3).
+    request: an ImageRequest with frames, or a prompt with its fields as keywords (frames by default
+    DEFAULT_VIDEO_FRAMES)."""
+    if isinstance(request, str):
+        fields = {"frames": DEFAULT_VIDEO_FRAMES, **fields}
+    request = image_request(request, fields)
+    if request.frames is None:
+        raise InputError("generate_video makes videos: give frames (1 or more), or use generate_images")
+    codes = generate_codes(model, request, on_position=on_position, on_compile=on_compile)
+    return decode_videos(model, codes, decode=decode)
 
 
 def decode_videos(model, codes: torch.Tensor, decode: bool = True) -> GeneratedImages:

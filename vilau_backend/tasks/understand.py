@@ -39,30 +39,23 @@ import torch
 
 from ..decoding.answer_loop import DEFAULT_MAX_NEW_TOKENS, TokenCallback, answer_text, generate_text, generate_texts
 from ..decoding.compiled_steps import CompileCallback, run_compiles
-from ..decoding.prompts import (
-    IMAGE_PLACEHOLDER,
-    IMAGE_TOKEN_INDEX,
-    SYSTEM_PROMPT,
-    refuse_text_that_cannot_fit,
-    understanding_prompt,
-)
+from ..decoding.prompts import IMAGE_TOKEN_INDEX, refuse_text_that_cannot_fit, understanding_prompt
 from ..decoding.token_choice import GREEDY, TextSampling
 from ..errors import InputError
 from ..media.video import FrameChoice
 from .image_splicing import prompt_embeddings
+from .requests import DEFAULT_BATCH_SIZE, AnswerRequest, answer_request
 
 if TYPE_CHECKING:
     from ..model.vila_u import VilaUModel
 
-__all__ = [  # the answer API; the loop's and the token choice's names are imported from here too
-    "DEFAULT_BATCH_SIZE", "DEFAULT_MAX_NEW_TOKENS", "GREEDY", "Answer", "TextSampling", "answer_each_image",
-    "describe_images", "describe_video", "sample_video_frames",
+__all__ = [  # the answer API; the loop's, the token choice's and the request's names are imported from here too
+    "DEFAULT_BATCH_SIZE", "DEFAULT_MAX_NEW_TOKENS", "GREEDY", "Answer", "AnswerRequest", "TextSampling",
+    "answer_each_image", "describe_images", "describe_video", "sample_video_frames",
 ]
 
 log = logging.getLogger(__name__)
 
-# answers generated together in one pass: memory grows with it (one KV cache row per answer)
-DEFAULT_BATCH_SIZE = 8
 # on_answers(step, texts): the answers' texts so far after `step` (from 0) of their pass
 AnswersCallback = Callable[[int, list[str]], object]
 
@@ -80,21 +73,16 @@ class Answer:
 def describe_images(
     model: VilaUModel,
     images: torch.Tensor | Sequence[torch.Tensor],
-    query: str,
+    request: AnswerRequest | str,
     *,
-    batch: bool = False,
-    batch_size: int = DEFAULT_BATCH_SIZE,
-    system: str = SYSTEM_PROMPT,
-    sampling: TextSampling = TextSampling(),
-    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
-    seed: int = 0,
     on_token: TokenCallback | None = None,
     on_answers: AnswersCallback | None = None,
-    compile: bool | None = None,
     on_compile: CompileCallback | None = None,
+    **fields,
 ) -> list[Answer]:
-    """Answer `query` about images: ComfyUI IMAGE (B, H, W, C) float 0..1, or a list of such
-    batches (each may have its own size).
+    """Answer the request's question about images: ComfyUI IMAGE (B, H, W, C) float 0..1, or a list
+    of such batches (each may have its own size). request: an AnswerRequest, or the question with
+    the request's fields as keywords.
 
     ``batch=False``: all images go into one prompt, in order, and one answer comes back
     (the original's ``generate_content([img1, img2, query])``); `on_token` streams it.
@@ -106,41 +94,35 @@ def describe_images(
     `seed`, so an answer does not depend on the other images or on `batch_size`
     (see :func:`answer_each_image` for how far that holds bit for bit).
     """
-    _check_query(query)
-    _check_batch_size(batch_size)
+    request = answer_request(request, fields)
     pixels = _pixel_values(model, images)  # (N, 3, S, S)
-    options = dict(system=system, sampling=sampling, max_new_tokens=max_new_tokens, seed=seed, compile=compile,
-                   on_compile=on_compile)
-    if not batch:
+    if not request.batch:
         if on_answers is not None:
             raise TypeError("one answer about all images streams through on_token; on_answers is for batch=True")
-        return [_answer_about(model, pixels, query, on_token=on_token, **options)]
+        return [_answer_about(model, pixels, request, on_token, on_compile)]
     if on_token is not None:
         raise TypeError("answers generated together stream through on_answers(step, texts), not on_token")
     answers: list[Answer] = []
-    for first in range(0, pixels.shape[0], batch_size):
+    for first in range(0, pixels.shape[0], request.batch_size):
         done = [answer.text for answer in answers]
         report = None if on_answers is None else (lambda step, texts, done=done: on_answers(step, done + texts))
-        answers += answer_each_image(model, pixels[first : first + batch_size], query, on_answers=report,
-                                     pad_to=batch_size, **options)
+        answers += answer_each_image(model, pixels[first : first + request.batch_size], request, on_answers=report,
+                                     on_compile=on_compile, pad_to=request.batch_size)
     return answers
 
 
 def answer_each_image(
     model: VilaUModel,
     pixels: torch.Tensor,
-    query: str,
+    request: AnswerRequest | str,
     *,
-    system: str = SYSTEM_PROMPT,
-    sampling: TextSampling = TextSampling(),
-    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
-    seed: int = 0,
     on_answers: AnswersCallback | None = None,
-    compile: bool | None = None,
     on_compile: CompileCallback | None = None,
     pad_to: int | None = None,
+    **fields,
 ) -> list[Answer]:
-    """pixels (B, 3, S, S) -> B answers to the same question, one per image, generated together.
+    """pixels (B, 3, S, S) -> B answers to the same question, one per image, generated together
+    (request: as describe_images; its batch and batch_size are the caller's).
 
     Each image is encoded on its own, exactly as for a single answer (a batched vision pass
     would expose the quantizer's nearest-code choice to other GEMM roundings); the B prompts
@@ -152,18 +134,18 @@ def answer_each_image(
     pad_to: when the run is compiled, a batch of fewer images is filled up to this many rows with
     copies of its last prompt (answers thrown away), so that a short last batch replays the step
     compiled for the full ones instead of compiling one of its own size."""
-    _check_query(query)
-    input_ids = _prompt_ids(model, query, system, 1, max_new_tokens)
+    request = answer_request(request, fields)
+    input_ids = _prompt_ids(model, request, 1)
     B = pixels.shape[0]
     prompts = [prompt_embeddings(model, input_ids, pixels[i : i + 1]) for i in range(B)]  # B x (T, H)
-    if pad_to is not None and B < pad_to and run_compiles(model, compile):
+    if pad_to is not None and B < pad_to and run_compiles(model, request.compile):
         # a copy stops when its original stops: the pass takes no step more than it would have
         prompts += [prompts[-1]] * (pad_to - B)
-    generators = [_seeded_generator(seed) for _ in prompts]
+    generators = [_seeded_generator(request.seed) for _ in prompts]
     on_step = None if on_answers is None else (lambda step, tokens, texts: on_answers(step, texts[:B]))
     outputs = generate_texts(
-        model, prompts, sampling=sampling, max_new_tokens=max_new_tokens, generators=generators, on_step=on_step,
-        compile=compile, on_compile=on_compile,
+        model, prompts, sampling=request.sampling, max_new_tokens=request.max_new_tokens, generators=generators,
+        on_step=on_step, compile=request.compile, on_compile=on_compile,
     )
     return [Answer(text=answer_text(model, ids), input_ids=input_ids, output_ids=ids) for ids in outputs[:B]]
 
@@ -171,28 +153,22 @@ def answer_each_image(
 def describe_video(
     model: VilaUModel,
     frames: torch.Tensor,
-    query: str,
+    request: AnswerRequest | str,
     *,
     choice: FrameChoice | None = FrameChoice(),
-    system: str = SYSTEM_PROMPT,
-    sampling: TextSampling = TextSampling(),
-    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
-    seed: int = 0,
     on_token: TokenCallback | None = None,
-    compile: bool | None = None,
     on_compile: CompileCallback | None = None,
+    **fields,
 ) -> Answer:
-    """Answer `query` about a video: frames (F, H, W, C) float 0..1, of which the model looks at
-    those `choice` picks; by default the original's: the model's ``num_video_frames`` spread
-    evenly (all of them when there are fewer). `choice` None takes every given frame (frames
-    already chosen, e.g. by :func:`vilau_backend.media.video.read_video`)."""
-    _check_query(query)
+    """Answer the request's question (request: as describe_images) about a video: frames
+    (F, H, W, C) float 0..1, of which the model looks at those `choice` picks; by default the
+    original's: the model's ``num_video_frames`` spread evenly (all of them when there are fewer).
+    `choice` None takes every given frame (frames already chosen, e.g. by
+    :func:`vilau_backend.media.video.read_video`)."""
+    request = answer_request(request, fields)
     if choice is not None:
         frames, _ = sample_video_frames(frames, model.config.num_video_frames, choice)
-    return _answer_about(
-        model, model.preprocess(frames), query, system=system, sampling=sampling, max_new_tokens=max_new_tokens,
-        seed=seed, on_token=on_token, compile=compile, on_compile=on_compile,
-    )
+    return _answer_about(model, model.preprocess(frames), request, on_token, on_compile)
 
 
 def sample_video_frames(
@@ -214,24 +190,15 @@ def sample_video_frames(
 
 
 def _answer_about(
-    model: VilaUModel,
-    pixels: torch.Tensor,
-    query: str,
-    *,
-    system: str,
-    sampling: TextSampling,
-    max_new_tokens: int,
-    seed: int,
-    on_token: TokenCallback | None,
-    compile: bool | None = None,
-    on_compile: CompileCallback | None = None,
+    model: VilaUModel, pixels: torch.Tensor, request: AnswerRequest, on_token: TokenCallback | None,
+    on_compile: CompileCallback | None,
 ) -> Answer:
     """pixels (N, 3, S, S) -> one answer to a prompt with N image slots."""
-    input_ids = _prompt_ids(model, query, system, pixels.shape[0], max_new_tokens)
+    input_ids = _prompt_ids(model, request, pixels.shape[0])
     inputs_embeds = prompt_embeddings(model, input_ids, pixels)  # (T, H)
     output_ids = generate_text(
-        model, inputs_embeds, sampling=sampling, max_new_tokens=max_new_tokens, generator=_seeded_generator(seed),
-        on_token=on_token, compile=compile, on_compile=on_compile,
+        model, inputs_embeds, sampling=request.sampling, max_new_tokens=request.max_new_tokens,
+        generator=_seeded_generator(request.seed), on_token=on_token, compile=request.compile, on_compile=on_compile,
     )
     return Answer(text=answer_text(model, output_ids), input_ids=input_ids, output_ids=output_ids)
 
@@ -240,34 +207,18 @@ def _answer_about(
 
 
 def _seeded_generator(seed: int) -> torch.Generator:
-    # a CPU generator: tokens are drawn on the CPU (see next_token)
-    if not 0 <= seed < 2**64:
-        raise InputError(f"seed must lie in 0..2**64-1, got {seed}")
+    # a CPU generator: tokens are drawn on the CPU (the request checked the seed's range)
     return torch.Generator(device="cpu").manual_seed(seed)
 
 
-def _check_query(query: str) -> None:
-    if not isinstance(query, str):
-        raise InputError(f"the question must be text, got {type(query).__name__}")
-    if IMAGE_PLACEHOLDER in query:
-        # the slot would have no image to fill it
-        raise InputError(
-            f"the question contains '{IMAGE_PLACEHOLDER}', which VILA-U reserves for image inputs; remove it"
-        )
-
-
-def _check_batch_size(batch_size: int) -> None:
-    if batch_size < 1:
-        raise InputError(f"batch_size (answers generated together) must be 1 or more, got {batch_size}")
-
-
-def _prompt_ids(model, query: str, system: str, n_images: int, max_new_tokens: int) -> list[int]:
+def _prompt_ids(model, request: AnswerRequest, n_images: int) -> list[int]:
     """The prompt's ids with `n_images` slots; a prompt that can't fit in the context is refused naming
     the input to shorten (a text far too long for it before it is tokenized)."""
-    texts = {"system_prompt": system, "question": query}  # the nodes' input names
+    texts = {"system_prompt": request.system, "question": request.question}  # the nodes' input names
     refuse_text_that_cannot_fit(model.tokenizer, texts, model.config.llm.context_length)
-    input_ids = model.tokenizer.tokenize_with_image_slots(understanding_prompt(query, n_images, system=system))
-    _check_context(model, input_ids, max_new_tokens, texts)
+    prompt = understanding_prompt(request.question, n_images, system=request.system)
+    input_ids = model.tokenizer.tokenize_with_image_slots(prompt)
+    _check_context(model, input_ids, request.max_new_tokens, texts)
     return input_ids
 
 
