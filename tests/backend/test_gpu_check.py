@@ -22,7 +22,7 @@ IMAGE_FIGURES = {"allocator", "compile_mode", "b1_eager_ms_per_position", "b1_co
 def test_the_gpu_check_dry_run_delivers_every_figure_to_its_json_file(tmp_path):
     env = dict(os.environ, OUT=str(tmp_path), OMP_NUM_THREADS="1")
     done = subprocess.run(["bash", str(REPO / "dev/bench/gpu_check.sh"), sys.executable, "--dry-run"], env=env,
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=1800)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "exit code" not in done.stdout and "skipped" not in done.stdout, done.stdout[-3000:]
     figures = json.loads((tmp_path / "gpu_check.json").read_text())

@@ -80,9 +80,11 @@ def test_fp32_codes_from_recorded_pixels_equal_original_codes(golden_fp32):
     assert mismatches == 0, f"{mismatches} of {clear.sum().item()} clear codes differ"
     same = (encoded.codes == expected["codes"]).all(-1)  # (B, h, w): positions whose codes all agree
     assert same.float().mean() > 0.99
-    # z_q sums the D codes' embeddings: within D rounding steps of sum |e_d| (tests/conftest.py)
+    # as the original, z_q = x + (q - x) with q the sum of the D codes' embeddings: D additions for q and
+    # two more with x, whose own last bits differ between machines (tests/conftest.py's rule)
     embedded = golden_fp32.vision.quantizer.embed_codes(encoded.codes)  # (B, h, w, D, C)
-    bound = rounding_bound(embedded.abs().sum(-2), reduction=embedded.shape[-2])
+    scale = embedded.abs().sum(-2) + expected["pre_quant_features"].abs() + expected["z_q"].abs()
+    bound = rounding_bound(scale, reduction=embedded.shape[-2] + 2)
     assert ((encoded.z_q - expected["z_q"]).abs() <= bound)[same].all()
 
 
