@@ -11,6 +11,7 @@
 # halve the wall time; VILAU_MATRIX_WORKERS=0 runs one process). Cells the CPU can't run (avx512
 # without AVX-512) are reported as such, not run. Prints one line per cell and exits non-zero if any
 # cell failed. Takes about six times the backend suite: half an hour on a 2-core machine.
+# VILAU_MATRIX_CAPS="avx2 avx512" runs only those capabilities.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 PY=${VILAU_VENV:-.venv}/bin/python
@@ -25,7 +26,7 @@ has_avx512=$(grep -m1 -o -w avx512f /proc/cpuinfo || true)
 # oneDNN's ISA names for the same three levels (its own dispatch is capped separately from ATen's)
 declare -A onednn=([default]=SSE41 [avx2]=AVX2 [avx512]=AVX512_CORE_AMX)
 failed=0
-for cap in default avx2 avx512; do
+for cap in ${VILAU_MATRIX_CAPS:-default avx2 avx512}; do
     if [ "$cap" = avx512 ] && [ -z "$has_avx512" ]; then
         echo "numeric_matrix: $cap: not run (this CPU has no AVX-512)"
         continue
