@@ -165,13 +165,16 @@ def test_a_cancel_read_before_compiling_stops_the_run_before_anything_compiles(g
 
 
 def test_cpu_steps_compile_scalar_code_where_inductor_has_no_vector_isa(monkeypatch):
-    """With no vector ISA (a CPU without AVX2, or ATEN_CPU_CAPABILITY=default) inductor's reduction code
-    fails to build unless asked for scalar code; with one, inductor keeps its own choice."""
+    """With no vector ISA (a CPU without AVX2, or ATEN_CPU_CAPABILITY=default), or one capped below the
+    CPU's own, inductor is asked for scalar code; with the CPU's own ISA, inductor keeps its choice."""
     import torch._inductor.cpu_vec_isa as vec_isa
 
     from vilau_backend.decoding.compiled_steps import cpu_inductor_options
 
+    monkeypatch.setattr(vec_isa, "valid_vec_isa_list", lambda: [vec_isa.VecAVX512(), vec_isa.VecAVX2()])
     monkeypatch.setattr(vec_isa, "pick_vec_isa", lambda: vec_isa.invalid_vec_isa)
     assert cpu_inductor_options() == {"cpp.vec_isa_ok": False}
     monkeypatch.setattr(vec_isa, "pick_vec_isa", lambda: vec_isa.VecAVX2())
+    assert cpu_inductor_options() == {"cpp.vec_isa_ok": False}
+    monkeypatch.setattr(vec_isa, "pick_vec_isa", lambda: vec_isa.VecAVX512())
     assert cpu_inductor_options() == {}

@@ -102,16 +102,18 @@ def compiled_step(step, device: torch.device):
 
 
 def cpu_inductor_options() -> dict:
-    """Inductor options for CPU steps. Where inductor finds no vector ISA to generate for (a CPU
-    without AVX2, or ATen capped with ATEN_CPU_CAPABILITY=default), torch 2.14's C++ code for
-    reductions still names vector types and fails to build: ask it for scalar code there."""
+    """Inductor options for CPU steps: scalar code where vector code is known to go wrong with torch 2.14.
+    With no vector ISA (a CPU without AVX2, or ATEN_CPU_CAPABILITY=default) inductor's reductions still
+    name vector types and fail to build; with ATEN_CPU_CAPABILITY capping the ISA below the CPU's own
+    (avx2 on an AVX-512 CPU) its code crashed or gave NaN here. Elsewhere inductor keeps its own choice."""
     try:
-        from torch._inductor.cpu_vec_isa import pick_vec_isa
+        from torch._inductor.cpu_vec_isa import pick_vec_isa, valid_vec_isa_list
 
-        vectorized = bool(pick_vec_isa())
+        picked, best = pick_vec_isa(), valid_vec_isa_list()
     except Exception:  # a torch without this module: leave inductor its own choice
         return {}
-    return {} if vectorized else {"cpp.vec_isa_ok": False}
+    capped = bool(best) and str(picked) != str(best[0])
+    return {"cpp.vec_isa_ok": False} if not picked or capped else {}
 
 
 def step_state(model, key: StepKey, compiled: bool, state_class: type):
