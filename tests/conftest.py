@@ -284,21 +284,29 @@ def pack_module(name: str):
     return importlib.import_module(f"vilau_pack.nodes.{name}")
 
 
+def with_eos(model, eos: int):
+    """A shallow copy of `model` whose tokenizer says that `eos` ends an answer (and decodes as the model's)."""
+    import copy
+    from types import SimpleNamespace
+
+    pretend = copy.copy(model)
+    pretend.tokenizer = SimpleNamespace(eos_token_id=eos, decode=model.tokenizer.decode)
+    return pretend
+
+
 def clear_steps(model, prompts, outputs: list[list[int]]) -> list[list[bool]]:
     """For each step of the eager loop that gave `outputs` (teacher-forced; a stopped row is fed its EOS,
     as generate_texts does), whether its decision was clear: the gap between the two best tokens' logits
     exceeds both logits' rounding bounds (logit_bounds, over a cache as long as a compiled step's bucket),
     so no other correct order of summation could flip it."""
-    from vilau_backend.decoding.answer_loop import PromptBatch
+    from vilau_backend.decoding.answer_loop import AnswerSteps
     from vilau_backend.decoding.compiled_steps import cache_length
-    from vilau_backend.model.llm import new_dynamic_cache
 
-    batch = PromptBatch(prompts)
-    cache = new_dynamic_cache(model.llm)
     steps = max(len(o) for o in outputs)
     clear: list[list[bool]] = [[] for _ in outputs]
     with torch.inference_mode(), logit_bounds(model, cache_length(max(p.shape[0] for p in prompts), steps)) as bounds:
-        logits = batch.prefill(model.llm, cache)  # (B, V)
+        run = AnswerSteps(model, prompts, steps)  # eager
+        logits = run.prefill()  # (B, V)
         for step in range(steps):
             top2 = logits.topk(2, dim=-1)  # (B, 2)
             margin = top2.values[:, 0] - top2.values[:, 1] - bounds.logits[-1].gather(1, top2.indices).sum(-1)  # (B,)
@@ -306,7 +314,7 @@ def clear_steps(model, prompts, outputs: list[list[int]]) -> list[list[bool]]:
                 if step < len(o):
                     clear[b].append(bool(margin[b] > 0))
             tokens = torch.tensor([o[min(step, len(o) - 1)] for o in outputs])
-            logits = batch.decode_step(model.llm, tokens, step, cache)
+            logits = run.step(tokens, step)
     return clear
 
 

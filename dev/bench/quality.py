@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from vilau_backend.tasks.generate import ImageSampling, generate_codes  # noqa: E402
 from vilau_backend.decoding.compiled_steps import cache_length, step_key  # noqa: E402
 from vilau_backend.decoding.position_step import StepState, advance  # noqa: E402
-from vilau_backend.model.llm import forward_hidden, new_dynamic_cache  # noqa: E402
+from vilau_backend.model.llm import forward_hidden  # noqa: E402
 from vilau_backend.decoding.prompts import cfg_batch, understanding_prompt  # noqa: E402
 from vilau_backend.decoding.answer_loop import generate_text  # noqa: E402
 from vilau_backend.tasks.image_splicing import splice_image_embeddings  # noqa: E402
@@ -71,7 +71,7 @@ def answer_logits(model, image: torch.Tensor, answer: list[int]) -> torch.Tensor
     prompt = splice_image_embeddings(model, input_ids, model.project(z_q.reshape(1, -1, z_q.shape[-1])))  # (T, H)
     answer_embeds = model.llm.get_input_embeddings()(torch.tensor(answer[:-1], device=model.device))
     embeds = torch.cat([prompt, answer_embeds])[None]  # (1, T + A - 1, H)
-    hidden = forward_hidden(model.llm, new_dynamic_cache(model.llm), inputs_embeds=embeds)
+    hidden = forward_hidden(model.llm, None, inputs_embeds=embeds)  # no cache given: transformers makes its own
     return model.llm.lm_head(hidden[0, prompt.shape[0] - 1:]).float()  # (A, V)
 
 

@@ -18,11 +18,10 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import REFERENCE, logit_bounds, reference
+from conftest import REFERENCE, logit_bounds, reference, with_eos
 from vilau_backend.errors import InputError
-from vilau_backend.model.llm import new_dynamic_cache
 from vilau_backend.decoding.prompts import IMAGE_TOKEN_INDEX
-from vilau_backend.decoding.answer_loop import PromptBatch, generate_text, generate_texts, streamed_text
+from vilau_backend.decoding.answer_loop import AnswerSteps, generate_text, generate_texts, streamed_text
 from vilau_backend.tasks.image_splicing import prompt_embeddings
 from vilau_backend.tasks.understand import answer_each_image, GREEDY, TextSampling, describe_images
 
@@ -43,12 +42,11 @@ def photos() -> torch.Tensor:
 def single_run_logits(model, embeds: torch.Tensor, prefix: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """The logits (V,) a single run sees after generating `prefix` (teacher-forced), and their fp32
     rounding bound (V,) (tests/conftest.py: logit_bounds)."""
-    batch = PromptBatch([embeds])
-    cache = new_dynamic_cache(model.llm)
     with torch.inference_mode(), logit_bounds(model, CACHE_LENGTH) as bounds:
-        logits = batch.prefill(model.llm, cache)
+        run = AnswerSteps(model, [embeds], max(len(prefix), 1))  # eager
+        logits = run.prefill()
         for step, token in enumerate(prefix):
-            logits = batch.decode_step(model.llm, torch.tensor([token]), step, cache)
+            logits = run.step(torch.tensor([token]), step)
     return logits[0], bounds.logits[-1][0]
 
 
@@ -87,7 +85,7 @@ def test_batched_logits_match_single_logits(golden_fp32):
     ids = golden_fp32.tokenizer.tokenize_with_image_slots(f"USER: <image>\n{QUERY} ASSISTANT:")
     prompts = [prompt_embeddings(golden_fp32, ids, images[i : i + 1]) for i in range(4)]
     with torch.inference_mode():
-        together = PromptBatch(prompts).prefill(golden_fp32.llm, new_dynamic_cache(golden_fp32.llm))  # (4, V)
+        together = AnswerSteps(golden_fp32, prompts, 1).prefill()  # (4, V)
     alone, bound = map(torch.stack, zip(*[single_run_logits(golden_fp32, p, []) for p in prompts]))  # (4, V) each
     gap = (together - alone).abs()
     print(f"batched vs single logits: max |diff| {gap.max().item():.1e}, bound {bound.min().item():.1e}..{bound.max().item():.1e}")
@@ -116,7 +114,7 @@ def test_a_row_that_reaches_eos_stops_while_the_others_go_on(golden_fp32):
     embeds = recorded_ids["inputs_embeds"]
     first = generate_text(golden_fp32, embeds, sampling=GREEDY, max_new_tokens=12)
     eos = first[2]
-    model = SimpleNamespace(llm=golden_fp32.llm, tokenizer=SimpleNamespace(eos_token_id=eos, decode=lambda *a, **k: ""))
+    model = with_eos(golden_fp32, eos)
     other = prompt_embeddings(golden_fp32, golden_fp32.tokenizer.tokenize_with_image_slots("USER: <image>\nHi"),
                                golden_fp32.preprocess(photos()[1:2]))
     other_alone = generate_text(model, other, sampling=GREEDY, max_new_tokens=12)

@@ -133,6 +133,35 @@ def test_a_failing_compiled_answer_step_finishes_the_answer_eager(failing_compil
     assert len([n for n in notices if n is not None]) == 1, notices
 
 
+def test_a_compiled_answer_step_failing_mid_answer_goes_on_eager_from_the_same_state(monkeypatch, own_model):
+    """The "compiled" step here is the eager step that runs half-way (the LLM forward writes its keys
+    and values into the cache) and then raises at the fourth token; the answer goes on eager from that
+    state and must be the eager answer, token for token (both run the same kernels)."""
+    monkeypatch.setattr(compiled_steps, "_compiled", {})
+    calls = []
+
+    def breaks_at_fourth_token(step, **kwargs):
+        def run(model, state, index):
+            calls.append(int(index))
+            step(model, state, index)
+            if int(index) == 3:
+                state.logits.fill_(float("nan"))  # a half-done step leaves garbage behind
+                raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return run
+
+    monkeypatch.setattr(torch, "compile", breaks_at_fourth_token)
+    photo = load_photo("chelsea")
+    ask = dict(sampling=GREEDY, max_new_tokens=8)
+    eager = describe_images(own_model, photo, "Describe the image.", compile=False, **ask)
+    notices = []
+    compiled = describe_images(own_model, photo, "Describe the image.", compile=True,
+                               on_compile=lambda notice=None: notices.append(notice), **ask)
+    assert compiled == eager
+    assert calls == [0, 1, 2, 3]  # the compiled step is not called again after it failed
+    assert [n for n in notices if n is not None] and "illegal memory access" in notices[-1], notices
+    assert own_model.step_states == {}  # the failed state is not kept for replay
+
+
 def test_device_tests_run_with_tf32_off_for_fp32_parity():
     """cuDNN's convolutions default to TF32 on Ampere and newer; the CPU references need full fp32."""
     assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32

@@ -15,15 +15,14 @@ from __future__ import annotations
 
 import json
 import logging
-from types import SimpleNamespace
 
 import pytest
 import torch
 
-from conftest import FRAMES_DIR, GOLDEN_CHECKPOINT, load_photo, projected_feature_bound, recorded, reference
+from conftest import FRAMES_DIR, GOLDEN_CHECKPOINT, load_photo, projected_feature_bound, recorded, reference, with_eos
 from vilau_backend.errors import GenerationCancelled, InputError
 from vilau_backend.decoding.prompts import IMAGE_TOKEN_INDEX, understanding_prompt
-from vilau_backend.decoding.answer_loop import generate_text, prefill
+from vilau_backend.decoding.answer_loop import AnswerSteps, generate_text
 from vilau_backend.decoding.token_choice import logits_processors, next_token
 from vilau_backend.tasks.image_splicing import splice_image_embeddings
 from vilau_backend.tasks.understand import GREEDY, TextSampling, describe_images, describe_video, sample_video_frames
@@ -42,10 +41,8 @@ def last_logits(model, input_ids: list[int], pixels: torch.Tensor) -> torch.Tens
     z_q = model.encode_pixels(pixels).z_q
     image_embeds = model.project(z_q.reshape(z_q.shape[0], -1, z_q.shape[-1]))
     embeds = splice_image_embeddings(model, input_ids, image_embeds)
-    from vilau_backend.model.llm import new_dynamic_cache
-
     with torch.inference_mode():
-        return prefill(model.llm, embeds, new_dynamic_cache(model.llm))[0]
+        return AnswerSteps(model, [embeds], 1).prefill()[0]  # eager
 
 
 def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
@@ -135,7 +132,7 @@ def test_bf16_first_greedy_token_equals_recorded(golden_bf16, case):
 def test_generation_stops_at_eos(golden_fp32):
     # pretend the third greedy token of the recorded answer is EOS
     recorded_ids = recorded("understanding_image_fp32")["output_ids"][1:]
-    model = SimpleNamespace(llm=golden_fp32.llm, tokenizer=SimpleNamespace(eos_token_id=recorded_ids[2]))
+    model = with_eos(golden_fp32, recorded_ids[2])
     embeds = reference("understanding_image_fp32.safetensors")["inputs_embeds"]
     assert generate_text(model, embeds, sampling=GREEDY, max_new_tokens=12) == recorded_ids[:3]
 

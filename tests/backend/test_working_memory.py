@@ -107,14 +107,14 @@ def test_a_run_that_does_not_fit_is_refused_before_it_allocates(model):
 
 @pytest.mark.parametrize("questions", [["Describe the image."] * 3, ["Describe the image.", "What is it?"]])
 def test_an_answer_asks_for_its_estimate_which_is_what_it_allocates(model, questions):
-    """Equal prompts run with the causal mask transformers derives; unequal ones are left-padded."""
+    """Equal prompts and unequal ones, which are left-padded."""
     prompts = [prompt_embeddings(model, model.tokenizer.tokenize_with_image_slots(understanding_prompt(q, 1)),
                                  model.preprocess(load_photo("chelsea"))) for q in questions]
     asked = budget(model, free=2**40)
     with Allocations() as run:
         generate_texts(model, prompts, max_new_tokens=16, compile=False)
     T = max(p.shape[0] for p in prompts)
-    estimate = working_memory.answer_memory(model, len(prompts), T, T + 16, kept=False, masked=len(set(questions)) > 1)
+    estimate = working_memory.answer_memory(model, len(prompts), T, cache_length(T, 16), kept=False)
     assert asked == [estimate.peak]
     assert within(run.peak, estimate.peak), (run.peak / MiB, estimate.peak / MiB)
 

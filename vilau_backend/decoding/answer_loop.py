@@ -3,9 +3,9 @@
 The loop is our own rather than ``llm.generate`` so that sampling draws only from a
 ``torch.Generator`` seeded by the caller (``generate`` uses the global RNG) and a per-step
 callback can stream and cancel. The prompts are left-padded into one batch and prefilled once,
-then one token per step for all rows: eagerly on a ``DynamicCache`` that lives only in the run
-(`PromptBatch`), or through the compiled step (text_step.py) on a static cache that stays on
-the model for the next run of its size. The token choice (token_choice.py) is the same for both.
+then one token per step for all rows through text_step.py's step, eager or compiled on the same
+kind of state (`AnswerSteps`), as image generation runs position_step.py's. The token choice
+(token_choice.py) is the same for both.
 
 Shapes: B answers (rows), T padded prompt length, H LLM hidden, V vocabulary.
 """
@@ -18,10 +18,10 @@ import torch
 
 from ..errors import InputError
 from ..memory import working_memory
-from ..model.llm import additive_mask, forward_hidden, new_dynamic_cache, padded_positions
-from . import compiled_steps, text_step
+from . import compiled_steps
 from .compile_choice import fall_back
 from .compiled_steps import CompileCallback
+from .text_step import TextStepState, decode_step, left_pad, text_step_key
 from .token_choice import GREEDY, TextSampling, logits_processors, next_tokens
 
 DEFAULT_MAX_NEW_TOKENS = 512
@@ -91,8 +91,7 @@ def generate_texts(
         raise InputError("sampling needs a torch.Generator per prompt; pass seeded ones (or use greedy decoding)")
     eos = model.tokenizer.eos_token_id
     processors = logits_processors(sampling)
-    batch = PromptBatch(prompts)
-    steps = _LLMSteps(model, batch, max_new_tokens, compile, on_compile)
+    steps = AnswerSteps(model, prompts, max_new_tokens, compile, on_compile)
     logits = steps.prefill()  # (B, V)
     outputs: list[list[int]] = [[] for _ in range(rows)]
     live = [True] * rows
@@ -113,109 +112,57 @@ def generate_texts(
     return outputs
 
 
-class _LLMSteps:
-    """The LLM side of one `generate_texts` run: eager (PromptBatch on a DynamicCache that lives
-    only in the run) or compiled (text_step.py, whose static cache stays on the model for the next
-    run of its size)."""
+class AnswerSteps:
+    """The LLM side of one `generate_texts` run on a text_step.TextStepState: `prefill`, then `step`
+    once per token, through `decode_step` (eager: a state of the run's own, freed with it) or its
+    compiled form (the state stays on the model for the next run of its size). When the compiled
+    step fails, the run goes on eager from the same state and later runs of the model are eager
+    (compile_choice.py).
 
-    def __init__(self, model, batch: PromptBatch, max_new_tokens: int, compile: bool | None,
-                 on_compile: CompileCallback | None):
-        self.model, self.batch, self.on_compile = model, batch, on_compile
+    prompts: B inputs_embeds (T_b, H), left-padded into one batch (text_step.left_pad)."""
+
+    def __init__(self, model, prompts: Sequence[torch.Tensor], max_new_tokens: int, compile: bool | None = False,
+                 on_compile: CompileCallback | None = None):
+        self.model, self.on_compile = model, on_compile
+        self.embeds, self.prompt_mask = left_pad(prompts)  # (B, T, H), (B, T)
+        rows, prompt_len = self.prompt_mask.shape
         self.compiled = compiled_steps.run_compiles(model, compile)
-        self.fed: list[torch.Tensor] = []  # tokens (B,) the compiled steps took, to refill an eager cache
-        rows, prompt_len = batch.embeds.shape[:2]
-        self.key = text_step.text_step_key(model, rows, prompt_len, max_new_tokens) if self.compiled else None
-        length = self.key.length if self.compiled else prompt_len + max_new_tokens  # a DynamicCache grows so far
-        memory = working_memory.answer_memory(model, rows, prompt_len, length, kept=self.compiled, masked=batch.padded)
+        self.key = text_step_key(model, rows, prompt_len, max_new_tokens)
+        memory = working_memory.answer_memory(model, rows, prompt_len, self.key.length, kept=self.compiled)
         working_memory.reserve_for_run(model, self.key, memory, f"{rows} answer(s) of up to {max_new_tokens} tokens",
                                        "lower batch_size or max_new_tokens")
-        if not self.compiled:
-            self.cache = new_dynamic_cache(model.llm)
-            return
-        self.state = compiled_steps.step_state(model, self.key, True, text_step.TextStepState)
-        if on_compile is not None and compiled_steps.needs_compiling(model, self.key):
-            on_compile()
-        self.step_function = compiled_steps.compiled_step(text_step.decode_step, model.device)
+        self.state = compiled_steps.step_state(model, self.key, self.compiled, TextStepState)
+        self.step_function = decode_step
+        if self.compiled:
+            if on_compile is not None and compiled_steps.needs_compiling(model, self.key):
+                on_compile()
+            self.step_function = compiled_steps.compiled_step(decode_step, model.device)
 
     def prefill(self) -> torch.Tensor:
-        if not self.compiled:
-            return self.batch.prefill(self.model.llm, self.cache)
-        return self.state.prefill(self.model, self.batch.embeds, self.batch.key_mask)
+        """The prompts into the cache -> logits at their last position (B, V) float32."""
+        return self.state.prefill(self.model, self.embeds, self.prompt_mask)
 
     def step(self, tokens: torch.Tensor, step: int) -> torch.Tensor:
+        """Feed tokens (B,) of answer step `step` -> the next logits (B, V) float32."""
         if not self.compiled:
-            return self.batch.decode_step(self.model.llm, tokens, step, self.cache)
+            return self.state.decode(decode_step, self.model, tokens, step)
         try:
             logits = self.state.decode(self.step_function, self.model, tokens, step)
         except Exception as error:  # only the step: the callbacks' errors (a cancel) pass unchanged
-            return self._go_on_eager(error, tokens, step)
-        self.fed.append(tokens)
+            self._fall_back(error)
+            return self.state.decode(decode_step, self.model, tokens, step)
         if step == 0:  # compiled now: a later run of this size, even after a cancel, only replays
             compiled_steps.mark_compiled(self.model, self.key)
         return logits
 
-    def _go_on_eager(self, error: Exception, tokens: torch.Tensor, step: int) -> torch.Tensor:
-        """The compiled step failed at `step`: the answer goes on eager from a DynamicCache refilled with
-        the prompts and the tokens fed so far; later runs of the model are eager (compile_choice.py)."""
+    def _fall_back(self, error: Exception) -> None:
+        """The compiled step failed: this run goes on eager from its state (step s rewrites cache index T + s
+        only, so the failed step runs again whole); the model no longer keeps the state for replay."""
         notice = fall_back(self.model, error)
-        self.model.release_step_states()
+        self.model.release_step_states()  # this run still holds self.state; no later run replays it
         if self.on_compile is not None:
             self.on_compile(notice)
         self.compiled = False
-        self.cache = new_dynamic_cache(self.model.llm)
-        self.batch.prefill(self.model.llm, self.cache)
-        for i, fed in enumerate(self.fed):
-            self.batch.decode_step(self.model.llm, fed, i, self.cache)
-        return self.batch.decode_step(self.model.llm, tokens, step, self.cache)
-
-
-class PromptBatch:
-    """B prompt embeddings of lengths T_b, left-padded to T = max T_b, with the masks and positions
-    that keep the padding invisible (as the CFG rows of generation: additive 4-D masks,
-    positions counted from each row's first real token). Rows of one length need none of that:
-    they run with the causal mask transformers derives, as a single prompt always does."""
-
-    def __init__(self, prompts: Sequence[torch.Tensor]):
-        lengths = [p.shape[0] for p in prompts]
-        rows, length = len(prompts), max(lengths)
-        first = prompts[0]
-        self.embeds = first.new_zeros((rows, length, first.shape[-1]))  # (B, T, H)
-        self.key_mask = torch.zeros((rows, length), dtype=torch.bool, device=first.device)  # (B, K), K grows
-        for b, prompt in enumerate(prompts):
-            self.embeds[b, length - prompt.shape[0] :] = prompt
-            self.key_mask[b, length - prompt.shape[0] :] = True
-        self.padded = min(lengths) != length
-        self.lengths = torch.tensor(lengths, device=first.device)[:, None]  # (B, 1)
-
-    def prefill(self, llm, cache) -> torch.Tensor:
-        """The whole batch into `cache` -> logits at the last position (B, V) float32."""
-        options = {}
-        if self.padded:
-            length = self.embeds.shape[1]
-            causal = torch.ones(length, length, dtype=torch.bool, device=self.embeds.device).tril()
-            allowed = self.key_mask[:, None, None, :] & causal[None, None]  # (B, 1, T, T)
-            options = dict(attention_mask=additive_mask(allowed, self.embeds.dtype),
-                           position_ids=padded_positions(self.key_mask))
-        hidden = forward_hidden(llm, cache, inputs_embeds=self.embeds, **options)  # (B, T, H)
-        # as the original: logits = lm_head(hidden).float(), only the last position is needed
-        return llm.lm_head(hidden[:, -1]).float()
-
-    def decode_step(self, llm, tokens: torch.Tensor, step: int, cache) -> torch.Tensor:
-        """Feed each row's token (B,) of generation step `step` -> next logits (B, V) float32."""
-        device = llm.lm_head.weight.device
-        options = {}
-        if self.padded:
-            self.key_mask = torch.cat([self.key_mask, self.key_mask.new_ones((self.key_mask.shape[0], 1))], dim=1)
-            options = dict(attention_mask=additive_mask(self.key_mask[:, None, None, :], self.embeds.dtype))
-        hidden = forward_hidden(
-            llm, cache, input_ids=tokens[:, None].to(device), position_ids=(self.lengths + step).to(device), **options
-        )  # (B, 1, H)
-        return llm.lm_head(hidden[:, -1]).float()
-
-
-def prefill(llm, inputs_embeds: torch.Tensor, cache) -> torch.Tensor:
-    """Run one prompt (T, H) into `cache`; logits at its last position (1, V) float32."""
-    return PromptBatch([inputs_embeds]).prefill(llm, cache)
 
 
 def streamed_text(model, output_ids: list[int]) -> str:

@@ -96,16 +96,14 @@ def generation_memory(model, images: int, prompt_len: int, length: int, kept: bo
     return WorkingMemory(peak=max(during, after), held=held if kept else 0)
 
 
-def answer_memory(model, rows: int, prompt_len: int, length: int, kept: bool, masked: bool) -> WorkingMemory:
-    """An answer run of `rows` prompts (`masked`: left-padded) over a cache of `length` positions: the
-    prefill into the cache (a compiled run's static cache is whole from the start, an eager run's grows
-    from the prompt), then the steps with the (B, V) float32 logits the step, the token choice and its
-    processors hold."""
+def answer_memory(model, rows: int, prompt_len: int, length: int, kept: bool) -> WorkingMemory:
+    """An answer run of `rows` prompts over a cache of `length` positions (text_step.TextStepState,
+    whole from the start, eager or compiled): its prefill, then the steps with the (B, V) float32
+    logits the step, the token choice and its processors hold. `kept`: the state stays allocated
+    for the next run (a compiled run)."""
     vocab = model.llm.lm_head.weight.shape[0]
     state = kv_cache_bytes(model, rows, length) + rows * vocab * 4 + length * (rows + 2 * 8)  # + mask, indices
-    at_prefill = state if kept else kv_cache_bytes(model, rows, prompt_len)
-    peak = max(at_prefill + prefill_bytes(model, rows, prompt_len, length, masked),
-               kv_cache_bytes(model, rows, length) + 3 * rows * vocab * 4)
+    peak = state + max(prefill_bytes(model, rows, prompt_len, length), 2 * rows * vocab * 4)
     return WorkingMemory(peak=peak, held=state if kept else 0)
 
 

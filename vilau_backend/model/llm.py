@@ -48,15 +48,6 @@ def new_static_cache(llm: nn.Module, rows: int, length: int, dtype: torch.dtype,
     return StaticCache(**options)
 
 
-def new_dynamic_cache(llm: nn.Module):
-    from transformers import DynamicCache
-
-    try:
-        return DynamicCache(config=llm.config)
-    except TypeError:  # 4.50 takes no config
-        return DynamicCache()
-
-
 def forward_hidden(
     llm: nn.Module,
     kv_cache,
