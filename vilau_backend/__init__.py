@@ -28,7 +28,7 @@ _PUBLIC = {
     "caption_folder": "tasks.captioning",
     "CaptionSettings": "tasks.captioning",
     "read_video": "media.video",
-    "write_tiny_checkpoint": "testing.random_checkpoint",
+    "write_random_checkpoint": "testing.random_checkpoint",
 }
 
 __all__ = ["CheckpointError", "GenerationCancelled", "InputError", "VilaUError", *_PUBLIC]

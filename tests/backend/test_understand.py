@@ -1,4 +1,4 @@
-"""Image and video understanding against the original's recorded outputs (golden fixture vilau-tiny-256).
+"""Image and video understanding against the original's recorded outputs (the golden checkpoint, tests/fixtures/vilau-tiny-256).
 
 The fp32 files give the tight checks: prompt ids exactly, last-position logits
 within 1e-4 relative (measured, max |got - recorded| / max |recorded|: 5.5e-7 for the

@@ -1,6 +1,6 @@
 """The VILA-U edit nodes (Inpaint, Variations, Continue Image, Extend Video) inside a real ComfyUI 0.3.75.
 
-One server with the tiny 64 px model (8x8 grid, depth 4). Results are read from /history,
+One server with the small random 64 px model (8x8 grid, depth 4). Results are read from /history,
 the websocket and the output folder. Sampled codes are not compared across processes (the
 server's thread count differs from this one's, and so may fp32 rounding and with it a
 near-tied code); what is asserted is what an edit promises: kept codes give back the
@@ -19,14 +19,14 @@ from dev.comfy_harness import workflow_api as wa
 
 pytestmark = pytest.mark.comfyui  # starts the pinned ComfyUI: not part of the transformers 4.50.3 pass
 
-TINY = "vila-u-tiny-64"
+SMALL = "vila-u-small-64"
 EDIT_NODES = ["VILAU_Inpaint", "VILAU_VaryByDepth", "VILAU_ContinueImage", "VILAU_ExtendVideo"]
 SAMPLING = {"negative_prompt": "", "cfg": 3.0, "temperature": 1.0, "top_k": 900, "top_p": 0.96}
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    with cs.pack_server(tmp_path_factory.mktemp("edit_run"), TINY) as srv:
+    with cs.pack_server(tmp_path_factory.mktemp("edit_run"), SMALL) as srv:
         yield srv
 
 
@@ -44,7 +44,7 @@ def masked_photo(server):
 
 
 def loader():
-    return wa.loader_node(TINY)
+    return wa.loader_node(SMALL)
 
 
 def edit(node_id, prompt="a red apple", seed=1, batch_size=1, **inputs):
@@ -159,7 +159,7 @@ def test_continue_image_keeps_everything_when_asked_and_regenerates_the_bottom(s
     [source], [kept_all], [half] = (pngs(server, entry, n) for n in ("5", "7", "9"))
     assert np.abs(kept_all - source).max() <= 1  # every code kept: the source's codes, decoded alike
     # the kept rows' codes are exact (tests/backend/test_editing.py); their pixels are not compared, since the
-    # tiny decoder's attention at grid resolution lets every position's pixels depend on all codes
+    # small decoder's attention at grid resolution lets every position's pixels depend on all codes
     assert np.abs(half[32:] - source[32:]).mean() > 20
     # the 4 kept rows (32 positions) are read in one pass, then one step per position
     assert progress[0] == 32 and progress[-1] == 64 and len(progress) == 33, progress[:3]
