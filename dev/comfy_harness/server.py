@@ -499,6 +499,19 @@ def pack_server(
     return ComfyServer(comfyui_dir(), run_dir, {PACK: REPO_ROOT}, extra_model_paths=extra_model_paths, env=env, cpu=cpu)
 
 
+
+def pack_server_fixture(small_model: str):
+    """A module-scoped pytest fixture for a test module that needs nothing but pack_server with the
+    small random model `small_model`, started once for the module: `server = cs.pack_server_fixture(NAME)`."""
+    import pytest
+
+    @pytest.fixture(scope="module")
+    def server(tmp_path_factory):
+        with pack_server(tmp_path_factory.mktemp("run"), small_model) as srv:
+            yield srv
+
+    return server
+
 class WSRecorder:
     """Records the /ws stream in a background thread (uses aiohttp, a ComfyUI
     requirement). ``messages``: list of dicts {"type", "data"} for JSON messages;

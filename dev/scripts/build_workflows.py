@@ -418,13 +418,15 @@ BUILD_JS = """
     function separate(nodes, gap) {
         const title = LiteGraph.NODE_TITLE_HEIGHT;
         const top = n => n.pos[1] - title, bottom = n => n.pos[1] + n.size[1];
-        const meets = (a, b, g) => a.pos[0] < b.pos[0] + b.size[0] + g && b.pos[0] < a.pos[0] + a.size[0] + g
-            && top(a) < bottom(b) + g && top(b) < bottom(a) + g;
+        // whether two nodes come within g of each other across (their x spans), along (their y spans), both
+        const across = (a, b, g) => a.pos[0] < b.pos[0] + b.size[0] + g && b.pos[0] < a.pos[0] + a.size[0] + g;
+        const along = (a, b, g) => top(a) < bottom(b) + g && top(b) < bottom(a) + g;
+        const meets = (a, b, g) => across(a, b, g) && along(a, b, g);
         const columns = [...new Set(nodes.map(n => n.pos[0]))].sort((a, b) => a - b);
         const byColumn = columns.map(x => nodes.filter(n => n.pos[0] === x));
         byColumn.forEach((column, i) => {
             const before = byColumn.slice(0, i).flat();
-            const rows = m => column.some(n => top(n) < bottom(m) + gap && top(m) < bottom(n) + gap);
+            const rows = m => column.some(n => along(n, m, gap));
             const right = Math.max(-Infinity, ...before.filter(rows).map(m => m.pos[0] + m.size[0] + gap));
             if (right > column[0].pos[0]) column.forEach(n => { n.pos = [right, n.pos[1]]; });
         });

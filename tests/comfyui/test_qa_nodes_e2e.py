@@ -20,13 +20,8 @@ from dev.comfy_harness import workflow_api as wa
 pytestmark = pytest.mark.comfyui  # starts the pinned ComfyUI: not part of the transformers 4.50.3 pass
 
 SMALL = "vila-u-small-64"
+server = cs.pack_server_fixture(SMALL)
 QUESTION = "Describe the image."
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    with cs.pack_server(tmp_path_factory.mktemp("run"), SMALL) as srv:
-        yield srv
 
 
 @pytest.fixture(scope="module")
