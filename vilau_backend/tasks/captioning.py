@@ -20,7 +20,8 @@ What is touched, and what is not (vilau_backend/media/image_folder.py lists and 
 One file never stops the run: an image that cannot be read (too large by its header, not
 decodable, not a regular file any more) or whose caption cannot be written is listed as
 failed with the reason, and the run goes on with the next one. Which folders may be
-captioned at all is the caller's decision (the ComfyUI node: vilau_backend/path_boundary.py).
+captioned at all is the caller's decision (the ComfyUI node's: nodes/caption_roots.py, through
+vilau_backend/media/path_boundary.py).
 """
 
 from __future__ import annotations
