@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import re
 import subprocess
 import sys
 
@@ -13,6 +15,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from conftest import FRAMES_DIR, GOLDEN_CHECKPOINT, REFERENCE, REPO, recorded, reference
+import vilau_backend.cli as cli
 from vilau_backend.cli import main as cli_main
 from vilau_backend.tasks.generate import ImageSampling, generate_codes
 
@@ -28,6 +31,19 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 
 def png(path) -> np.ndarray:
     return np.asarray(Image.open(path)).astype(int)
+
+
+def test_the_docstring_lists_every_subcommand_with_options_it_has():
+    listed = {}
+    usage = cli.__doc__.split("Subcommands", 1)[1].split("\n\n", 1)[0]
+    for line in usage.splitlines()[1:]:
+        name, _, options = line.strip().partition(" ")
+        listed[name] = set(re.findall(r"--[a-z-]+", options))
+    [sub] = [a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    assert set(listed) == set(sub.choices)
+    for name, options in listed.items():
+        known = {flag for action in sub.choices[name]._actions for flag in action.option_strings}
+        assert options <= known, f"{name}: the docstring names {sorted(options - known)}, which it does not take"
 
 
 def test_encode_writes_int64_codes_equal_to_the_original(tmp_path):
