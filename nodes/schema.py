@@ -1,9 +1,8 @@
 """Schema pieces every VILA-U node shares: the model socket, the category, seeds, advanced knobs,
-and checking combo values where the running ComfyUI does not."""
+and checking combo values."""
 
 from __future__ import annotations
 
-import functools
 import inspect
 
 from comfy_api.latest import io
@@ -40,28 +39,17 @@ def advanced(input_class: type[io.Input], id: str, **options) -> io.Input:
     return widget
 
 
-@functools.cache
-def core_checks_combo_values() -> bool:
-    """Whether the running ComfyUI refuses a prompt whose V3 combo value is not one of the options.
-
-    ComfyUI 0.3.75 checks only old-style combos (options given as the input's type); newer
-    versions also check V3 ones (type "COMBO", options in the definition). Read from the running
-    validation code itself; when it cannot be read, the pack checks (a duplicate message at worst).
-    Either way core skips inputs that a node's validate_inputs takes as arguments."""
-    import execution
-
-    try:
-        source = inspect.getsource(execution.validate_inputs)
-    except (AttributeError, OSError, TypeError):
-        return False
-    return "Combo.io_type" in source
-
-
 def check_combo(name: str, value, options: list) -> None:
     """Refuse a combo value that is not one of its options (sent through the API, or an option of
-    another machine, e.g. a cuda device), unless core has already refused such a prompt."""
+    another machine, e.g. a cuda device).
+
+    Asked of every core alike, so nothing about core needs probing: ComfyUI 0.3.75 checks only
+    old-style combos (options given as the input's type) and lets a V3 combo's value through to
+    here; newer cores refuse such a prompt before any node runs, so this check only ever sees
+    their valid values; and no core checks a value that arrives over a link, nor one that the
+    node's validate_inputs takes as an argument."""
     from ..vilau_backend.errors import InputError
 
-    if core_checks_combo_values() or value in options:
+    if value in options:
         return
     raise InputError(f"{name} '{value}' is not available here; choose one of: {', '.join(map(str, options))}")

@@ -1,4 +1,5 @@
-"""Shared fixtures: the golden checkpoint from the original implementation and tiny checkpoints we write.
+"""Shared fixtures: the golden checkpoint recorded from the original implementation, and small random
+checkpoints we write (`small_checkpoint`, vilau_backend/testing/random_checkpoint.py).
 
 Markers: `comfyui` marks the tests that start the pinned ComfyUI (or install into its
 environment). dev/scripts/run_tests.sh runs every other test again under transformers 4.50.3,
@@ -41,7 +42,7 @@ from PIL import Image
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-FIXTURE = Path(__file__).parent / "fixtures" / "vilau-tiny-256"
+FIXTURE = Path(__file__).parent / "fixtures" / "vilau-tiny-256"  # the golden data, named as its recording names it
 GOLDEN_CHECKPOINT = FIXTURE / "checkpoint"
 REFERENCE = FIXTURE / "reference"
 FRAMES_DIR = REFERENCE / "inputs" / "video_frames"  # the 12 frames of the recorded video runs
@@ -257,17 +258,17 @@ def golden_bf16(model_device):
 
 
 @pytest.fixture(scope="session")
-def tiny_checkpoint(tmp_path_factory) -> Path:
-    from vilau_backend.testing.random_checkpoint import write_tiny_checkpoint
+def small_checkpoint(tmp_path_factory) -> Path:
+    from vilau_backend.testing.random_checkpoint import write_random_checkpoint
 
-    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "vila-u-tiny")
+    return write_random_checkpoint(tmp_path_factory.mktemp("small") / "vila-u-small")
 
 
 @pytest.fixture(scope="session")
-def tiny_model(tiny_checkpoint, model_device):
+def small_model(small_checkpoint, model_device):
     from vilau_backend.model.vila_u import VilaUModel
 
-    return VilaUModel.load(tiny_checkpoint, dtype="float32", device=model_device)
+    return VilaUModel.load(small_checkpoint, dtype="float32", device=model_device)
 
 
 def pack_module(name: str):

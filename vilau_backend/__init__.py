@@ -2,7 +2,7 @@
 
 Pure torch + transformers; never imports ComfyUI. Entry point: `VilaUModel.load(folder, dtype, device)`.
 The layers (docs/ARCHITECTURE.md), each importing only those listed before it: `errors`,
-`checkpoint`, `memory`, `media`, `model`, `decoding`, `tasks`, `testing`, then `cli`.
+`checkpoint`, `memory`, `media`, `model`, `decoding`, `tasks`, `testing`, `jobs`, then `cli`.
 """
 
 from .errors import CheckpointError, GenerationCancelled, InputError, VilaUError
@@ -28,7 +28,7 @@ _PUBLIC = {
     "caption_folder": "tasks.captioning",
     "CaptionSettings": "tasks.captioning",
     "read_video": "media.video",
-    "write_tiny_checkpoint": "testing.random_checkpoint",
+    "write_random_checkpoint": "testing.random_checkpoint",
 }
 
 __all__ = ["CheckpointError", "GenerationCancelled", "InputError", "VilaUError", *_PUBLIC]

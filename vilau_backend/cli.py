@@ -17,7 +17,7 @@ what is missing.
 Every subcommand takes --dtype float32|bfloat16|float16 (default: bfloat16 on a
 GPU, float32 on the CPU), --device (default: cuda when available) and
 --quantize none|int8|4bit (weight-only LLM and depth transformer; default none);
-describe, generate-* and edit take --compile/--no-compile (default: on with CUDA only).
+all but encode and decode take --compile/--no-compile (default: on with CUDA only).
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from .errors import VilaUError
+from .memory.weight_quantization import QUANTIZE_CHOICES
 
 def load_image_file(path: str | Path) -> torch.Tensor:
     """An image file -> ComfyUI IMAGE (1, H, W, C) float 0..1, channels as stored (1, 3 or 4)."""
@@ -345,7 +346,7 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                         help="default: bfloat16 on a GPU, float32 on the CPU")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
-    parser.add_argument("--quantize", choices=["none", "int8", "4bit"], default="none",
+    parser.add_argument("--quantize", choices=QUANTIZE_CHOICES, default="none",
                         help="weight-only quantization of the LLM and depth transformer: int8 (torchao) or 4bit "
                              "(bitsandbytes NF4); default none")
 

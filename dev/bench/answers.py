@@ -1,6 +1,6 @@
 """Benchmark batched image Q&A ("one answer per image"): answers per second at several batch sizes.
 
-    python dev/bench/answers.py [--preset tiny medium] [--batch 1 4 16] [--tokens 32] [--threads N] [--dtype ...]
+    python dev/bench/answers.py [--preset golden-size medium] [--batch 1 4 16] [--tokens 32] [--threads N] [--dtype ...]
 
 Random-weight models of the presets in dev/bench/generate.py. For every batch size B, B images are
 answered together in one padded pass (vision encoding, prefill, then --tokens greedy steps;
@@ -51,7 +51,7 @@ def time_batch(model, batch: int, tokens: int, repeats: int) -> tuple[float, int
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", choices=PRESETS, nargs="+", default=["tiny", "medium"])
+    parser.add_argument("--preset", choices=PRESETS, nargs="+", default=["golden-size", "medium"])
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--tokens", type=int, default=32, help="max_new_tokens of every answer")
     parser.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: bf16 on GPU, fp32 on CPU)")

@@ -1,4 +1,4 @@
-"""Worst-case Cancel latency while a step compiles, on the tiny test model (CPU).
+"""Worst-case Cancel latency while a step compiles, on the small random test model (CPU).
 
     python bench/cancel_compile.py [--kind image text] [--model DIR]
 
@@ -69,7 +69,7 @@ def measure(kind: str, model_dir: str) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--kind", nargs="+", default=["image", "text"], choices=["image", "text"])
-    parser.add_argument("--model", help="a VILA-U checkpoint folder (default: a tiny random one)")
+    parser.add_argument("--model", help="a VILA-U checkpoint folder (default: a small random one)")
     parser.add_argument("--warm-cache", action="store_true", help="keep inductor's usual on-disk cache")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -79,9 +79,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         model_dir = args.model
         if model_dir is None:
-            from vilau_backend.testing.random_checkpoint import write_tiny_checkpoint
+            from vilau_backend.testing.random_checkpoint import write_random_checkpoint
 
-            model_dir = str(write_tiny_checkpoint(Path(scratch) / "tiny"))
+            model_dir = str(write_random_checkpoint(Path(scratch) / "small"))
         for kind in args.kind:
             env = dict(os.environ)
             if not args.warm_cache:

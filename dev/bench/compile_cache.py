@@ -1,6 +1,6 @@
 """Compile once per machine: the first compiled run of a fresh process, cold and warm.
 
-    python dev/bench/compile_cache.py [--preset tiny] [--batch 1] [--device cpu]
+    python dev/bench/compile_cache.py [--preset golden-size] [--batch 1] [--device cpu]
 
 Runs the same child process twice with one new, empty pack compile-cache folder (and inductor's
 cache where the pack puts it, inside that folder): the first child compiles and saves, the
@@ -75,7 +75,7 @@ def parent(args) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="tiny")
+    parser.add_argument("--preset", default="golden-size")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)

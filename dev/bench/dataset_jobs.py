@@ -1,8 +1,8 @@
 """Dataset jobs' throughput: items/s of `caption` and `generate-batch` with 1 and 2 processes.
 
-    python dev/bench/dataset_jobs.py [--preset tiny|medium] [--images 16] [--prompts 8] [--processes 1 2]
+    python dev/bench/dataset_jobs.py [--preset small|medium] [--images 16] [--prompts 8] [--processes 1 2]
 
-Writes a random-weight checkpoint (tiny: the test model; medium: LLM 1024 x 8 layers, SigLIP 256
+Writes a random-weight checkpoint (small: the random test model, CheckpointSizes(); medium: LLM 1024 x 8 layers, SigLIP 256
 wide, a 16x16 grid of depth 4, 4096 codes), a folder of random images and a prompts file, then
 runs each command as one process and under `torchrun --nproc-per-node N` (gloo on the CPU), each
 into a new folder. Every process runs --threads threads (default 1: on a machine that other work
@@ -28,11 +28,11 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from vilau_backend.testing.random_checkpoint import TinySizes, write_tiny_checkpoint  # noqa: E402
+from vilau_backend.testing.random_checkpoint import CheckpointSizes, write_random_checkpoint  # noqa: E402
 
 PRESETS = {
-    "tiny": TinySizes(),
-    "medium": TinySizes(image_size=256, patch_size=16, siglip_width=256, siglip_layers=4, llm_hidden=1024, llm_layers=8,
+    "small": CheckpointSizes(),
+    "medium": CheckpointSizes(image_size=256, patch_size=16, siglip_width=256, siglip_layers=4, llm_hidden=1024, llm_layers=8,
                         llm_heads=16, n_embed=4096, depth_width=512, depth_layers=3, depth_heads=8),
 }
 
@@ -55,7 +55,7 @@ def report(label: str, summary_file: Path, wall: float) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", choices=PRESETS, default="tiny")
+    parser.add_argument("--preset", choices=PRESETS, default="small")
     parser.add_argument("--images", type=int, default=64)
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=16)
@@ -64,7 +64,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as work:
         work = Path(work)
-        model = write_tiny_checkpoint(work / "model", PRESETS[args.preset])
+        model = write_random_checkpoint(work / "model", PRESETS[args.preset])
         prompts = work / "prompts.jsonl"
         prompts.write_text("".join(json.dumps({"prompt": f"picture number {i}"}) + "\n" for i in range(args.prompts)))
         for n in args.processes:

@@ -1,15 +1,16 @@
 """Benchmark text-to-image generation and answers on random-weight models of chosen sizes.
 
-    python dev/bench/generate.py --preset tiny [medium full] [--geometry 256|384] [--batch 1 4] [--compile|--no-compile]
+    python dev/bench/generate.py --preset golden-size [medium full] [--geometry 256|384] [--batch 1 4] [--compile|--no-compile]
                              [--dtype ...] [--device ...] [--repeats 1] [--eager-positions N] [--quantize none|int8|4bit]
                              [--answer-tokens 32]
 
 Presets (random weights, built in memory, no files):
-  tiny    the golden fixture's geometry: LLM 80 wide x 2 layers, SigLIP 64, 16x16 grid, depth 4, 1024 codes
-  medium  LLM 1024 wide x 8 layers, SigLIP 256, 16x16 grid, depth 4, 4096 codes, depth transformer 512 x 3
-  full    LLaMA-2-7B (4096 x 32, 32 heads, MLP 11008), SigLIP-large vision (1024 x 24, 256 px / 16),
-          depth 4, 16384 codes; the depth transformer (2560 wide, 40 heads, 6 layers) and decoder
-          follow the original code's defaults, since the published configs are not available here
+  golden-size  the golden checkpoint's geometry: LLM 80 wide x 2 layers, SigLIP 64, 16x16 grid, depth 4,
+               1024 codes
+  medium       LLM 1024 wide x 8 layers, SigLIP 256, 16x16 grid, depth 4, 4096 codes, depth transformer 512 x 3
+  full         LLaMA-2-7B (4096 x 32, 32 heads, MLP 11008), SigLIP-large vision (1024 x 24, 256 px / 16),
+               depth 4, 16384 codes; the depth transformer (2560 wide, 40 heads, 6 layers) and decoder
+               follow the original code's defaults, since the published configs are not available here
 Geometry: 256 = the 256 px model's 16x16 grid x depth 4; 384 = the 384 px model's 27x27 grid x depth 16
 (SigLIP so400m/14 at full size, decoded from a 24x24 latent).
 Prints, per batch size: ms per grid position, positions/s, s per image (decode included), peak memory;
@@ -57,7 +58,7 @@ from vilau_backend.tasks.understand import GREEDY  # noqa: E402
 
 PRESETS = {
     #          llm: hidden, layers, heads, mlp | siglip: width, layers, heads, mlp | codes, depth-tf: width, heads, layers | decoder: ch, ch_mult, res blocks, z
-    "tiny": dict(llm=(80, 2, 4, 160), siglip=(64, 2, 4, 128), n_embed=1024, depth_tf=(48, 4, 2), decoder=(32, (1, 1, 1, 1, 1), 1, 32)),
+    "golden-size": dict(llm=(80, 2, 4, 160), siglip=(64, 2, 4, 128), n_embed=1024, depth_tf=(48, 4, 2), decoder=(32, (1, 1, 1, 1, 1), 1, 32)),
     "medium": dict(llm=(1024, 8, 16, 2816), siglip=(256, 4, 4, 1024), n_embed=4096, depth_tf=(512, 8, 3), decoder=(64, (1, 1, 2, 2, 4), 1, 128)),
     "full": dict(llm=(4096, 32, 32, 11008), siglip=(1024, 24, 16, 4096), n_embed=16384, depth_tf=(2560, 40, 6), decoder=(128, (1, 1, 2, 2, 4), 2, 256)),
 }
@@ -244,7 +245,7 @@ def bench_preset(preset: str, args, device: torch.device, dtype: torch.dtype, mo
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", choices=PRESETS, nargs="+", default=["tiny"])
+    parser.add_argument("--preset", choices=PRESETS, nargs="+", default=["golden-size"])
     parser.add_argument("--geometry", choices=GEOMETRIES, default="256")
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,

@@ -3,14 +3,14 @@ written to a JSON file as soon as it is measured, so that a part cut short by it
 leaves every finished figure.
 
     python dev/bench/gpu_check.py images  --json OUT.json [--label L] [--batch 1] [--geometry 256] [--answers]
-    python dev/bench/gpu_check.py [...] --dry-run      (the tiny preset on the CPU, torch.cuda stubbed)
+    python dev/bench/gpu_check.py [...] --dry-run      (the golden-size preset on the CPU, torch.cuda stubbed)
 
 `images`: 7B-shaped random weights built in GPU memory (no checkpoint written), bf16; for each batch
 size: eager ms/position, compiled ms/position (in the mode the pack chooses for this process:
 CUDA graphs, or inductor alone under cudaMallocAsync), compile seconds, inductor's cudagraph_skips,
 peak VRAM and s/image; with --answers, answer tokens/s eager and compiled (batch 1).
 
---dry-run runs the same code on the CPU with the tiny preset: torch.cuda's timing and memory calls are
+--dry-run runs the same code on the CPU with the golden-size preset: torch.cuda's timing and memory calls are
 stubbed (the allocator backend read from PYTORCH_CUDA_ALLOC_CONF, as CUDA would) and torch.compile
 traces with dynamo's eager backend, so a Python error shows here and not on a lent GPU.
 """
@@ -50,7 +50,7 @@ class Figures:
 
 def stub_cuda() -> None:
     """--dry-run: torch.cuda's calls the check makes answer on a machine without a GPU, and torch.compile
-    traces with dynamo's eager backend (inductor's CPU compile of even the tiny step takes minutes)."""
+    traces with dynamo's eager backend (inductor's CPU compile of even the golden-size step takes minutes)."""
     conf = os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")
     backend = "cudaMallocAsync" if "backend:cudaMallocAsync" in conf.replace(" ", "") else "native"
     torch.cuda.get_allocator_backend = lambda: backend
@@ -104,7 +104,7 @@ def images(args) -> None:
     figures.add("compile_mode", "cuda graphs" if mode.cuda_graphs else "inductor" if mode.compiled else "eager")
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
-        model = build_random_model("tiny" if args.dry_run else "full", torch.bfloat16, device, Path(tmp), args.geometry)
+        model = build_random_model("golden-size" if args.dry_run else "full", torch.bfloat16, device, Path(tmp), args.geometry)
         figures.add(f"built_{args.geometry}px_s", round(time.perf_counter() - start, 1))
         for batch in args.batch:
             image_figures(model, figures, batch, device)
@@ -123,7 +123,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, nargs="+", default=[1])
     parser.add_argument("--answers", action="store_true", help="also answer tokens/s at batch 1")
     parser.add_argument("--answer-tokens", type=int, default=32)
-    parser.add_argument("--dry-run", action="store_true", help="the tiny preset on the CPU, torch.cuda stubbed")
+    parser.add_argument("--dry-run", action="store_true", help="the golden-size preset on the CPU, torch.cuda stubbed")
     args = parser.parse_args()
     if args.part == "record":
         Figures(Path(args.json), args.label).add(args.name, args.value)

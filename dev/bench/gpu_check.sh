@@ -13,7 +13,7 @@
 #    must choose inductor without CUDA graphs there, and that mode must run.
 # 3. The backend tests with --device cuda (models on the GPU, every comparison on the CPU, TF32 off).
 # 4. Only with time left: batch 4, then the 384 px geometry (729 positions, depth 16).
-# --dry-run runs every part on the CPU with the tiny preset and torch.cuda stubbed (tests/backend/
+# --dry-run runs every part on the CPU with the golden-size preset and torch.cuda stubbed (tests/backend/
 # test_gpu_check.py does, so that a Python error never spends device time).
 set -u
 cd "$(dirname "$0")/../.."

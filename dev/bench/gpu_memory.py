@@ -67,7 +67,7 @@ def main() -> None:
     parser.add_argument("--quantize", nargs="+", default=["none", "int8", "4bit"])
     parser.add_argument("--device", default="cuda")
     args = parser.parse_args()
-    from vilau_backend.testing.random_checkpoint import FULL_7B_256, write_tiny_checkpoint
+    from vilau_backend.testing.random_checkpoint import FULL_7B_256, write_random_checkpoint
 
     scratch = None
     model_dir = args.model
@@ -75,7 +75,7 @@ def main() -> None:
         scratch = None if args.write else tempfile.mkdtemp(prefix="vilau-full-")
         model_dir = args.write or str(Path(scratch) / "vila-u-7b-random")
         start = time.perf_counter()
-        write_tiny_checkpoint(model_dir, FULL_7B_256)
+        write_random_checkpoint(model_dir, FULL_7B_256)
         print(f"wrote the 7B-shaped random checkpoint in {time.perf_counter() - start:.0f} s", flush=True)
     try:
         print("| quantize | VRAM after loading | peak VRAM, 256 px batch 1 | goal | ms/position | vs bf16 |")

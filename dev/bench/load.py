@@ -1,11 +1,11 @@
 """Load time and peak memory of `VilaUModel.load` for each quantize choice.
 
     python dev/bench/load.py --model DIR [--quantize none int8 4bit] [--dtype bfloat16] [--device cpu]
-    python dev/bench/load.py --write DIR [--size full|tiny]      # write a random checkpoint first (then measure it)
+    python dev/bench/load.py --write DIR [--size full|small]      # write a random checkpoint first (then measure it)
 
 --write writes a random-weight checkpoint in the published layout (vilau_backend/testing/random_checkpoint.py;
 `full` is 7B-shaped: about 15 GB on disk and several minutes). Each quantize choice
-loads in a fresh Python process, which first loads a tiny model so that imports and
+loads in a fresh Python process, which first loads a small random model so that imports and
 lazy initialisations are done; its resident memory then is the baseline. Printed per
 choice: load time, weight bytes as loaded, peak RSS (VmHWM) and what the load
 added beyond the weights (peak - baseline - weights). On CUDA, also the peak GPU memory.
@@ -84,23 +84,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="checkpoint folder to load")
     parser.add_argument("--write", help="write a random checkpoint into this folder first, then load it")
-    parser.add_argument("--size", choices=["tiny", "full"], default="full", help="size for --write (default full)")
+    parser.add_argument("--size", choices=["small", "full"], default="full", help="size for --write (default full)")
     parser.add_argument("--quantize", nargs="+", default=["none", "int8", "4bit"])
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
-    from vilau_backend.testing.random_checkpoint import FULL_7B_256, TinySizes, write_tiny_checkpoint
+    from vilau_backend.testing.random_checkpoint import FULL_7B_256, CheckpointSizes, write_random_checkpoint
 
     if args.write:
         start = time.perf_counter()
-        write_tiny_checkpoint(args.write, FULL_7B_256 if args.size == "full" else TinySizes())
+        write_random_checkpoint(args.write, FULL_7B_256 if args.size == "full" else CheckpointSizes())
         print(f"wrote {args.size} checkpoint to {args.write} in {time.perf_counter() - start:.0f} s "
               f"(peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB)", flush=True)
         args.model = args.model or args.write
     if not args.model:
         parser.error("give --model or --write")
     with tempfile.TemporaryDirectory() as tmp:
-        warmup = write_tiny_checkpoint(Path(tmp) / "warmup")
+        warmup = write_random_checkpoint(Path(tmp) / "warmup")
         print(f"{args.model}: dtype {args.dtype}, device {args.device}")
         print("| quantize | load time | weights | peak RSS | baseline | added beyond the weights |")
         print("|---|---|---|---|---|---|")

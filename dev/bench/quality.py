@@ -3,7 +3,7 @@
     python dev/bench/quality.py --model DIR [--reference float32] [--dtype float32] [--quantize int8 4bit]
     python dev/bench/quality.py --preset medium [--reference bfloat16] [--dtype bfloat16] [--quantize int8 4bit]
 
---model reads a checkpoint folder (e.g. tests/fixtures/vilau-tiny-256/checkpoint);
+--model reads a checkpoint folder (e.g. the golden checkpoint, tests/fixtures/vilau-tiny-256/checkpoint);
 --preset builds dev/bench/generate.py's random-weight model of that size in memory.
 The reference model runs in --reference dtype unquantized; each candidate runs in
 --dtype with the LLM and depth transformer quantized. Printed per candidate:
@@ -119,7 +119,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", help="a VILA-U checkpoint folder")
-    source.add_argument("--preset", help="a dev/bench/generate.py preset: tiny, medium, full (random weights)")
+    source.add_argument("--preset", help="a dev/bench/generate.py preset: golden-size, medium, full (random weights)")
     parser.add_argument("--reference", default="float32", help="dtype of the unquantized reference (default float32)")
     parser.add_argument("--dtype", default=None, help="compute dtype of the candidates (default: the reference's)")
     parser.add_argument("--quantize", nargs="+", default=["int8", "4bit"])

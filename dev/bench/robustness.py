@@ -2,12 +2,12 @@
 
     python dev/bench/robustness.py [--cancels 20] [--jobs 200]
 
-Starts ComfyUI headless on 127.0.0.1 with a tiny random VILA-U model and HF_ENDPOINT pointing at
+Starts ComfyUI headless on 127.0.0.1 with a small random VILA-U model and HF_ENDPOINT pointing at
 a loopback listener that accepts connections and never answers, then measures:
 
 - cancel latency during a hung download: queue a loader of a published model, press Cancel
   (POST /interrupt) one second into its wait, time until ComfyUI reports the run interrupted;
-- cancel latency during text-to-image (a 32x32-grid tiny model, 1024 positions): Cancel once the
+- cancel latency during text-to-image (a 32x32-grid small random model, 1024 positions): Cancel once the
   first position is reported, same timing;
 - the server's resident memory before and after `--jobs` jobs that alternate between text to
   image, image Q&A and encode/blend/decode graphs (new seeds, so nothing is served from cache).
@@ -32,7 +32,7 @@ sys.path.insert(0, str(REPO))  # vilau_backend and comfy_harness
 from dev.comfy_harness import server as cs  # noqa: E402
 from dev.comfy_harness.silent_hub import SilentListener  # noqa: E402
 
-TINY, BIG = "vila-u-tiny-64", "vila-u-tiny-256"
+SMALL, BIG = "vila-u-small-64", "vila-u-small-256"
 
 
 def rss_mib(pid: int) -> float:
@@ -57,15 +57,15 @@ def job(i: int) -> dict:
     """Job i of the memory run: text to image, image Q&A, encode/blend/decode in turn."""
     preview = {"class_type": "PreviewImage", "inputs": {"images": ["2", 0]}}
     if i % 3 == 0:
-        return {"1": loader(TINY), "2": t2i(i), "3": preview}
+        return {"1": loader(SMALL), "2": t2i(i), "3": preview}
     if i % 3 == 1:
         qa = {"model": ["1", 0], "image": ["3", 0], "question": "What is it?", "batch_mode": "one answer per image",
               "seed": i, "max_new_tokens": 8,
               "do_sample": True, "temperature": 0.9, "top_k": 50, "top_p": 0.6, "repetition_penalty": 1.0}
-        return {"1": loader(TINY), "3": {"class_type": "LoadImage", "inputs": {"image": "noise.png"}},
+        return {"1": loader(SMALL), "3": {"class_type": "LoadImage", "inputs": {"image": "noise.png"}},
                 "2": {"class_type": "VILAU_ImageQA", "inputs": qa},
                 "4": {"class_type": "PreviewAny", "inputs": {"source": ["2", 0]}}}
-    return {"1": loader(TINY), "5": t2i(i), "6": {"class_type": "LatentBlend", "inputs": {
+    return {"1": loader(SMALL), "5": t2i(i), "6": {"class_type": "LatentBlend", "inputs": {
             "samples1": ["5", 1], "samples2": ["5", 1], "blend_factor": 0.5}},
             "2": {"class_type": "VILAU_RQVAEDecode", "inputs": {"model": ["1", 0], "latent": ["6", 0]}}, "3": preview}
 
@@ -106,11 +106,11 @@ def main() -> None:
     args = parser.parse_args()
     from PIL import Image
 
-    from vilau_backend.testing.random_checkpoint import TinySizes, write_tiny_checkpoint
+    from vilau_backend.testing.random_checkpoint import CheckpointSizes, write_random_checkpoint
 
     run = Path(tempfile.mkdtemp(prefix="vilau-robustness-"))
-    write_tiny_checkpoint(run / "models" / "vila-u" / TINY)
-    write_tiny_checkpoint(run / "models" / "vila-u" / BIG, TinySizes(image_size=256, patch_size=8), seed=1)
+    write_random_checkpoint(run / "models" / "vila-u" / SMALL)
+    write_random_checkpoint(run / "models" / "vila-u" / BIG, CheckpointSizes(image_size=256, patch_size=8), seed=1)
     hub = SilentListener()
     env = {"OMP_NUM_THREADS": "1", "HF_ENDPOINT": hub.url, "HF_HUB_ETAG_TIMEOUT": "30"}
     server = cs.ComfyServer(cs.comfyui_dir(), run, {cs.PACK: cs.REPO_ROOT}, env=env, offline=False)

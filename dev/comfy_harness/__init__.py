@@ -4,7 +4,7 @@ open its front end in Chromium.
 Used by the tests (tests/) and by dev/scripts/demo.py and dev/scripts/build_workflows.py, which put
 the repository root on sys.path. Not part of the node pack: ComfyUI never imports it.
 
-- `server`: one ComfyUI process (ComfyServer), `pack_server` for this pack with a tiny model,
+- `server`: one ComfyUI process (ComfyServer), `pack_server` for this pack with a small random model,
   the websocket recorder.
 - `workflow_api`: UI-format workflows (example_workflows/*.json) to API-format prompts, as the front end
   converts them, and the example inputs the templates load.

@@ -7,7 +7,7 @@ dev/scripts/build_workflows.py. Typical use::
 
     with ComfyPage(server.url, screenshot_dir=tmp) as page:   # opens the page, waits for the app
         page.load_workflow(ui_json)          # app.loadGraphData, as opening a file does
-        page.set_widget(node_id, "model", "vila-u-tiny")
+        page.set_widget(node_id, "model", "vila-u-small")
         prompt_id = page.queue()             # app.queuePrompt, as the Queue button does
         page.screenshot("name")              # <screenshot_dir>/name.png
 

@@ -482,22 +482,35 @@ PACK = "ComfyUI-VILA-U"  # the folder name ComfyUI loads this checkout under
 
 
 def pack_server(
-    run_dir: Path, tiny_model: str | None, *, extra_model_paths: Path | None = None, cpu: bool = True
+    run_dir: Path, small_model: str | None, *, extra_model_paths: Path | None = None, cpu: bool = True
 ) -> ComfyServer:
-    """A ComfyServer (not started) with this checkout loaded as the pack and, unless None, a tiny
-    VILA-U model named `tiny_model` written into its models/vila-u; cpu=False lets ComfyUI use a GPU.
+    """A ComfyServer (not started) with this checkout loaded as the pack and, unless None, a small random
+    VILA-U model named `small_model` written into its models/vila-u; cpu=False lets ComfyUI use a GPU.
 
-    With a tiny model the server gets one intra-op thread: tiny models gain nothing from more,
+    With a small model the server gets one intra-op thread: small models gain nothing from more,
     and on a small machine shared with other torch processes spinning OpenMP workers slow every
     step down by orders of magnitude."""
     env = None
-    if tiny_model is not None:
-        from vilau_backend.testing.random_checkpoint import write_tiny_checkpoint
+    if small_model is not None:
+        from vilau_backend.testing.random_checkpoint import write_random_checkpoint
 
-        write_tiny_checkpoint(Path(run_dir) / "models" / "vila-u" / tiny_model)
+        write_random_checkpoint(Path(run_dir) / "models" / "vila-u" / small_model)
         env = {"OMP_NUM_THREADS": "1"}
     return ComfyServer(comfyui_dir(), run_dir, {PACK: REPO_ROOT}, extra_model_paths=extra_model_paths, env=env, cpu=cpu)
 
+
+
+def pack_server_fixture(small_model: str):
+    """A module-scoped pytest fixture for a test module that needs nothing but pack_server with the
+    small random model `small_model`, started once for the module: `server = cs.pack_server_fixture(NAME)`."""
+    import pytest
+
+    @pytest.fixture(scope="module")
+    def server(tmp_path_factory):
+        with pack_server(tmp_path_factory.mktemp("run"), small_model) as srv:
+            yield srv
+
+    return server
 
 class WSRecorder:
     """Records the /ws stream in a background thread (uses aiohttp, a ComfyUI

@@ -2,13 +2,13 @@
 
     .venv/bin/python dev/scripts/build_workflows.py [--thumbnails-only | --no-thumbnails]
 
-Starts the pinned ComfyUI (.cache/comfyui) with this pack and a tiny random
+Starts the pinned ComfyUI (.cache/comfyui) with this pack and a small random
 VILA-U model, opens the real front end in headless Chromium, creates every
 template's nodes and links with the graph API (as a person would on the canvas),
 and writes what the front end saves (`app.graph.serialize()`, UI format) to
 example_workflows/<name>.json. Widget values come from the TEMPLATES below; everything
 else (slot layout, widget order, control_after_generate's extra value) is the
-front end's own. Then each template is run from the front end with the tiny
+front end's own. Then each template is run from the front end with the small
 model and a screenshot of the canvas becomes example_workflows/<name>.jpg (the template
 browser shows <name>.jpg for templates of custom nodes).
 
@@ -418,13 +418,15 @@ BUILD_JS = """
     function separate(nodes, gap) {
         const title = LiteGraph.NODE_TITLE_HEIGHT;
         const top = n => n.pos[1] - title, bottom = n => n.pos[1] + n.size[1];
-        const meets = (a, b, g) => a.pos[0] < b.pos[0] + b.size[0] + g && b.pos[0] < a.pos[0] + a.size[0] + g
-            && top(a) < bottom(b) + g && top(b) < bottom(a) + g;
+        // whether two nodes come within g of each other across (their x spans), along (their y spans), both
+        const across = (a, b, g) => a.pos[0] < b.pos[0] + b.size[0] + g && b.pos[0] < a.pos[0] + a.size[0] + g;
+        const along = (a, b, g) => top(a) < bottom(b) + g && top(b) < bottom(a) + g;
+        const meets = (a, b, g) => across(a, b, g) && along(a, b, g);
         const columns = [...new Set(nodes.map(n => n.pos[0]))].sort((a, b) => a - b);
         const byColumn = columns.map(x => nodes.filter(n => n.pos[0] === x));
         byColumn.forEach((column, i) => {
             const before = byColumn.slice(0, i).flat();
-            const rows = m => column.some(n => top(n) < bottom(m) + gap && top(m) < bottom(n) + gap);
+            const rows = m => column.some(n => along(n, m, gap));
             const right = Math.max(-Infinity, ...before.filter(rows).map(m => m.pos[0] + m.size[0] + gap));
             if (right > column[0].pos[0]) column.forEach(n => { n.pos = [right, n.pos[1]]; });
         });
@@ -471,14 +473,14 @@ def build(page: comfy_browser.ComfyPage, name: str, spec: dict) -> dict:
     return workflow
 
 
-def thumbnail(page: comfy_browser.ComfyPage, server: cs.ComfyServer, name: str, workflow: dict, tiny: str) -> Path:
-    """Run the template from the front end with the tiny model; the canvas screenshot becomes <name>.jpg."""
+def thumbnail(page: comfy_browser.ComfyPage, server: cs.ComfyServer, name: str, workflow: dict, model: str) -> Path:
+    """Run the template from the front end with the small random model; the canvas screenshot becomes <name>.jpg."""
     from PIL import Image
 
     page.load_workflow(workflow)
     for n in page.nodes():
         if n["type"] == "VILAU_ModelLoader":
-            page.set_widget(n["id"], "model", tiny)
+            page.set_widget(n["id"], "model", model)
         if n["type"] in ("VILAU_ImageQA", "VILAU_VideoQA", "VILAU_CaptionFolder"):
             page.set_widget(n["id"], "max_new_tokens", 24)
     page.set_mode(workflow_api.model_node_ids(workflow), workflow_api.MODE_NEVER)
@@ -517,8 +519,8 @@ def main() -> None:
     args = parser.parse_args()
 
     run = Path(tempfile.mkdtemp(prefix="vilau-build-workflows-"))
-    tiny = "vila-u-tiny"
-    server = cs.pack_server(run, tiny)
+    small = "vila-u-small"
+    server = cs.pack_server(run, small)
     comfy_browser.write_quiet_settings(server.user_dir)
     server.start()
     try:
@@ -537,7 +539,7 @@ def main() -> None:
                     path.write_text(json.dumps(workflow, indent=2) + "\n", encoding="utf-8")
                     print(f"wrote {path.relative_to(REPO)}")
                 if not args.no_thumbnails:
-                    print(f"wrote {thumbnail(page, server, name, workflow, tiny).relative_to(REPO)}")
+                    print(f"wrote {thumbnail(page, server, name, workflow, small).relative_to(REPO)}")
     finally:
         server.stop()
         if args.keep:

@@ -7,7 +7,7 @@ pack ComfyUI-VILA-U, converts example_workflows/VILA-U 06 Text to Image, Upscale
 example_workflows/VILA-U 01 Image Q&A.json to API prompts, queues them and prints what they
 wrote. The model: a published VILA-U folder (vila-u-7b-256 or vila-u-7b-384) if
 one is in --models / $VILAU_MODELS / <repo>/models/vila-u / .cache/comfyui/models/vila-u,
-else a tiny random model in the published layout (then the image is noise and
+else a small random model in the published layout (then the image is noise and
 the answer random tokens: it shows the pipeline, not the model). Nothing is
 downloaded.
 """
@@ -28,7 +28,7 @@ from dev.comfy_harness import server as cs  # noqa: E402
 from dev.comfy_harness import workflow_api as wa  # noqa: E402
 
 PUBLISHED_FOLDERS = ("vila-u-7b-256", "vila-u-7b-384")
-TINY = "vila-u-tiny-demo"
+SMALL = "vila-u-small-demo"
 TEMPLATES = ("VILA-U 06 Text to Image, Upscaled", "VILA-U 01 Image Q&A")
 
 
@@ -62,16 +62,16 @@ def main() -> int:
         extra_yaml.write_text(f"vila_u_demo:\n    vila_u: {published.parent}\n", encoding="utf-8")
         what = f"the published model {model} from {published}"
     else:
-        model = TINY
+        model = SMALL
         where = ", ".join(str(c) for c in candidates)
-        what = (f"the TINY RANDOM demo model {TINY} (no vila-u-7b-256/384 folder in {where}): the image is noise "
+        what = (f"the SMALL RANDOM demo model {SMALL} (no vila-u-7b-256/384 folder in {where}): the image is noise "
                 "and the answer random tokens; put a published model in one of those folders for real output")
 
     import torch
 
     gpu = torch.cuda.is_available()
     print(f"demo: using {what}; running on {'the GPU' if gpu else 'the CPU'}", flush=True)
-    server = cs.pack_server(run, None if published else TINY, extra_model_paths=extra_yaml, cpu=not gpu)
+    server = cs.pack_server(run, None if published else SMALL, extra_model_paths=extra_yaml, cpu=not gpu)
     server.start(timeout=300)
     try:
         if server.import_failed(cs.PACK):
@@ -103,7 +103,7 @@ def main() -> int:
         summary = {"model": model, "published": published is not None, "device": "gpu" if gpu else "cpu",
                    "templates": results, "seconds": round(time.monotonic() - t0, 1)}
         (run / "demo_summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
-        print(f"demo: used {'a published model' if published else 'the tiny demo model'} ({model}); "
+        print(f"demo: used {'a published model' if published else 'the small random demo model'} ({model}); "
               f"outputs in {server.output_dir}; summary in {run / 'demo_summary.json'}")
         return 0
     finally:

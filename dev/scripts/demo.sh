@@ -8,7 +8,7 @@
 # then dev/scripts/demo.py: starts ComfyUI on 127.0.0.1, queues example_workflows/VILA-U 06 Text to Image, Upscaled.json
 # and example_workflows/VILA-U 01 Image Q&A.json, prints the files written and the answer, and says
 # which model it used: a published one if models/vila-u/vila-u-7b-256 (or -384) is there
-# (or in --models DIR), else a tiny random demo model. Nothing is downloaded at run time.
+# (or in --models DIR), else a small random demo model. Nothing is downloaded at run time.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 bash dev/scripts/setup_env.sh

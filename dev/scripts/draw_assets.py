@@ -1,6 +1,6 @@
 """Draw the pack's icon (docs/icon.png) and the example inputs the templates open with (example_inputs/).
 
-    .venv/bin/python scripts/draw_assets.py
+    .venv/bin/python dev/scripts/draw_assets.py
 
 Everything here is drawn from shapes by this script (no photographs, no third-party
 pictures), so the files carry the pack's own license. The pack copies example_inputs/
@@ -30,54 +30,62 @@ def gradient(size: tuple[int, int], top: tuple[int, int, int], bottom: tuple[int
     return column.resize((w, h))
 
 
+def draw_scene(size: int, top: tuple[int, int, int], bottom: tuple[int, int, int], shapes: list[tuple]) -> Image.Image:
+    """A sky-to-ground gradient with `shapes` drawn on it, smoothed. Each shape is (ImageDraw method,
+    its points as x, y, x, y, ... on a 256 px canvas, options); points and line widths scale to `size`."""
+    s = size / 256
+    im = gradient((size, size), top, bottom)
+    d = ImageDraw.Draw(im)
+    for method, points, options in shapes:
+        if "width" in options:
+            options = {**options, "width": max(1, round(options["width"] * s))}
+        getattr(d, method)([v * s for v in points], **options)
+    return im.filter(ImageFilter.SMOOTH)
+
+
 def landscape(size: int = 256, sun_x: float = 0.72) -> Image.Image:
     """Hills under a morning sky, a lake, a red-roofed house and a tree."""
-    s = size / 256
-    im = gradient((size, size), (110, 170, 235), (230, 220, 200))
-    d = ImageDraw.Draw(im)
-    cx = sun_x * size
-    d.ellipse([cx - 22 * s, 40 * s, cx + 22 * s, 84 * s], fill=(255, 214, 90))
-    d.polygon([(0, 150 * s), (70 * s, 95 * s), (140 * s, 150 * s)], fill=(120, 135, 160))
-    d.polygon([(90 * s, 150 * s), (180 * s, 80 * s), (256 * s, 150 * s)], fill=(100, 118, 150))
-    d.rectangle([0, 150 * s, size, size], fill=(96, 160, 80))
-    d.ellipse([20 * s, 190 * s, 140 * s, 240 * s], fill=(70, 130, 200))
-    d.rectangle([160 * s, 160 * s, 220 * s, 205 * s], fill=(235, 225, 205))
-    d.polygon([(152 * s, 162 * s), (190 * s, 132 * s), (228 * s, 162 * s)], fill=(190, 50, 40))
-    d.rectangle([183 * s, 180 * s, 197 * s, 205 * s], fill=(110, 70, 40))
-    d.rectangle([236 * s, 150 * s, 244 * s, 200 * s], fill=(100, 70, 40))
-    d.ellipse([218 * s, 112 * s, 262 * s, 160 * s], fill=(50, 120, 60))
-    return im.filter(ImageFilter.SMOOTH)
+    sun = sun_x * 256
+    return draw_scene(size, (110, 170, 235), (230, 220, 200), [
+        ("ellipse", [sun - 22, 40, sun + 22, 84], dict(fill=(255, 214, 90))),
+        ("polygon", [0, 150, 70, 95, 140, 150], dict(fill=(120, 135, 160))),
+        ("polygon", [90, 150, 180, 80, 256, 150], dict(fill=(100, 118, 150))),
+        ("rectangle", [0, 150, 256, 256], dict(fill=(96, 160, 80))),
+        ("ellipse", [20, 190, 140, 240], dict(fill=(70, 130, 200))),
+        ("rectangle", [160, 160, 220, 205], dict(fill=(235, 225, 205))),
+        ("polygon", [152, 162, 190, 132, 228, 162], dict(fill=(190, 50, 40))),
+        ("rectangle", [183, 180, 197, 205], dict(fill=(110, 70, 40))),
+        ("rectangle", [236, 150, 244, 200], dict(fill=(100, 70, 40))),
+        ("ellipse", [218, 112, 262, 160], dict(fill=(50, 120, 60))),
+    ])
 
 
 def still_life(size: int = 256) -> Image.Image:
     """A red apple and a blue cup on a wooden table before a green wall."""
-    s = size / 256
-    im = gradient((size, size), (170, 200, 160), (140, 170, 130))
-    d = ImageDraw.Draw(im)
-    d.rectangle([0, 160 * s, size, size], fill=(150, 100, 60))
-    d.line([0, 160 * s, size, 160 * s], fill=(110, 70, 40), width=max(1, round(3 * s)))
-    d.ellipse([50 * s, 120 * s, 120 * s, 188 * s], fill=(200, 30, 35))
-    d.line([85 * s, 124 * s, 92 * s, 104 * s], fill=(90, 60, 30), width=max(1, round(4 * s)))
-    d.ellipse([92 * s, 100 * s, 116 * s, 112 * s], fill=(60, 140, 50))
-    d.rectangle([150 * s, 110 * s, 205 * s, 185 * s], fill=(40, 80, 190))
-    d.ellipse([150 * s, 178 * s, 205 * s, 192 * s], fill=(40, 80, 190))
-    d.ellipse([150 * s, 103 * s, 205 * s, 117 * s], fill=(25, 50, 130))
-    d.arc([192 * s, 125 * s, 225 * s, 165 * s], -90, 90, fill=(40, 80, 190), width=max(1, round(7 * s)))
-    return im.filter(ImageFilter.SMOOTH)
+    return draw_scene(size, (170, 200, 160), (140, 170, 130), [
+        ("rectangle", [0, 160, 256, 256], dict(fill=(150, 100, 60))),
+        ("line", [0, 160, 256, 160], dict(fill=(110, 70, 40), width=3)),
+        ("ellipse", [50, 120, 120, 188], dict(fill=(200, 30, 35))),
+        ("line", [85, 124, 92, 104], dict(fill=(90, 60, 30), width=4)),
+        ("ellipse", [92, 100, 116, 112], dict(fill=(60, 140, 50))),
+        ("rectangle", [150, 110, 205, 185], dict(fill=(40, 80, 190))),
+        ("ellipse", [150, 178, 205, 192], dict(fill=(40, 80, 190))),
+        ("ellipse", [150, 103, 205, 117], dict(fill=(25, 50, 130))),
+        ("arc", [192, 125, 225, 165], dict(start=-90, end=90, fill=(40, 80, 190), width=7)),
+    ])
 
 
 def lighthouse(size: int = 256) -> Image.Image:
-    s = size / 256
-    im = gradient((size, size), (250, 160, 90), (120, 90, 150))
-    d = ImageDraw.Draw(im)
-    d.rectangle([0, 170 * s, size, size], fill=(40, 70, 120))
-    d.polygon([(120 * s, 180 * s), (150 * s, 150 * s), (230 * s, 160 * s), (256 * s, 185 * s)], fill=(70, 60, 60))
-    d.polygon([(165 * s, 155 * s), (175 * s, 60 * s), (195 * s, 60 * s), (205 * s, 155 * s)], fill=(240, 240, 235))
-    for y in (80, 110, 140):
-        d.rectangle([168 * s, y * s, 202 * s, (y + 10) * s], fill=(200, 40, 40))
-    d.rectangle([172 * s, 45 * s, 198 * s, 60 * s], fill=(255, 230, 120))
-    d.polygon([(168 * s, 45 * s), (185 * s, 30 * s), (202 * s, 45 * s)], fill=(60, 60, 60))
-    return im.filter(ImageFilter.SMOOTH)
+    """A red-striped lighthouse on a rock at sunset."""
+    stripes = [("rectangle", [168, y, 202, y + 10], dict(fill=(200, 40, 40))) for y in (80, 110, 140)]
+    return draw_scene(size, (250, 160, 90), (120, 90, 150), [
+        ("rectangle", [0, 170, 256, 256], dict(fill=(40, 70, 120))),
+        ("polygon", [120, 180, 150, 150, 230, 160, 256, 185], dict(fill=(70, 60, 60))),
+        ("polygon", [165, 155, 175, 60, 195, 60, 205, 155], dict(fill=(240, 240, 235))),
+        *stripes,
+        ("rectangle", [172, 45, 198, 60], dict(fill=(255, 230, 120))),
+        ("polygon", [168, 45, 185, 30, 202, 45], dict(fill=(60, 60, 60))),
+    ])
 
 
 def night_city(size: int = 256) -> Image.Image:

@@ -1,13 +1,13 @@
-"""Before/after pictures of each code-space edit, made with a tiny random VILA-U model.
+"""Before/after pictures of each code-space edit, made with a small random VILA-U model.
 
     .venv/bin/python dev/scripts/edit_pictures.py [--out docs] [--model DIR]
 
-The tiny model's weights are random, so every picture is noise; what the pictures show is
+The small model's weights are random, so every picture is noise; what the pictures show is
 where an edit keeps the source and where it regenerates. Each PNG is one row:
 source as the model decodes it | what is regenerated (white) | the edit | |edit - source| x 4,
 where the kept parts are black (a pasted-back or kept region is unchanged; the decoder's
 receptive field lets a kept region near regenerated codes change a little).
-Without --model, a tiny checkpoint (64 px, 8x8 grid, depth 4) is written to a temporary folder.
+Without --model, a small random checkpoint (64 px, 8x8 grid, depth 4) is written to a temporary folder.
 """
 
 from __future__ import annotations
@@ -66,16 +66,16 @@ def row(path: Path, pictures: list[torch.Tensor]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(REPO / "docs"), help="folder for the PNGs (default docs/)")
-    parser.add_argument("--model", default=None, help="a VILA-U model folder (default: a tiny random one)")
+    parser.add_argument("--model", default=None, help="a VILA-U model folder (default: a small random one)")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         folder = args.model
         if folder is None:
-            from vilau_backend.testing.random_checkpoint import write_tiny_checkpoint
+            from vilau_backend.testing.random_checkpoint import write_random_checkpoint
 
-            folder = write_tiny_checkpoint(Path(tmp) / "vila-u-tiny")
+            folder = write_random_checkpoint(Path(tmp) / "vila-u-small")
         model = VilaUModel.load(folder, dtype="float32", device="cpu")
         make_pictures(model, out)
 

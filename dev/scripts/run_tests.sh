@@ -95,7 +95,7 @@ rc=0
 if [ $# -gt 0 ]; then
     "$PY" -m pytest "$@" || rc=$?
 else
-    # the tests that run no ComfyUI in two worker processes of one thread each: the tiny models' kernels
+    # the tests that run no ComfyUI in two worker processes of one thread each: the small models' kernels
     # are too small for a second thread to help, a second process halves the wall time; then the
     # ComfyUI and browser tests one after another (each starts servers and a browser of its own)
     OMP_NUM_THREADS=1 "$PY" -m pytest -n 2 --dist loadfile -m "not comfyui" tests || rc=$?

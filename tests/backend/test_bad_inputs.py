@@ -16,10 +16,10 @@ APPLE = "a red apple on a table"
 
 
 @pytest.mark.parametrize("garbage", [b"not a sentencepiece model" * 40, b""], ids=["text", "empty"])
-def test_garbage_tokenizer_model_is_a_checkpoint_error_naming_the_file(tiny_checkpoint, tmp_path, garbage):
+def test_garbage_tokenizer_model_is_a_checkpoint_error_naming_the_file(small_checkpoint, tmp_path, garbage):
     from vilau_backend.model.vila_u import VilaUModel
 
-    broken = shutil.copytree(tiny_checkpoint, tmp_path / "broken")
+    broken = shutil.copytree(small_checkpoint, tmp_path / "broken")
     (broken / "llm" / "tokenizer.model").write_bytes(garbage)
     with pytest.raises(CheckpointError) as caught:
         VilaUModel.load(broken, "float32", "cpu")
@@ -30,19 +30,19 @@ def test_garbage_tokenizer_model_is_a_checkpoint_error_naming_the_file(tiny_chec
 
 @pytest.mark.parametrize("name", ["cfg", "temperature", "top_p"])
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")], ids=["nan", "inf", "-inf"])
-def test_non_finite_sampling_settings_are_refused_by_name(tiny_model, name, value):
+def test_non_finite_sampling_settings_are_refused_by_name(small_model, name, value):
     with pytest.raises(InputError, match=f"{name} must be a finite number, got {value}"):
-        generate_codes(tiny_model, APPLE, sampling=ImageSampling(**{name: value}))
+        generate_codes(small_model, APPLE, sampling=ImageSampling(**{name: value}))
 
 
-def test_a_too_long_negative_prompt_is_reported_as_the_negative_prompt(tiny_model):
+def test_a_too_long_negative_prompt_is_reported_as_the_negative_prompt(small_model):
     long_text = "apple " * 9000  # 9000 tokens: more than the context (8192) holds
     with pytest.raises(InputError, match=r"^negative prompt \(\d+ tokens\) plus 64 image positions exceeds"):
-        generate_codes(tiny_model, APPLE, negative_prompt=long_text)
+        generate_codes(small_model, APPLE, negative_prompt=long_text)
     with pytest.raises(InputError, match=r"^prompt \(\d+ tokens\) plus 64 image positions exceeds"):
-        generate_codes(tiny_model, long_text)
+        generate_codes(small_model, long_text)
     # and the model still generates
-    assert generate_codes(tiny_model, APPLE, sampling=ImageSampling(top_k=1)).shape == (1, 8, 8, 4)
+    assert generate_codes(small_model, APPLE, sampling=ImageSampling(top_k=1)).shape == (1, 8, 8, 4)
 
 
 # ---- text inputs too long for the context ------------------------------------------------------
@@ -56,17 +56,17 @@ def ask(model, question="Describe the image.", **options):
 
 
 @pytest.mark.parametrize("too_long", ["system_prompt", "question"])
-def test_the_text_input_that_is_too_long_is_named_with_its_token_count(tiny_model, too_long):
+def test_the_text_input_that_is_too_long_is_named_with_its_token_count(small_model, too_long):
     long_text = "apple " * 9000  # 54,000 characters: fits the character bound, not the 8192-token context
     texts = {"system_prompt": "You caption images.", "question": "Describe the image.", too_long: long_text}
-    counts = {name: len(tiny_model.tokenizer.encode(text, add_bos=False)) for name, text in texts.items()}
+    counts = {name: len(small_model.tokenizer.encode(text, add_bos=False)) for name, text in texts.items()}
     with pytest.raises(InputError) as caught:
-        ask(tiny_model, texts["question"], system=texts["system_prompt"])
+        ask(small_model, texts["question"], system=texts["system_prompt"])
     message = str(caught.value)
     assert message.startswith(f"the {too_long} is too long ({counts[too_long]} tokens): the prompt takes ")
     assert f"of which system_prompt {counts['system_prompt']}, question {counts['question']})" in message
     assert message.endswith(f"Shorten the {too_long}, or lower max_new_tokens")
-    assert ask(tiny_model)[0].output_ids  # and the model still answers
+    assert ask(small_model)[0].output_ids  # and the model still answers
 
 
 class TokenizerSpy:
@@ -86,31 +86,31 @@ class TokenizerSpy:
 
 
 @pytest.mark.parametrize("where", ["question", "system_prompt", "prompt", "negative prompt"])
-def test_a_huge_text_is_refused_by_its_length_before_it_is_tokenized(tiny_model, monkeypatch, where):
+def test_a_huge_text_is_refused_by_its_length_before_it_is_tokenized(small_model, monkeypatch, where):
     huge = "x" * 8_000_000
-    spy = TokenizerSpy(monkeypatch, tiny_model.tokenizer)
-    context = tiny_model.config.llm.context_length
-    limit = context * tiny_model.tokenizer.longest_piece
+    spy = TokenizerSpy(monkeypatch, small_model.tokenizer)
+    context = small_model.config.llm.context_length
+    limit = context * small_model.tokenizer.longest_piece
     with pytest.raises(InputError) as caught:
         if where == "question":
-            ask(tiny_model, huge)
+            ask(small_model, huge)
         elif where == "system_prompt":
-            ask(tiny_model, system=huge)
+            ask(small_model, system=huge)
         else:
-            generate_codes(tiny_model, huge if where == "prompt" else APPLE,
+            generate_codes(small_model, huge if where == "prompt" else APPLE,
                            **({"negative_prompt": huge} if where == "negative prompt" else {}))
     assert str(caught.value) == (
         f"the {where} is 8,000,000 characters long, more than the model's context of {context} tokens can hold "
-        f"({limit:,} characters at most, {tiny_model.tokenizer.longest_piece} per token); shorten the {where}")
+        f"({limit:,} characters at most, {small_model.tokenizer.longest_piece} per token); shorten the {where}")
     assert spy.calls == 0
 
 
-def test_the_character_bound_is_what_the_longest_token_allows(tiny_model, monkeypatch):
-    tokenizer = tiny_model.tokenizer
+def test_the_character_bound_is_what_the_longest_token_allows(small_model, monkeypatch):
+    tokenizer = small_model.tokenizer
     pieces = [tokenizer._sp.id_to_piece(i) for i in range(tokenizer._sp.get_piece_size())]
     assert tokenizer.longest_piece == max(len(p) for p in pieces + ["<im_start>", "<vi_start>"])
-    at_limit = "<im_start>" * tiny_model.config.llm.context_length  # every token as long as a token gets
+    at_limit = "<im_start>" * small_model.config.llm.context_length  # every token as long as a token gets
     spy = TokenizerSpy(monkeypatch, tokenizer)
     with pytest.raises(InputError, match="the question is too long"):  # tokenized, then refused by its count
-        ask(tiny_model, at_limit)
+        ask(small_model, at_limit)
     assert spy.calls > 0

@@ -177,7 +177,7 @@ def test_streamed_text_shows_only_complete_characters(golden_fp32):
     ids = tokenizer.encode(final, add_bos=False)
     model = SimpleNamespace(tokenizer=tokenizer)
     shown = [streamed_text(model, ids[:n]) for n in range(1, len(ids) + 1)]
-    # the tiny vocabulary spells é and the CJK characters in byte-fallback tokens: some
+    # the golden checkpoint's small vocabulary spells é and the CJK characters in byte-fallback tokens: some
     # prefixes end inside a character, and decoding them whole would show U+FFFD
     assert any(tokenizer.decode(ids[:n]).endswith("\ufffd") for n in range(1, len(ids)))
     assert all("\ufffd" not in text for text in shown), shown

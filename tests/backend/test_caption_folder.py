@@ -13,6 +13,7 @@ from PIL import Image
 import vilau_backend.tasks.captioning as captioning
 from vilau_backend.tasks.captioning import CaptionSettings, caption_folder, load_image, write_caption
 from vilau_backend.errors import InputError
+from vilau_backend.tasks.requests import AnswerRequest
 from vilau_backend.tasks.understand import GREEDY, describe_images
 
 FAST = dict(sampling=GREEDY, max_new_tokens=3)
@@ -27,6 +28,16 @@ def write_png(path: Path, seed: int, size: int = 24) -> Path:
 
 def files(root: Path) -> set[str]:
     return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() or p.is_symlink()}
+
+
+def test_caption_settings_ask_every_image_one_answer_request():
+    settings = CaptionSettings(question="What?", prefix="ohwx, ", batch_size=2, seed=5, **FAST)
+    assert settings.answer_request() == AnswerRequest(question="What?", batch=True, batch_size=2, seed=5, **FAST)
+    assert CaptionSettings().answer_request().question == "Describe the image in detail."
+    with pytest.raises(InputError, match="batch_size \\(answers generated together\\) must be 1 or more, got 0"):
+        CaptionSettings(batch_size=0)  # refused by AnswerRequest's own check, when the settings are made
+    with pytest.raises(InputError, match="one answer per image"):
+        CaptionSettings(batch=False)
 
 
 @pytest.fixture

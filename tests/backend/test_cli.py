@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import re
 import subprocess
 import sys
 
@@ -13,6 +15,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from conftest import FRAMES_DIR, GOLDEN_CHECKPOINT, REFERENCE, REPO, recorded, reference
+import vilau_backend.cli as cli
 from vilau_backend.cli import main as cli_main
 from vilau_backend.tasks.generate import ImageSampling, generate_codes
 
@@ -28,6 +31,19 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 
 def png(path) -> np.ndarray:
     return np.asarray(Image.open(path)).astype(int)
+
+
+def test_the_docstring_lists_every_subcommand_with_options_it_has():
+    listed = {}
+    usage = cli.__doc__.split("Subcommands", 1)[1].split("\n\n", 1)[0]
+    for line in usage.splitlines()[1:]:
+        name, _, options = line.strip().partition(" ")
+        listed[name] = set(re.findall(r"--[a-z-]+", options))
+    [sub] = [a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    assert set(listed) == set(sub.choices)
+    for name, options in listed.items():
+        known = {flag for action in sub.choices[name]._actions for flag in action.option_strings}
+        assert options <= known, f"{name}: the docstring names {sorted(options - known)}, which it does not take"
 
 
 def test_encode_writes_int64_codes_equal_to_the_original(tmp_path):
@@ -61,23 +77,23 @@ def test_decode_without_codes_tensor_fails_with_a_message(tmp_path):
     assert result.returncode == 2 and "has no tensor named 'codes' (found: tokens)" in result.stderr
 
 
-def test_generate_image_writes_pngs_and_the_codes_the_backend_makes(tmp_path, tiny_checkpoint, tiny_model):
-    run_cli("generate-image", "--model", str(tiny_checkpoint), "--prompt", "a red apple", "--num", "2", "--seed", "4",
+def test_generate_image_writes_pngs_and_the_codes_the_backend_makes(tmp_path, small_checkpoint, small_model):
+    run_cli("generate-image", "--model", str(small_checkpoint), "--prompt", "a red apple", "--num", "2", "--seed", "4",
             "--save-dir", str(tmp_path), "--save-codes", str(tmp_path / "codes.safetensors"), "--dtype", "float32")
     codes = load_file(str(tmp_path / "codes.safetensors"))["codes"]
-    expected = generate_codes(tiny_model, "a red apple", num_images=2, seed=4, sampling=ImageSampling())
+    expected = generate_codes(small_model, "a red apple", num_images=2, seed=4, sampling=ImageSampling())
     assert codes.dtype == torch.int64 and torch.equal(codes, expected)
-    size = tiny_model.config.image_size
+    size = small_model.config.image_size
     for i in range(2):
         image = png(tmp_path / f"image_{i}.png")
         assert image.shape == (size, size, 3)
-        decoded = (tiny_model.decode_codes(codes[i : i + 1])[0] * 255).to(torch.uint8).numpy().astype(int)
+        decoded = (small_model.decode_codes(codes[i : i + 1])[0] * 255).to(torch.uint8).numpy().astype(int)
         # decoded alone rather than in a batch of two: float32 rounding may move a pixel by one level
         assert np.abs(image - decoded).max() <= 1
 
 
-def test_generate_video_writes_mp4_frames_and_codes(tmp_path, tiny_checkpoint):
-    run_cli("generate-video", "--model", str(tiny_checkpoint), "--prompt", "fireworks", "--frames", "3", "--fps", "6",
+def test_generate_video_writes_mp4_frames_and_codes(tmp_path, small_checkpoint):
+    run_cli("generate-video", "--model", str(small_checkpoint), "--prompt", "fireworks", "--frames", "3", "--fps", "6",
             "--save-dir", str(tmp_path), "--save-codes", str(tmp_path / "codes.safetensors"), "--top-k", "1")
     codes = load_file(str(tmp_path / "codes.safetensors"))["codes"]
     assert codes.shape == (1, 3, 8, 8, 4)

@@ -40,24 +40,24 @@ def run_child(checkpoint, folder) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def test_a_second_process_loads_the_compiled_step_the_first_saved(tiny_checkpoint, tmp_path):
+def test_a_second_process_loads_the_compiled_step_the_first_saved(small_checkpoint, tmp_path):
     folder = tmp_path / "compile-cache"
-    cold = run_child(tiny_checkpoint, folder)
+    cold = run_child(small_checkpoint, folder)
     assert cold["inductor"].get("fxgraph_cache_miss") == 1 and not cold["inductor"].get("fxgraph_cache_hit"), cold
     saved = [p.name for p in folder.glob("*.bin")]
     assert len(saved) == 1 and saved[0].startswith(f"torch-{torch.__version__}-cpu-") and "-text-1x" in saved[0]
     assert (folder / "inductor").is_dir()  # inductor's own cache, kept in the pack's folder
 
-    warm = run_child(tiny_checkpoint, folder)
+    warm = run_child(small_checkpoint, folder)
     assert warm["inductor"].get("fxgraph_cache_hit") == 1 and not warm["inductor"].get("fxgraph_cache_miss"), warm
     assert warm["aot_autograd"].get("autograd_cache_hit") == 1, warm
     assert warm["ids"] == cold["ids"]
 
 
-def test_another_size_model_or_torch_looks_for_another_file(tiny_model, tmp_path, monkeypatch):
-    config = tiny_model.config
+def test_another_size_model_or_torch_looks_for_another_file(small_model, tmp_path, monkeypatch):
+    config = small_model.config
     model = SimpleNamespace(config=config, weight_quantization="none", device=torch.device("cpu"))
-    key = step_key(tiny_model, 2, 512, kind="text")
+    key = step_key(small_model, 2, 512, kind="text")
     previous = compile_cache.use_folder(tmp_path)
     try:
         name = compile_cache.cache_file(model, key)

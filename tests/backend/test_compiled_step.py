@@ -1,7 +1,7 @@
 """The compiled generation step (vilau_backend/decoding/position_step.py): same codes as the eager step,
 compiled once per (rows, cache-length bucket), reused across positions and runs.
 
-Compiling costs time (minutes for the golden tiny model on two busy cores), so every test here
+Compiling costs time (minutes for the golden checkpoint on two busy cores), so every test here
 runs the golden fp32 model at batch 1 (2 rows) and reuses the one compiled step that the
 module's first run builds.
 

@@ -54,10 +54,10 @@ def summary(folder: Path) -> dict:
     return json.loads((folder / ".vilau-job" / "summary.json").read_text(encoding="utf-8"))
 
 
-def test_caption_two_processes_write_what_one_process_writes_and_a_rerun_does_nothing(tiny_checkpoint, tmp_path):
+def test_caption_two_processes_write_what_one_process_writes_and_a_rerun_does_nothing(small_checkpoint, tmp_path):
     alone, shared = write_images(tmp_path / "alone", 5), write_images(tmp_path / "shared", 5)
-    assert cli_main(["caption", str(alone), "--model", str(tiny_checkpoint), *CAPTION]) == 0
-    result = torchrun("caption", str(shared), "--model", str(tiny_checkpoint), *CAPTION)
+    assert cli_main(["caption", str(alone), "--model", str(small_checkpoint), *CAPTION]) == 0
+    result = torchrun("caption", str(shared), "--model", str(small_checkpoint), *CAPTION)
     assert result.returncode == 0, result.stderr[-3000:]
     assert outputs(shared, ".txt") == outputs(alone, ".txt") and len(outputs(alone, ".txt")) == 5
     assert result.stdout.count("5 written, 0 skipped, 0 failed by 2 process(es)") == 1, result.stdout
@@ -67,17 +67,17 @@ def test_caption_two_processes_write_what_one_process_writes_and_a_rerun_does_no
                     "log-process-1.jsonl": ["img1.txt", "img3.txt"]}
     times = {p.name: p.stat().st_mtime_ns for p in shared.glob("*.txt")}
 
-    again = torchrun("caption", str(shared), "--model", str(tiny_checkpoint), *CAPTION)
+    again = torchrun("caption", str(shared), "--model", str(small_checkpoint), *CAPTION)
     assert again.returncode == 0, again.stderr[-3000:]
     assert {p.name: p.stat().st_mtime_ns for p in shared.glob("*.txt")} == times
     assert (summary(shared)["written"], summary(shared)["skipped"]) == (0, 5)
 
 
-def test_generate_batch_two_processes_write_the_same_pngs_and_a_rerun_does_nothing(tiny_checkpoint, tmp_path):
+def test_generate_batch_two_processes_write_the_same_pngs_and_a_rerun_does_nothing(small_checkpoint, tmp_path):
     prompts = write_prompts(tmp_path / "prompts.jsonl")
     alone, shared = tmp_path / "alone", tmp_path / "shared"
-    assert cli_main(["generate-batch", str(prompts), "--out", str(alone), "--model", str(tiny_checkpoint)]) == 1
-    result = torchrun("generate-batch", str(prompts), "--out", str(shared), "--model", str(tiny_checkpoint))
+    assert cli_main(["generate-batch", str(prompts), "--out", str(alone), "--model", str(small_checkpoint)]) == 1
+    result = torchrun("generate-batch", str(prompts), "--out", str(shared), "--model", str(small_checkpoint))
     assert result.returncode == 1, result.stderr[-3000:]  # the empty prompt failed, the others were made
     assert sorted(outputs(alone, ".png")) == ["000002.png", "apple.png", "boat.png"]
     assert outputs(shared, ".png") == outputs(alone, ".png")
@@ -85,15 +85,15 @@ def test_generate_batch_two_processes_write_the_same_pngs_and_a_rerun_does_nothi
         {"item": "line 3", "error": "the prompt is empty: describe the image or video to generate"}]
     assert result.stdout.count("3 written, 0 skipped, 1 failed by 2 process(es)") == 1, result.stdout
 
-    again = torchrun("generate-batch", str(prompts), "--out", str(shared), "--model", str(tiny_checkpoint))
+    again = torchrun("generate-batch", str(prompts), "--out", str(shared), "--model", str(small_checkpoint))
     assert (summary(shared)["written"], summary(shared)["skipped"], summary(shared)["failed"]) == (0, 3, 1)
     assert outputs(shared, ".png") == outputs(alone, ".png"), again.stderr[-3000:]
 
 
-def test_a_rerun_after_a_partial_run_makes_only_the_missing_files(tiny_checkpoint, tmp_path):
+def test_a_rerun_after_a_partial_run_makes_only_the_missing_files(small_checkpoint, tmp_path):
     prompts = write_prompts(tmp_path / "prompts.jsonl")
     out = tmp_path / "out"
-    arguments = ["generate-batch", str(prompts), "--out", str(out), "--model", str(tiny_checkpoint)]
+    arguments = ["generate-batch", str(prompts), "--out", str(out), "--model", str(small_checkpoint)]
     cli_main(arguments)
     first = outputs(out, ".png")
     (out / "apple.png").unlink()  # as if the run had stopped before it
@@ -104,10 +104,10 @@ def test_a_rerun_after_a_partial_run_makes_only_the_missing_files(tiny_checkpoin
         "apple.png", "000002.png", "boat.png", "apple.png"]
 
     folder = write_images(tmp_path / "images", 3)
-    cli_main(["caption", str(folder), "--model", str(tiny_checkpoint), *CAPTION])
+    cli_main(["caption", str(folder), "--model", str(small_checkpoint), *CAPTION])
     captions = outputs(folder, ".txt")
     (folder / "img1.txt").unlink()
-    cli_main(["caption", str(folder), "--model", str(tiny_checkpoint), *CAPTION])
+    cli_main(["caption", str(folder), "--model", str(small_checkpoint), *CAPTION])
     assert outputs(folder, ".txt") == captions
     assert (summary(folder)["written"], summary(folder)["skipped"]) == (1, 2)
 

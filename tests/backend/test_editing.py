@@ -1,6 +1,6 @@
 """Editing in code space: generate_codes with given codes and a keep mask, and the masks of each edit.
 
-The tiny model (8x8 grid, depth 4, 256 codes) runs in float32 on the CPU."""
+The small random model (8x8 grid, depth 4, 256 codes) runs in float32 on the CPU."""
 
 from __future__ import annotations
 
@@ -33,30 +33,30 @@ GREEDY = ImageSampling(top_k=1)
 
 
 @pytest.fixture(scope="module")
-def source(tiny_model) -> torch.Tensor:
+def source(small_model) -> torch.Tensor:
     """Codes of two images to edit (B, h, w, D): generated from another prompt and seed."""
-    return generate_codes(tiny_model, "a blue house", num_images=2, seed=99)
+    return generate_codes(small_model, "a blue house", num_images=2, seed=99)
 
 
-def test_keeping_everything_gives_back_the_given_codes(tiny_model, source):
+def test_keeping_everything_gives_back_the_given_codes(small_model, source):
     keep = torch.ones(2, 64, 4, dtype=torch.bool)
-    codes = edit_codes(tiny_model, PROMPT, source, keep, sampling=SAMPLED, seed=1)
+    codes = edit_codes(small_model, PROMPT, source, keep, sampling=SAMPLED, seed=1)
     assert torch.equal(codes, source)
 
 
-def test_keeping_nothing_is_plain_generation_with_the_same_seed(tiny_model, source):
+def test_keeping_nothing_is_plain_generation_with_the_same_seed(small_model, source):
     keep = torch.zeros(2, 64, 4, dtype=torch.bool)
-    edited = edit_codes(tiny_model, PROMPT, source, keep, sampling=SAMPLED, seed=5)
-    plain = generate_codes(tiny_model, PROMPT, num_images=2, sampling=SAMPLED, seed=5)
+    edited = edit_codes(small_model, PROMPT, source, keep, sampling=SAMPLED, seed=5)
+    plain = generate_codes(small_model, PROMPT, num_images=2, sampling=SAMPLED, seed=5)
     # same kernels, same shapes, same draws: bit-identical
     assert torch.equal(edited, plain), f"{(edited != plain).sum()} codes differ"
 
 
-def test_inpaint_keeps_unmasked_positions_exactly_and_samples_the_masked_ones(tiny_model, source):
+def test_inpaint_keeps_unmasked_positions_exactly_and_samples_the_masked_ones(small_model, source):
     mask = torch.zeros(1, 64, 64)
     mask[:, 16:48, 8:40] = 1.0  # rows 2..5, columns 1..4 of the 8x8 grid
     regenerate = regenerate_from_mask(mask, (8, 8)).expand(2, -1, -1)
-    codes = edit_codes(tiny_model, PROMPT, source, keep_positions(regenerate, 4), sampling=SAMPLED, seed=3)
+    codes = edit_codes(small_model, PROMPT, source, keep_positions(regenerate, 4), sampling=SAMPLED, seed=3)
     kept, masked = ~regenerate, regenerate
     assert int(masked.sum()) == 2 * 16
     assert torch.equal(codes[kept], source[kept])
@@ -65,35 +65,35 @@ def test_inpaint_keeps_unmasked_positions_exactly_and_samples_the_masked_ones(ti
     assert changed > 0.9, f"only {changed:.0%} of the masked codes changed"
 
 
-def test_vary_by_depth_keeps_the_first_depths_of_every_position(tiny_model, source):
+def test_vary_by_depth_keeps_the_first_depths_of_every_position(small_model, source):
     k = depths_for_strength(0.5, 4)
     assert k == 2
-    codes = edit_codes(tiny_model, PROMPT, source, keep_depths(2, 64, 4, k), sampling=SAMPLED, seed=3)
+    codes = edit_codes(small_model, PROMPT, source, keep_depths(2, 64, 4, k), sampling=SAMPLED, seed=3)
     assert torch.equal(codes[..., :2], source[..., :2])
     changed = (codes[..., 2:] != source[..., 2:]).float().mean().item()
     assert changed > 0.9, f"only {changed:.0%} of the finer codes changed"
 
 
-def test_forced_codes_feed_later_depths_and_positions(tiny_model, source):
+def test_forced_codes_feed_later_depths_and_positions(small_model, source):
     """The same sampled depths differ when the kept coarse depth differs: the forced code is context."""
     keep = keep_depths(2, 64, 4, 1)
-    a = edit_codes(tiny_model, PROMPT, source, keep, sampling=GREEDY)
+    a = edit_codes(small_model, PROMPT, source, keep, sampling=GREEDY)
     other = source.clone()
     other[..., 0] = (other[..., 0] + 17) % 256
-    b = edit_codes(tiny_model, PROMPT, other, keep, sampling=GREEDY)
+    b = edit_codes(small_model, PROMPT, other, keep, sampling=GREEDY)
     assert torch.equal(b[..., 0], other[..., 0])
     assert (a[..., 1:] != b[..., 1:]).float().mean() > 0.5
 
 
-def test_continue_keeps_the_first_rows_and_regenerates_the_rest(tiny_model, source):
-    codes = edit_codes(tiny_model, PROMPT, source, keep_rows(2, (8, 8), 4, 3), sampling=SAMPLED, seed=4)
+def test_continue_keeps_the_first_rows_and_regenerates_the_rest(small_model, source):
+    codes = edit_codes(small_model, PROMPT, source, keep_rows(2, (8, 8), 4, 3), sampling=SAMPLED, seed=4)
     assert torch.equal(codes[:, :3], source[:, :3])
     assert (codes[:, 3:] != source[:, 3:]).float().mean() > 0.9
 
 
-def test_video_extension_keeps_the_given_frames(tiny_model):
-    given = generate_codes(tiny_model, "a boat", frames=2, seed=8)[0]  # (2, h, w, D)
-    video = extend_video_codes(tiny_model, PROMPT, given, 4, videos=2, sampling=SAMPLED, seed=1)
+def test_video_extension_keeps_the_given_frames(small_model):
+    given = generate_codes(small_model, "a boat", frames=2, seed=8)[0]  # (2, h, w, D)
+    video = extend_video_codes(small_model, PROMPT, given, 4, videos=2, sampling=SAMPLED, seed=1)
     assert video.shape == (2, 4, 8, 8, 4)
     assert torch.equal(video[:, :2], given.expand(2, -1, -1, -1, -1))
     assert not torch.equal(video[0, 2:], video[1, 2:])  # two videos, two continuations
@@ -107,23 +107,23 @@ def _state(model, n_positions: int, given: torch.Tensor, keep: torch.Tensor) -> 
     return state
 
 
-def test_prefilled_prefix_gives_the_hidden_states_of_stepping_through_it(tiny_model, source):
+def test_prefilled_prefix_gives_the_hidden_states_of_stepping_through_it(small_model, source):
     """Prefill (one forward over prompt + n positions) and stepping are different kernels (a batched
     matmul against a single-row one), so fp32 results agree to rounding, not bit for bit: within the
     rounding bound of each path (tests/conftest.py, llm_hidden_bounds)."""
     codes = source.reshape(2, 64, 4)
     every = torch.ones(2, 64, 4, dtype=torch.bool)  # the steps feed exactly these codes
     n = 19  # two rows and three positions
-    prefilled, stepped = _state(tiny_model, 64, codes, every), _state(tiny_model, 64, codes, every)
-    with torch.inference_mode(), llm_hidden_bounds(tiny_model, prefilled.key_mask.shape[-1]) as bounds:
-        prefilled.prefill(tiny_model, prefix_inputs(tiny_model, codes[:, :n]))
-        stepped.prefill(tiny_model)
+    prefilled, stepped = _state(small_model, 64, codes, every), _state(small_model, 64, codes, every)
+    with torch.inference_mode(), llm_hidden_bounds(small_model, prefilled.key_mask.shape[-1]) as bounds:
+        prefilled.prefill(small_model, prefix_inputs(small_model, codes[:, :n]))
+        stepped.prefill(small_model)
         for p in range(n):
-            advance(tiny_model, stepped, stepped.grid_indices[p])
+            advance(small_model, stepped, stepped.grid_indices[p])
         after_prefill, after_step = [prefilled.hidden.clone()], [stepped.hidden.clone()]
         for p in range(n, n + 4):  # the same inputs continue both
             for state, seen in ((prefilled, after_prefill), (stepped, after_step)):
-                advance(tiny_model, state, state.grid_indices[p])
+                advance(small_model, state, state.grid_indices[p])
                 seen.append(state.hidden.clone())
     # the LLM forwards in order: prefilled's prefill, stepped's prefill, n steps, then the pairs of steps
     prefill_bounds = [bounds.bounds[0]] + bounds.bounds[n + 2 :: 2]
@@ -136,24 +136,24 @@ def test_prefilled_prefix_gives_the_hidden_states_of_stepping_through_it(tiny_mo
         assert excess <= 0, f"hidden states exceed the rounding bound by {excess:.2e}"
 
 
-def test_prefilled_prefix_gives_the_codes_of_stepping_through_it(tiny_model, source):
+def test_prefilled_prefix_gives_the_codes_of_stepping_through_it(small_model, source):
     """Teacher-forced agreement: the codes stepping through a kept prefix picks (greedy) are what the
     prefilled stream picks at every decision whose top-1/top-2 guided-logit gap exceeds a margin
     (1e-3: over 200 times the hidden-state differences measured above, times guidance's
     amplification 2*cfg-1 = 5); near-ties below it may go either way on another CPU.
     Measured: 319 of 320 decisions clear the margin (smallest gap 4.5e-4), all of them agree."""
     keep = keep_rows(2, (8, 8), 4, 3)
-    edit = _edit_inputs(tiny_model, source, keep, (2, 64, 4))
+    edit = _edit_inputs(small_model, source, keep, (2, 64, 4))
     assert edit.prefix == 24
     with torch.inference_mode():  # start 0: the kept rows are stepped through, not prefilled
-        stepped = _code_loop(tiny_model, _state(tiny_model, 64, edit.given, edit.keep), 64, 0, False, None, None)
+        stepped = _code_loop(small_model, _state(small_model, 64, edit.given, edit.keep), 64, 0, False, None, None)
     assert torch.equal(stepped[:, :24], source.reshape(2, 64, 4)[:, :24])
 
-    state = _state(tiny_model, 64, stepped, torch.ones(2, 64, 4, dtype=torch.bool))
-    depth, embed = tiny_model.vision.depth, tiny_model.vision.quantizer.embed_codes
+    state = _state(small_model, 64, stepped, torch.ones(2, 64, 4, dtype=torch.bool))
+    depth, embed = small_model.vision.depth, small_model.vision.quantizer.embed_codes
     agree = checked = 0
     with torch.inference_mode():
-        state.prefill(tiny_model, prefix_inputs(tiny_model, stepped[:, :24]))
+        state.prefill(small_model, prefix_inputs(small_model, stepped[:, :24]))
         for p in range(24, 64):
             logits = depth(state.hidden, stepped[:, p].repeat(2, 1), embed)  # (R, D, V)
             guided = (logits[2:] + GREEDY.cfg * (logits[:2] - logits[2:])).float()  # (B, D, V)
@@ -161,7 +161,7 @@ def test_prefilled_prefix_gives_the_codes_of_stepping_through_it(tiny_model, sou
             clear = (top2[..., 0] - top2[..., 1]) > 1e-3
             agree += int(((guided.argmax(-1) == stepped[:, p]) & clear).sum())
             checked += int(clear.sum())
-            advance(tiny_model, state, state.grid_indices[p])  # feeds stepped[:, p]
+            advance(small_model, state, state.grid_indices[p])  # feeds stepped[:, p]
     assert checked > 0.9 * 2 * 40 * 4, f"only {checked} decisions were clear of near-ties"
     assert agree == checked, f"{checked - agree} of {checked} clear decisions differ"
 
@@ -216,12 +216,12 @@ def test_paste_outside_restores_the_original_away_from_the_edge():
         (dict(given_codes=torch.full((2, 64, 4), 999), keep=torch.ones(2, 64, 4, dtype=torch.bool)), "0..255"),
     ],
 )
-def test_bad_edits_say_what_to_fix(tiny_model, kwargs, message):
+def test_bad_edits_say_what_to_fix(small_model, kwargs, message):
     with pytest.raises(InputError, match=message):
-        generate_codes(tiny_model, PROMPT, num_images=2, **kwargs)
+        generate_codes(small_model, PROMPT, num_images=2, **kwargs)
 
 
-def test_cli_edit_inpaints_from_an_image_and_a_mask_file(tiny_checkpoint, tmp_path):
+def test_cli_edit_inpaints_from_an_image_and_a_mask_file(small_checkpoint, tmp_path):
     import numpy as np
     from PIL import Image
 
@@ -233,7 +233,7 @@ def test_cli_edit_inpaints_from_an_image_and_a_mask_file(tiny_checkpoint, tmp_pa
     mask = np.zeros((64, 64), dtype=np.uint8)
     mask[:16] = 255  # the top two grid rows
     Image.fromarray(mask).save(tmp_path / "mask.png")
-    code = main(["edit", "--model", str(tiny_checkpoint), "--image", str(tmp_path / "in.png"), "--mode", "inpaint",
+    code = main(["edit", "--model", str(small_checkpoint), "--image", str(tmp_path / "in.png"), "--mode", "inpaint",
                  "--mask", str(tmp_path / "mask.png"), "--feather", "0", "--prompt", PROMPT, "--num", "2",
                  "--save-dir", str(tmp_path / "out"), "--save-codes", str(tmp_path / "codes.safetensors")])
     assert code == 0

@@ -34,7 +34,7 @@ APPLE = "a red apple on a table"
 
 # Decoded pixels are compared with this tolerance, never bit-exactly: CPU convolution kernels
 # pick their algorithm by batch size, thread count and instruction set, so one frame decoded
-# in a batch and alone differs at float32 rounding level (measured on the tiny model: 3.5e-6
+# in a batch and alone differs at float32 rounding level (measured on the small random model: 3.5e-6
 # on raw decoder outputs of magnitude 3.6, and any fp32 decode is within 5e-6 of a float64
 # decode, whatever the batch). 1e-4 in 0..1 image units is 40x that, and still 100x below
 # the difference between two frames.
@@ -124,42 +124,42 @@ def test_bf16_free_running_matches_original_until_a_near_tie(golden_bf16):
     assert first >= 16, f"free-running codes diverge from the original at position {first}"
 
 
-def test_video_codes_are_consecutive_frames_in_one_stream(tiny_model):
-    h, w = tiny_model.config.grid
-    codes = generate_codes(tiny_model, "fireworks", frames=3, sampling=GREEDY, seed=1)
+def test_video_codes_are_consecutive_frames_in_one_stream(small_model):
+    h, w = small_model.config.grid
+    codes = generate_codes(small_model, "fireworks", frames=3, sampling=GREEDY, seed=1)
     assert codes.shape == (1, 3, h, w, 4)
-    flat = generate_codes(tiny_model, "fireworks", frames=3, sampling=GREEDY, seed=1).reshape(1, 3 * h * w, 4)
+    flat = generate_codes(small_model, "fireworks", frames=3, sampling=GREEDY, seed=1).reshape(1, 3 * h * w, 4)
     assert torch.equal(codes.reshape(1, -1, 4), flat)
 
 
-def test_generate_video_decodes_every_frame(tiny_model):
-    result = generate_video(tiny_model, "fireworks", frames=2, num_images=2, sampling=GREEDY)
-    size = tiny_model.config.image_size
+def test_generate_video_decodes_every_frame(small_model):
+    result = generate_video(small_model, "fireworks", frames=2, num_images=2, sampling=GREEDY)
+    size = small_model.config.image_size
     assert result.codes.shape[:2] == (2, 2) and result.images.shape == (2, 2, size, size, 3)
-    frames = tiny_model.decode_codes(result.codes[1])  # video 1 alone: (F, H, W, 3)
+    frames = small_model.decode_codes(result.codes[1])  # video 1 alone: (F, H, W, 3)
     torch.testing.assert_close(result.images[1], frames, rtol=0, atol=PIXEL_ATOL)
-    alone = tiny_model.decode_codes(result.codes[1, 1][None])[0]  # one frame alone, another batch size
+    alone = small_model.decode_codes(result.codes[1, 1][None])[0]  # one frame alone, another batch size
     torch.testing.assert_close(result.images[1, 1], alone, rtol=0, atol=PIXEL_ATOL)
     assert (result.images[1, 1] - result.images[1, 0]).abs().max() > 100 * PIXEL_ATOL, "frames must differ"
 
 
-def test_same_seed_same_images_and_different_seed_differs(tiny_model):
-    a = generate_codes(tiny_model, APPLE, seed=7)
-    b = generate_codes(tiny_model, APPLE, seed=7)
-    c = generate_codes(tiny_model, APPLE, seed=8)
+def test_same_seed_same_images_and_different_seed_differs(small_model):
+    a = generate_codes(small_model, APPLE, seed=7)
+    b = generate_codes(small_model, APPLE, seed=7)
+    c = generate_codes(small_model, APPLE, seed=8)
     assert torch.equal(a, b)
     assert (a != c).float().mean().item() > 0.3
 
 
-def test_first_image_of_a_batch_of_three_equals_a_batch_of_one_with_the_same_seed(tiny_model):
+def test_first_image_of_a_batch_of_three_equals_a_batch_of_one_with_the_same_seed(small_model):
     # A batch changes image 0's logits by float rounding only (measured: up to 1e-5), and a
     # draw flips when its uniform lies that close to a boundary of the cumulative distribution.
     # With the default top-k/top-p there are ~200 boundaries and this happens (the nearest draw
     # of a 64-position run was 1e-6 from one); top-2 sampling has one boundary per draw, and
     # for seed 5 the nearest draw is 9e-4 from it, 200x the probability change a batch causes.
     two = ImageSampling(top_k=2, top_p=1.0)
-    batch = generate_codes(tiny_model, APPLE, num_images=3, seed=5, sampling=two)
-    single = generate_codes(tiny_model, APPLE, num_images=1, seed=5, sampling=two)
+    batch = generate_codes(small_model, APPLE, num_images=3, seed=5, sampling=two)
+    single = generate_codes(small_model, APPLE, num_images=1, seed=5, sampling=two)
     assert torch.equal(batch[0], single[0])
     assert not torch.equal(batch[0], batch[1]), "images of one batch must differ"
 
@@ -171,7 +171,7 @@ def test_generators_are_distinct_per_seed_and_index():
     assert draws[(0, 1)] != draws[(1, 0)]
 
 
-def test_kv_cached_loop_equals_full_recomputation(tiny_model):
+def test_kv_cached_loop_equals_full_recomputation(small_model):
     """The optimised loop (static cache, one position per step) against recomputing the
     whole sequence at every position without any cache. Other kernel shapes, other roundings
     (about 1e-5 on the logits), but the smallest top-1/top-2 gap of these greedy decisions
@@ -181,10 +181,10 @@ def test_kv_cached_loop_equals_full_recomputation(tiny_model):
     from vilau_backend.decoding.prompts import cfg_batch
     from vilau_backend.decoding.sampling import greedy
 
-    codes = generate_codes(tiny_model, APPLE, num_images=2, sampling=GREEDY)
+    codes = generate_codes(small_model, APPLE, num_images=2, sampling=GREEDY)
     B, h, w, D = codes.shape
-    ids, mask = cfg_batch(tiny_model.tokenizer, APPLE, " ", n=B)
-    llm = tiny_model.llm
+    ids, mask = cfg_batch(small_model.tokenizer, APPLE, " ", n=B)
+    llm = small_model.llm
     embeds = llm.get_input_embeddings()(ids)  # (R, T, H)
     full_mask = mask.clone()
     expected = []
@@ -192,17 +192,17 @@ def test_kv_cached_loop_equals_full_recomputation(tiny_model):
         for p in range(h * w):
             hidden = llm.model(inputs_embeds=embeds, attention_mask=full_mask.long(),
                                position_ids=padded_positions(full_mask)).last_hidden_state[:, -1]
-            picked, _ = tiny_model.vision.depth.generate(
-                hidden, tiny_model.vision.quantizer.embed_codes, 3.0, at_every_depth(greedy)
+            picked, _ = small_model.vision.depth.generate(
+                hidden, small_model.vision.quantizer.embed_codes, 3.0, at_every_depth(greedy)
             )
             expected.append(picked)
-            embeds = torch.cat([embeds, next_input(tiny_model, picked)[:, None]], dim=1)
+            embeds = torch.cat([embeds, next_input(small_model, picked)[:, None]], dim=1)
             full_mask = torch.cat([full_mask, torch.ones(2 * B, 1, dtype=torch.bool)], dim=1)
     assert torch.equal(codes.reshape(B, h * w, D), torch.stack(expected, 1))
 
 
-def test_callback_sees_every_position_and_cancel_leaves_model_usable(tiny_model):
-    reference_codes = generate_codes(tiny_model, APPLE, seed=3)
+def test_callback_sees_every_position_and_cancel_leaves_model_usable(small_model):
+    reference_codes = generate_codes(small_model, APPLE, seed=3)
     seen = []
 
     def stop_midway(done, total, codes):
@@ -211,28 +211,28 @@ def test_callback_sees_every_position_and_cancel_leaves_model_usable(tiny_model)
             raise KeyboardInterrupt("cancelled by the user")
 
     with pytest.raises(KeyboardInterrupt):
-        generate_codes(tiny_model, APPLE, seed=3, on_position=stop_midway)
-    total = tiny_model.config.tokens_per_image
+        generate_codes(small_model, APPLE, seed=3, on_position=stop_midway)
+    total = small_model.config.tokens_per_image
     assert seen == [(i, total, (1, i, 4)) for i in range(1, 11)]
-    assert torch.equal(generate_codes(tiny_model, APPLE, seed=3), reference_codes)
+    assert torch.equal(generate_codes(small_model, APPLE, seed=3), reference_codes)
 
 
-def test_generate_images_returns_codes_features_and_decoded_conditional_images(tiny_model):
-    result = generate_images(tiny_model, APPLE, num_images=2, seed=5)
-    size, (h, w) = tiny_model.config.image_size, tiny_model.config.grid
+def test_generate_images_returns_codes_features_and_decoded_conditional_images(small_model):
+    result = generate_images(small_model, APPLE, num_images=2, seed=5)
+    size, (h, w) = small_model.config.image_size, small_model.config.grid
     assert result.codes.shape == (2, h, w, 4) and result.codes.dtype == torch.int64
     assert result.features.shape == (2, h, w, 64)
     assert result.images.shape == (2, size, size, 3) and 0 <= result.images.min() and result.images.max() <= 1
-    torch.testing.assert_close(result.images, tiny_model.decode_codes(result.codes), rtol=0, atol=PIXEL_ATOL)
+    torch.testing.assert_close(result.images, small_model.decode_codes(result.codes), rtol=0, atol=PIXEL_ATOL)
 
 
-def test_preview_shows_generated_rows_and_grey_elsewhere(tiny_model):
-    codes = generate_codes(tiny_model, APPLE, seed=2)  # (1, h, w, D)
-    h, w = tiny_model.config.grid
+def test_preview_shows_generated_rows_and_grey_elsewhere(small_model):
+    codes = generate_codes(small_model, APPLE, seed=2)  # (1, h, w, D)
+    h, w = small_model.config.grid
     rows_done = 3
     partial = codes.reshape(1, h * w, 4)[:, : rows_done * w]
-    preview = preview_image(tiny_model, partial)
-    scale = tiny_model.config.image_size // h
+    preview = preview_image(small_model, partial)
+    scale = small_model.config.image_size // h
     assert preview.shape == (1, h * scale, w * scale, 3)
     assert torch.all(preview[:, rows_done * scale :] == 0.5)
     assert preview[:, : rows_done * scale].std() > 0.01
@@ -248,12 +248,12 @@ def test_preview_shows_generated_rows_and_grey_elsewhere(tiny_model):
         (dict(prompt="an <image> of a cat"), "reserves for image inputs"),
     ],
 )
-def test_bad_requests_say_what_to_fix(tiny_model, kwargs, message):
+def test_bad_requests_say_what_to_fix(small_model, kwargs, message):
     kwargs = {"prompt": APPLE, **kwargs}
     with pytest.raises(InputError, match=message):
-        generate_codes(tiny_model, **kwargs)
+        generate_codes(small_model, **kwargs)
 
 
-def test_too_many_frames_for_the_context_is_an_error(tiny_model):
+def test_too_many_frames_for_the_context_is_an_error(small_model):
     with pytest.raises(InputError, match="exceeds the model's context"):
-        generate_codes(tiny_model, APPLE, frames=200)
+        generate_codes(small_model, APPLE, frames=200)

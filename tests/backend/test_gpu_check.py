@@ -1,4 +1,4 @@
-"""dev/bench/gpu_check.sh end to end on the CPU (--dry-run: the tiny preset, torch.cuda stubbed, dynamo's
+"""dev/bench/gpu_check.sh end to end on the CPU (--dry-run: the golden-size preset, torch.cuda stubbed, dynamo's
 eager backend), so that a Python error in the check shows here and never spends a lent GPU's time.
 Takes about three minutes on two busy cores."""
 

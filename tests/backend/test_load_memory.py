@@ -1,7 +1,7 @@
 """Loading reads the weights without extra copies, and quantizes layer by layer: peak memory stays near the
 weights as loaded (the CI-sized version of dev/bench/load.py, which runs the same measurement at 7B size).
 
-Each load runs in a fresh process that first loads a tiny model (imports and lazy
+Each load runs in a fresh process that first loads a small random model (imports and lazy
 initialisations done), then the ~150 MB bf16 checkpoint below; what the load adds to the
 resident memory beyond the weights it keeps is the figure. Measured here: 10 to 30 MiB for
 every choice. Reading through memory maps added the whole checkpoint (every page read
@@ -14,7 +14,7 @@ from __future__ import annotations
 import pytest
 
 from dev.bench.load import run_child
-from vilau_backend.testing.random_checkpoint import TinySizes, write_tiny_checkpoint
+from vilau_backend.testing.random_checkpoint import CheckpointSizes, write_random_checkpoint
 
 MiB = 2**20
 # the largest tensor is 2816 x 1024 bf16 (5.5 MiB); a load may hold a few of them at once
@@ -25,8 +25,8 @@ SLACK = 96 * MiB
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("load_memory")
-    sizes = TinySizes(llm_hidden=1024, llm_layers=6, llm_intermediate=2816, llm_shards=3)
-    return write_tiny_checkpoint(root / "model", sizes), write_tiny_checkpoint(root / "warmup")
+    sizes = CheckpointSizes(llm_hidden=1024, llm_layers=6, llm_intermediate=2816, llm_shards=3)
+    return write_random_checkpoint(root / "model", sizes), write_random_checkpoint(root / "warmup")
 
 
 class Options:

@@ -15,13 +15,13 @@ from conftest import GOLDEN_CHECKPOINT
 from vilau_backend.checkpoint.config import KNOWN_SIGLIP_VISION_CONFIGS, is_vila_u_folder, load_config
 from vilau_backend.errors import CheckpointError
 from vilau_backend.model.vila_u import VilaUModel
-from vilau_backend.testing.random_checkpoint import TinySizes, write_tiny_checkpoint
+from vilau_backend.testing.random_checkpoint import CheckpointSizes, write_random_checkpoint
 
 
 @pytest.fixture
-def broken(tmp_path, tiny_checkpoint) -> Path:
-    """A writable copy of the tiny checkpoint to damage."""
-    return Path(shutil.copytree(tiny_checkpoint, tmp_path / "model"))
+def broken(tmp_path, small_checkpoint) -> Path:
+    """A writable copy of the small random checkpoint to damage."""
+    return Path(shutil.copytree(small_checkpoint, tmp_path / "model"))
 
 
 def edit_json(path: Path, **changes) -> None:
@@ -46,8 +46,8 @@ def test_siglip_is_built_without_its_last_layer_head_or_text_tower(golden_fp32):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_every_weight_has_the_requested_dtype(tiny_checkpoint, dtype):
-    model = VilaUModel.load(tiny_checkpoint, dtype=dtype, device="cpu")
+def test_every_weight_has_the_requested_dtype(small_checkpoint, dtype):
+    model = VilaUModel.load(small_checkpoint, dtype=dtype, device="cpu")
     for module in (model.llm, model.vision, model.projector):
         dtypes = {p.dtype for p in module.parameters()}
         assert dtypes == {dtype}, (type(module).__name__, dtypes)
@@ -60,8 +60,8 @@ def test_root_model_type_vila_u_is_accepted(broken):
 
 
 def test_sharded_llm_loads_same_weights_as_single_file(tmp_path):
-    single = VilaUModel.load(write_tiny_checkpoint(tmp_path / "single", seed=3), dtype="float32")
-    sharded_dir = write_tiny_checkpoint(tmp_path / "sharded", seed=3, shard_llm=True)
+    single = VilaUModel.load(write_random_checkpoint(tmp_path / "single", seed=3), dtype="float32")
+    sharded_dir = write_random_checkpoint(tmp_path / "sharded", seed=3, shard_llm=True)
     assert (sharded_dir / "llm" / "model.safetensors.index.json").is_file()
     assert not (sharded_dir / "llm" / "model.safetensors").exists()
     sharded = VilaUModel.load(sharded_dir, dtype="float32")
@@ -70,7 +70,7 @@ def test_sharded_llm_loads_same_weights_as_single_file(tmp_path):
 
 
 def test_per_depth_codebooks_are_read(tmp_path):
-    folder = write_tiny_checkpoint(tmp_path / "m", TinySizes(shared_codebook=False))
+    folder = write_random_checkpoint(tmp_path / "m", CheckpointSizes(shared_codebook=False))
     model = VilaUModel.load(folder, dtype="float32")
     books = [model.vision.quantizer.codebook(d).weight for d in range(4)]
     assert not torch.equal(books[0], books[1])
@@ -128,7 +128,7 @@ def test_missing_weight_file_is_named(broken):
 
 
 def test_missing_shard_listed_in_the_index_says_to_download(tmp_path):
-    folder = write_tiny_checkpoint(tmp_path / "m", shard_llm=True)
+    folder = write_random_checkpoint(tmp_path / "m", shard_llm=True)
     (folder / "llm" / "model-00002-of-00002.safetensors").unlink()
     with pytest.raises(CheckpointError, match=r"model-00002-of-00002.safetensors is missing.*download"):
         VilaUModel.load(folder)

@@ -17,15 +17,15 @@ from vilau_backend.tasks.generate import ImageSampling, generate_codes
 from vilau_backend.model.vila_u import VilaUModel
 from vilau_backend.memory.placement import STREAMED, StreamFromCpu, apply_placement, plan_placement, remove_placement
 from vilau_backend.memory.weight_quantization import module_bytes
-from vilau_backend.testing.random_checkpoint import TinySizes, write_tiny_checkpoint
+from vilau_backend.testing.random_checkpoint import CheckpointSizes, write_random_checkpoint
 from vilau_backend.tasks.understand import GREEDY, describe_images
 
-SIZES = TinySizes(llm_layers=6, llm_hidden=128)
+SIZES = CheckpointSizes(llm_layers=6, llm_hidden=128)
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    return write_tiny_checkpoint(tmp_path_factory.mktemp("offload") / "m", SIZES, seed=5)
+    return write_random_checkpoint(tmp_path_factory.mktemp("offload") / "m", SIZES, seed=5)
 
 
 @pytest.fixture(scope="module")

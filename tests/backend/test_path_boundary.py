@@ -1,4 +1,4 @@
-"""The allowed-roots check behind Caption Folder's folder input (vilau_backend/path_boundary.py)."""
+"""The allowed-roots check behind Caption Folder's folder input (vilau_backend/media/path_boundary.py)."""
 
 from __future__ import annotations
 

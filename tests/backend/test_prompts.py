@@ -112,7 +112,7 @@ def test_special_token_ids_are_those_of_the_checkpoint(tokenizer, manifest):
 
 
 def test_ids_ignore_the_models_dummy_prefix_setting(tmp_path):
-    # LLaMA-2's tokenizer.model has add_dummy_prefix on (the tiny fixture's has it
+    # LLaMA-2's tokenizer.model has add_dummy_prefix on (the golden checkpoint's has it
     # off); the original switched it off, so the ids must not change.
     folder = _copy_tokenizer(tmp_path)
     model = folder / "tokenizer.model"

@@ -1,7 +1,7 @@
 """quantize='int8' / '4bit': which weights are quantized, how much memory they take, and how far decisions move.
 
 Tolerances are measured on the golden checkpoint (dev/bench/quality.py prints the same
-figures; README.md has them for larger models): a random-weight tiny model has
+figures; README.md has them for larger models): a random-weight model this small has
 near-uniform depth distributions, so many decisions are near-ties and agreement is
 lower than on a trained model; the bounds leave room for other CPUs' kernels.
 
@@ -28,10 +28,10 @@ from vilau_backend.decoding.compiled_steps import cpu_inductor_options
 from vilau_backend.errors import InputError
 from vilau_backend.model.vila_u import VilaUModel
 from vilau_backend.memory.weight_quantization import check_quantize, module_bytes, tensor_bytes
-from vilau_backend.testing.random_checkpoint import TinySizes, write_tiny_checkpoint
+from vilau_backend.testing.random_checkpoint import CheckpointSizes, write_random_checkpoint
 
 # every targeted Linear a multiple of 64 on both sides, as in real checkpoints
-SIZES_64 = TinySizes(llm_hidden=128, depth_width=64)
+SIZES_64 = CheckpointSizes(llm_hidden=128, depth_width=64)
 
 
 def load_4bit(checkpoint, cpu_kernel: bool | None = None) -> VilaUModel:
@@ -57,7 +57,7 @@ def golden_4bit():
 
 @pytest.fixture(scope="module")
 def checkpoint_64(tmp_path_factory):
-    return write_tiny_checkpoint(tmp_path_factory.mktemp("sizes64") / "m", SIZES_64, seed=3)
+    return write_random_checkpoint(tmp_path_factory.mktemp("sizes64") / "m", SIZES_64, seed=3)
 
 
 def _targeted_linears(model: VilaUModel) -> dict[str, torch.nn.Module]:

@@ -58,25 +58,25 @@ def test_requests_are_frozen():
         request.seed = 3  # type: ignore[misc]
 
 
-def test_a_request_and_keywords_give_the_same_codes(tiny_model):
+def test_a_request_and_keywords_give_the_same_codes(small_model):
     sampling = ImageSampling(temperature=0.7)
     request = ImageRequest(APPLE, num_images=2, sampling=sampling, seed=5)
-    by_request = generate_codes(tiny_model, request)
-    by_keywords = generate_codes(tiny_model, APPLE, num_images=2, sampling=sampling, seed=5)
+    by_request = generate_codes(small_model, request)
+    by_keywords = generate_codes(small_model, APPLE, num_images=2, sampling=sampling, seed=5)
     assert by_request.shape[0] == 2
     assert torch.equal(by_request, by_keywords)
-    assert torch.equal(generate_images(tiny_model, request, decode=False).codes, by_request.cpu())
+    assert torch.equal(generate_images(small_model, request, decode=False).codes, by_request.cpu())
 
 
-def test_an_edit_takes_its_batch_from_the_given_codes(tiny_model):
-    codes = generate_codes(tiny_model, APPLE, num_images=3, seed=1)  # (3, h, w, D)
+def test_an_edit_takes_its_batch_from_the_given_codes(small_model):
+    codes = generate_codes(small_model, APPLE, num_images=3, seed=1)  # (3, h, w, D)
     D = codes.shape[-1]
-    kept_all = vary_by_depth(tiny_model, ImageRequest(APPLE, seed=9), codes, D)  # num_images 1, three sources
+    kept_all = vary_by_depth(small_model, ImageRequest(APPLE, seed=9), codes, D)  # num_images 1, three sources
     assert torch.equal(kept_all.codes, codes.cpu())
 
 
-def test_a_request_and_keywords_together_are_refused(tiny_model):
+def test_a_request_and_keywords_together_are_refused(small_model):
     with pytest.raises(TypeError, match="not both"):
-        generate_codes(tiny_model, ImageRequest(APPLE), seed=3)
+        generate_codes(small_model, ImageRequest(APPLE), seed=3)
     with pytest.raises(TypeError, match="not both"):
-        describe_images(tiny_model, torch.rand(1, 8, 8, 3), AnswerRequest("why?"), sampling=GREEDY)
+        describe_images(small_model, torch.rand(1, 8, 8, 3), AnswerRequest("why?"), sampling=GREEDY)

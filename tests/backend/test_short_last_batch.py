@@ -13,10 +13,10 @@ from vilau_backend.tasks.understand import GREEDY, describe_images
 QUESTION = "Describe the image."
 
 
-def test_short_last_batch_replays_the_compiled_step(tiny_checkpoint, tmp_path):
+def test_short_last_batch_replays_the_compiled_step(small_checkpoint, tmp_path):
     from torch._dynamo.utils import counters
 
-    model = VilaUModel.load(tiny_checkpoint, dtype="float32", device="cpu")  # its own: no size compiled yet
+    model = VilaUModel.load(small_checkpoint, dtype="float32", device="cpu")  # its own: no size compiled yet
     folder = tmp_path / "images"
     folder.mkdir()
     for i in range(3):

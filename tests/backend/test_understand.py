@@ -1,4 +1,4 @@
-"""Image and video understanding against the original's recorded outputs (golden fixture vilau-tiny-256).
+"""Image and video understanding against the original's recorded outputs (the golden checkpoint, tests/fixtures/vilau-tiny-256).
 
 The fp32 files give the tight checks: prompt ids exactly; the image prompt's last-position
 logits, from the recorded spliced prompt, within their rounding bound (tests/conftest.py:

@@ -1,4 +1,4 @@
-"""The vision tower against the original's recorded outputs (golden fixture vilau-tiny-256).
+"""The vision tower against the original's recorded outputs (the golden checkpoint, tests/fixtures/vilau-tiny-256).
 
 Tolerances: fp32 encode must give the original's codes wherever the nearest code is
 clear of a near-tie (see NEAR_TIE), and z_q / projected features within float32 rounding

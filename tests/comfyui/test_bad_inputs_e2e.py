@@ -1,6 +1,6 @@
 """What a hostile or unlucky user sends, through a real ComfyUI's API.
 
-One server for the module, with this pack, two tiny models of the same geometry but other
+One server for the module, with this pack, two small random models of the same geometry but other
 weights, one with a corrupt tokenizer, and HF_ENDPOINT pointing at a loopback listener that
 accepts connections and never answers (a dead proxy), with huggingface_hub's metadata
 timeout set to 3 s. Messages are asserted as the person at the canvas reads them."""
@@ -19,8 +19,8 @@ from dev.comfy_harness import server as cs
 from dev.comfy_harness import workflow_api as wa
 from dev.comfy_harness.silent_hub import SilentListener
 
-TINY = "vila-u-tiny-64"
-OTHER = "vila-u-tiny-other"  # same channels and grid as TINY, other weights
+SMALL = "vila-u-small-64"
+OTHER = "vila-u-small-other"  # same channels and grid as SMALL, other weights
 BROKEN_TOKENIZER = "vila-u-broken-tokenizer"
 HUB_TIMEOUT_S = 3
 
@@ -38,13 +38,13 @@ def silent_hub():
 def server(tmp_path_factory, silent_hub):
     from PIL import Image
 
-    from vilau_backend.testing.random_checkpoint import write_tiny_checkpoint
+    from vilau_backend.testing.random_checkpoint import write_random_checkpoint
 
     run = tmp_path_factory.mktemp("run")
     models = run / "models" / "vila-u"
-    tiny = write_tiny_checkpoint(models / TINY)
-    write_tiny_checkpoint(models / OTHER, seed=3)
-    broken = shutil.copytree(tiny, models / BROKEN_TOKENIZER)
+    small = write_random_checkpoint(models / SMALL)
+    write_random_checkpoint(models / OTHER, seed=3)
+    broken = shutil.copytree(small, models / BROKEN_TOKENIZER)
     (broken / "llm" / "tokenizer.model").write_bytes(b"this is not a sentencepiece model" * 8)
     env = {"OMP_NUM_THREADS": "1", "HF_ENDPOINT": silent_hub.url, "HF_HUB_ETAG_TIMEOUT": str(HUB_TIMEOUT_S)}
     srv = cs.ComfyServer(cs.comfyui_dir(), run, {cs.PACK: cs.REPO_ROOT}, env=env, offline=False)
@@ -55,7 +55,7 @@ def server(tmp_path_factory, silent_hub):
     srv.stop()
 
 
-def loader(model=TINY, dtype="fp32"):
+def loader(model=SMALL, dtype="fp32"):
     return wa.loader_node(model, dtype=dtype, download_if_missing=True)
 
 
@@ -141,7 +141,7 @@ def test_a_latent_of_another_model_of_the_same_geometry_is_refused(server):
         "7": preview(["6", 0]),
     }
     message = failure(server, graph, "6")
-    assert f"made by the VILA-U model '{TINY}', whose codebooks differ from those of '{OTHER}'" in message
+    assert f"made by the VILA-U model '{SMALL}', whose codebooks differ from those of '{OTHER}'" in message
     graph["6"]["inputs"]["model"] = ["1", 0]  # the model that made it: the blend decodes
     assert len(server.output_files(server.run(graph, timeout=120), "7")) == 1
 

@@ -14,7 +14,7 @@ from dev.comfy_harness import workflow_api as wa
 
 pytestmark = pytest.mark.comfyui  # starts the pinned ComfyUI: not part of the transformers 4.50.3 pass
 
-TINY = "vila-u-tiny-64"
+SMALL = "vila-u-small-64"
 
 
 def write_audio_only(path: Path) -> None:
@@ -47,7 +47,7 @@ def server(tmp_path_factory):
 
     import torch
 
-    with cs.pack_server(tmp_path_factory.mktemp("run"), TINY) as srv:
+    with cs.pack_server(tmp_path_factory.mktemp("run"), SMALL) as srv:
         (srv.input_dir / "garbage.mp4").write_bytes(b"this is not a video" * 40)
         write_audio_only(srv.input_dir / "audio_only.mp4")
         write_no_frames(srv.input_dir / "no_frames.mp4")
@@ -85,14 +85,14 @@ def failure(server, graph, node: str) -> str:
 def test_a_bad_video_file_is_explained_alike_in_video_qa_and_extend_video(server, name, explanation):
     load = {"class_type": "LoadVideo", "inputs": {"file": name}}
     preview = {"class_type": "PreviewAny", "inputs": {"source": ["3", 0]}}  # Extend Video is no output node
-    messages = [failure(server, {"1": wa.loader_node(TINY), "2": load, "3": node(["2", 0]), "4": preview}, "3")
+    messages = [failure(server, {"1": wa.loader_node(SMALL), "2": load, "3": node(["2", 0]), "4": preview}, "3")
                 for node in (video_qa, extend_video)]
     assert messages[0] == messages[1]
     assert messages[0].startswith(explanation.format(path=server.input_dir / name)), messages[0]
 
 
 def test_extend_video_keeps_every_frame_of_a_video_file(server):
-    graph = {"1": wa.loader_node(TINY), "2": {"class_type": "LoadVideo", "inputs": {"file": "two_frames.mp4"}},
+    graph = {"1": wa.loader_node(SMALL), "2": {"class_type": "LoadVideo", "inputs": {"file": "two_frames.mp4"}},
              "3": extend_video(["2", 0]),
              "4": {"class_type": "SaveImage", "inputs": {"images": ["3", 0], "filename_prefix": "extended"}}}
     assert len(server.output_files(server.run(graph, timeout=300), "4")) == 3  # 2 given + 1 new
@@ -109,6 +109,6 @@ def test_a_too_long_text_input_is_named_with_its_token_count(server, too_long):
           "inputs": {"model": ["1", 0], "image": ["2", 0], "batch_mode": "one answer per image", "seed": 0,
                      "max_new_tokens": 3, "do_sample": False, "temperature": 0.9, "top_k": 50, "top_p": 0.6,
                      "repetition_penalty": 1.0, **inputs}}
-    graph = {"1": wa.loader_node(TINY), "2": {"class_type": "LoadImage", "inputs": {"image": "black.png"}}, "3": qa}
+    graph = {"1": wa.loader_node(SMALL), "2": {"class_type": "LoadImage", "inputs": {"image": "black.png"}}, "3": qa}
     message = failure(server, graph, "3")
     assert message.startswith(f"the {too_long} is too long (") and f"Shorten the {too_long}" in message

@@ -1,7 +1,7 @@
 """The templates in ComfyUI's real front end, in headless Chromium (Debian's /usr/bin/chromium via Playwright).
 
 Every template is opened as the front end opens a file (app.loadGraphData),
-the model widget is switched to a tiny random model, and the graph is queued
+the model widget is switched to a small random model, and the graph is queued
 from the front end (app.queuePrompt, what the Run button does); outputs are read
 from /history and the output folder. The front end's API prompt must equal the
 one dev/comfy_harness/workflow_api.py makes, which is what test_workflows.py and the demo
@@ -36,7 +36,7 @@ from dev.comfy_harness import workflow_api as wa
 pytestmark = pytest.mark.comfyui  # starts the pinned ComfyUI: not part of the transformers 4.50.3 pass
 
 PACK = cs.PACK
-TINY = "vila-u-tiny"
+SMALL = "vila-u-small"
 WORKFLOWS = cs.REPO_ROOT / "example_workflows"
 TEMPLATES = sorted(p.stem for p in WORKFLOWS.glob("*.json"))
 SHORT_ANSWERS = {"max_new_tokens": 24}
@@ -71,7 +71,7 @@ def front_end(request) -> str:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, need_browser, front_end):
-    srv = cs.pack_server(tmp_path_factory.mktemp("browser_run"), TINY)
+    srv = cs.pack_server(tmp_path_factory.mktemp("browser_run"), SMALL)
     srv.extra_args += cb.front_end_args(front_end)
     cb.write_quiet_settings(srv.user_dir)
     srv.start(timeout=180)
@@ -139,7 +139,7 @@ def comparable(prompt: dict, object_info: dict) -> dict:
 
 
 def open_and_queue(page, server, object_info, name: str) -> tuple[dict, dict]:
-    """Load the template in the front end, swap in the tiny model, queue it; returns (workflow, history entry)."""
+    """Load the template in the front end, swap in the small random model, queue it; returns (workflow, history entry)."""
     workflow = json.loads((WORKFLOWS / f"{name}.json").read_text(encoding="utf-8"))
     page.evaluate("() => { window.__vilauTexts = []; window.__vilauAnswers = []; }")
     page.load_workflow(workflow)
@@ -148,7 +148,7 @@ def open_and_queue(page, server, object_info, name: str) -> tuple[dict, dict]:
     loaded = {n["id"]: n for n in page.nodes()}
     assert sorted(loaded) == sorted(n["id"] for n in workflow["nodes"]), "the front end dropped or added nodes"
 
-    overrides = wa.model_overrides(workflow, TINY, VILAU_ImageQA=SHORT_ANSWERS, VILAU_VideoQA=SHORT_ANSWERS,
+    overrides = wa.model_overrides(workflow, SMALL, VILAU_ImageQA=SHORT_ANSWERS, VILAU_VideoQA=SHORT_ANSWERS,
                                    VILAU_CaptionFolder=SHORT_ANSWERS)
     for node_id, values in overrides.items():
         for widget, value in values.items():
@@ -302,7 +302,7 @@ def test_generating_node_shows_positions(page, server, object_info, name, node_t
     (node,) = node_ids(workflow, node_type)
     shown = shown_texts(page, node)
     positions = [tuple(map(int, m.groups())) for t in shown if (m := re.fullmatch(r"position (\d+) / (\d+)", t))]
-    assert len(positions) >= 8, shown  # one per grid position of the 8x8 tiny model (the socket may merge a few)
+    assert len(positions) >= 8, shown  # one per grid position of the 8x8 small model (the socket may merge a few)
     assert positions[-1] == (64, 64), positions
     assert [p for p, _ in positions] == sorted(p for p, _ in positions)
 
@@ -329,14 +329,14 @@ def test_workflow_saved_with_the_four_input_loader_loads_with_its_values(page):
     opens with those values in place and the later inputs at their defaults."""
     workflow = json.loads((WORKFLOWS / "VILA-U 01 Image Q&A.json").read_text(encoding="utf-8"))
     loader = next(n for n in workflow["nodes"] if n["type"] == "VILAU_ModelLoader")
-    loader["widgets_values"] = [TINY, "fp32", "cpu", False]
+    loader["widgets_values"] = [SMALL, "fp32", "cpu", False]
     loader["inputs"] = [i for i in loader.get("inputs", []) if i["name"] in ("model", "dtype", "device",
                                                                              "download_if_missing")]
     page.load_workflow(workflow)
     node = loader["id"]
     values = {name: page.widget_value(node, name)
               for name in ("model", "dtype", "device", "download_if_missing", "quantize", "keep_loaded", "compile")}
-    assert values == {"model": TINY, "dtype": "fp32", "device": "cpu", "download_if_missing": False,
+    assert values == {"model": SMALL, "dtype": "fp32", "device": "cpu", "download_if_missing": False,
                       "quantize": "none", "keep_loaded": True, "compile": "auto"}
 
 

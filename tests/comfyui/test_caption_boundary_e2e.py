@@ -22,7 +22,7 @@ from conftest import png_header
 
 pytestmark = pytest.mark.comfyui  # starts the pinned ComfyUI: not part of the transformers 4.50.3 pass
 
-TINY = "vila-u-tiny-64"
+SMALL = "vila-u-small-64"
 REFUSAL = "Caption Folder reads and writes only inside ComfyUI's input and output folders"
 
 
@@ -44,10 +44,10 @@ def places(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, places):
-    from vilau_backend.testing.random_checkpoint import write_tiny_checkpoint
+    from vilau_backend.testing.random_checkpoint import write_random_checkpoint
 
     run = tmp_path_factory.mktemp("run")
-    write_tiny_checkpoint(run / "models" / "vila-u" / TINY)
+    write_random_checkpoint(run / "models" / "vila-u" / SMALL)
     yaml = run / "extra_model_paths.yaml"
     yaml.write_text(f"datasets:\n    vila_u_caption_roots: {places['yaml_root']}\n")
     env = {"OMP_NUM_THREADS": "1", "VILA_U_CAPTION_ROOTS": str(places["env_root"])}
@@ -63,7 +63,7 @@ def caption_graph(folder, **extra) -> dict:
               "existing_captions": "overwrite", "prefix": "", "suffix": "", "recursive": True, "seed": 0,
               "max_new_tokens": 3, "do_sample": False, "temperature": 0.9, "top_k": 50, "top_p": 0.6,
               "repetition_penalty": 1.0, **extra}
-    return {"1": wa.loader_node(TINY), "2": {"class_type": "VILAU_CaptionFolder", "inputs": inputs},
+    return {"1": wa.loader_node(SMALL), "2": {"class_type": "VILAU_CaptionFolder", "inputs": inputs},
             "3": {"class_type": "PreviewAny", "inputs": {"source": ["2", 0]}}}
 
 

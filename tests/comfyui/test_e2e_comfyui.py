@@ -2,7 +2,7 @@
 
 One server for the module (``$COMFYUI_DIR``, default ``<repo>/.cache/comfyui``;
 ``bash .ci/install_comfyui.sh`` installs it) with this checkout as the custom
-node pack ``ComfyUI-VILA-U``, two tiny random VILA-U checkpoints (64 px with an
+node pack ``ComfyUI-VILA-U``, two small random VILA-U checkpoints (64 px with an
 8x8 grid in ``models/vila-u``, 256 px with 32x32 in a folder given by
 ``extra_model_paths.yaml``), and API-format graphs that mix every VILA-U node with
 core nodes. Results are read from ``/history``, the websocket and the output folder;
@@ -26,8 +26,8 @@ from dev.comfy_harness import workflow_api as wa
 pytestmark = pytest.mark.comfyui  # starts the pinned ComfyUI: not part of the transformers 4.50.3 pass
 
 PACK = cs.PACK
-TINY = "vila-u-tiny-64"  # in <run>/models/vila-u
-TINY_EXTRA = "vila-u-tiny-256"  # in a folder listed under vila_u in extra_model_paths.yaml
+SMALL = "vila-u-small-64"  # in <run>/models/vila-u
+SMALL_EXTRA = "vila-u-small-256"  # in a folder listed under vila_u in extra_model_paths.yaml
 NODE_IDS = [
     "VILAU_ModelLoader", "VILAU_UnloadModel", "VILAU_ImageQA", "VILAU_VideoQA", "VILAU_CaptionFolder",
     "VILAU_TextToImage",
@@ -42,14 +42,14 @@ GEN_ADVANCED = ["temperature", "top_k", "top_p"]
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    from vilau_backend.testing.random_checkpoint import TinySizes, write_tiny_checkpoint
+    from vilau_backend.testing.random_checkpoint import CheckpointSizes, write_random_checkpoint
 
     extra = tmp_path_factory.mktemp("extra_models")
     # a 32x32 grid, 1024 positions: a text-to-image run long enough to interrupt (about 2 s on 2 idle cores)
-    write_tiny_checkpoint(extra / "vila" / TINY_EXTRA, TinySizes(image_size=256, patch_size=8), seed=1)
+    write_random_checkpoint(extra / "vila" / SMALL_EXTRA, CheckpointSizes(image_size=256, patch_size=8), seed=1)
     yaml = extra / "extra_model_paths.yaml"
     yaml.write_text(f"vilau_tests:\n    base_path: {extra}\n    vila_u: vila\n", encoding="utf-8")
-    with cs.pack_server(tmp_path_factory.mktemp("run"), TINY, extra_model_paths=yaml) as srv:
+    with cs.pack_server(tmp_path_factory.mktemp("run"), SMALL, extra_model_paths=yaml) as srv:
         yield srv
 
 
@@ -58,7 +58,7 @@ def reference(server):
     """The 64 px checkpoint loaded by the backend in this process, as the server's loader does on the CPU."""
     from vilau_backend.model.vila_u import VilaUModel
 
-    return VilaUModel.load(server.models_dir / "vila-u" / TINY, dtype="float32", device="cpu")
+    return VilaUModel.load(server.models_dir / "vila-u" / SMALL, dtype="float32", device="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +78,7 @@ def input_images(server):
 # ---- graph pieces -----------------------------------------------------------------------
 
 
-def loader(model=TINY, download_if_missing=True, **inputs):
+def loader(model=SMALL, download_if_missing=True, **inputs):
     return wa.loader_node(model, download_if_missing=download_if_missing, **inputs)
 
 
@@ -206,7 +206,7 @@ def test_node_defaults_are_the_backends(server):
 def test_loader_lists_models_folder_and_extra_model_paths(server):
     options = server.object_info("VILAU_ModelLoader")["input"]["required"]["model"][1]["options"]
     # local folders by name (both roots), then the published models
-    assert options == [TINY_EXTRA, TINY, "mit-han-lab/vila-u-7b-256", "mit-han-lab/vila-u-7b-384"]
+    assert options == [SMALL_EXTRA, SMALL, "mit-han-lab/vila-u-7b-256", "mit-han-lab/vila-u-7b-384"]
 
 
 # ---- understanding ----------------------------------------------------------------------
@@ -365,7 +365,7 @@ def test_requeued_graph_is_served_from_cache_and_new_seed_reruns(server):
 
 
 def test_same_loader_options_share_one_model(server):
-    loads = f"VILA-U: loading {TINY} from {server.models_dir.resolve() / 'vila-u' / TINY} (bfloat16, quantize none, runs on cpu)"
+    loads = f"VILA-U: loading {SMALL} from {server.models_dir.resolve() / 'vila-u' / SMALL} (bfloat16, quantize none, runs on cpu)"
     log_before = server.log_text().count(loads)
     graph = {
         "1": loader(dtype="bf16"),
@@ -383,9 +383,9 @@ def test_same_loader_options_share_one_model(server):
 def test_api_graph_saved_before_quantize_keep_loaded_and_compile_still_runs(server):
     """The first release's loader had four inputs: such a graph runs, with the later inputs' defaults
     (the same model instance as a loader that gives them: one load, counted in the log)."""
-    loads = server.log_text().count(f"VILA-U: loading {TINY} from")
+    loads = server.log_text().count(f"VILA-U: loading {SMALL} from")
     old_loader = {"class_type": "VILAU_ModelLoader",
-                  "inputs": {"model": TINY, "dtype": "auto", "device": "auto", "download_if_missing": False}}
+                  "inputs": {"model": SMALL, "dtype": "auto", "device": "auto", "download_if_missing": False}}
     graph = {
         "1": old_loader,
         "2": loader(download_if_missing=False, quantize="none", keep_loaded=True, compile="auto"),
@@ -396,12 +396,12 @@ def test_api_graph_saved_before_quantize_keep_loaded_and_compile_still_runs(serv
     }
     entry = server.run(graph, timeout=120)
     assert len(server.output_files(entry, "6")) == 1
-    assert server.log_text().count(f"VILA-U: loading {TINY} from") <= loads + 1
+    assert server.log_text().count(f"VILA-U: loading {SMALL} from") <= loads + 1
 
 
 def test_unload_models_releases_the_model_and_the_next_run_loads_it_again(server):
     registered = server.log_text().count("Requested to load ModuleDict")
-    loads = server.log_text().count(f"VILA-U: loading {TINY} from")
+    loads = server.log_text().count(f"VILA-U: loading {SMALL} from")
     server.free(unload_models=True, free_memory=True)
     time.sleep(0.5)  # /free only sets flags, which the idle worker picks up at once
     graph = {"1": loader(), "2": t2i(["1", 0], seed=21), "3": save(["2", 0], "after_free")}
@@ -409,18 +409,18 @@ def test_unload_models_releases_the_model_and_the_next_run_loads_it_again(server
     assert len(server.output_files(entry, "3")) == 1
     # gone from ComfyUI's loaded models and from memory: registered and read from disk again
     assert server.log_text().count("Requested to load ModuleDict") > registered
-    assert server.log_text().count(f"VILA-U: loading {TINY} from") == loads + 1
+    assert server.log_text().count(f"VILA-U: loading {SMALL} from") == loads + 1
 
 
 def test_interrupt_during_text_to_image_then_next_prompt_runs(server):
-    graph = {"1": loader(TINY_EXTRA), "2": t2i(["1", 0], seed=5), "3": save(["2", 0], "interrupted")}
+    graph = {"1": loader(SMALL_EXTRA), "2": t2i(["1", 0], seed=5), "3": save(["2", 0], "interrupted")}
     entry, stopped_after, positions = server.cancel_during_progress(graph, "2")
     assert cs.status_str(entry) == "error" and cs.was_interrupted(entry), entry["status"]
     assert max(positions) < 1024, "the image was finished before the interrupt"
     assert stopped_after < 15
     assert not server.output_files(entry)
 
-    entry = server.run({"1": loader(TINY_EXTRA), "2": t2i(["1", 0], seed=5, batch_size=1),
+    entry = server.run({"1": loader(SMALL_EXTRA), "2": t2i(["1", 0], seed=5, batch_size=1),
                         "3": {"class_type": "PreviewImage", "inputs": {"images": ["2", 0]}}}, timeout=180)
     [image] = server.output_files(entry, "3")
     assert read_png(image).shape == (256, 256, 3)

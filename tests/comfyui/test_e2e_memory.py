@@ -3,7 +3,7 @@
 Released weights are checked three ways: ComfyUI's log (the pack logs the release, and the
 next use reads the weights from disk again), the node's text, and the server's resident
 memory, which must drop by most of the model's weights (a model larger than the usual
-tiny one, so that the drop stands out from the allocator's noise).
+small one, so that the drop stands out from the allocator's noise).
 """
 
 from __future__ import annotations
@@ -18,23 +18,23 @@ from dev.comfy_harness import workflow_api as wa
 
 pytestmark = pytest.mark.comfyui  # starts the pinned ComfyUI: not part of the transformers 4.50.3 pass
 
-TINY = "vila-u-tiny"
+SMALL = "vila-u-small"
 LARGER = "vila-u-larger"
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    from vilau_backend.testing.random_checkpoint import TinySizes, write_tiny_checkpoint
+    from vilau_backend.testing.random_checkpoint import CheckpointSizes, write_random_checkpoint
 
     run = tmp_path_factory.mktemp("run")
-    srv = cs.pack_server(run, TINY)
+    srv = cs.pack_server(run, SMALL)
     # about 110 MB of fp32 weights (the LLM 512 wide x 8 layers)
-    write_tiny_checkpoint(run / "models" / "vila-u" / LARGER, TinySizes(llm_hidden=512, llm_layers=8), seed=2)
+    write_random_checkpoint(run / "models" / "vila-u" / LARGER, CheckpointSizes(llm_hidden=512, llm_layers=8), seed=2)
     with srv:
         yield srv
 
 
-def loader(model=TINY, **inputs):
+def loader(model=SMALL, **inputs):
     return wa.loader_node(model, dtype="fp32", **inputs)
 
 
@@ -61,7 +61,7 @@ def test_int8_loader_says_so_and_answers(server):
     entry = server.run(graph, timeout=180)
     assert "(int8) on cpu" in ui_text(entry, "1"), entry["outputs"]["1"]
     assert len(ui_text(entry, "3")) > 0
-    assert f"VILA-U: loading {TINY} from" in server.log_text() and "quantize int8" in server.log_text()
+    assert f"VILA-U: loading {SMALL} from" in server.log_text() and "quantize int8" in server.log_text()
 
 
 def test_unload_node_passes_the_answer_on_and_frees_the_weights(server):
@@ -83,7 +83,7 @@ def test_unload_node_passes_the_answer_on_and_frees_the_weights(server):
 
 
 def test_keep_loaded_off_frees_after_each_use(server):
-    released = server.log_text().count(f"VILA-U: released {TINY}")
+    released = server.log_text().count(f"VILA-U: released {SMALL}")
     graph = {"1": loader(keep_loaded=False), "2": EMPTY, "3": qa(["1", 0], ["2", 0], "keep it?")}
     server.run(graph, timeout=180)
-    assert server.log_text().count(f"VILA-U: released {TINY}") == released + 1
+    assert server.log_text().count(f"VILA-U: released {SMALL}") == released + 1

@@ -28,7 +28,7 @@ pytestmark = pytest.mark.comfyui  # starts the pinned ComfyUI: not part of the t
 
 # run_tests.sh exports a path relative to the repository; the tools run with other working folders
 ECOSYSTEM = cs.REPO_ROOT / os.environ.get("VILAU_ECOSYSTEM_VENV", ".cache/venv-ecosystem")
-TINY = "vila-u-tiny"
+SMALL = "vila-u-small"
 
 
 @pytest.fixture(scope="module")
@@ -114,17 +114,17 @@ def test_manager_installs_the_pack_into_a_fresh_comfyui(ecosystem, tmp_path):
 
 
 def loads_and_runs(comfy: Path, pack: Path, run_dir: Path) -> None:
-    """The pack at `pack` loads in that ComfyUI and works: encode and decode an image with a tiny model."""
-    from vilau_backend.testing.random_checkpoint import write_tiny_checkpoint
+    """The pack at `pack` loads in that ComfyUI and works: encode and decode an image with a small random model."""
+    from vilau_backend.testing.random_checkpoint import write_random_checkpoint
 
-    write_tiny_checkpoint(run_dir / "models" / "vila-u" / TINY)
+    write_random_checkpoint(run_dir / "models" / "vila-u" / SMALL)
     server = cs.ComfyServer(comfy, run_dir, {cs.PACK: pack}, env={"OMP_NUM_THREADS": "1"})
     server.start(timeout=180)
     try:
         assert not server.import_failed(cs.PACK), server.log_tail()
         assert f"/extensions/{cs.PACK}/vilau.js" in server.get("/extensions").json()
         graph = {
-            "1": wa.loader_node(TINY),
+            "1": wa.loader_node(SMALL),
             "2": {"class_type": "EmptyImage", "inputs": {"width": 48, "height": 40, "batch_size": 1, "color": 0}},
             "3": {"class_type": "VILAU_RQVAEEncode", "inputs": {"model": ["1", 0], "image": ["2", 0]}},
             "4": {"class_type": "VILAU_RQVAEDecode", "inputs": {"model": ["1", 0], "latent": ["3", 0]}},

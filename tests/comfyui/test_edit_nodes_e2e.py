@@ -1,6 +1,6 @@
 """The VILA-U edit nodes (Inpaint, Variations, Continue Image, Extend Video) inside a real ComfyUI 0.3.75.
 
-One server with the tiny 64 px model (8x8 grid, depth 4). Results are read from /history,
+One server with the small random 64 px model (8x8 grid, depth 4). Results are read from /history,
 the websocket and the output folder. Sampled codes are not compared across processes (the
 server's thread count differs from this one's, and so may fp32 rounding and with it a
 near-tied code); what is asserted is what an edit promises: kept codes give back the
@@ -19,15 +19,10 @@ from dev.comfy_harness import workflow_api as wa
 
 pytestmark = pytest.mark.comfyui  # starts the pinned ComfyUI: not part of the transformers 4.50.3 pass
 
-TINY = "vila-u-tiny-64"
+SMALL = "vila-u-small-64"
+server = cs.pack_server_fixture(SMALL)
 EDIT_NODES = ["VILAU_Inpaint", "VILAU_VaryByDepth", "VILAU_ContinueImage", "VILAU_ExtendVideo"]
 SAMPLING = {"negative_prompt": "", "cfg": 3.0, "temperature": 1.0, "top_k": 900, "top_p": 0.96}
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    with cs.pack_server(tmp_path_factory.mktemp("edit_run"), TINY) as srv:
-        yield srv
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +39,7 @@ def masked_photo(server):
 
 
 def loader():
-    return wa.loader_node(TINY)
+    return wa.loader_node(SMALL)
 
 
 def edit(node_id, prompt="a red apple", seed=1, batch_size=1, **inputs):
@@ -66,6 +61,16 @@ def encoded_source(prefix: str) -> dict:
         "4": {"class_type": "VILAU_RQVAEDecode", "inputs": {"model": ["1", 0], "latent": ["3", 0]}},
         "5": save(["4", 0], prefix),
     }
+
+
+def edits_of_source(prefix: str, node_id: str, *edits: dict) -> dict:
+    """encoded_source(prefix), then a `node_id` edit for each dict of its inputs, each saved: the k-th
+    edit is node 6 + 2k, its image saved by node 7 + 2k."""
+    graph = encoded_source(f"{prefix}_source")
+    for k, inputs in enumerate(edits):
+        graph[str(6 + 2 * k)] = edit(node_id, **inputs)
+        graph[str(7 + 2 * k)] = save([str(6 + 2 * k), 0], f"{prefix}_{k}")
+    return graph
 
 
 def pngs(server, entry, node_id) -> list[np.ndarray]:
@@ -124,13 +129,8 @@ def test_inpaint_keeps_the_unmasked_pixels_and_regenerates_the_masked_ones(serve
 
 def test_variations_at_strength_0_give_back_the_source_and_1_a_new_image(server, masked_photo):
     graph = {
-        **encoded_source("vary_source"),
-        "6": edit("VILAU_VaryByDepth", strength=0.0, latent=["3", 0]),
-        "7": save(["6", 0], "vary0"),
-        "8": edit("VILAU_VaryByDepth", strength=0.5, latent=["3", 0]),
-        "9": save(["8", 0], "vary05"),
-        "10": edit("VILAU_VaryByDepth", strength=1.0, latent=["3", 0]),
-        "11": save(["10", 0], "vary1"),
+        **edits_of_source("vary", "VILAU_VaryByDepth", *(dict(strength=strength, latent=["3", 0])
+                                                          for strength in (0.0, 0.5, 1.0))),
         # an edit's latent decodes to its image
         "12": {"class_type": "VILAU_RQVAEDecode", "inputs": {"model": ["1", 0], "latent": ["8", 1]}},
         "13": save(["12", 0], "vary05_decoded"),
@@ -145,13 +145,8 @@ def test_variations_at_strength_0_give_back_the_source_and_1_a_new_image(server,
 
 
 def test_continue_image_keeps_everything_when_asked_and_regenerates_the_bottom(server, masked_photo):
-    graph = {
-        **encoded_source("continue_source"),
-        "6": edit("VILAU_ContinueImage", keep_rows=8, image=["2", 0]),
-        "7": save(["6", 0], "continue_all"),
-        "8": edit("VILAU_ContinueImage", keep_rows=4, image=["2", 0]),
-        "9": save(["8", 0], "continue_half"),
-    }
+    graph = edits_of_source("continue", "VILAU_ContinueImage", dict(keep_rows=8, image=["2", 0]),
+                            dict(keep_rows=4, image=["2", 0]))
     with server.websocket() as ws:
         entry = server.run(graph, timeout=300, client_id=ws.client_id)
         ws.wait_for(lambda m: m.get("type") == "executing" and m["data"].get("node") is None)
@@ -159,7 +154,7 @@ def test_continue_image_keeps_everything_when_asked_and_regenerates_the_bottom(s
     [source], [kept_all], [half] = (pngs(server, entry, n) for n in ("5", "7", "9"))
     assert np.abs(kept_all - source).max() <= 1  # every code kept: the source's codes, decoded alike
     # the kept rows' codes are exact (tests/backend/test_editing.py); their pixels are not compared, since the
-    # tiny decoder's attention at grid resolution lets every position's pixels depend on all codes
+    # small decoder's attention at grid resolution lets every position's pixels depend on all codes
     assert np.abs(half[32:] - source[32:]).mean() > 20
     # the 4 kept rows (32 positions) are read in one pass, then one step per position
     assert progress[0] == 32 and progress[-1] == 64 and len(progress) == 33, progress[:3]

@@ -3,7 +3,7 @@
 Caption Folder (captions written, summary, Cancel with nothing half-written, refusals),
 several images in one question, the system prompt, video frame choice, and answers that
 stream only whole characters. Node results are compared with the backend run in this process
-on the same tiny checkpoint, like with like (the same batch composition)."""
+on the same small random checkpoint, like with like (the same batch composition)."""
 
 from __future__ import annotations
 
@@ -19,14 +19,9 @@ from dev.comfy_harness import workflow_api as wa
 
 pytestmark = pytest.mark.comfyui  # starts the pinned ComfyUI: not part of the transformers 4.50.3 pass
 
-TINY = "vila-u-tiny-64"
+SMALL = "vila-u-small-64"
+server = cs.pack_server_fixture(SMALL)
 QUESTION = "Describe the image."
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    with cs.pack_server(tmp_path_factory.mktemp("run"), TINY) as srv:
-        yield srv
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +32,7 @@ def reference(server):
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield VilaUModel.load(server.models_dir / "vila-u" / TINY, dtype="float32", device="cpu")
+    yield VilaUModel.load(server.models_dir / "vila-u" / SMALL, dtype="float32", device="cpu")
     torch.set_num_threads(threads)
 
 
@@ -50,7 +45,7 @@ def noise_png(path: Path, seed: int, size: tuple[int, int] = (20, 16)) -> torch.
 
 
 def model_node():
-    return wa.loader_node(TINY)
+    return wa.loader_node(SMALL)
 
 
 def answer_options(max_new_tokens=12, seed=0, greedy=True, **extra):
@@ -274,7 +269,7 @@ def test_video_frame_choice_from_a_file_and_from_frames(server, reference):
     assert expected.input_ids.count(-200) == 3
     assert server.ui_text(entry, "3") == [expected.text]
     assert server.ui_text(entry, "5") == [expected.text]  # the same frames, picked from the IMAGE batch
-    # without the frame inputs: as the original, the model's num_video_frames evenly spaced (4 for the tiny model)
+    # without the frame inputs: as the original, the model's num_video_frames evenly spaced (4 for the small model)
     num_frames = reference.config.num_video_frames
     default = describe_video(reference, read_video(path, num_frames).frames, "What changes?", choice=None,
                              sampling=GREEDY, max_new_tokens=12)
@@ -297,7 +292,7 @@ def test_compile_on_says_compiling_once_and_answers_as_eager(server, reference):
     image = noise_png(server.input_dir / "compile_on.png", 5)
 
     def graph(question: str) -> dict:
-        return {"1": wa.loader_node(TINY, compile="on"),
+        return {"1": wa.loader_node(SMALL, compile="on"),
                 "2": {"class_type": "LoadImage", "inputs": {"image": "compile_on.png"}},
                 "3": {"class_type": "VILAU_ImageQA",
                       "inputs": {"model": ["1", 0], "image": ["2", 0], "question": question,

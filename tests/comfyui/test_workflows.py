@@ -5,7 +5,7 @@ Each template (UI format, as the front end saves it) must only use nodes that
 values the inputs accept (combo values from the list, numbers within min/max).
 Then it is converted to an API-format prompt (dev/comfy_harness/workflow_api.py, checked
 against the front end's own conversion in tests/comfyui/test_browser.py) and queued with
-a tiny random model swapped in for the published one; its outputs are checked.
+a small random model swapped in for the published one; its outputs are checked.
 The Stable Diffusion, ControlNet and upscale-model parts of some templates need
 model files that do not exist here: they are muted (left out of the prompt), as
 a person without them would do; their nodes, links and widget values are still
@@ -28,7 +28,7 @@ from dev.comfy_harness import workflow_api as wa
 pytestmark = pytest.mark.comfyui  # starts the pinned ComfyUI: not part of the transformers 4.50.3 pass
 
 PACK = cs.PACK
-TINY = "vila-u-tiny"  # 64 px images, an 8x8 grid
+SMALL = "vila-u-small"  # 64 px images, an 8x8 grid
 WORKFLOWS = cs.REPO_ROOT / "example_workflows"
 TEMPLATES = {
     "VILA-U 06 Text to Image, Upscaled": "text-to-image with an upscale step",
@@ -58,7 +58,7 @@ REPLACEABLE_MODEL_FILES = {
 }
 # nodes with the pack's answer box (web/js/vilau.js QA_NODES): it saves its text after the input widgets
 ANSWER_BOX_NODES = {"VILAU_ImageQA", "VILAU_VideoQA", "VILAU_CaptionFolder"}
-SHORT_ANSWERS = {"max_new_tokens": 16}  # the tiny model rarely ends an answer by itself
+SHORT_ANSWERS = {"max_new_tokens": 16}  # the small random model rarely ends an answer by itself
 
 
 def load(name: str) -> dict:
@@ -74,7 +74,7 @@ def node_label(node: dict) -> str:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    srv = cs.pack_server(tmp_path_factory.mktemp("workflows_run"), TINY)
+    srv = cs.pack_server(tmp_path_factory.mktemp("workflows_run"), SMALL)
     srv.start(timeout=180)
     yield srv
     srv.stop()
@@ -267,9 +267,9 @@ def test_converter_feeds_the_caption_into_the_clip_text_widget(object_info):
 
 
 def run_template(server, object_info, name: str) -> tuple[dict, dict, dict]:
-    """Queue the template with the tiny model; returns (workflow, prompt, history entry)."""
+    """Queue the template with the small random model; returns (workflow, prompt, history entry)."""
     workflow = load(name)
-    overrides = wa.model_overrides(workflow, TINY, VILAU_ImageQA=SHORT_ANSWERS, VILAU_VideoQA=SHORT_ANSWERS,
+    overrides = wa.model_overrides(workflow, SMALL, VILAU_ImageQA=SHORT_ANSWERS, VILAU_VideoQA=SHORT_ANSWERS,
                                    VILAU_CaptionFolder=SHORT_ANSWERS)
     prompt = wa.to_api(workflow, object_info, overrides, muted=set(wa.model_node_ids(workflow)))
     entry = server.run(prompt, timeout=300)
@@ -294,7 +294,7 @@ def test_text_to_image_template_saves_the_upscaled_image(server, object_info):
     saved = server.output_files(entry, save)
     assert len(saved) == 1 and saved[0].is_file(), entry["outputs"]
     assert saved[0].relative_to(server.output_dir).parts[0] == "VILA-U"
-    assert image_size(saved[0]) == (128, 128)  # the tiny model's 64 px, upscaled 2x
+    assert image_size(saved[0]) == (128, 128)  # the small model's 64 px, upscaled 2x
     assert [image_size(p) for p in server.output_files(entry, preview)] == [(64, 64)]
 
 

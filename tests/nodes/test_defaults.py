@@ -1,7 +1,7 @@
 """One source for the sampling defaults: ImageSampling and TextSampling (and DEFAULT_MAX_NEW_TOKENS).
 
 The CLI's argparse defaults and the README's node table must say what the backend does; the
-nodes' defaults in /object_info are compared in test_e2e_comfyui.py (it needs ComfyUI).
+nodes' defaults in /object_info are compared in tests/comfyui/test_e2e_comfyui.py (it needs ComfyUI).
 """
 
 from __future__ import annotations

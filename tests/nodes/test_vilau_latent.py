@@ -19,18 +19,18 @@ def latents():
 
 @pytest.fixture(scope="module")
 def other_model(tmp_path_factory):
-    """A second tiny model of the same geometry (same channels, same grid), other weights."""
+    """A second small random model of the same geometry (same channels, same grid), other weights."""
     from vilau_backend.model.vila_u import VilaUModel
-    from vilau_backend.testing.random_checkpoint import write_tiny_checkpoint
+    from vilau_backend.testing.random_checkpoint import write_random_checkpoint
 
-    return VilaUModel.load(write_tiny_checkpoint(tmp_path_factory.mktemp("other") / "vila-u-other", seed=3), "float32")
+    return VilaUModel.load(write_random_checkpoint(tmp_path_factory.mktemp("other") / "vila-u-other", seed=3), "float32")
 
 
 @pytest.fixture(scope="module")
-def encoded(tiny_model, latents):
+def encoded(small_model, latents):
     images = torch.rand(2, 40, 48, 3, generator=torch.Generator().manual_seed(0))
-    result = tiny_model.encode_images(images)
-    return latents.make_vilau_latent(tiny_model, result.features, result.codes)
+    result = small_model.encode_images(images)
+    return latents.make_vilau_latent(small_model, result.features, result.codes)
 
 
 def core_edit(latent: dict, samples: torch.Tensor) -> dict:
@@ -40,18 +40,18 @@ def core_edit(latent: dict, samples: torch.Tensor) -> dict:
     return out
 
 
-def test_latent_reads_back_its_codes_and_features(tiny_model, latents, encoded):
-    codes = latents.vilau_latent_codes(tiny_model, encoded)
+def test_latent_reads_back_its_codes_and_features(small_model, latents, encoded):
+    codes = latents.vilau_latent_codes(small_model, encoded)
     assert torch.equal(codes, encoded["vilau_codes"])
-    features = latents.vilau_latent_features(tiny_model, encoded)
+    features = latents.vilau_latent_features(small_model, encoded)
     assert torch.equal(features, encoded["samples"].permute(0, 2, 3, 1))
-    assert encoded["vilau_model"]["name"] == tiny_model.config.root.name
+    assert encoded["vilau_model"]["name"] == small_model.config.root.name
 
 
-def test_the_stamp_is_the_same_for_every_dtype_of_one_checkpoint(tiny_model, tiny_checkpoint, latents, encoded):
+def test_the_stamp_is_the_same_for_every_dtype_of_one_checkpoint(small_model, small_checkpoint, latents, encoded):
     from vilau_backend.model.vila_u import VilaUModel
 
-    bf16 = VilaUModel.load(tiny_checkpoint, "bfloat16")
+    bf16 = VilaUModel.load(small_checkpoint, "bfloat16")
     assert latents.model_stamp(bf16) == encoded["vilau_model"]
     # the bf16 model's sums differ from the fp32 latent by bf16 rounding only: codes still accepted
     assert torch.equal(latents.vilau_latent_codes(bf16, encoded), encoded["vilau_codes"])
@@ -60,13 +60,13 @@ def test_the_stamp_is_the_same_for_every_dtype_of_one_checkpoint(tiny_model, tin
 def test_a_latent_of_another_model_is_refused_by_name(other_model, latents, encoded):
     assert latents.model_stamp(other_model)["latent_space"] != encoded["vilau_model"]["latent_space"]
     for read in (latents.vilau_latent_features, latents.vilau_latent_codes):
-        with pytest.raises(ValueError, match="made by the VILA-U model 'vila-u-tiny', whose codebooks differ "
+        with pytest.raises(ValueError, match="made by the VILA-U model 'vila-u-small', whose codebooks differ "
                                              "from those of 'vila-u-other'"):
             read(other_model, encoded)
 
 
 @pytest.mark.parametrize("edit", ["blend", "upscale", "from_batch"])
-def test_codes_made_stale_by_a_core_latent_node_are_refused_but_still_decode(tiny_model, latents, encoded, edit):
+def test_codes_made_stale_by_a_core_latent_node_are_refused_but_still_decode(small_model, latents, encoded, edit):
     samples = encoded["samples"]
     if edit == "blend":
         edited = core_edit(encoded, samples * 0.5 + samples.flip(0) * 0.5)
@@ -75,16 +75,16 @@ def test_codes_made_stale_by_a_core_latent_node_are_refused_but_still_decode(tin
     else:
         edited = core_edit(encoded, samples[1:2].clone())
     with pytest.raises(ValueError, match="codes are stale"):
-        latents.vilau_latent_codes(tiny_model, edited)
-    h, w = tiny_model.config.grid
-    assert latents.vilau_latent_features(tiny_model, edited).shape[1:3] == (h, w)  # decoding still works
+        latents.vilau_latent_codes(small_model, edited)
+    h, w = small_model.config.grid
+    assert latents.vilau_latent_features(small_model, edited).shape[1:3] == (h, w)  # decoding still works
 
 
-def test_a_saved_and_loaded_latent_decodes_but_has_no_codes(tiny_model, latents, encoded):
+def test_a_saved_and_loaded_latent_decodes_but_has_no_codes(small_model, latents, encoded):
     loaded = {"samples": encoded["samples"].clone()}  # core LoadLatent keeps only the samples
-    assert torch.equal(latents.vilau_latent_features(tiny_model, loaded), encoded["samples"].permute(0, 2, 3, 1))
+    assert torch.equal(latents.vilau_latent_features(small_model, loaded), encoded["samples"].permute(0, 2, 3, 1))
     with pytest.raises(ValueError, match="carries no VILA-U codes"):
-        latents.vilau_latent_codes(tiny_model, loaded)
+        latents.vilau_latent_codes(small_model, loaded)
 
 
 @pytest.mark.parametrize(
@@ -98,15 +98,15 @@ def test_a_saved_and_loaded_latent_decodes_but_has_no_codes(tiny_model, latents,
         ({"samples": torch.full((1, 64, 8, 8), float("nan"))}, "NaN or infinite"),
     ],
 )
-def test_bad_latents_say_what_is_wrong(tiny_model, latents, latent, message):
+def test_bad_latents_say_what_is_wrong(small_model, latents, latent, message):
     with pytest.raises(ValueError, match=message):
-        latents.vilau_latent_features(tiny_model, latent)
+        latents.vilau_latent_features(small_model, latent)
 
 
-def test_a_model_whose_folder_is_gone_still_makes_latents(tiny_checkpoint, tmp_path, latents, encoded):
+def test_a_model_whose_folder_is_gone_still_makes_latents(small_checkpoint, tmp_path, latents, encoded):
     from vilau_backend.model.vila_u import VilaUModel
 
-    moved = shutil.copytree(tiny_checkpoint, tmp_path / "vila-u-moved")
+    moved = shutil.copytree(small_checkpoint, tmp_path / "vila-u-moved")
     model = VilaUModel.load(moved, "float32")
     shutil.rmtree(moved)  # deleted after loading: the codebooks can no longer be hashed
     assert latents.model_stamp(model) == {"name": "vila-u-moved", "latent_space": None}

@@ -32,6 +32,8 @@ def latent_space_id(vision_tower_dir: str | Path) -> str:
 
 @lru_cache(maxsize=16)
 def _codebook_hash(folder: str, state: tuple) -> str:
+    """The codebooks' hash; `state` (the files' names, sizes and times) is read by nothing but the
+    cache, for which a replaced file makes a new key."""
     digest = hashlib.sha256()
     with SafetensorsFolder(Path(folder)) as weights:
         for key in sorted(k for k in weights.keys() if k.startswith(CODEBOOK_PREFIX)):

@@ -1,4 +1,4 @@
-"""Prompts exactly as the original VILA-U builds them (the tokenizer is in tokenizer.py).
+"""Prompts exactly as the original VILA-U builds them (the tokenizer is in checkpoint/tokenizer.py).
 
 Prompt building follows ``vila_u/conversation.py`` (vicuna_v1),
 ``vila_u/utils/media.py`` (``<image>`` slots), ``vila_u/utils/tokenizer.py``

@@ -42,9 +42,6 @@ class JobProcesses:
     def is_main(self) -> bool:
         return self.state.is_main_process
 
-    def wait_for_all(self) -> None:
-        self.state.wait_for_everyone()
-
     def gather(self, records: list) -> list:
         """Every process's `records`, concatenated in process order (the same list on every process)."""
         if self.state.num_processes == 1:

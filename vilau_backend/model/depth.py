@@ -215,7 +215,7 @@ class DepthTransformer(nn.Module):
         what later depths see. Shapes are fixed and nothing
         synchronises with the host (the depth loop is over a Python int and is
         unrolled when traced), so the generation step that calls this is compiled
-        as one graph and, on CUDA, replayed as a CUDA graph (position_step.py).
+        as one graph and, on CUDA, replayed as a CUDA graph (decoding/position_step.py).
 
         Returns codes (B, D) int64 and their summed code embedding (B, C), which
         is what the LLM receives next (through the projector), for both halves.

@@ -20,7 +20,8 @@ What is touched, and what is not (vilau_backend/media/image_folder.py lists and 
 One file never stops the run: an image that cannot be read (too large by its header, not
 decodable, not a regular file any more) or whose caption cannot be written is listed as
 failed with the reason, and the run goes on with the next one. Which folders may be
-captioned at all is the caller's decision (the ComfyUI node: vilau_backend/path_boundary.py).
+captioned at all is the caller's decision (the ComfyUI node's: nodes/caption_roots.py, through
+vilau_backend/media/path_boundary.py).
 """
 
 from __future__ import annotations
@@ -28,44 +29,43 @@ from __future__ import annotations
 import os
 import secrets
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
 
 from ..media.image_folder import IMAGE_SUFFIXES, UnreadableImage, list_folder, read_image, unwritable_reason
 from ..errors import InputError
-from ..decoding.prompts import SYSTEM_PROMPT
 from ..decoding.compiled_steps import CompileCallback
-from .understand import DEFAULT_BATCH_SIZE, DEFAULT_MAX_NEW_TOKENS, AnswerRequest, TextSampling, answer_each_image
+from .requests import AnswerRequest
+from .understand import answer_each_image
 
 CAPTION_SUFFIX = ".txt"
 SUMMARY_LISTED = 10  # skipped or failed files named in the summary; the rest are counted
 
 
 @dataclass(frozen=True)
-class CaptionSettings:
-    """How a folder is captioned. ``prefix`` and ``suffix`` go around every caption exactly as
+class CaptionSettings(AnswerRequest):
+    """How a folder is captioned: the answer request asked of every image (its fields, and their
+    checks, are AnswerRequest's; here one answer per image, `batch_size` generated together), and
+    what becomes of the answers. ``prefix`` and ``suffix`` go around every caption exactly as
     given (include separators, e.g. ``"ohwx, "``)."""
 
     question: str = "Describe the image in detail."
+    batch: bool = True  # a caption per image, never one answer about several
     prefix: str = ""
     suffix: str = ""
     overwrite: bool = False  # False: images that already have a caption are skipped
     recursive: bool = False
-    system: str = SYSTEM_PROMPT
-    sampling: TextSampling = TextSampling()
-    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
-    seed: int = 0
-    batch_size: int = DEFAULT_BATCH_SIZE
-    compile: bool | None = None  # the compiled answer step; None: on CUDA only
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.batch:
+            raise InputError("a folder is captioned with one answer per image: leave batch on")
 
     def answer_request(self) -> AnswerRequest:
-        """The question asked of every image, as the answer task takes it (checked when made)."""
-        return AnswerRequest(
-            question=self.question, system=self.system, sampling=self.sampling, max_new_tokens=self.max_new_tokens,
-            seed=self.seed, batch=True, batch_size=self.batch_size, compile=self.compile,
-        )
+        """The question asked of every image, as the answer task takes it."""
+        return AnswerRequest(**{f.name: getattr(self, f.name) for f in fields(AnswerRequest)})
 
 
 @dataclass
@@ -125,8 +125,6 @@ def caption_folder(
     (one of n processes splitting a folder; the split does not depend on which captions exist yet);
     the folder-wide findings (files passed over, folders skipped) are the first share's to report.
     `report`, when given, is filled as the run goes (a caller can read it at each progress event)."""
-    if settings.batch_size < 1:
-        raise InputError(f"batch_size must be 1 or more, got {settings.batch_size}")
     request = settings.answer_request()
     root = _checked_folder(folder)
     report = CaptionReport(root) if report is None else report

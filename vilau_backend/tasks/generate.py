@@ -3,7 +3,7 @@
 The original (vila_u_arch.generate_image_content + its patched LlamaForCausalLM)
 drives this through transformers' `generate`, sampling a text token at every
 step that is then ignored (and that can derail the loop). Here the loop is
-driven by the number of grid positions, in phases (position_step.py):
+driven by the number of grid positions, in phases (decoding/position_step.py):
 
 - `StepState.prefill`: the left-padded CFG batch (conditional rows, then
   unconditional rows) through the LLM into a KV cache allocated once; the

@@ -1,6 +1,8 @@
-"""Write a random-weight VILA-U checkpoint in exactly the published layout: tiny, or full size.
+"""Write a random-weight VILA-U checkpoint in exactly the published layout: small, or full size.
 
-For tests and for a demo without the 7B weights (`TinySizes()`), and for
+For tests and for a demo without the 7B weights (`CheckpointSizes()`, whose defaults are small:
+64 px, an 8x8 grid, depth 4; not the golden checkpoint that tests/fixtures holds, which was
+recorded from the original implementation), and for
 measuring loading at the real size (`FULL_7B_256`: a 7B-shaped LLM in bf16
 shards, SigLIP-large, the original's depth transformer and decoder defaults),
 written shard by shard so that writing never holds more than one shard. Every file the published
@@ -10,7 +12,7 @@ version the original saved with): root config.json with model_type
 a sentencepiece tokenizer carrying the VILA-U added tokens; vision_tower/ with
 the SigLIP (full, text tower included, as the original stores it), the
 quantizer with its EMA buffers, the decoder and the depth transformer;
-mm_projector/. At tiny sizes SigLIP's config lives in a local folder because no
+mm_projector/. At small sizes SigLIP's config lives in a local folder because no
 public SigLIP is this small; the full size names the published SigLIP by hub id.
 """
 
@@ -31,7 +33,7 @@ SINGLE_FILE = "model.safetensors"
 
 
 @dataclass(frozen=True)
-class TinySizes:
+class CheckpointSizes:
     image_size: int = 64
     patch_size: int = 8
     siglip_width: int = 64
@@ -49,7 +51,7 @@ class TinySizes:
     projector: str = "mlp2x_gelu"
     image_aspect_ratio: str = "resize"
     num_video_frames: int = 4
-    # the defaults below keep the tiny geometry; FULL_7B_256 sets them to real sizes
+    # the defaults below keep the small geometry; FULL_7B_256 sets them to real sizes
     llm_intermediate: int | None = None  # None: 2 * llm_hidden
     llm_shards: int = 1  # 1: llm/model.safetensors; more: model-0000i-of-0000n.safetensors + index
     siglip_heads: int = 4
@@ -69,7 +71,7 @@ class TinySizes:
 # A 7B-shaped 256 px model: LLaMA-2-7B (4096 x 32, MLP 11008, 32000 + 4 tokens) in 8 bf16 shards,
 # SigLIP-large-patch16-256 (vision and text towers), 16384 codes of depth 4; the depth transformer
 # (2560 x 6, 40 heads) and decoder follow the original code's defaults (as dev/bench/generate.py's `full`).
-FULL_7B_256 = TinySizes(
+FULL_7B_256 = CheckpointSizes(
     image_size=256, patch_size=16, siglip_width=1024, siglip_layers=24, siglip_heads=16, siglip_intermediate=4096,
     siglip_hub_id="google/siglip-large-patch16-256", siglip_text=(1024, 24, 32000, 64),
     llm_hidden=4096, llm_layers=32, llm_heads=32, llm_intermediate=11008, sp_vocab=32000, llm_shards=8,
@@ -79,7 +81,7 @@ FULL_7B_256 = TinySizes(
 )
 
 
-def write_tiny_checkpoint(folder: str | Path, sizes: TinySizes = TinySizes(), seed: int = 0, shard_llm: bool = False) -> Path:
+def write_random_checkpoint(folder: str | Path, sizes: CheckpointSizes = CheckpointSizes(), seed: int = 0, shard_llm: bool = False) -> Path:
     """Write the checkpoint into `folder` (created) and return it. `shard_llm`: two LLM shards
     (whatever `sizes.llm_shards` says)."""
     folder = Path(folder)
@@ -133,7 +135,7 @@ def _dump(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
 
 
-def _llm_config(s: TinySizes, vocab: int) -> dict:
+def _llm_config(s: CheckpointSizes, vocab: int) -> dict:
     return {
         "_name_or_path": "llm",
         "architectures": ["LlamaForCausalLM"],
@@ -166,7 +168,7 @@ def _llm_config(s: TinySizes, vocab: int) -> dict:
     }
 
 
-def _siglip_config(s: TinySizes) -> dict:
+def _siglip_config(s: CheckpointSizes) -> dict:
     text_width, text_layers, text_vocab, text_positions = s.siglip_text
     return {
         "model_type": "siglip",
@@ -184,7 +186,7 @@ def _siglip_config(s: TinySizes) -> dict:
     }
 
 
-def _ddconfig(s: TinySizes) -> dict:
+def _ddconfig(s: CheckpointSizes) -> dict:
     levels = 1
     while s.grid * 2 ** (levels - 1) < s.image_size:
         levels += 1
@@ -194,7 +196,7 @@ def _ddconfig(s: TinySizes) -> dict:
             "attn_resolutions": [s.grid], "dropout": 0.0}
 
 
-def _vision_tower_config(s: TinySizes) -> dict:
+def _vision_tower_config(s: CheckpointSizes) -> dict:
     return {
         "_name_or_path": "vision_tower",
         "architectures": ["RQVAESIGLIPTransformer"],
@@ -230,9 +232,9 @@ def _vision_tower_config(s: TinySizes) -> dict:
     }
 
 
-def _root_config(s: TinySizes, llm_cfg: dict, vt_cfg: dict, proj_cfg: dict) -> dict:
+def _root_config(s: CheckpointSizes, llm_cfg: dict, vt_cfg: dict, proj_cfg: dict) -> dict:
     return {
-        "_name_or_path": "vila-u-tiny",
+        "_name_or_path": "vila-u-small",
         "architectures": ["VILAULlamaModel"],
         "drop_path_rate": 0.0,
         "hidden_size": s.llm_hidden,
@@ -249,7 +251,7 @@ def _root_config(s: TinySizes, llm_cfg: dict, vt_cfg: dict, proj_cfg: dict) -> d
         "model_dtype": "torch.bfloat16",
         "model_type": "vila_u_llama",
         "num_video_frames": s.num_video_frames,
-        "resume_path": "vila-u-tiny",
+        "resume_path": "vila-u-small",
         "transformers_version": "4.36.2",
         "tune_language_model": True,
         "tune_mm_projector": True,
@@ -340,7 +342,7 @@ def _init_like(state: dict[str, torch.Tensor], gen: torch.Generator, prefix: str
     return out
 
 
-def _write_llm_weights(folder: Path, s: TinySizes, vocab: int, gen: torch.Generator, n_shards: int) -> None:
+def _write_llm_weights(folder: Path, s: CheckpointSizes, vocab: int, gen: torch.Generator, n_shards: int) -> None:
     """Random Llama weights, one shard at a time.
 
     Any sharding gives the same values: tensors are drawn in state-dict order, and the unit-scale
@@ -385,7 +387,7 @@ def _unit_embeddings(shapes: dict[str, torch.Tensor], gen: torch.Generator) -> t
     return _normal(gen, *shapes[EMBED_KEY].shape, std=1.0)
 
 
-def _vision_tower_weights(s: TinySizes, gen: torch.Generator) -> dict[str, torch.Tensor]:
+def _vision_tower_weights(s: CheckpointSizes, gen: torch.Generator) -> dict[str, torch.Tensor]:
     from transformers import SiglipConfig, SiglipModel
 
     from ..checkpoint.config import DecoderSpec, DepthSpec
@@ -430,7 +432,7 @@ def _vision_tower_weights(s: TinySizes, gen: torch.Generator) -> dict[str, torch
     return {k: v.contiguous() for k, v in weights.items()}
 
 
-def _projector_weights(s: TinySizes, gen: torch.Generator) -> dict[str, torch.Tensor]:
+def _projector_weights(s: CheckpointSizes, gen: torch.Generator) -> dict[str, torch.Tensor]:
     from ..checkpoint.config import ProjectorSpec
     from ..model.projector import Projector
 
