@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from vilau_backend.tasks.generate import ImageSampling, generate_codes  # noqa: E402
 from vilau_backend.decoding.compiled_steps import cache_length, step_key  # noqa: E402
-from vilau_backend.decoding.position_step import StepState, advance  # noqa: E402
+from vilau_backend.decoding.position_step import PositionState, advance  # noqa: E402
 from vilau_backend.model.llm import forward_hidden  # noqa: E402
 from vilau_backend.decoding.prompts import cfg_batch, understanding_prompt  # noqa: E402
 from vilau_backend.decoding.answer_loop import generate_text  # noqa: E402
@@ -50,7 +50,7 @@ def guided_depth_logits(model, prompt: str, codes: torch.Tensor, cfg: float = 3.
     input_ids, attention_mask = cfg_batch(model.tokenizer, prompt, " ", n=B, video=False)
     rows = codes.to(model.device).repeat(2, 1, 1)  # (R, P, D): both halves follow the same codes
     # the generation step with every code kept feeds the given codes to the LLM, position by position
-    state = StepState(model, step_key(model, 2 * B, cache_length(input_ids.shape[1], P)))
+    state = PositionState(model, step_key(model, 2 * B, cache_length(input_ids.shape[1], P)))
     keep = torch.ones(B, P, rows.shape[-1], dtype=torch.bool)
     state.begin(input_ids, attention_mask, torch.zeros(keep.shape), ImageSampling(top_k=1), given=rows[:B], keep=keep)
     state.prefill(model)

@@ -24,7 +24,7 @@ from vilau_backend.tasks.editing import (
 from vilau_backend.errors import InputError
 from vilau_backend.tasks.generate import ImageSampling, _code_loop, _edit_inputs, generate_codes
 from vilau_backend.decoding.compiled_steps import cache_length, step_key
-from vilau_backend.decoding.position_step import StepState, advance, prefix_inputs
+from vilau_backend.decoding.position_step import PositionState, advance, code_inputs
 from vilau_backend.decoding.prompts import cfg_batch
 
 PROMPT = "a red apple on a table"
@@ -99,10 +99,10 @@ def test_video_extension_keeps_the_given_frames(small_model):
     assert not torch.equal(video[0, 2:], video[1, 2:])  # two videos, two continuations
 
 
-def _state(model, n_positions: int, given: torch.Tensor, keep: torch.Tensor) -> StepState:
+def _state(model, n_positions: int, given: torch.Tensor, keep: torch.Tensor) -> PositionState:
     """A greedy generation state for two images whose codes `given` (2, P, D) are forced where `keep`."""
     ids, mask = cfg_batch(model.tokenizer, PROMPT, " ", n=2, video=False)
-    state = StepState(model, step_key(model, 4, cache_length(ids.shape[1], n_positions)))
+    state = PositionState(model, step_key(model, 4, cache_length(ids.shape[1], n_positions)))
     state.begin(ids, mask, torch.zeros(given.shape), GREEDY, given=given, keep=keep)
     return state
 
@@ -116,7 +116,7 @@ def test_prefilled_prefix_gives_the_hidden_states_of_stepping_through_it(small_m
     n = 19  # two rows and three positions
     prefilled, stepped = _state(small_model, 64, codes, every), _state(small_model, 64, codes, every)
     with torch.inference_mode(), llm_hidden_bounds(small_model, prefilled.key_mask.shape[-1]) as bounds:
-        prefilled.prefill(small_model, prefix_inputs(small_model, codes[:, :n]))
+        prefilled.prefill(small_model, code_inputs(small_model, codes[:, :n]))
         stepped.prefill(small_model)
         for p in range(n):
             advance(small_model, stepped, stepped.grid_indices[p])
@@ -153,7 +153,7 @@ def test_prefilled_prefix_gives_the_codes_of_stepping_through_it(small_model, so
     depth, embed = small_model.vision.depth, small_model.vision.quantizer.embed_codes
     agree = checked = 0
     with torch.inference_mode():
-        state.prefill(small_model, prefix_inputs(small_model, stepped[:, :24]))
+        state.prefill(small_model, code_inputs(small_model, stepped[:, :24]))
         for p in range(24, 64):
             logits = depth(state.hidden, stepped[:, p].repeat(2, 1), embed)  # (R, D, V)
             guided = (logits[2:] + GREEDY.cfg * (logits[:2] - logits[2:])).float()  # (B, D, V)

@@ -27,7 +27,7 @@ from vilau_backend.tasks.generate import (
     preview_image,
 )
 from vilau_backend.decoding.compiled_steps import cache_length, step_key
-from vilau_backend.decoding.position_step import StepState, advance, next_input
+from vilau_backend.decoding.position_step import PositionState, advance, code_inputs
 
 GREEDY = ImageSampling(top_k=1)
 APPLE = "a red apple on a table"
@@ -48,7 +48,7 @@ def teacher_forced(model, ref: dict, cfg: float) -> tuple[torch.Tensor, torch.Te
     ids, mask, codes = ref["input_ids"], ref["attention_mask"], ref["codes"]  # codes (R, P, D)
     B, P, D = ids.shape[0] // 2, codes.shape[1], codes.shape[2]
     # the generation step with every code kept: it feeds the recorded codes to the LLM
-    state = StepState(model, step_key(model, 2 * B, cache_length(ids.shape[1], P)))
+    state = PositionState(model, step_key(model, 2 * B, cache_length(ids.shape[1], P)))
     state.begin(ids, mask, torch.zeros(B, P, D), GREEDY, given=codes[:B], keep=torch.ones(B, P, D, dtype=torch.bool))
     picks, gaps = [], []
     with torch.inference_mode():
@@ -196,7 +196,7 @@ def test_kv_cached_loop_equals_full_recomputation(small_model):
                 hidden, small_model.vision.quantizer.embed_codes, 3.0, at_every_depth(greedy)
             )
             expected.append(picked)
-            embeds = torch.cat([embeds, next_input(small_model, picked)[:, None]], dim=1)
+            embeds = torch.cat([embeds, code_inputs(small_model, picked[:, None])], dim=1)
             full_mask = torch.cat([full_mask, torch.ones(2 * B, 1, dtype=torch.bool)], dim=1)
     assert torch.equal(codes.reshape(B, h * w, D), torch.stack(expected, 1))
 

@@ -19,9 +19,9 @@ import torch
 from ..errors import InputError
 from ..memory import working_memory
 from . import compiled_steps
-from .compile_choice import fall_back
+from .compile_choice import CompiledStepFailed
 from .compiled_steps import CompileCallback
-from .text_step import TextStepState, decode_step, left_pad, text_step_key
+from .text_step import TextState, decode_step, left_pad, text_step_key
 from .token_choice import GREEDY, TextSampling, logits_processors, next_tokens
 
 DEFAULT_MAX_NEW_TOKENS = 512
@@ -113,30 +113,25 @@ def generate_texts(
 
 
 class AnswerSteps:
-    """The LLM side of one `generate_texts` run on a text_step.TextStepState: `prefill`, then `step`
-    once per token, through `decode_step` (eager: a state of the run's own, freed with it) or its
-    compiled form (the state stays on the model for the next run of its size). When the compiled
-    step fails, the run goes on eager from the same state and later runs of the model are eager
-    (compile_choice.py).
+    """The LLM side of one `generate_texts` run on a text_step.TextState: `prefill`, then `step` once per
+    token, through `decode_step` (eager: a state of the run's own, freed with it) or its compiled form
+    (the state stays on the model for the next run of its size). When the compiled step fails, the model
+    falls back to eager (compiled_steps.StepCalls) and this run goes on from the same state.
 
     prompts: B inputs_embeds (T_b, H), left-padded into one batch (text_step.left_pad)."""
 
     def __init__(self, model, prompts: Sequence[torch.Tensor], max_new_tokens: int, compile: bool | None = False,
                  on_compile: CompileCallback | None = None):
-        self.model, self.on_compile = model, on_compile
+        self.model = model
         self.embeds, self.prompt_mask = left_pad(prompts)  # (B, T, H), (B, T)
         rows, prompt_len = self.prompt_mask.shape
-        self.compiled = compiled_steps.run_compiles(model, compile)
-        self.key = text_step_key(model, rows, prompt_len, max_new_tokens)
-        memory = working_memory.answer_memory(model, rows, prompt_len, self.key.length, kept=self.compiled)
-        working_memory.reserve_for_run(model, self.key, memory, f"{rows} answer(s) of up to {max_new_tokens} tokens",
+        compiled = compiled_steps.run_compiles(model, compile)
+        key = text_step_key(model, rows, prompt_len, max_new_tokens)
+        memory = working_memory.answer_memory(model, rows, prompt_len, key.length, kept=compiled)
+        working_memory.reserve_for_run(model, key, memory, f"{rows} answer(s) of up to {max_new_tokens} tokens",
                                        "lower batch_size or max_new_tokens")
-        self.state = compiled_steps.step_state(model, self.key, self.compiled, TextStepState)
-        self.step_function = decode_step
-        if self.compiled:
-            if on_compile is not None and compiled_steps.needs_compiling(model, self.key):
-                on_compile()
-            self.step_function = compiled_steps.compiled_step(decode_step, model.device)
+        self.state = compiled_steps.step_state(model, key, compiled, TextState)
+        self.calls = compiled_steps.StepCalls(model, key, decode_step, compiled, on_compile)
 
     def prefill(self) -> torch.Tensor:
         """The prompts into the cache -> logits at their last position (B, V) float32."""
@@ -144,25 +139,10 @@ class AnswerSteps:
 
     def step(self, tokens: torch.Tensor, step: int) -> torch.Tensor:
         """Feed tokens (B,) of answer step `step` -> the next logits (B, V) float32."""
-        if not self.compiled:
-            return self.state.decode(decode_step, self.model, tokens, step)
         try:
-            logits = self.state.decode(self.step_function, self.model, tokens, step)
-        except Exception as error:  # only the step: the callbacks' errors (a cancel) pass unchanged
-            self._fall_back(error)
-            return self.state.decode(decode_step, self.model, tokens, step)
-        if step == 0:  # compiled now: a later run of this size, even after a cancel, only replays
-            compiled_steps.mark_compiled(self.model, self.key)
-        return logits
-
-    def _fall_back(self, error: Exception) -> None:
-        """The compiled step failed: this run goes on eager from its state (step s rewrites cache index T + s
-        only, so the failed step runs again whole); the model no longer keeps the state for replay."""
-        notice = fall_back(self.model, error)
-        self.model.release_step_states()  # this run still holds self.state; no later run replays it
-        if self.on_compile is not None:
-            self.on_compile(notice)
-        self.compiled = False
+            return self.state.decode(self.calls, self.model, tokens, step)
+        except CompiledStepFailed:  # now eager: the step writes only its own cache index and logits, so it runs again
+            return self.state.decode(self.calls, self.model, tokens, step)
 
 
 def streamed_text(model, output_ids: list[int]) -> str:

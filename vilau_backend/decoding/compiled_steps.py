@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from ..memory.placement import has_placement
-from .compile_choice import compile_failed, compile_mode, say_once
+from .compile_choice import CompiledStepFailed, compile_failed, compile_mode, fall_back, say_once
 from . import compile_cache
 
 log = logging.getLogger(__name__)
@@ -99,6 +99,45 @@ def compiled_step(step, device: torch.device):
                 options = {**options, "options": {**options.get("options", {}), **cpu_inductor_options()}}
             _compiled[step, device.type, mode] = torch.compile(step, dynamic=False, **options)
         return _compiled[step, device.type, mode]
+
+
+class StepCalls:
+    """How one run calls its step function `step(model, state, index)`: eager, or compiled with what every
+    compiled run needs around it. Before the first call, the "compiling…" notice when (model, key) was
+    never traced; after the first step, the pair marked compiled, so that a later run of this size, even
+    after a cancel, only replays; when the compiled step raises, the model falls back to eager
+    (compile_choice.fall_back: later runs eager, its kept states freed, the notice to `on_compile`), this
+    object calls the eager step from then on, and CompiledStepFailed tells the run: the image run starts
+    again (a half-done grid step may have overwritten what it read), the answer step runs again (it
+    rewrites only what it writes)."""
+
+    def __init__(self, model, key: StepKey, step: Callable, compiled: bool, on_compile: CompileCallback | None):
+        self.model, self.key, self.step, self.on_compile = model, key, step, on_compile
+        self.compiled, self.traced = compiled, not compiled
+        self.function = step
+        if compiled:
+            if on_compile is not None and needs_compiling(model, key):
+                on_compile()
+            self.function = compiled_step(step, model.device)
+
+    def __call__(self, model, state, index: torch.Tensor) -> None:
+        if not self.compiled:
+            return self.step(model, state, index)
+        try:
+            self.function(model, state, index)
+        except Exception as error:  # only the step: the callbacks' errors (a cancel) are raised outside it
+            self._fall_back(error)
+            raise CompiledStepFailed(error) from error
+        if not self.traced:
+            mark_compiled(self.model, self.key)
+            self.traced = True
+
+    def _fall_back(self, error: Exception) -> None:
+        notice = fall_back(self.model, error)
+        self.model.release_step_states()  # a failed compiled state is not replayed again
+        self.compiled = False
+        if self.on_compile is not None:
+            self.on_compile(notice)
 
 
 def cpu_inductor_options() -> dict:

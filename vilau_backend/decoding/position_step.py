@@ -3,7 +3,7 @@
 A generation run is P calls of `advance`: the depth transformer picks the D
 codes of position p from the LLM state (sampling with uniforms drawn up front,
 forcing the codes an edit keeps), and the LLM takes their projected sum as its
-next input. Everything that call reads or writes lives in `StepState`, device
+next input. Everything that call reads or writes lives in `PositionState`, device
 tensors allocated once per (rows, cache-length bucket) and rewritten in place
 at the start of a run; the position is a 0-d tensor. No shape, and no Python
 value that dynamo would specialise on, changes from one position or one run to
@@ -27,8 +27,8 @@ from __future__ import annotations
 import torch
 
 from ..model.depth import SampleCodes
-from ..model.llm import additive_mask, forward_hidden, new_static_cache, padded_positions
-from .compiled_steps import StepKey, compiled_step
+from .compiled_steps import StepKey
+from .llm_state import LLMState
 from .sampling import pick_codes, sampling_knobs
 
 
@@ -43,24 +43,19 @@ class UniformSampler:
         return pick_codes(logits, self.u[:, d], self.knobs)
 
 
-class StepState:
-    """The KV cache and every buffer a generation step reads, for one StepKey.
+class PositionState(LLMState):
+    """Everything a generation step reads, for one StepKey: the LLM's cache and masks (llm_state.py) and
+    the grid's buffers.
 
-    `begin` writes one run's prompt mask, uniforms, edit masks and settings into
-    the buffers; `prefill` runs the prompt; `advance(p)` (see the function) then
-    produces position p's codes into `codes` and the LLM state for p + 1 into
-    `hidden`."""
+    `begin` writes one run's prompt, uniforms, edit masks and settings into the buffers; `prefill` runs
+    the prompt; `advance(p)` (see the function) then produces position p's codes into `codes` and the
+    LLM state for p + 1 into `hidden`."""
 
     def __init__(self, model, key: StepKey):
-        self.key = key
+        super().__init__(model, key)
         R, L = key.rows, key.length
         B, D, H = R // 2, model.config.quantizer.depth, model.config.llm.hidden_size
         device = torch.device(key.device)
-        self.cache = new_static_cache(model.llm, R, L, key.dtype, device)
-        self.key_index = torch.arange(L, device=device)  # (L,)
-        self.key_mask = torch.ones(R, L, dtype=torch.bool, device=device)  # real prompt tokens, then every position
-        self.start = torch.zeros((), dtype=torch.long, device=device)  # cache index of position 0's input: T
-        self.first_rope_id = torch.zeros(R, 1, dtype=torch.long, device=device)  # RoPE position id of grid position 0's input
         self.hidden = torch.zeros(R, H, dtype=key.dtype, device=device)  # LLM state for the next position
         self.uniforms = torch.zeros(B, L, D, dtype=torch.float32, device=device)  # (B, L, D): P <= L
         self.given = torch.zeros(B, L, D, dtype=torch.long, device=device)
@@ -69,23 +64,15 @@ class StepState:
         self.cfg = torch.zeros((), dtype=torch.float32, device=device)
         self.knobs = torch.zeros(3, dtype=torch.float32, device=device)
         self.grid_indices = torch.arange(L, device=device)  # grid position p is passed as grid_indices[p], a 0-d tensor
-        self.prompt_len = 0
-        for buffer in (self.key_mask, self.start, self.first_rope_id, self.hidden, self.uniforms, self.given,
-                       self.keep, self.codes, self.cfg, self.knobs):
+        for buffer in (self.hidden, self.uniforms, self.given, self.keep, self.codes, self.cfg, self.knobs):
             torch._dynamo.mark_static_address(buffer)
 
     def begin(self, input_ids, attention_mask, uniforms, sampling, given=None, keep=None) -> None:
         """One run's inputs: prompt (R, T) ids and mask, uniforms (B, P, D), ImageSampling,
         and optionally the codes an edit forces: given (B, P, D) long where keep (B, P, D) bool."""
-        T, P = input_ids.shape[1], uniforms.shape[1]
+        super().begin(attention_mask)
+        P = uniforms.shape[1]
         self.input_ids = input_ids.to(self.key_index.device)
-        self.prompt_len = T
-        # transformers 5.x's StaticCache writes at its own running count, not at cache_position: restart it
-        self.cache.reset()
-        self.key_mask.fill_(True)
-        self.key_mask[:, :T].copy_(attention_mask)
-        self.start.fill_(T)
-        self.first_rope_id.copy_(attention_mask.long().sum(-1, keepdim=True))
         self.uniforms[:, :P].copy_(uniforms)
         self.keep.zero_()
         if keep is not None:
@@ -99,42 +86,29 @@ class StepState:
         the inputs of the first n positions when an edit keeps them; sets `hidden` to the state
         for position n."""
         embeds = model.llm.get_input_embeddings()(self.input_ids)  # (R, T, H)
-        rope_ids = padded_positions(self.key_mask[:, : self.prompt_len])  # (R, T)
+        rope_ids = self.prompt_rope_ids()  # (R, T)
         if prefix is not None and prefix.shape[1]:
             steps = torch.arange(prefix.shape[1], device=rope_ids.device)
             embeds = torch.cat([embeds, prefix.to(embeds.dtype)], dim=1)  # (R, T + n, H)
             rope_ids = torch.cat([rope_ids, self.first_rope_id + steps], dim=1)
-        T = embeds.shape[1]
-        causal = self.key_index[None, :] <= torch.arange(T, device=embeds.device)[:, None]  # (T, L)
-        allowed = self.key_mask[:, None, None, :] & causal[None, None]  # (R, 1, T, L)
-        hidden = forward_hidden(
-            model.llm, self.cache, inputs_embeds=embeds, attention_mask=additive_mask(allowed, embeds.dtype),
-            position_ids=rope_ids, cache_position=torch.arange(T, device=embeds.device),
-        )
+        hidden = super().prefill(model, embeds, rope_ids)  # (R, T + n, H)
         self.hidden.copy_(hidden[:, -1])
 
 
-def next_input(model, position_codes: torch.Tensor) -> torch.Tensor:
-    """The LLM input after a position: the projected sum of its code embeddings, for both CFG halves.
+def code_inputs(model, codes: torch.Tensor) -> torch.Tensor:
+    """The LLM inputs after positions whose codes are known: codes (B, n, D) -> (R, n, H), the projected
+    sum of each position's code embeddings, the same for both CFG halves (they continue from the same codes).
 
-    Computed with the original's exact ops and shapes (a cumsum over depth, then the projector
-    on the non-contiguous (R, 1, C) slice): on such a slice torch's Linear rounds the matmul
-    before adding the bias, and in bf16 that single rounding step moves about a fifth of the
-    values by an ulp, enough to flip near-tied codes later on."""
-    rows = position_codes.repeat(2, 1)[:, None, :]  # (R, 1, D): both halves continue from the same codes
-    sums = torch.cumsum(model.vision.quantizer.embed_codes(rows), dim=-2)[:, :, -1, :]  # (R, 1, C)
-    return model.projector(sums)[:, 0]  # (R, H)
-
-
-def prefix_inputs(model, prefix_codes: torch.Tensor) -> torch.Tensor:
-    """The LLM inputs of several known positions at once: codes (B, n, D) -> (R, n, H),
-    the same projected code sums `next_input` makes one position at a time."""
-    rows = prefix_codes.repeat(2, 1, 1)  # (R, n, D)
+    Computed with the original's exact ops and shapes (a cumsum over depth, then the projector on the
+    non-contiguous (R, n, C) slice): on such a slice torch's Linear rounds the matmul before adding the
+    bias, and in bf16 that single rounding step moves about a fifth of the values by an ulp, enough to
+    flip near-tied codes later on."""
+    rows = codes.repeat(2, 1, 1)  # (R, n, D)
     sums = torch.cumsum(model.vision.quantizer.embed_codes(rows), dim=-2)[:, :, -1, :]  # (R, n, C)
     return model.projector(sums)  # (R, n, H)
 
 
-def advance(model, state: StepState, p: torch.Tensor) -> None:
+def advance(model, state: PositionState, p: torch.Tensor) -> None:
     """Position p (0-d long tensor): its codes into state.codes[:, p], the LLM state after them into state.hidden.
 
     The LLM step also runs after the last position (its state is not used): one step in P, for one
@@ -147,16 +121,5 @@ def advance(model, state: StepState, p: torch.Tensor) -> None:
         given=state.given.index_select(1, at_p)[:, 0], keep=state.keep.index_select(1, at_p)[:, 0],
     )  # (B, D)
     state.codes.index_copy_(1, at_p, codes[:, None])
-    embed = next_input(model, codes)  # (R, H)
-    index = state.start + p  # cache index of this input
-    allowed = (state.key_mask & (state.key_index <= index))[:, None, None, :]  # (R, 1, 1, L)
-    hidden = forward_hidden(
-        model.llm, state.cache, inputs_embeds=embed[:, None, :], attention_mask=additive_mask(allowed, embed.dtype),
-        position_ids=state.first_rope_id + p, cache_position=index.reshape(1),
-    )  # (R, 1, H)
+    hidden = state.step(model, code_inputs(model, codes[:, None]), p)  # (R, 1, H)
     state.hidden.copy_(hidden[:, -1])
-
-
-def compiled_advance(device: torch.device):
-    """`advance` compiled for this kind of device."""
-    return compiled_step(advance, device)

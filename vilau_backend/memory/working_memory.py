@@ -8,7 +8,7 @@ much is) and refuses the run with what it needs and what to do when it still doe
 
 Estimates, in bytes, for a run of R rows over a cache of L positions (T prompt tokens): the KV
 cache, 2 x layers x R x kv_heads x head_dim x L in the model dtype, and the step buffers
-(position_step.StepState, text_step.TextStepState), kept between compiled runs; on top of them one
+(position_step.PositionState, text_step.TextState), kept between compiled runs; on top of them one
 layer's prefill activations; for images, the pixel decoder at full resolution over the batch after
 the codes (with the state still held when it is kept). tests/backend/test_working_memory.py checks
 the estimate against the allocations a run makes on the CPU.
@@ -79,7 +79,7 @@ def decode_bytes(model, images: int) -> int:
 
 
 def image_state_bytes(model, rows: int, length: int) -> int:
-    """position_step.StepState: the KV cache, the (B, L, D) uniforms, forced codes, keep mask and codes,
+    """position_step.PositionState: the KV cache, the (B, L, D) uniforms, forced codes, keep mask and codes,
     the (R, L) key mask and two (L,) indices, the (R, H) state."""
     B, D, H = rows // 2, model.config.quantizer.depth, model.config.llm.hidden_size
     per_position = B * D * (4 + 8 + 1 + 8) + rows + 2 * 8
@@ -97,7 +97,7 @@ def generation_memory(model, images: int, prompt_len: int, length: int, kept: bo
 
 
 def answer_memory(model, rows: int, prompt_len: int, length: int, kept: bool) -> WorkingMemory:
-    """An answer run of `rows` prompts over a cache of `length` positions (text_step.TextStepState,
+    """An answer run of `rows` prompts over a cache of `length` positions (text_step.TextState,
     whole from the start, eager or compiled): its prefill, then the steps with the (B, V) float32
     logits the step, the token choice and its processors hold. `kept`: the state stays allocated
     for the next run (a compiled run)."""

@@ -5,7 +5,7 @@ drives this through transformers' `generate`, sampling a text token at every
 step that is then ignored (and that can derail the loop). Here the loop is
 driven by the number of grid positions, in phases (decoding/position_step.py):
 
-- `StepState.prefill`: the left-padded CFG batch (conditional rows, then
+- `PositionState.prefill`: the left-padded CFG batch (conditional rows, then
   unconditional rows) through the LLM into a KV cache allocated once; the
   last hidden state of every row. When editing, the positions kept at the
   start (continue downward, extend a video) go through this same batched
@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from ..decoding import compiled_steps, position_step
-from ..decoding.compile_choice import CompiledStepFailed, fall_back
+from ..decoding.compile_choice import CompiledStepFailed
 from ..decoding.compiled_steps import CompileCallback
 from ..errors import InputError
 from ..decoding.prompts import cfg_batch, refuse_text_that_cannot_fit
@@ -155,7 +155,7 @@ def _check_context(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
 
 @dataclass(frozen=True)
 class _CodeRun:
-    """One run's inputs, as `StepState.begin` takes them."""
+    """One run's inputs, as `PositionState.begin` takes them."""
 
     input_ids: torch.Tensor  # (R, T)
     attention_mask: torch.Tensor  # (R, T) on the model's device
@@ -170,11 +170,7 @@ def _run_codes(model, run: _CodeRun, compile: bool, on_position: PositionCallbac
     the codes an eager run gives; later runs of the model stay eager (decoding/compile_choice.py)."""
     try:
         return _run_codes_once(model, run, compile, on_position, on_compile)
-    except CompiledStepFailed as failed:
-        notice = fall_back(model, failed.error)
-        model.release_step_states()  # the failed compiled state is not replayed again
-        if on_compile is not None:
-            on_compile(notice)
+    except CompiledStepFailed:  # the model fell back to eager (compiled_steps.StepCalls)
         return _run_codes_once(model, run, False, on_position, on_compile)
 
 
@@ -183,7 +179,7 @@ def _run_codes_once(model, run: _CodeRun, compile: bool, on_position: PositionCa
     P = run.uniforms.shape[1]
     key = compiled_steps.step_key(model, run.input_ids.shape[0], compiled_steps.cache_length(run.input_ids.shape[1], P))
     _reserve_working_memory(model, run, key, compile)
-    state = compiled_steps.step_state(model, key, compile, position_step.StepState)
+    state = compiled_steps.step_state(model, key, compile, position_step.PositionState)
     forced = {} if run.edit is None else dict(given=run.edit.given, keep=run.edit.keep)
     state.begin(run.input_ids, run.attention_mask, run.uniforms, run.sampling, **forced)
     return _code_loop(model, state, P, 0 if run.edit is None else run.edit.prefix, compile, on_position, on_compile)
@@ -246,21 +242,10 @@ def _code_loop(
             on_position(start, P, state.codes[:, :start])
         if start == P:
             return state.codes[:, :P].clone()
-    step = position_step.advance
-    if compile:
-        if on_compile is not None and compiled_steps.needs_compiling(model, state.key):
-            on_compile()
-        step = position_step.compiled_advance(model.device)
-    state.prefill(model, position_step.prefix_inputs(model, state.codes[:, :start]) if start else None)
+    step = compiled_steps.StepCalls(model, state.key, position_step.advance, compile, on_compile)
+    state.prefill(model, position_step.code_inputs(model, state.codes[:, :start]) if start else None)
     for p in range(start, P):
-        try:
-            step(model, state, state.grid_indices[p])
-        except Exception as error:  # only the step: the callbacks' errors (a cancel) pass unchanged
-            if not compile:
-                raise
-            raise CompiledStepFailed(error) from error
-        if compile and p == start:  # traced now: a later run of this size, even after a cancel, only replays
-            compiled_steps.mark_compiled(model, state.key)
+        step(model, state, state.grid_indices[p])
         if on_position is not None:
             on_position(p + 1, P, state.codes[:, : p + 1])  # a view: later steps write beyond it
     return state.codes[:, :P].clone()
