@@ -157,7 +157,7 @@ class QuantizedCache:
         path = self.entry / MANIFEST
         try:
             manifest = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):  # no entry (yet)
             return False
         except (OSError, ValueError) as error:
             return self._ignore(f"its manifest cannot be read ({error})")
