@@ -166,9 +166,10 @@ class QuantizedCache:
                      self.entry)
             return False
         try:
+            if not isinstance(manifest.get("layers"), dict) or not isinstance(manifest.get("kept"), list):
+                raise ValueError("its manifest lacks the list of layers")
             for file_name, expected in manifest["files"].items():
                 self._open_file(file_name, expected)
-            manifest["layers"], manifest["kept"]  # noqa: B018 (both must be there)
         except (KeyError, TypeError, ValueError, OSError, CheckpointError) as error:
             self.close()
             return self._ignore(str(error))
