@@ -260,6 +260,23 @@ def test_a_folder_that_cannot_be_made_costs_a_warning_not_the_load(checkpoint, t
     assert [r.levelname for r in caplog.records if r.name == CACHE_LOG] == ["WARNING"]
 
 
+def test_a_library_release_that_cannot_serialise_its_layers_only_turns_the_copy_off(checkpoint, tmp_path,
+                                                                                    monkeypatch, caplog):
+    """torchao releases before its safetensors support (or a tensor type it does not list) load as before."""
+    def unsupported(*args):
+        raise ImportError("No module named 'torchao.prototype.safetensors'")
+
+    monkeypatch.setattr(weight_quantization, "layer_tensors", unsupported)
+    monkeypatch.setattr(quantized_cache, "_warned", set())
+    cache = tmp_path / "cache"
+    with caplog.at_level(logging.WARNING, logger=CACHE_LOG):
+        model = load(checkpoint, "int8", cache)
+    assert entries(cache) == []
+    messages = [r.getMessage() for r in caplog.records if r.name == CACHE_LOG]
+    assert len(messages) == 1 and "cannot serialise its layers" in messages[0], messages
+    assert_same_layers(load(checkpoint, "int8", None), model)
+
+
 def test_auto_is_the_users_cache_folder(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     previous = quantized_cache.use_default_folder(None)

@@ -241,7 +241,7 @@ class QuantizedCache:
         try:
             self._write_group(pending)
         except (OSError, RuntimeError, ValueError) as error:  # disk full, read-only, safetensors' own errors
-            self._give_up(error)
+            self.stop_writing(error)
 
     def _write_group(self, pending: dict[str, tuple[dict[str, torch.Tensor], dict[str, str]]]) -> None:
         from safetensors.torch import save_file
@@ -284,7 +284,7 @@ class QuantizedCache:
             _sync(manifest)
             self._replace_entry()
         except OSError as error:
-            self._give_up(error)
+            self.stop_writing(error)
             return
         log.info("VILA-U: quantized weights saved in %s; the next load of this choice reads them", self.entry)
         self._writing = None
@@ -300,15 +300,17 @@ class QuantizedCache:
         shutil.rmtree(stale, ignore_errors=True)
         _remove_leftovers(self.folder, self.entry.name)
 
-    def _give_up(self, error: Exception) -> None:
+    def stop_writing(self, error: Exception | str) -> None:
+        """Write nothing more in this load (what was written is dropped); say why once per folder and process."""
         self._write_off = True
         if self._writing is not None:
             shutil.rmtree(self._writing, ignore_errors=True)
             self._writing = None
         if str(self.folder) not in _warned:
             _warned.add(str(self.folder))
+            advice = " Free disk space there or choose another folder." if isinstance(error, OSError) else ""
             log.warning("VILA-U: cannot keep quantized weights in %s (%s); loading goes on, and the next load "
-                        "quantizes again. Free disk space there or choose another folder", self.folder, error)
+                        "quantizes again.%s", self.folder, error, advice)
 
     def close(self) -> None:
         """Close the entry's files; drop an unfinished write (a load that failed or was not committed)."""

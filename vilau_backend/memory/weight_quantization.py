@@ -127,8 +127,12 @@ class LinearConverter:
             return None
         replacement = replacement.to(stored_on)
         if self.cache is not None:  # the canonical form: before bitsandbytes' CPU repacking
-            self.cache.add(f"{self.part}.{self.targets.match(name).group(0)}", key,
-                           *layer_tensors(replacement, self.scheme, key))
+            try:
+                tensors, metadata = layer_tensors(replacement, self.scheme, key)
+            except (ImportError, ValueError, TypeError, AttributeError) as error:  # a release without it
+                self.cache.stop_writing(f"this {_INSTALL[self.scheme][0]} cannot serialise its layers: {error}")
+            else:
+                self.cache.add(f"{self.part}.{self.targets.match(name).group(0)}", key, tensors, metadata)
         self.quantized += 1
         return ready_to_run(replacement, self.run_device or stored_on, self.dtype)
 
@@ -245,7 +249,7 @@ def layer_from_tensors(linear: nn.Linear, scheme: str, dtype: torch.dtype, name:
     if scheme == "int8":
         from torchao.prototype.safetensors.safetensors_support import unflatten_tensor_state_dict
 
-        state, left = unflatten_tensor_state_dict(tensors, metadata)
+        state, _ = unflatten_tensor_state_dict(tensors, metadata)
         layer = nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
         layer.weight = nn.Parameter(state[f"{name}.weight"], requires_grad=False)
         if linear.bias is not None:
