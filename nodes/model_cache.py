@@ -115,6 +115,7 @@ class LoadedVilaU:
         import comfy.model_management as mm
 
         from ..vilau_backend.model.vila_u import VilaUModel
+        from .model_files import quantized_cache_folder
 
         # weights rest on ComfyUI's offload device (the CPU, unless --highvram / --gpu-only keeps
         # them on the GPU) and load_models_gpu moves them to the target, as for every core model
@@ -123,7 +124,10 @@ class LoadedVilaU:
             offload = self.target
         logging.info("VILA-U: loading %s from %s (%s, quantize %s, runs on %s)", self.name, self.key.folder,
                      self.key.dtype, self.key.quantize, self.key.device)
-        self.model = VilaUModel.load(self.key.folder, dtype=self.key.dtype, device=offload, quantize=self.key.quantize)
+        # layers are quantized on the GPU they will run on, and kept quantized in the models folder for the
+        # next load of the same choice (vilau_backend/memory/quantized_cache.py)
+        self.model = VilaUModel.load(self.key.folder, dtype=self.key.dtype, device=offload, quantize=self.key.quantize,
+                                     run_device=self.target, quantized_cache=quantized_cache_folder())
         self.model.make_room = self.make_room  # runs ask ComfyUI for their working memory before allocating
 
     def _fit(self) -> None:

@@ -52,6 +52,12 @@ def default_root() -> Path:
     return Path(folder_paths.models_dir) / DEFAULT_SUBDIR
 
 
+def quantized_cache_folder() -> Path:
+    """Where quantized weights are kept for the next load: models/vila-u/.cache/quantized (hidden, so that
+    the model list skips it; beside the models, since a 7B copy is several GB)."""
+    return default_root() / ".cache" / "quantized"
+
+
 def local_models() -> dict[str, Path]:
     """{name: folder} of the VILA-U models found, first root wins. A name is the folder's path
     relative to its root ('vila-u-7b-256', 'mine/finetune'); models are looked for two levels deep."""

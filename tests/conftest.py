@@ -80,6 +80,18 @@ def compile_cache_folder(tmp_path_factory):
     compile_cache.use_folder(previous)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def no_quantized_cache():
+    """Quantized loads quantize, as they always did, unless a test names a `quantized_cache` folder: the
+    default ('auto', the user's cache folder) is off in tests, so no test reads another's copy or writes
+    into the home folder."""
+    from vilau_backend.memory import quantized_cache
+
+    previous = quantized_cache.use_default_folder(None)
+    yield
+    quantized_cache.restore_default_folder(previous)
+
+
 @pytest.fixture(scope="session")
 def model_device(request) -> str:
     return request.config.getoption("--device")

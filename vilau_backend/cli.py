@@ -16,7 +16,9 @@ what is missing.
 
 Every subcommand takes --dtype float32|bfloat16|float16 (default: bfloat16 on a
 GPU, float32 on the CPU), --device (default: cuda when available) and
---quantize none|int8|4bit (weight-only LLM and depth transformer; default none);
+--quantize none|int8|4bit (weight-only LLM and depth transformer; default none) with
+--quantized-cache DIR|none (where quantized weights are kept for the next load; default
+~/.cache/vila-u/quantized);
 all but encode and decode take --compile/--no-compile (default: on with CUDA only).
 """
 
@@ -59,7 +61,12 @@ def save_image_file(image: torch.Tensor, path: str | Path) -> None:
 def _load_model(args: argparse.Namespace):
     from .model.vila_u import VilaUModel
 
-    return VilaUModel.load(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize)
+    return VilaUModel.load(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize,
+                           quantized_cache=_quantized_cache(args))
+
+
+def _quantized_cache(args: argparse.Namespace) -> str | None:
+    return None if args.quantized_cache == "none" else args.quantized_cache
 
 
 def _encode(args: argparse.Namespace) -> int:
@@ -251,7 +258,8 @@ def _job_model(args: argparse.Namespace):
     from .model.vila_u import VilaUModel
 
     processes = JobProcesses(args.device)
-    model = VilaUModel.load(args.model, dtype=args.dtype, device=processes.device, quantize=args.quantize)
+    model = VilaUModel.load(args.model, dtype=args.dtype, device=processes.device, quantize=args.quantize,
+                            quantized_cache=_quantized_cache(args))
     return processes, model
 
 
@@ -349,6 +357,10 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quantize", choices=QUANTIZE_CHOICES, default="none",
                         help="weight-only quantization of the LLM and depth transformer: int8 (torchao) or 4bit "
                              "(bitsandbytes NF4); default none")
+    parser.add_argument("--quantized-cache", default="auto", metavar="DIR",
+                        help="folder that keeps quantized weights, so that the next load with the same --quantize "
+                             "reads them instead of quantizing again; 'none' for no copy (default: "
+                             "~/.cache/vila-u/quantized)")
 
 
 def _add_answer_arguments(p: argparse.ArgumentParser) -> None:

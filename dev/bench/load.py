@@ -1,6 +1,6 @@
 """Load time and peak memory of `VilaUModel.load` for each quantize choice.
 
-    python dev/bench/load.py --model DIR [--quantize none int8 4bit] [--dtype bfloat16] [--device cpu]
+    python dev/bench/load.py --model DIR [--quantize none int8 4bit] [--dtype bfloat16] [--device cpu] [--cache DIR]
     python dev/bench/load.py --write DIR [--size full|small]      # write a random checkpoint first (then measure it)
 
 --write writes a random-weight checkpoint in the published layout (vilau_backend/testing/random_checkpoint.py;
@@ -9,6 +9,11 @@ loads in a fresh Python process, which first loads a small random model so that 
 lazy initialisations are done; its resident memory then is the baseline. Printed per
 choice: load time, weight bytes as loaded, peak RSS (VmHWM) and what the load
 added beyond the weights (peak - baseline - weights). On CUDA, also the peak GPU memory.
+
+Each quantized choice loads twice: first into an empty quantized cache (it quantizes and
+writes the copy), then again (it reads the copy: vilau_backend/memory/quantized_cache.py);
+the last line compares the second load's time with the unquantized load's. The cache is a
+temporary folder unless --cache names one (an existing copy there makes both loads reads).
 """
 
 from __future__ import annotations
@@ -50,19 +55,21 @@ def peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def measure_load(model_dir: str, warmup_dir: str, dtype: str, device: str, quantize: str) -> dict:
-    """In this process: load the warm-up model, drop it, then load `model_dir`; the figures as a dict."""
+def measure_load(model_dir: str, warmup_dir: str, dtype: str, device: str, quantize: str,
+                 cache: str | None = None) -> dict:
+    """In this process: load the warm-up model, drop it, then load `model_dir` (quantized layers kept in and
+    read from `cache`, None: none); the figures as a dict."""
     import gc
 
     import torch
 
     from vilau_backend.model.vila_u import VilaUModel
 
-    VilaUModel.load(warmup_dir, dtype=dtype, device=device, quantize=quantize)
+    VilaUModel.load(warmup_dir, dtype=dtype, device=device, quantize=quantize, quantized_cache=cache)
     gc.collect()
     baseline = rss_now()
     start = time.perf_counter()
-    model = VilaUModel.load(model_dir, dtype=dtype, device=device, quantize=quantize)
+    model = VilaUModel.load(model_dir, dtype=dtype, device=device, quantize=quantize, quantized_cache=cache)
     seconds = time.perf_counter() - start
     peak = peak_rss()
     result = {"quantize": quantize, "seconds": seconds, "weights": model.weight_bytes(), "baseline": baseline,
@@ -72,10 +79,11 @@ def measure_load(model_dir: str, warmup_dir: str, dtype: str, device: str, quant
     return result
 
 
-def run_child(args: argparse.Namespace, quantize: str, warmup: Path) -> dict:
+def run_child(args: argparse.Namespace, quantize: str, warmup: Path, cache: str | None = None) -> dict:
     code = (f"import json, sys; sys.path.insert(0, {str(REPO)!r}); "
             f"from dev.bench.load import measure_load; "
-            f"print(json.dumps(measure_load({args.model!r}, {str(warmup)!r}, {args.dtype!r}, {args.device!r}, {quantize!r})))")
+            f"print(json.dumps(measure_load({args.model!r}, {str(warmup)!r}, {args.dtype!r}, {args.device!r}, "
+            f"{quantize!r}, {cache!r})))")
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -88,6 +96,7 @@ def main() -> None:
     parser.add_argument("--quantize", nargs="+", default=["none", "int8", "4bit"])
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--cache", help="quantized cache folder (default: a temporary one, removed at the end)")
     args = parser.parse_args()
     from vilau_backend.testing.random_checkpoint import FULL_7B_256, CheckpointSizes, write_random_checkpoint
 
@@ -101,15 +110,36 @@ def main() -> None:
         parser.error("give --model or --write")
     with tempfile.TemporaryDirectory() as tmp:
         warmup = write_random_checkpoint(Path(tmp) / "warmup")
-        print(f"{args.model}: dtype {args.dtype}, device {args.device}")
+        cache = args.cache or str(Path(tmp) / "quantized")
+        print(f"{args.model}: dtype {args.dtype}, device {args.device}, quantized cache {cache}")
         print("| quantize | load time | weights | peak RSS | baseline | added beyond the weights |")
         print("|---|---|---|---|---|---|")
+        seconds = {}
         for quantize in args.quantize:
-            r = run_child(args, quantize, warmup)
-            added = r["peak_rss"] - r["baseline"] - r["weights"]
-            gpu = f", peak GPU {r['peak_gpu'] / GiB:.2f} GiB" if "peak_gpu" in r else ""
-            print(f"| {quantize} | {r['seconds']:.1f} s | {r['weights'] / GiB:.2f} GiB | {r['peak_rss'] / GiB:.2f} GiB | "
-                  f"{r['baseline'] / GiB:.2f} GiB | {added / GiB:.2f} GiB{gpu} |", flush=True)
+            loads = [("", None)] if quantize == "none" else [(", quantized, copy written", cache),
+                                                              (", read from the copy", cache)]
+            for label, folder in loads:
+                r = run_child(args, quantize, warmup, folder)
+                seconds[quantize + label] = r["seconds"]
+                print_row(quantize + label, r)
+        compare_with_unquantized(seconds, [q for q in args.quantize if q != "none"])
+
+
+def print_row(label: str, r: dict) -> None:
+    added = r["peak_rss"] - r["baseline"] - r["weights"]
+    gpu = f", peak GPU {r['peak_gpu'] / GiB:.2f} GiB" if "peak_gpu" in r else ""
+    print(f"| {label} | {r['seconds']:.1f} s | {r['weights'] / GiB:.2f} GiB | {r['peak_rss'] / GiB:.2f} GiB | "
+          f"{r['baseline'] / GiB:.2f} GiB | {added / GiB:.2f} GiB{gpu} |", flush=True)
+
+
+def compare_with_unquantized(seconds: dict[str, float], schemes: list[str]) -> None:
+    """The quantized cache's goal: a load from the copy within 1.5x the unquantized load (issue 19)."""
+    if "none" not in seconds:
+        return
+    for scheme in schemes:
+        first, second = seconds[f"{scheme}, quantized, copy written"], seconds[f"{scheme}, read from the copy"]
+        print(f"{scheme}: first load {first:.1f} s, load from the copy {second:.1f} s = "
+              f"{second / seconds['none']:.2f}x the unquantized load ({seconds['none']:.1f} s; goal <= 1.5x)")
 
 
 if __name__ == "__main__":

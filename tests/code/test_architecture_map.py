@@ -13,7 +13,7 @@ BACKEND = REPO / "vilau_backend"
 
 # backticked things that look like paths but are not the repository's: ComfyUI's folders and files,
 # and what a dataset job writes
-NOT_IN_REPO = {"models/vila-u/<name>/", "extra_model_paths.yaml", "summary.json"}
+NOT_IN_REPO = {"models/vila-u/<name>/", "models/vila-u/.cache/quantized/", "extra_model_paths.yaml", "summary.json"}
 
 PATH = re.compile(r"^[\w.][\w./-]*(/|\.(py|js|md|sh|txt|toml|json|yaml))$")
 SECTION_FOLDERS = {"The nodes": REPO / "nodes"}  # the nodes table names its modules without the folder

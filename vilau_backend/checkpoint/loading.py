@@ -15,7 +15,8 @@ head, the quantizer's EMA buffers) are never read. Sharded checkpoints
 device and receive their weights module by module, already in the caller's
 dtype and on the caller's device; `convert` may replace a module as soon as its
 weights are in (quantization while loading, so the full-precision model never
-exists at once).
+exists at once), or provide it whole before they are read (quantized weights
+from a cache).
 """
 
 from __future__ import annotations
@@ -23,8 +24,10 @@ from __future__ import annotations
 import json
 import os
 import struct
+import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from accelerate import init_empty_weights
@@ -42,8 +45,17 @@ SAFETENSORS_DTYPES = {
     "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
 
-# (module name inside the module being loaded, the module with its weights in) -> replacement, or None to keep it
-ModuleConvert = Callable[[str, nn.Module], "nn.Module | None"]
+
+
+class ModuleConvert(Protocol):
+    """What `load_weights` asks about each sub-module (by its name inside the module being loaded)."""
+
+    def provide(self, name: str, module: nn.Module, device: torch.device) -> nn.Module | None:
+        """Before its weights are read: a replacement that already holds its weights on `device` (then the
+        module's own tensors are not read), or None to read them."""
+
+    def __call__(self, name: str, module: nn.Module) -> nn.Module | None:
+        """Once its weights are in: a replacement, or None to keep it."""
 
 
 class SafetensorsFile:
@@ -70,7 +82,10 @@ class SafetensorsFile:
         (header_len,) = struct.unpack("<Q", self._file.read(8))
         if header_len > size - 8:
             raise ValueError(f"header of {header_len} bytes in a file of {size}")
-        header = json.loads(self._file.read(header_len))
+        raw = self._file.read(header_len)
+        self.header_crc32 = zlib.crc32(raw)  # lets a cache check its own files' headers (metadata included)
+        header = json.loads(raw)
+        self.metadata: dict[str, str] = header.get("__metadata__") or {}
         data_start = 8 + header_len
         entries = {}
         for key, info in header.items():
@@ -203,27 +218,38 @@ def load_weights(
     replacement for it (e.g. a quantized Linear), which takes its place at once.
     """
     _check_tensors(module, weights, prefix)
+    provided: list[str] = []  # sub-modules that came whole from `convert.provide`: their children are in them
     # by name, not a list of modules: a replaced module (and its full-precision weights) must not stay referenced
     for name in [name for name, _ in module.named_modules()]:
+        if any(name.startswith(done + ".") for done in provided):
+            continue
         sub = module.get_submodule(name)
-        own = [(n, t, True) for n, t in sub._parameters.items() if t is not None]
-        own += [(n, t, False) for n, t in sub._buffers.items()
-                if t is not None and n not in sub._non_persistent_buffers_set]
-        for leaf, current, is_param in own:
-            key = prefix + (f"{name}.{leaf}" if name else leaf)
-            target_dtype = dtype if current.is_floating_point() else current.dtype
-            tensor = weights.get(key, target_dtype).to(device)
-            if is_param:
-                sub._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
-            else:
-                sub._buffers[leaf] = tensor
-        replacement = convert(name, sub) if convert is not None and name else None
+        replacement = convert.provide(name, sub, torch.device(device)) if convert is not None and name else None
+        if replacement is not None:
+            provided.append(name)
+        else:
+            _read_own_tensors(sub, weights, prefix + (f"{name}." if name else ""), dtype, device)
+            replacement = convert(name, sub) if convert is not None and name else None
         if replacement is not None:
             parent_name, _, child = name.rpartition(".")
             setattr(module.get_submodule(parent_name), child, replacement)
             return_freed_memory()  # the full-precision weights and the quantizer's temporaries
     # parameters are already in place; this moves the computed buffers
     return module.to(device).eval().requires_grad_(False)
+
+
+def _read_own_tensors(sub: nn.Module, weights: SafetensorsFolder, prefix: str, dtype: torch.dtype,
+                      device: torch.device | str) -> None:
+    """The module's own parameters and persistent buffers (not its children's) from `prefix + name`."""
+    own = [(n, t, True) for n, t in sub._parameters.items() if t is not None]
+    own += [(n, t, False) for n, t in sub._buffers.items() if t is not None and n not in sub._non_persistent_buffers_set]
+    for leaf, current, is_param in own:
+        target_dtype = dtype if current.is_floating_point() else current.dtype
+        tensor = weights.get(prefix + leaf, target_dtype).to(device)
+        if is_param:
+            sub._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
+        else:
+            sub._buffers[leaf] = tensor
 
 
 def return_freed_memory() -> None:

@@ -21,18 +21,24 @@ ninja at first use (which fails without a compiler, as on ComfyUI's Windows
 portable build) and has had no release since March 2025.
 
 Quantization happens while loading, one Linear at a time (`LinearConverter`),
-so a quantized load never holds the full-precision model.
+so a quantized load never holds the full-precision model; on the GPU the model will
+run on when there is one. The quantized layers are kept on disk for the next load
+of the same choice (quantized_cache.py), in the libraries' own serialised forms.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import re
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from ..errors import InputError
+from .quantized_cache import FORMAT as CACHE_FORMAT
+from .quantized_cache import CacheCorrupt, QuantizedCache, checkpoint_fingerprint, entry_name, resolve_folder
 
 log = logging.getLogger(__name__)
 
@@ -71,22 +77,84 @@ def _library(scheme: str):
 
 class LinearConverter:
     """For `load_weights(convert=...)`: quantizes each Linear whose name matches `targets`, once its weights
-    are in. Layers the active kernels can't take in that scheme keep the compute dtype; `kept` names them."""
+    are in. Layers the active kernels can't take in that scheme keep the compute dtype; `kept` names them.
 
-    def __init__(self, scheme: str, targets: re.Pattern, dtype: torch.dtype):
+    `run_device` is where the model will run when that is not where its weights are loaded (ComfyUI loads
+    onto its offload device, the CPU, and moves the model to the GPU before each use): each layer is moved
+    there, quantized there (on a GPU, in a fraction of the CPU's time) and moved back, so at most one
+    layer's full-precision weight is on the GPU at a time; which layers stay unquantized, and bitsandbytes'
+    CPU repacking, follow the device the layers run on too. With a `cache` (quantized_cache.py), layers
+    come from it when it holds them (`provide`), and are written to it when they are quantized here."""
+
+    def __init__(self, scheme: str, targets: re.Pattern, dtype: torch.dtype, run_device: torch.device | None = None,
+                 cache: QuantizedCache | None = None, part: str = "llm"):
         self.scheme, self.targets, self.dtype = scheme, targets, dtype
+        self.run_device = None if run_device is None else torch.device(run_device)
+        self.cache, self.part = cache, part  # `part` prefixes the layer names in the cache (llm / depth)
         self.quantized = 0
         self.kept: list[str] = []
 
-    def __call__(self, name: str, module: nn.Module) -> nn.Module | None:
-        if self.scheme == "none" or type(module) is not nn.Linear or not self.targets.match(name):
+    def _targeted(self, name: str, module: nn.Module) -> bool:
+        return self.scheme != "none" and type(module) is nn.Linear and self.targets.match(name) is not None
+
+    def provide(self, name: str, module: nn.Module, device: torch.device) -> nn.Module | None:
+        """Before the layer's weights are read: its quantized form from the cache, on `device`."""
+        if self.cache is None or not self.cache.reading or not self._targeted(name, module):
             return None
-        replacement = quantize_linear(module, self.scheme, self.dtype)
+        found = self.cache.layer(f"{self.part}.{name}")
+        if found is None:
+            return None
+        layer = layer_from_tensors(module, self.scheme, self.dtype, f"{self.part}.{name}", *found).to(device)
+        self.quantized += 1
+        return ready_to_run(layer, self.run_device or device, self.dtype)
+
+    def __call__(self, name: str, module: nn.Module) -> nn.Module | None:
+        if not self._targeted(name, module):
+            return None
+        key = f"{self.part}.{name}"
+        if self.cache is not None and self.cache.reading:
+            if not self.cache.kept(key):
+                raise CacheCorrupt(f"{self.cache.entry} lacks the quantized layer {key}")
+            self.kept.append(name)  # the entry's load kept it: so does this one, without asking the kernels
+            return None
+        stored_on = module.weight.device
+        replacement = quantize_linear(module.to(self.run_device or stored_on), self.scheme, self.dtype)
         if replacement is None:
+            module.to(stored_on)
             self.kept.append(name)
-        else:
-            self.quantized += 1
-        return replacement
+            if self.cache is not None:
+                self.cache.keep(key)
+            return None
+        replacement = replacement.to(stored_on)
+        if self.cache is not None:  # the canonical form: before bitsandbytes' CPU repacking
+            try:
+                tensors, metadata = layer_tensors(replacement, self.scheme, key)
+            except (ImportError, ValueError, TypeError, AttributeError) as error:  # a release without it
+                self.cache.stop_writing(f"this {_INSTALL[self.scheme][0]} cannot serialise its layers: {error}")
+            else:
+                self.cache.add(f"{self.part}.{self.targets.match(name).group(0)}", key, tensors, metadata)
+        self.quantized += 1
+        return ready_to_run(replacement, self.run_device or stored_on, self.dtype)
+
+
+def open_quantized_cache(folder: str | os.PathLike | None, model_folder: Path, weight_folders: list[Path],
+                         scheme: str, dtype: torch.dtype, run_device: torch.device) -> QuantizedCache | None:
+    """The on-disk copy of this model's quantized layers for this choice (quantized_cache.py says how it is
+    keyed), or None: no quantization, no folder (`folder` None), or a checkpoint whose files can't be read
+    (the load then says what is wrong with them)."""
+    root = resolve_folder(folder)
+    if scheme == "none" or root is None:
+        return None
+    library, _ = _INSTALL[scheme]
+    tag = runs_on(scheme, run_device)
+    try:
+        key = {"format": CACHE_FORMAT, "scheme": scheme, "dtype": str(dtype), "runs_on": tag,
+               "libraries": {"torch": torch.__version__, library: _library(scheme).__version__},
+               "targets": {"llm": LLM_TARGETS.pattern, "depth": DEPTH_TARGETS.pattern},
+               "checkpoint": checkpoint_fingerprint(Path(model_folder), weight_folders)}
+    except OSError:
+        return None
+    return QuantizedCache.open(root, entry_name(model_folder, scheme, dtype, tag), key)
 
 
 def log_kept_layers(scheme: str, dtype: torch.dtype, *converters: LinearConverter) -> None:
@@ -102,8 +170,9 @@ def log_kept_layers(scheme: str, dtype: torch.dtype, *converters: LinearConverte
 
 
 def quantize_linear(linear: nn.Linear, scheme: str, dtype: torch.dtype) -> nn.Module | None:
-    """A loaded nn.Linear (weights on their final device) -> its weight-only quantized equivalent there,
-    or None when this machine's kernels can't run that layer quantized."""
+    """A loaded nn.Linear -> its weight-only quantized equivalent on the same device, in the libraries'
+    canonical layout (`ready_to_run` then prepares it for the device it runs on), or None when the kernels
+    of that device can't run that layer quantized."""
     if scheme == "int8":
         from torchao.quantization import Int8WeightOnlyConfig, quantize_
 
@@ -120,22 +189,81 @@ def _nf4_linear(linear: nn.Linear, dtype: torch.dtype) -> nn.Module | None:
     import bitsandbytes as bnb
 
     device = linear.weight.device
-    quantized = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                                  compute_dtype=dtype, quant_type="nf4", device="meta")
-    repacks = device.type == "cpu" and bnb_cpu_repacks(quantized)
-    if repacks and not fits_bnb_cpu_tiles(linear):
+    quantized = _empty_linear4bit(linear, dtype)
+    if device.type == "cpu" and bnb_cpu_repacks(quantized) and not fits_bnb_cpu_tiles(linear):
         return None
     quantized.weight = bnb.nn.Params4bit(linear.weight.data, requires_grad=False, quant_type="nf4")
     if linear.bias is not None:
         quantized.bias = nn.Parameter(linear.bias.data, requires_grad=False)
-    quantized = quantized.to(device).eval()  # Params4bit packs the weight when it reaches a device
-    if repacks:
+    return quantized.to(device).eval()  # Params4bit packs the weight when it reaches a device
+
+
+def _empty_linear4bit(linear: nn.Linear, dtype: torch.dtype) -> nn.Module:
+    import bitsandbytes as bnb
+
+    return bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                             compute_dtype=dtype, quant_type="nf4", device="meta")
+
+
+def ready_to_run(layer: nn.Module, run_device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """A quantized layer in canonical layout, prepared for the device it runs on."""
+    if type(layer).__name__ == "Linear4bit" and run_device.type == "cpu" and bnb_cpu_repacks(layer):
         # bitsandbytes repacks the weight at its first CPU forward, changing the shared quant state but only
         # the calling module's tensor: a layer streamed from CPU memory (whose stored tensor is put back after
         # each call) would then pair unpacked data with a packed state. One forward now packs it for good.
         with torch.inference_mode():
-            quantized(torch.zeros(1, linear.in_features, dtype=dtype, device=device))
-    return quantized
+            layer(torch.zeros(1, layer.in_features, dtype=dtype, device=layer.weight.device))
+    return layer
+
+
+def runs_on(scheme: str, run_device: torch.device) -> str:
+    """What a quantized layer's stored form depends on beyond the scheme: the device type, and on the CPU
+    for 4-bit whether bitsandbytes takes its fused kernel (which decides the layers kept unquantized)."""
+    if scheme == "4bit" and run_device.type == "cpu":
+        import bitsandbytes as bnb
+
+        probe = bnb.nn.Linear4bit(NF4_BLOCK, BNB_CPU_TILE_ROWS, bias=False, quant_type="nf4", device="meta")
+        return "cpu-avx512bf16" if bnb_cpu_repacks(probe) else "cpu"
+    return run_device.type
+
+
+# ---- the libraries' own serialised forms, for the on-disk copy (quantized_cache.py) ------------------------
+
+
+def layer_tensors(layer: nn.Module, scheme: str, name: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A quantized layer (canonical layout) -> (plain tensors keyed under `name`, metadata) for safetensors:
+    torchao's own flattening of its tensor subclass for int8; bitsandbytes' state_dict (packed weight, its
+    quant state packed by `QuantState.as_dict(packed=True)`) for 4-bit."""
+    state = {f"{name}.{key}": value for key, value in layer.state_dict().items()}
+    if scheme == "int8":
+        from torchao.prototype.safetensors.safetensors_support import flatten_tensor_state_dict
+
+        return flatten_tensor_state_dict(state)
+    return state, {}
+
+
+def layer_from_tensors(linear: nn.Linear, scheme: str, dtype: torch.dtype, name: str,
+                       tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> nn.Module:
+    """The inverse of `layer_tensors`: the quantized layer that replaces `linear` (an empty nn.Linear of
+    the model), in canonical layout, on the CPU."""
+    if scheme == "int8":
+        from torchao.prototype.safetensors.safetensors_support import unflatten_tensor_state_dict
+
+        state, _ = unflatten_tensor_state_dict(tensors, metadata)
+        layer = nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
+        layer.weight = nn.Parameter(state[f"{name}.weight"], requires_grad=False)
+        if linear.bias is not None:
+            layer.bias = nn.Parameter(state[f"{name}.bias"], requires_grad=False)
+        return layer.eval()
+    import bitsandbytes as bnb
+
+    layer = _empty_linear4bit(linear, dtype)
+    prefix = f"{name}.weight."
+    stats = {key[len(prefix):]: value for key, value in tensors.items() if key.startswith(prefix)}
+    layer.weight = bnb.nn.Params4bit.from_prequantized(tensors[f"{name}.weight"], stats, device="cpu", module=layer)
+    if linear.bias is not None:
+        layer.bias = nn.Parameter(tensors[f"{name}.bias"], requires_grad=False)
+    return layer.eval()
 
 
 def bnb_cpu_repacks(layer: nn.Module) -> bool:

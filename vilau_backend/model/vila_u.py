@@ -9,6 +9,8 @@ and take a VilaUModel.
 
 from __future__ import annotations
 
+import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,11 +31,15 @@ from ..memory.weight_quantization import (
     check_quantize,
     log_kept_layers,
     module_bytes,
+    open_quantized_cache,
 )
+from ..memory.quantized_cache import CacheCorrupt, QuantizedCache
 from ..memory.working_memory import held_bytes
 from ..checkpoint.tokenizer import VilaTokenizer
 from .rq_codebook import ResidualQuantizer
 from .siglip import SiglipFeatureEncoder
+
+log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -75,15 +81,13 @@ class VisionTower(nn.Module):
         self.pixel_decoder = PixelDecoder(config.decoder, code_dim=config.quantizer.embed_dim)
         self.depth = DepthTransformer(config.depth)
 
-    def load(self, folder: Path, dtype: torch.dtype, device: torch.device, quantize: str = "none") -> LinearConverter:
-        """The weights from vision_tower/; `quantize` applies to the depth transformer only."""
-        convert = LinearConverter(quantize, DEPTH_TARGETS, dtype)
+    def load(self, folder: Path, dtype: torch.dtype, device: torch.device, convert: LinearConverter) -> None:
+        """The weights from vision_tower/; `convert` quantizes the depth transformer only."""
         with SafetensorsFolder(folder) as weights:
             load_weights(self.siglip, weights, "rqvaesiglip.siglip_model.vision_model.", dtype, device)
             load_weights(self.quantizer, weights, "rqvaesiglip.quantizer.", dtype, device)
             load_weights(self.pixel_decoder, weights, "rqvaesiglip.", dtype, device)
             load_weights(self.depth, weights, "rqtransformer.", dtype, device, convert=convert)
-        return convert
 
 
 class VilaUModel:
@@ -122,25 +126,52 @@ class VilaUModel:
         dtype: str | torch.dtype | None = None,
         device: str | torch.device | None = None,
         quantize: str | None = "none",
+        run_device: str | torch.device | None = None,
+        quantized_cache: str | os.PathLike | None = "auto",
     ) -> VilaUModel:
         """Read a model folder. `quantize` ('none', 'int8', '4bit') stores the LLM's decoder layers and the
-        depth transformer weight-only quantized (vilau_backend/memory/weight_quantization.py), layer by layer as they are read."""
+        depth transformer weight-only quantized (vilau_backend/memory/weight_quantization.py), layer by layer
+        as they are read. `run_device`: where the model will run, when `device` is only where its weights
+        rest until then (ComfyUI's offload device): layers are quantized there. `quantized_cache`: the folder
+        that keeps quantized layers for the next load of the same choice ('auto': ~/.cache/vila-u/quantized;
+        None: none; vilau_backend/memory/quantized_cache.py)."""
         scheme = check_quantize(quantize)
         config = load_config(folder)
         device = resolve_device(device)
-        dtype = resolve_dtype(dtype, device)
+        run_device = device if run_device is None else resolve_device(run_device)
+        dtype = resolve_dtype(dtype, run_device)
         tokenizer = VilaTokenizer(config.llm_dir, add_im_patch_token=config.mm_use_im_patch_token)
         _check_tokenizer_matches(config, tokenizer)
+        cache = open_quantized_cache(quantized_cache, Path(folder), [config.llm_dir, config.vision_tower_dir],
+                                     scheme, dtype, run_device)
+        try:
+            try:
+                return cls._read(config, tokenizer, scheme, dtype, device, run_device, cache)
+            except CacheCorrupt as error:
+                log.warning("VILA-U: the quantized copy failed its checks (%s); quantizing again and rewriting it", error)
+                cache.discard()
+                return cls._read(config, tokenizer, scheme, dtype, device, run_device, cache)
+        finally:
+            if cache is not None:
+                cache.close()
 
+    @classmethod
+    def _read(cls, config: VilaUConfig, tokenizer: VilaTokenizer, scheme: str, dtype: torch.dtype,
+              device: torch.device, run_device: torch.device, cache: QuantizedCache | None) -> VilaUModel:
+        """The networks from the checkpoint (and the quantized layers from `cache` when it holds them)."""
         llm = build_empty(lambda: _build_llm(config))
-        llm_convert = LinearConverter(scheme, LLM_TARGETS, dtype)
+        llm_convert = LinearConverter(scheme, LLM_TARGETS, dtype, run_device, cache, part="llm")
         with SafetensorsFolder(config.llm_dir) as weights:
             load_weights(llm, weights, "", dtype, device, convert=llm_convert)
         vision = build_empty(lambda: VisionTower(config))
-        log_kept_layers(scheme, dtype, llm_convert, vision.load(config.vision_tower_dir, dtype, device, quantize=scheme))
+        depth_convert = LinearConverter(scheme, DEPTH_TARGETS, dtype, run_device, cache, part="depth")
+        vision.load(config.vision_tower_dir, dtype, device, depth_convert)
+        log_kept_layers(scheme, dtype, llm_convert, depth_convert)
         projector = build_empty(lambda: Projector(config.projector))
         with SafetensorsFolder(config.projector_dir) as weights:
             load_weights(projector, weights, "", dtype, device)
+        if cache is not None:
+            cache.commit()
         return cls(config, tokenizer, llm, vision, projector, dtype, scheme)
 
     @property
