@@ -117,8 +117,9 @@ class LayerStream:
 
     def _copy(self, position: int) -> LayerCopies:
         resting = self.hooks[position].resting
-        if not self.overlap:
-            return LayerCopies({slot: rebuilt(t, lambda plain: plain.to(self.device)) for slot, t in resting.items()})
+        if not self.overlap:  # where the resting weights already are on the device (the CPU), they serve as they are
+            return LayerCopies({slot: t if t.device == self.device else rebuilt(t, lambda plain: plain.to(self.device))
+                                for slot, t in resting.items()})
 
         def move(plain: torch.Tensor) -> torch.Tensor:
             # allocated on the side stream, filled asynchronously from pinned memory
