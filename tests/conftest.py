@@ -4,9 +4,15 @@ Markers: `comfyui` marks the tests that start the pinned ComfyUI (or install int
 environment). dev/scripts/run_tests.sh runs every other test again under transformers 4.50.3,
 so a new backend test file joins that pass without being listed anywhere.
 
-`--device cuda` (or VILAU_TEST_DEVICE=cuda) loads the fixtures' models on that device instead of
-the CPU (dev/bench/gpu_check.sh runs the backend tests so). Tests that build their own modules stay
-on the CPU.
+`--device cuda` (or VILAU_TEST_DEVICE=cuda) loads the fixtures' models (golden_fp32, golden_bf16,
+tiny_model) on that device instead of the CPU (dev/bench/gpu_check.sh runs the backend tests so).
+Tests that build their own modules stay on the CPU. References, inputs and the tests' own tensors are
+on the CPU, so a test compares on the CPU: model results are moved with `.cpu()` first (CUDA raises on
+any operation mixing the two). fp32 parity also needs TF32 off (pytest_configure).
+`--device canary` proves that without a GPU: the same models on the CPU, their tensors marked as
+living on a device of their own, and any operation mixing them with the CPU raising as CUDA would
+(tests/device_canary.py says how). Run it over the tests that use those fixtures:
+`pytest --device canary tests/backend tests/nodes`; a `MixedDevices` error names the mix.
 
 Comparing floating-point results of two computation paths (cached vs recomputed, prefilled vs
 stepped, batched vs alone, compiled vs eager, quantized vs full, ours vs the original's
@@ -64,7 +70,8 @@ def pytest_configure(config):
 def pytest_addoption(parser):
     parser.addoption(
         "--device", default=os.environ.get("VILAU_TEST_DEVICE", "cpu"),
-        help="device of the test models: cpu (default), cuda, cuda:1, ...",
+        help="device of the test models: cpu (default), cuda, cuda:1, ...; canary: the CPU, marked as another "
+             "device, so that a test mixing the two fails (tests/device_canary.py)",
     )
 
 
@@ -79,9 +86,45 @@ def compile_cache_folder(tmp_path_factory):
     compile_cache.use_folder(previous)
 
 
+CANARY = "canary"
+DEVICE_FIXTURES = {"golden_fp32", "golden_bf16", "tiny_model", "model_device"}
+
+
 @pytest.fixture(scope="session")
 def model_device(request) -> str:
-    return request.config.getoption("--device")
+    device = request.config.getoption("--device")
+    return "cpu" if device == CANARY else device
+
+
+def on_test_device(request, model):
+    """A fixture model loaded on `model_device`; under the canary, its tensors marked as on the model's device."""
+    if request.config.getoption("--device") == CANARY:
+        from device_canary import place_model
+
+        place_model(model.networks)
+    return model
+
+
+@pytest.fixture(autouse=True)
+def device_canary(request, monkeypatch):
+    """Under --device canary, the tests that use a fixture model run inside the canary; the models they load
+    themselves are on the CPU, as under --device cuda."""
+    if request.config.getoption("--device") != CANARY or not DEVICE_FIXTURES & set(request.fixturenames):
+        yield
+        return
+    from device_canary import DeviceCanary, State, place_model
+    from vilau_backend.model.vila_u import VilaUModel
+
+    load = VilaUModel.load.__func__
+
+    def load_on_cpu(cls, *args, **kwargs):
+        model = load(cls, *args, **kwargs)
+        place_model(model.networks, State.CPU)
+        return model
+
+    monkeypatch.setattr(VilaUModel, "load", classmethod(load_on_cpu))
+    with DeviceCanary():
+        yield
 
 
 UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
@@ -243,17 +286,17 @@ def load_photo(name: str) -> torch.Tensor:
 
 
 @pytest.fixture(scope="session")
-def golden_fp32(model_device):
+def golden_fp32(request, model_device):
     from vilau_backend.model.vila_u import VilaUModel
 
-    return VilaUModel.load(GOLDEN_CHECKPOINT, dtype="float32", device=model_device)
+    return on_test_device(request, VilaUModel.load(GOLDEN_CHECKPOINT, dtype="float32", device=model_device))
 
 
 @pytest.fixture(scope="session")
-def golden_bf16(model_device):
+def golden_bf16(request, model_device):
     from vilau_backend.model.vila_u import VilaUModel
 
-    return VilaUModel.load(GOLDEN_CHECKPOINT, dtype="bfloat16", device=model_device)
+    return on_test_device(request, VilaUModel.load(GOLDEN_CHECKPOINT, dtype="bfloat16", device=model_device))
 
 
 @pytest.fixture(scope="session")
@@ -264,10 +307,10 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_model(tiny_checkpoint, model_device):
+def tiny_model(request, tiny_checkpoint, model_device):
     from vilau_backend.model.vila_u import VilaUModel
 
-    return VilaUModel.load(tiny_checkpoint, dtype="float32", device=model_device)
+    return on_test_device(request, VilaUModel.load(tiny_checkpoint, dtype="float32", device=model_device))
 
 
 def pack_module(name: str):
