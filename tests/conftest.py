@@ -105,24 +105,20 @@ def on_test_device(request, model):
     return model
 
 
+def on_device(model, tensor: torch.Tensor) -> torch.Tensor:
+    """A test's input moved to the model's device, for a test that feeds the model's parts directly
+    (the backend's task functions move their inputs themselves)."""
+    return tensor.to(model.device)
+
+
 @pytest.fixture(autouse=True)
-def device_canary(request, monkeypatch):
-    """Under --device canary, the tests that use a fixture model run inside the canary; the models they load
-    themselves are on the CPU, as under --device cuda."""
+def device_canary(request):
+    """Under --device canary, the tests that use a fixture model run inside the canary."""
     if request.config.getoption("--device") != CANARY or not DEVICE_FIXTURES & set(request.fixturenames):
         yield
         return
-    from device_canary import DeviceCanary, State, place_model
-    from vilau_backend.model.vila_u import VilaUModel
+    from device_canary import DeviceCanary
 
-    load = VilaUModel.load.__func__
-
-    def load_on_cpu(cls, *args, **kwargs):
-        model = load(cls, *args, **kwargs)
-        place_model(model.networks, State.CPU)
-        return model
-
-    monkeypatch.setattr(VilaUModel, "load", classmethod(load_on_cpu))
     with DeviceCanary():
         yield
 
@@ -189,14 +185,15 @@ def guided_rounding_bound(depth, scales: torch.Tensor, cfg: float) -> torch.Tens
 def projected_feature_bound(model, codes: torch.Tensor) -> tuple[torch.Tensor, "linear_input_scales"]:
     """fp32 bound on two evaluations of `model.project(codes_to_features(codes))` (rule above): the codes'
     summed embedding (a reduction of length D) through the projector's Linears (the longest reduction is
-    the wider of its widths). Returns the bound (..., out) and the projected features it bounds."""
+    the wider of its widths). Returns the bound (..., out), on the CPU, and the projected features it bounds,
+    on the model's device."""
     projector = model.projector.layers
     last = projector[-1] if isinstance(projector, torch.nn.Sequential) else projector
     linears = [m for m in model.projector.modules() if isinstance(m, torch.nn.Linear)]
     with torch.inference_mode(), linear_input_scales(last) as scales:
         projected = model.project(model.codes_to_features(codes).flatten(1, -2))
     reduction = max(model.config.quantizer.depth, *(m.in_features for m in linears))
-    return rounding_bound(scales.scales[0], reduction, steps=1 + len(linears)), projected
+    return rounding_bound(scales.scales[0], reduction, steps=1 + len(linears)).cpu(), projected
 
 
 class llm_hidden_bounds:

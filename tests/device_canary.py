@@ -3,42 +3,37 @@ device of their own, so that a test which would mix devices under `--device cuda
 
 Under `--device cuda` the fixture models (golden_fp32, golden_bf16, tiny_model) live on the GPU while references,
 inputs and the tests' own tensors are on the CPU, and any operation mixing a CUDA tensor with a CPU tensor (other
-than a CPU scalar, an index, or a copy) raises. The canary gives every tensor one of three states:
+than a CPU scalar, an index, or a copy) raises. Under the canary every tensor is either
 
-- MODEL: the fixture models' weights and buffers (marked when loaded) and everything computed from them;
-- CPU: anything else, the default: references, inputs, tensors a test makes, `.cpu()` results, other models;
-- PLACED: a tensor that the pack's code (or a library it called, such as transformers) created or moved "to
-  the model's device", which on the CPU cannot be told from "to the CPU". It takes the state of the first tensor it is used
-  with (MODEL or CPU), as it would have had to be on that tensor's device.
+- MODEL: the fixture models' weights and buffers (marked when loaded) and whatever is computed from them or put
+  on their device; or
+- CPU: anything else: references, inputs, the tests' own tensors, `.cpu()` results, other models.
+
+The model's device is the CPU under another name: a MODEL tensor reports its device as `cpu:0` (plain CPU tensors
+say `cpu`), so `model.device`, `x.device` of a MODEL tensor, and everything the backend, transformers or a test
+puts there (`.to(model.device)`, `torch.arange(n, device=x.device)`, `x.new_ones(...)`) are MODEL, while `.cpu()`,
+`.to("cpu")` and tensors made without a device are CPU, as on a GPU. The computation is the CPU's own.
 
 An operation whose operands include both MODEL and CPU tensors raises `MixedDevices`, as CUDA would; so does
-`.numpy()` of a MODEL tensor. Tensors move as on a GPU: `.cpu()` and a test's `.to("cpu")` give CPU copies, and
-the backend's `.to(model.device)` gives a PLACED copy. CUDA's allowances are kept: 0-dim CPU tensors mix with
-anything, indices of an indexing may be on either side, `copy_` and item assignment cross devices.
-
-The rule it enforces for the tests: compare on the CPU, moving model results with `.cpu()` first.
+`.numpy()` of a MODEL tensor. CUDA's allowances are kept: 0-dim CPU tensors mix with anything, the indices of
+an indexing may be on either side, `copy_` and item assignment cross devices. A move makes a new tensor.
 """
 
 from __future__ import annotations
 
-import sys
 from enum import Enum
-from pathlib import Path
 
 import torch
 from torch.overrides import TorchFunctionMode
 
-TESTS = str(Path(__file__).resolve().parent)
-HERE = str(Path(__file__).resolve())
-REPO = Path(__file__).resolve().parent.parent
-PACK = tuple(str(REPO / folder) for folder in ("vilau_backend", "nodes", "dev"))
 ATTRIBUTE = "_vilau_canary_state"
+MODEL_DEVICE = torch.device("cpu", 0)  # what MODEL tensors report; torch computes on it as on the CPU
+DEVICE_GETTER = torch._C.TensorBase.__dict__["device"]
 
 
 class State(Enum):
     CPU = 0
     MODEL = 1
-    PLACED = 2
 
 
 class MixedDevices(RuntimeError):
@@ -57,10 +52,10 @@ def mark(tensor: torch.Tensor, to: State) -> torch.Tensor:
     return tensor
 
 
-def place_model(networks: torch.nn.Module, to: State = State.MODEL) -> None:
-    """Mark a model's weights and buffers as living on the test device (MODEL) or on the CPU."""
+def place_model(networks: torch.nn.Module) -> None:
+    """Mark a model's weights and buffers as living on the model's device."""
     for tensor in (*networks.parameters(), *networks.buffers()):
-        mark(tensor, to)
+        mark(tensor, State.MODEL)
 
 
 def _tensors(args, kwargs) -> list[torch.Tensor]:
@@ -73,27 +68,13 @@ def _tensors(args, kwargs) -> list[torch.Tensor]:
     return found
 
 
-def _called_from_tests() -> bool:
-    """Whether a placement comes from the tests (or a library they called, such as safetensors reading a
-    reference) rather than from the pack's code (the backend, or a library it called, such as transformers)."""
-    frame = sys._getframe(3)
-    while frame is not None:
-        name = frame.f_code.co_filename
-        if name.startswith(TESTS) and name != HERE:
-            return True
-        if name.startswith(PACK):
-            return False
-        frame = frame.f_back
-    return True
-
-
 def _placement(func, args, kwargs) -> State | None:
-    """Where a placing call puts its result: None when `func` does not choose a device."""
+    """Where a call that chooses a device puts its result; None for any other call."""
     if func is torch.Tensor.cpu:
         return State.CPU
     if func is torch.Tensor.to:
         if len(args) > 1 and isinstance(args[1], torch.Tensor):
-            return state(args[1]) if state(args[1]) is not State.PLACED else State.PLACED
+            return state(args[1])
         device = torch._C._nn._parse_to(*args[1:], **kwargs)[0]
     elif "device" in kwargs:
         device = kwargs["device"]
@@ -101,65 +82,52 @@ def _placement(func, args, kwargs) -> State | None:
         return None
     if device is None:
         return None
-    if torch.device(device).type != "cpu":
+    device = torch.device(device)
+    if device.type != "cpu":
         raise MixedDevices(f"the canary runs on the CPU; {getattr(func, '__name__', func)} asked for {device}")
-    return State.CPU if _called_from_tests() else State.PLACED
+    return State.MODEL if device == MODEL_DEVICE else State.CPU
 
 
-EXEMPT = {torch.Tensor.copy_, torch.Tensor.__setitem__}  # cross-device on CUDA too
+EXEMPT = {torch.Tensor.copy_, torch.Tensor.__setitem__}  # cross devices on CUDA too
 TO_NUMPY = {torch.Tensor.numpy, torch.Tensor.__array__}
 
 
 class DeviceCanary(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if getattr(func, "__self__", None) is DEVICE_GETTER:
+            return MODEL_DEVICE if state(args[0]) is State.MODEL else func(*args, **kwargs)
         target = _placement(func, args, kwargs)
         if target is not None:
-            return self._placed(func, args, kwargs, target)
+            return _placed(func, args, kwargs, target)
         if func in EXEMPT:
-            return self._written(func, args, kwargs)
+            return func(*args, **kwargs)
         operands = [args[0]] if func is torch.Tensor.__getitem__ else _tensors(args, kwargs)
         result = _joined(func, operands)
         if func in TO_NUMPY and result is State.MODEL:
             raise MixedDevices("numpy() of a tensor on the model's device: move it with .cpu() first")
         out = func(*args, **kwargs)
-        if result is not State.CPU:
+        if result is State.MODEL:
             for tensor in (out if isinstance(out, (tuple, list)) else (out,)):
                 if isinstance(tensor, torch.Tensor):
                     mark(tensor, result)
         return out
 
-    @staticmethod
-    def _placed(func, args, kwargs, target: State):
-        source = args[0] if args and isinstance(args[0], torch.Tensor) else None
-        if source is not None and state(source) is State.MODEL and target is State.PLACED:
-            target = State.MODEL  # the backend's .to(model.device) of a tensor already there
-        out = func(*args, **kwargs)
-        if out is source and state(source) is not target:
-            out = out.clone()  # a real move makes a new tensor; the source keeps its state
-        return mark(out, target)
 
-    @staticmethod
-    def _written(func, args, kwargs):
-        destination, sources = args[0], [t for t in _tensors(args[1:], kwargs)]
-        if state(destination) is State.PLACED and any(state(s) is State.MODEL for s in sources):
-            mark(destination, State.MODEL)
-        return func(*args, **kwargs)
+def _placed(func, args, kwargs, target: State):
+    source = args[0] if args and isinstance(args[0], torch.Tensor) else None
+    out = func(*args, **kwargs)
+    if out is source and state(source) is not target:
+        out = out.clone()  # a real move makes a new tensor; the source stays where it was
+    return mark(out, target)
 
 
 def _joined(func, operands: list[torch.Tensor]) -> State:
-    """The state of an operation's result; raises when its operands mix the model's device and the CPU
-    (a 0-dim CPU tensor mixes with anything, as CUDA allows, and says nothing about the others)."""
-    states = [state(t) for t in operands]
-    on_cpu = any(s is State.CPU and t.dim() > 0 for s, t in zip(states, operands))
-    if State.MODEL in states and on_cpu:
-        described = ", ".join(f"{tuple(t.shape)} {s.name}" for s, t in zip(states, operands))
+    """The device of an operation's result; raises when its operands mix the model's device and the CPU
+    (a 0-dim CPU tensor mixes with anything, as CUDA allows)."""
+    model = [t for t in operands if state(t) is State.MODEL]
+    if model and any(state(t) is State.CPU and t.dim() > 0 for t in operands):
+        described = ", ".join(f"{tuple(t.shape)} {state(t).name}" for t in operands)
         raise MixedDevices(f"{getattr(func, '__name__', func)} mixes tensors on the model's device and on the CPU "
                            f"({described}): move the model's results with .cpu() before comparing")
-    resolved = State.MODEL if State.MODEL in states else State.CPU if on_cpu else (
-        State.PLACED if State.PLACED in states else State.CPU)
-    if resolved is not State.PLACED:
-        for s, t in zip(states, operands):
-            if s is State.PLACED:
-                mark(t, resolved)
-    return resolved
+    return State.MODEL if model else State.CPU
