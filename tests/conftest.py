@@ -87,7 +87,6 @@ def compile_cache_folder(tmp_path_factory):
 
 
 CANARY = "canary"
-DEVICE_FIXTURES = {"golden_fp32", "golden_bf16", "tiny_model", "model_device"}
 
 
 @pytest.fixture(scope="session")
@@ -111,10 +110,11 @@ def on_device(model, tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to(model.device)
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(scope="session", autouse=True)
 def device_canary(request):
-    """Under --device canary, the tests that use a fixture model run inside the canary."""
-    if request.config.getoption("--device") != CANARY or not DEVICE_FIXTURES & set(request.fixturenames):
+    """Under --device canary, the whole session runs inside the canary, fixtures included (a module's shared
+    result computed by a fixture model is on the model's device, as under --device cuda)."""
+    if request.config.getoption("--device") != CANARY:
         yield
         return
     from device_canary import DeviceCanary
