@@ -51,11 +51,16 @@ FIXTURE = Path(__file__).parent / "fixtures" / "vilau-tiny-256"
 GOLDEN_CHECKPOINT = FIXTURE / "checkpoint"
 REFERENCE = FIXTURE / "reference"
 FRAMES_DIR = REFERENCE / "inputs" / "video_frames"  # the 12 frames of the recorded video runs
+CANARY = "canary"  # --device canary: tests/device_canary.py
 
 
 def pytest_configure(config):
     config.addinivalue_line(
         "markers", "comfyui: starts the pinned ComfyUI or installs into its environment (not in the transformers 4.50.3 pass)"
+    )
+    config.addinivalue_line(
+        "markers", "compiler_output: asserts on what dynamo produced (graphs, breaks, recompiles) and compares no "
+        "tensors; left out of --device canary, which runs the compiled steps eagerly"
     )
     config.addinivalue_line(
         "markers", "no_transformers: depends on nothing transformers does (the pack's own networks, sampling, files, "
@@ -65,6 +70,14 @@ def pytest_configure(config):
     # enabled) default to TF32, whose 10-bit mantissa errs by ~1e-3 relative, far beyond 1e-5 tolerances
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--device") == CANARY:
+        left_out = [item for item in items if item.get_closest_marker("compiler_output")]
+        if left_out:
+            config.hook.pytest_deselected(items=left_out)
+            items[:] = [item for item in items if not item.get_closest_marker("compiler_output")]
 
 
 def pytest_addoption(parser):
@@ -84,9 +97,6 @@ def compile_cache_folder(tmp_path_factory):
     previous = compile_cache.use_folder(tmp_path_factory.getbasetemp().parent / "vilau-compile-cache")
     yield
     compile_cache.use_folder(previous)
-
-
-CANARY = "canary"
 
 
 @pytest.fixture(scope="session")
@@ -113,13 +123,17 @@ def on_device(model, tensor: torch.Tensor) -> torch.Tensor:
 @pytest.fixture(scope="session", autouse=True)
 def device_canary(request):
     """Under --device canary, the whole session runs inside the canary, fixtures included (a module's shared
-    result computed by a fixture model is on the model's device, as under --device cuda)."""
+    result computed by a fixture model is on the model's device, as under --device cuda). The compiled steps
+    run eagerly there, so that the canary sees inside them (dynamo would trace the canary into their graphs);
+    the tests of what the compiler produced (marked compiler_output) compare no tensors and are left out."""
     if request.config.getoption("--device") != CANARY:
         yield
         return
     from device_canary import DeviceCanary
 
-    with DeviceCanary():
+    set_stance = getattr(torch.compiler, "set_stance", None)  # torch 2.6 and newer
+    eager = set_stance("force_eager") if set_stance else torch._dynamo.config.patch(disable=True)
+    with eager, DeviceCanary():
         yield
 
 

@@ -17,6 +17,8 @@ puts there (`.to(model.device)`, `torch.arange(n, device=x.device)`, `x.new_ones
 An operation whose operands include both MODEL and CPU tensors raises `MixedDevices`, as CUDA would; so does
 `.numpy()` of a MODEL tensor. CUDA's allowances are kept: 0-dim CPU tensors mix with anything, the indices of
 an indexing may be on either side, `copy_` and item assignment cross devices. A move makes a new tensor.
+The session runs with torch.compile's stance "force_eager" (tests/conftest.py): dynamo would trace the canary into
+the compiled steps' graphs, where its marks do not exist; run eagerly, the steps' own code is checked too.
 """
 
 from __future__ import annotations
@@ -95,7 +97,7 @@ TO_NUMPY = {torch.Tensor.numpy, torch.Tensor.__array__}
 class DeviceCanary(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if getattr(func, "__self__", None) is DEVICE_GETTER:
+        if _is_device_getter(func):
             return MODEL_DEVICE if state(args[0]) is State.MODEL else func(*args, **kwargs)
         target = _placement(func, args, kwargs)
         if target is not None:
@@ -112,6 +114,10 @@ class DeviceCanary(TorchFunctionMode):
                 if isinstance(tensor, torch.Tensor):
                     mark(tensor, result)
         return out
+
+
+def _is_device_getter(func) -> bool:
+    return getattr(func, "__self__", None) is DEVICE_GETTER
 
 
 def _placed(func, args, kwargs, target: State):
