@@ -20,7 +20,7 @@ shared quantization state to the GPU), so nothing is copied back after a call.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -75,6 +75,7 @@ def plain_tensors(tensor: torch.Tensor) -> list[torch.Tensor]:
 class LayerCopies:
     tensors: dict[Slot, torch.Tensor]  # one layer's weights on the execution device
     ready: object = None  # torch.cuda.Event recorded after the copies on the side stream (None: copied in order)
+    made: list[torch.Tensor] = field(default_factory=list)  # the plain tensors copied (what the allocator frees)
 
 
 class LayerStream:
@@ -111,9 +112,8 @@ class LayerStream:
         """After a layer's call: its copies may be freed once the work queued on the current stream has read them."""
         if self.overlap:
             stream = torch.cuda.current_stream(self.device)
-            for tensor in copies.tensors.values():
-                for plain in plain_tensors(tensor):
-                    plain.record_stream(stream)
+            for plain in copies.made:
+                plain.record_stream(stream)
 
     def _copy(self, position: int) -> LayerCopies:
         resting = self.hooks[position].resting
@@ -121,15 +121,18 @@ class LayerStream:
             return LayerCopies({slot: t if t.device == self.device else rebuilt(t, lambda plain: plain.to(self.device))
                                 for slot, t in resting.items()})
 
+        made: list[torch.Tensor] = []
+
         def move(plain: torch.Tensor) -> torch.Tensor:
             # allocated on the side stream, filled asynchronously from pinned memory
-            return torch.empty_like(plain, device=self.device).copy_(plain, non_blocking=True)
+            made.append(torch.empty_like(plain, device=self.device).copy_(plain, non_blocking=True))
+            return made[-1]
 
         with torch.cuda.stream(self.side):
             tensors = {slot: rebuilt(t, move) for slot, t in resting.items()}
             ready = torch.cuda.Event()
             ready.record(self.side)
-        return LayerCopies(tensors, ready)
+        return LayerCopies(tensors, ready, made)
 
 
 class StreamFromCpu(ModelHook):
