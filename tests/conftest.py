@@ -5,9 +5,15 @@ Markers: `comfyui` marks the tests that start the pinned ComfyUI (or install int
 environment). dev/scripts/run_tests.sh runs every other test again under transformers 4.50.3,
 so a new backend test file joins that pass without being listed anywhere.
 
-`--device cuda` (or VILAU_TEST_DEVICE=cuda) loads the fixtures' models on that device instead of
-the CPU (dev/bench/gpu_check.sh runs the backend tests so). Tests that build their own modules stay
-on the CPU.
+`--device cuda` (or VILAU_TEST_DEVICE=cuda) loads the fixtures' models (golden_fp32, golden_bf16,
+small_model) on that device instead of the CPU (dev/bench/gpu_check.sh runs the backend tests so).
+Tests that build their own modules stay on the CPU. References, inputs and the tests' own tensors are
+on the CPU, so a test compares on the CPU: model results are moved with `.cpu()` first (CUDA raises on
+any operation mixing the two). fp32 parity also needs TF32 off (pytest_configure).
+`--device canary` proves that without a GPU: the same models on the CPU, their tensors marked as
+living on a device of their own, and any operation mixing them with the CPU raising as CUDA would
+(tests/device_canary.py says how). Run it over the tests that use those fixtures:
+`pytest --device canary tests/backend tests/nodes`; a `MixedDevices` error names the mix.
 
 Comparing floating-point results of two computation paths (cached vs recomputed, prefilled vs
 stepped, batched vs alone, compiled vs eager, quantized vs full, ours vs the original's
@@ -46,11 +52,16 @@ FIXTURE = Path(__file__).parent / "fixtures" / "vilau-tiny-256"  # the golden da
 GOLDEN_CHECKPOINT = FIXTURE / "checkpoint"
 REFERENCE = FIXTURE / "reference"
 FRAMES_DIR = REFERENCE / "inputs" / "video_frames"  # the 12 frames of the recorded video runs
+CANARY = "canary"  # --device canary: tests/device_canary.py
 
 
 def pytest_configure(config):
     config.addinivalue_line(
         "markers", "comfyui: starts the pinned ComfyUI or installs into its environment (not in the transformers 4.50.3 pass)"
+    )
+    config.addinivalue_line(
+        "markers", "compiler_output: asserts on what dynamo produced (graphs, breaks, recompiles) and compares no "
+        "tensors; left out of --device canary, which runs the compiled steps eagerly"
     )
     config.addinivalue_line(
         "markers", "no_transformers: depends on nothing transformers does (the pack's own networks, sampling, files, "
@@ -62,10 +73,19 @@ def pytest_configure(config):
     torch.backends.cudnn.allow_tf32 = False
 
 
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--device") == CANARY:
+        left_out = [item for item in items if item.get_closest_marker("compiler_output")]
+        if left_out:
+            config.hook.pytest_deselected(items=left_out)
+            items[:] = [item for item in items if not item.get_closest_marker("compiler_output")]
+
+
 def pytest_addoption(parser):
     parser.addoption(
         "--device", default=os.environ.get("VILAU_TEST_DEVICE", "cpu"),
-        help="device of the test models: cpu (default), cuda, cuda:1, ...",
+        help="device of the test models: cpu (default), cuda, cuda:1, ...; canary: the CPU, marked as another "
+             "device, so that a test mixing the two fails (tests/device_canary.py)",
     )
 
 
@@ -94,7 +114,40 @@ def no_quantized_cache():
 
 @pytest.fixture(scope="session")
 def model_device(request) -> str:
-    return request.config.getoption("--device")
+    device = request.config.getoption("--device")
+    return "cpu" if device == CANARY else device
+
+
+def on_test_device(request, model):
+    """A fixture model loaded on `model_device`; under the canary, its tensors marked as on the model's device."""
+    if request.config.getoption("--device") == CANARY:
+        from device_canary import place_model
+
+        place_model(model.networks)
+    return model
+
+
+def on_device(model, tensor: torch.Tensor) -> torch.Tensor:
+    """A test's input moved to the model's device, for a test that feeds the model's parts directly
+    (the backend's task functions move their inputs themselves)."""
+    return tensor.to(model.device)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def device_canary(request):
+    """Under --device canary, the whole session runs inside the canary, fixtures included (a module's shared
+    result computed by a fixture model is on the model's device, as under --device cuda). The compiled steps
+    run eagerly there, so that the canary sees inside them (dynamo would trace the canary into their graphs);
+    the tests of what the compiler produced (marked compiler_output) compare no tensors and are left out."""
+    if request.config.getoption("--device") != CANARY:
+        yield
+        return
+    from device_canary import DeviceCanary
+
+    set_stance = getattr(torch.compiler, "set_stance", None)  # torch 2.6 and newer
+    eager = set_stance("force_eager") if set_stance else torch._dynamo.config.patch(disable=True)
+    with eager, DeviceCanary():
+        yield
 
 
 UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
@@ -159,14 +212,15 @@ def guided_rounding_bound(depth, scales: torch.Tensor, cfg: float) -> torch.Tens
 def projected_feature_bound(model, codes: torch.Tensor) -> tuple[torch.Tensor, "linear_input_scales"]:
     """fp32 bound on two evaluations of `model.project(codes_to_features(codes))` (rule above): the codes'
     summed embedding (a reduction of length D) through the projector's Linears (the longest reduction is
-    the wider of its widths). Returns the bound (..., out) and the projected features it bounds."""
+    the wider of its widths). Returns the bound (..., out), on the CPU, and the projected features it bounds,
+    on the model's device."""
     projector = model.projector.layers
     last = projector[-1] if isinstance(projector, torch.nn.Sequential) else projector
     linears = [m for m in model.projector.modules() if isinstance(m, torch.nn.Linear)]
     with torch.inference_mode(), linear_input_scales(last) as scales:
         projected = model.project(model.codes_to_features(codes).flatten(1, -2))
     reduction = max(model.config.quantizer.depth, *(m.in_features for m in linears))
-    return rounding_bound(scales.scales[0], reduction, steps=1 + len(linears)), projected
+    return rounding_bound(scales.scales[0], reduction, steps=1 + len(linears)).cpu(), projected
 
 
 class llm_hidden_bounds:
@@ -256,17 +310,17 @@ def load_photo(name: str) -> torch.Tensor:
 
 
 @pytest.fixture(scope="session")
-def golden_fp32(model_device):
+def golden_fp32(request, model_device):
     from vilau_backend.model.vila_u import VilaUModel
 
-    return VilaUModel.load(GOLDEN_CHECKPOINT, dtype="float32", device=model_device)
+    return on_test_device(request, VilaUModel.load(GOLDEN_CHECKPOINT, dtype="float32", device=model_device))
 
 
 @pytest.fixture(scope="session")
-def golden_bf16(model_device):
+def golden_bf16(request, model_device):
     from vilau_backend.model.vila_u import VilaUModel
 
-    return VilaUModel.load(GOLDEN_CHECKPOINT, dtype="bfloat16", device=model_device)
+    return on_test_device(request, VilaUModel.load(GOLDEN_CHECKPOINT, dtype="bfloat16", device=model_device))
 
 
 @pytest.fixture(scope="session")
@@ -277,10 +331,10 @@ def small_checkpoint(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def small_model(small_checkpoint, model_device):
+def small_model(request, small_checkpoint, model_device):
     from vilau_backend.model.vila_u import VilaUModel
 
-    return VilaUModel.load(small_checkpoint, dtype="float32", device=model_device)
+    return on_test_device(request, VilaUModel.load(small_checkpoint, dtype="float32", device=model_device))
 
 
 def pack_module(name: str):

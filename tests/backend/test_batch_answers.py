@@ -18,7 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import REFERENCE, logit_bounds, reference, with_eos
+from conftest import REFERENCE, logit_bounds, on_device, reference, with_eos
 from vilau_backend.errors import InputError
 from vilau_backend.decoding.prompts import IMAGE_TOKEN_INDEX
 from vilau_backend.decoding.answer_loop import AnswerSteps, generate_text, generate_texts, streamed_text
@@ -111,7 +111,7 @@ def test_padded_prompts_of_different_lengths_equal_single_runs(golden_fp32):
 def test_a_row_that_reaches_eos_stops_while_the_others_go_on(golden_fp32):
     # pretend the third greedy token of the recorded answer is EOS
     recorded_ids = reference("understanding_image_fp32.safetensors")
-    embeds = recorded_ids["inputs_embeds"]
+    embeds = on_device(golden_fp32, recorded_ids["inputs_embeds"])
     first = generate_text(golden_fp32, embeds, sampling=GREEDY, max_new_tokens=12)
     eos = first[2]
     model = with_eos(golden_fp32, eos)

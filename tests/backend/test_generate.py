@@ -16,7 +16,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import reference
+from conftest import on_device, reference
 from vilau_backend.errors import InputError
 from vilau_backend.tasks.generate import (
     ImageSampling,
@@ -44,8 +44,8 @@ PIXEL_ATOL = 1e-4
 def teacher_forced(model, ref: dict, cfg: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Run our LLM and depth transformer on the recorded codes, position by position.
 
-    Returns our guided argmax (B, P, D), our top-1/top-2 gaps (B, P, D) and the recorded codes (B, P, D)."""
-    ids, mask, codes = ref["input_ids"], ref["attention_mask"], ref["codes"]  # codes (R, P, D)
+    Returns our guided argmax (B, P, D), our top-1/top-2 gaps (B, P, D) and the recorded codes (B, P, D), on the CPU."""
+    ids, mask, codes = ref["input_ids"], ref["attention_mask"], on_device(model, ref["codes"])  # codes (R, P, D)
     B, P, D = ids.shape[0] // 2, codes.shape[1], codes.shape[2]
     # the generation step with every code kept: it feeds the recorded codes to the LLM
     state = PositionState(model, step_key(model, 2 * B, cache_length(ids.shape[1], P)))
@@ -61,14 +61,14 @@ def teacher_forced(model, ref: dict, cfg: float) -> tuple[torch.Tensor, torch.Te
             top2 = guided.topk(2, dim=-1).values
             picks.append(guided.argmax(-1))
             gaps.append(top2[..., 0] - top2[..., 1])
-    return torch.stack(picks, 1), torch.stack(gaps, 1), codes[:B]
+    return torch.stack(picks, 1).cpu(), torch.stack(gaps, 1).cpu(), codes[:B].cpu()
 
 
 def test_fp32_greedy_codes_equal_original_exactly(golden_fp32):
     # exact on any CPU: the smallest top-1/top-2 gap of the 1024 guided decisions is 3.1e-3,
     # 300x the float32 rounding differences between kernels (about 1e-5 on these logits)
     ref = reference("imagegen_cfg3_fp32_codes.safetensors")
-    codes = generate_codes(golden_fp32, APPLE, num_images=2, sampling=GREEDY)
+    codes = generate_codes(golden_fp32, APPLE, num_images=2, sampling=GREEDY).cpu()
     assert codes.shape == (2, 16, 16, 4)
     expected = ref["codes"][:2].reshape(2, 16, 16, 4)  # the conditional rows
     mismatches = (codes != expected).sum().item()
@@ -90,7 +90,7 @@ def test_fp32_step_inputs_equal_recorded_hidden_states(golden_fp32):
         generate_codes(golden_fp32, APPLE, num_images=1, sampling=GREEDY)
     finally:
         golden_fp32.vision.depth.generate = original
-    err = (torch.stack(seen) - recorded).abs().max().item()
+    err = (torch.stack(seen).cpu() - recorded).abs().max().item()
     assert len(seen) == 256 and err < 1e-4, err
 
 
@@ -117,7 +117,7 @@ def test_bf16_teacher_forced_decisions_match_original_outside_near_ties(golden_b
 
 def test_bf16_free_running_matches_original_until_a_near_tie(golden_bf16):
     ref = reference("imagegen_cfg1_bf16.safetensors")
-    codes = generate_codes(golden_bf16, APPLE, num_images=1, sampling=ImageSampling(cfg=1.0, top_k=1))
+    codes = generate_codes(golden_bf16, APPLE, num_images=1, sampling=ImageSampling(cfg=1.0, top_k=1)).cpu()
     differs = (codes.reshape(256, 4) != ref["codes"][0]).any(-1)
     first = int(differs.nonzero()[0]) if differs.any() else 256
     # measured: the first 22 positions agree; the first flip is at a decision tied within 1 ulp
@@ -183,7 +183,7 @@ def test_kv_cached_loop_equals_full_recomputation(small_model):
 
     codes = generate_codes(small_model, APPLE, num_images=2, sampling=GREEDY)
     B, h, w, D = codes.shape
-    ids, mask = cfg_batch(small_model.tokenizer, APPLE, " ", n=B)
+    ids, mask = (on_device(small_model, t) for t in cfg_batch(small_model.tokenizer, APPLE, " ", n=B))
     llm = small_model.llm
     embeds = llm.get_input_embeddings()(ids)  # (R, T, H)
     full_mask = mask.clone()
@@ -197,7 +197,7 @@ def test_kv_cached_loop_equals_full_recomputation(small_model):
             )
             expected.append(picked)
             embeds = torch.cat([embeds, code_inputs(small_model, picked[:, None])], dim=1)
-            full_mask = torch.cat([full_mask, torch.ones(2 * B, 1, dtype=torch.bool)], dim=1)
+            full_mask = torch.cat([full_mask, full_mask.new_ones(2 * B, 1)], dim=1)
     assert torch.equal(codes.reshape(B, h * w, D), torch.stack(expected, 1))
 
 

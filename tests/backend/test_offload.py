@@ -15,7 +15,8 @@ import torch
 from vilau_backend.errors import InputError
 from vilau_backend.tasks.generate import ImageSampling, generate_codes
 from vilau_backend.model.vila_u import VilaUModel
-from vilau_backend.memory.placement import STREAMED, StreamFromCpu, apply_placement, plan_placement, remove_placement
+from vilau_backend.memory.placement import STREAMED, apply_placement, plan_placement, remove_placement
+from vilau_backend.memory.streaming import StreamFromCpu
 from vilau_backend.memory.weight_quantization import module_bytes
 from vilau_backend.testing.random_checkpoint import CheckpointSizes, write_random_checkpoint
 from vilau_backend.tasks.understand import GREEDY, describe_images

@@ -20,7 +20,7 @@ import logging
 import pytest
 import torch
 
-from conftest import (FRAMES_DIR, GOLDEN_CHECKPOINT, load_photo, logit_bounds, projected_feature_bound, recorded, reference,
+from conftest import (FRAMES_DIR, GOLDEN_CHECKPOINT, load_photo, logit_bounds, on_device, projected_feature_bound, recorded, reference,
                       with_eos)
 from vilau_backend.decoding.compiled_steps import cache_length
 from vilau_backend.errors import GenerationCancelled, InputError
@@ -49,7 +49,7 @@ def last_logits(model, input_ids: list[int], pixels: torch.Tensor) -> torch.Tens
 
 
 def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
-    return ((got - expected).abs().max() / expected.abs().max()).item()
+    return ((got.cpu() - expected).abs().max() / expected.abs().max()).item()
 
 
 # ---- prompts ---------------------------------------------------------------------------
@@ -79,9 +79,9 @@ def test_spliced_image_embeddings_match_recorded(golden_fp32):
     embeds = splice_image_embeddings(golden_fp32, input_ids, projected)
     expected = reference("understanding_image_fp32.safetensors")["inputs_embeds"]
     assert embeds.shape == expected.shape == (352, 80)
-    image_rows = (splice_image_embeddings(golden_fp32, input_ids, projected + 1) != embeds).any(-1)  # (T,)
+    image_rows = (splice_image_embeddings(golden_fp32, input_ids, projected + 1) != embeds).any(-1).cpu()  # (T,)
     assert image_rows.sum() == 256
-    err = (embeds - expected).abs()
+    err = (embeds.cpu() - expected).abs()
     assert (err[~image_rows] == 0).all(), "token embeddings differ"
     assert (err[image_rows] <= bound[0]).all(), f"image rows exceed the rounding bound by {(err[image_rows] - bound[0]).max():.2e}"
 
@@ -141,7 +141,7 @@ def test_generation_stops_at_eos(golden_fp32):
     # pretend the third greedy token of the recorded answer is EOS
     recorded_ids = recorded("understanding_image_fp32")["output_ids"][1:]
     model = with_eos(golden_fp32, recorded_ids[2])
-    embeds = reference("understanding_image_fp32.safetensors")["inputs_embeds"]
+    embeds = on_device(golden_fp32, reference("understanding_image_fp32.safetensors")["inputs_embeds"])
     assert generate_text(model, embeds, sampling=GREEDY, max_new_tokens=12) == recorded_ids[:3]
 
 

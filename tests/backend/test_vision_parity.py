@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import REFERENCE, load_photo, projected_feature_bound, reference, rounding_bound
+from conftest import REFERENCE, load_photo, on_device, projected_feature_bound, reference, rounding_bound
 from vilau_backend.media.preprocess import preprocess_images, to_comfy_images
 
 
@@ -57,7 +57,7 @@ def clear_decisions(model, pixels: torch.Tensor, codes: torch.Tensor) -> torch.T
     position is the nearest by more than NEAR_TIE, in float64 on our features and the recorded
     codes' residuals (a flipped near-tie changes every later residual of its position)."""
     with torch.inference_mode():
-        residual = model.vision.siglip(pixels).double()  # (B, h, w, C)
+        residual = model.vision.siglip(on_device(model, pixels)).double()  # (B, h, w, C)
     quantizer = model.vision.quantizer
     clear = []
     for d in range(codes.shape[-1]):
@@ -66,33 +66,34 @@ def clear_decisions(model, pixels: torch.Tensor, codes: torch.Tensor) -> torch.T
         nearest, runner_up = distances.topk(2, dim=-1, largest=False).values.unbind(-1)
         clear.append(runner_up - nearest > NEAR_TIE)
         residual = residual - quantizer.codebook(d).weight.double()[codes[..., d]]
-    return torch.stack(clear, dim=-1).cumprod(dim=-1).bool()
+    return torch.stack(clear, dim=-1).cumprod(dim=-1).bool().cpu()
 
 
 def test_fp32_codes_from_recorded_pixels_equal_original_codes(golden_fp32):
     pixels = reference("preprocess.safetensors")["pixel_values"]
     expected = reference("encode_fp32.safetensors")
     encoded = golden_fp32.encode_pixels(pixels)
-    assert encoded.codes.shape == (2, 16, 16, 4)
+    codes, z_q = encoded.codes.cpu(), encoded.z_q.cpu()
+    assert codes.shape == (2, 16, 16, 4)
     clear = clear_decisions(golden_fp32, pixels, expected["codes"])
     assert clear.float().mean() > 0.99, "too few clear decisions to be a test"
-    mismatches = ((encoded.codes != expected["codes"]) & clear).sum().item()
+    mismatches = ((codes != expected["codes"]) & clear).sum().item()
     assert mismatches == 0, f"{mismatches} of {clear.sum().item()} clear codes differ"
-    same = (encoded.codes == expected["codes"]).all(-1)  # (B, h, w): positions whose codes all agree
+    same = (codes == expected["codes"]).all(-1)  # (B, h, w): positions whose codes all agree
     assert same.float().mean() > 0.99
     # as the original, z_q = x + (q - x) with q the sum of the D codes' embeddings: D additions for q and
     # two more with x, whose own last bits differ between machines (tests/conftest.py's rule)
-    embedded = golden_fp32.vision.quantizer.embed_codes(encoded.codes)  # (B, h, w, D, C)
+    embedded = golden_fp32.vision.quantizer.embed_codes(encoded.codes).cpu()  # (B, h, w, D, C)
     scale = embedded.abs().sum(-2) + expected["pre_quant_features"].abs() + expected["z_q"].abs()
     bound = rounding_bound(scale, reduction=embedded.shape[-2] + 2)
-    assert ((encoded.z_q - expected["z_q"]).abs() <= bound)[same].all()
+    assert ((z_q - expected["z_q"]).abs() <= bound)[same].all()
 
 
 def test_fp32_projected_features_match_original(golden_fp32):
     expected = reference("encode_fp32.safetensors")["projected_features"]
     # from the original's codes (ours agree outside near-ties, tested above): the projection is what is compared
     bound, projected = projected_feature_bound(golden_fp32, reference("encode_fp32.safetensors")["codes"])  # (B, h*w, H)
-    err = (projected - expected).abs()
+    err = (projected.cpu() - expected).abs()
     assert (err <= bound).all(), f"projected features exceed the rounding bound by {(err - bound).max().item():.2e}"
 
 
@@ -104,15 +105,15 @@ def test_vision_tokens_are_codes_offset_by_llm_vocab(golden_fp32):
 
 def test_bf16_codes_from_recorded_features_equal_original(golden_bf16):
     expected = reference("encode_bf16.safetensors")
-    codes, z_q = golden_bf16.vision.quantizer.quantize(expected["pre_quant_features"])
-    assert torch.equal(codes, expected["codes"])
-    assert torch.equal(z_q, expected["z_q"])
+    codes, z_q = golden_bf16.vision.quantizer.quantize(on_device(golden_bf16, expected["pre_quant_features"]))
+    assert torch.equal(codes.cpu(), expected["codes"])
+    assert torch.equal(z_q.cpu(), expected["z_q"])
 
 
 def test_bf16_encode_agrees_with_original_outside_near_ties(golden_bf16):
     pixels = reference("preprocess.safetensors")["pixel_values"]
     expected = reference("encode_bf16.safetensors")
-    codes = golden_bf16.encode_pixels(pixels).codes
+    codes = golden_bf16.encode_pixels(pixels).codes.cpu()
     # in bf16 distances tie exactly in places; a different kernel may flip those, and one
     # flipped depth changes every later residual of that position
     agreement = (codes == expected["codes"]).float().mean().item()
@@ -122,14 +123,14 @@ def test_bf16_encode_agrees_with_original_outside_near_ties(golden_bf16):
 def test_summed_code_embedding_equals_recorded_decoder_input(golden_bf16):
     codes = reference("encode_bf16.safetensors")["codes"]
     expected = reference("decode_bf16.safetensors")["code_embed_sum"]
-    assert torch.equal(golden_bf16.codes_to_features(codes), expected)
+    assert torch.equal(golden_bf16.codes_to_features(codes).cpu(), expected)
 
 
 @pytest.fixture(scope="module")
 def bf16_decoded(golden_bf16) -> torch.Tensor:
     """The bf16 decode of the recorded decoder input (B, 3, H, W), shared: a bf16 convolution stack on a
     CPU takes about a minute, and the recorded input is exactly what the recorded codes sum to (above)."""
-    return golden_bf16.decode_features_raw(reference("decode_bf16.safetensors")["code_embed_sum"])
+    return golden_bf16.decode_features_raw(reference("decode_bf16.safetensors")["code_embed_sum"]).cpu()
 
 
 @pytest.mark.no_transformers  # the pixel decoder is the pack's own

@@ -23,23 +23,27 @@ from vilau_backend.memory import working_memory
 from vilau_backend.model.vila_u import VilaUModel
 from vilau_backend.tasks.generate import generate_codes, generate_images
 from vilau_backend.tasks.image_splicing import prompt_embeddings
+from vilau_backend.tasks.understand import _answer_about, answer_each_image, answer_request, describe_images, describe_video
 
 PROMPT = "a red apple on a table"
 MiB = 2**20
 
 
 class Allocations(TorchDispatchMode):
-    def __init__(self):
+    def __init__(self, existing=()):
         super().__init__()
         self.live: dict[int, int] = {}
         self.now = self.peak = 0
+        # storages that existed before (weights, inputs): an operator that returns them, or a view of them
+        # (a slice of the pixels, a codebook without its padding row), allocates nothing
+        self.existing = {tensor.untyped_storage().data_ptr() for tensor in existing}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for tensor in tree_leaves(out):
             if isinstance(tensor, torch.Tensor):
                 storage = tensor.untyped_storage()
-                if storage._cdata not in self.live:
+                if storage._cdata not in self.live and storage.data_ptr() not in self.existing:
                     self.live[storage._cdata] = storage.nbytes()
                     self.now += storage.nbytes()
                     self.peak = max(self.peak, self.now)
@@ -130,3 +134,49 @@ def test_a_compiled_run_of_the_held_size_asks_only_for_what_it_adds(model):
     working_memory.reserve_for_run(model, step_key(model, 4, 512), held, "a run", "lower batch_size")
     assert asked == [100, 300]
     assert model.step_states == {}  # another size: the held state was freed before asking
+
+
+def understanding_estimate(model, images_per_prompt: int, prompts: int, max_new_tokens: int) -> working_memory.WorkingMemory:
+    """An eager answer run of `prompts` prompts with `images_per_prompt` images each, encoded together."""
+    ids = model.tokenizer.tokenize_with_image_slots(understanding_prompt("Describe the image.", images_per_prompt))
+    T = len(ids) + images_per_prompt * (model.config.tokens_per_image - 1)
+    answer = working_memory.answer_memory(model, prompts, T, cache_length(T, max_new_tokens), kept=False)
+    return working_memory.understanding_memory(model, answer, prompts, T, images_per_prompt)
+
+
+@pytest.mark.parametrize("prompts, images_per_prompt", [(1, 1), (3, 1), (1, 4)])
+def test_an_answer_asks_before_encoding_for_its_estimate_which_is_what_it_allocates(model, prompts, images_per_prompt):
+    """The images' encoding (SigLIP's attention, the quantizer's nearest-code search) and the answer loop
+    after it, asked for together before the first image is encoded."""
+    pixels = model.preprocess(load_photo("chelsea").expand(prompts * images_per_prompt, -1, -1, -1))
+    request = answer_request("Describe the image.", dict(max_new_tokens=16, compile=False))
+    asked = budget(model, free=2**40)
+    with Allocations(existing=[pixels, *model.networks.parameters(), *model.networks.buffers()]) as run:
+        if images_per_prompt == 1:
+            answer_each_image(model, pixels, request)
+        else:  # what describe_video runs after preprocessing the frames (on the CPU, before the run)
+            _answer_about(model, pixels, request, None, None)
+    estimate = understanding_estimate(model, images_per_prompt, prompts, 16)
+    assert asked[0] == estimate.peak  # (the answer loop asks again for its own part: asked[1])
+    assert within(run.peak, estimate.peak), (run.peak / MiB, estimate.peak / MiB)
+
+
+@pytest.mark.parametrize("case", ["answers together", "video"])
+def test_an_answer_that_does_not_fit_is_refused_before_any_image_is_encoded(model, monkeypatch, case):
+    encoded = []
+    monkeypatch.setattr(model, "encode_pixels", lambda pixels: encoded.append(pixels.shape[0]))
+    monkeypatch.setattr(model, "encode_images", lambda images: encoded.append(images.shape[0]))
+    images = load_photo("chelsea").expand(4, -1, -1, -1)
+    estimate = understanding_estimate(model, *((1, 4) if case == "answers together" else (4, 1)), max_new_tokens=64)
+    asked = budget(model, free=estimate.peak // 2)
+    with pytest.raises(InputError) as error:
+        if case == "answers together":
+            describe_images(model, images, "Describe the image.", batch=True, batch_size=4, max_new_tokens=64,
+                            compile=False)
+        else:
+            describe_video(model, images, "Describe the image.", choice=None, max_new_tokens=64, compile=False)
+    assert encoded == [], "an image was encoded before the run was refused"
+    assert asked == [estimate.peak]
+    message = str(error.value)
+    need, free = f"{estimate.peak / 2**30:.1f} GiB", f"{estimate.peak // 2 / 2**30:.1f} GiB"
+    assert need in message and free in message and "lower batch_size or max_new_tokens" in message, message

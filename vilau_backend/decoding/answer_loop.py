@@ -20,7 +20,7 @@ from ..errors import InputError
 from ..memory import working_memory
 from . import compiled_steps
 from .compile_choice import CompiledStepFailed
-from .compiled_steps import CompileCallback
+from .compiled_steps import CompileCallback, StepKey
 from .text_step import TextState, decode_step, left_pad, text_step_key
 from .token_choice import GREEDY, TextSampling, logits_processors, next_tokens
 
@@ -112,6 +112,21 @@ def generate_texts(
     return outputs
 
 
+def answer_plan(model, rows: int, prompt_len: int, max_new_tokens: int,
+                compile: bool | None) -> tuple[bool, StepKey, working_memory.WorkingMemory]:
+    """Whether a run of `rows` prompts (padded to `prompt_len`) compiles, its state's key and its working
+    memory: what AnswerSteps allocates, for callers that ask for it earlier (tasks/understand.py, before
+    encoding images)."""
+    compiled = compiled_steps.run_compiles(model, compile)
+    key = text_step_key(model, rows, prompt_len, max_new_tokens)
+    return compiled, key, working_memory.answer_memory(model, rows, prompt_len, key.length, kept=compiled)
+
+
+def reserve_answers(model, key: StepKey, memory: working_memory.WorkingMemory, rows: int, max_new_tokens: int) -> None:
+    working_memory.reserve_for_run(model, key, memory, f"{rows} answer(s) of up to {max_new_tokens} tokens",
+                                   "lower batch_size or max_new_tokens")
+
+
 class AnswerSteps:
     """The LLM side of one `generate_texts` run on a text_step.TextState: `prefill`, then `step` once per
     token, through `decode_step` (eager: a state of the run's own, freed with it) or its compiled form
@@ -125,11 +140,8 @@ class AnswerSteps:
         self.model = model
         self.embeds, self.prompt_mask = left_pad(prompts)  # (B, T, H), (B, T)
         rows, prompt_len = self.prompt_mask.shape
-        compiled = compiled_steps.run_compiles(model, compile)
-        key = text_step_key(model, rows, prompt_len, max_new_tokens)
-        memory = working_memory.answer_memory(model, rows, prompt_len, key.length, kept=compiled)
-        working_memory.reserve_for_run(model, key, memory, f"{rows} answer(s) of up to {max_new_tokens} tokens",
-                                       "lower batch_size or max_new_tokens")
+        compiled, key, memory = answer_plan(model, rows, prompt_len, max_new_tokens, compile)
+        reserve_answers(model, key, memory, rows, max_new_tokens)
         self.state = compiled_steps.step_state(model, key, compiled, TextState)
         self.calls = compiled_steps.StepCalls(model, key, decode_step, compiled, on_compile)
 

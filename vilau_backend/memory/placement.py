@@ -10,10 +10,11 @@ projector) stays on the main device: those run every step and are small.
 Planning is accelerate's `infer_auto_device_map` over the decoder layers (never
 splitting one), after the main device's budget has been reduced by what must
 stay there. Running uses accelerate's hooks: `AlignDevicesHook` moves a layer's
-inputs to the GPU that holds it; `StreamFromCpu` (an accelerate ModelHook)
-copies a streamed layer's weights in for the call and drops the copies after.
-(accelerate's own offload hook cannot handle bitsandbytes 4-bit weights: it
-rebuilds them from meta tensors without their quantization state.)
+inputs to the GPU that holds it; `StreamFromCpu` (an accelerate ModelHook,
+memory/streaming.py) copies a streamed layer's weights in for the call, on CUDA
+from pinned memory while the layer before it computes, and drops the copies
+after. (accelerate's own offload hook cannot handle bitsandbytes 4-bit weights:
+it rebuilds them from meta tensors without their quantization state.)
 
 Each layer's KV cache lives on the device its layer runs on (vilau_backend/model/llm.py).
 """
@@ -23,11 +24,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from accelerate.hooks import AlignDevicesHook, ModelHook, add_hook_to_module, remove_hook_from_module
-from accelerate.utils import infer_auto_device_map, send_to_device
+from accelerate.hooks import AlignDevicesHook, add_hook_to_module, remove_hook_from_module
+from accelerate.utils import infer_auto_device_map
 from torch import nn
 
 from ..errors import InputError
+from .streaming import LayerStream, StreamFromCpu
 from .weight_quantization import module_bytes
 
 STREAMED = "stream"  # a layer kept in CPU memory and run on the main device
@@ -94,46 +96,20 @@ def _stored_dtypes(module: nn.Module) -> dict[str, torch.dtype]:
     return out
 
 
-class StreamFromCpu(ModelHook):
-    """Keeps a module's weights in CPU memory; copies them to `execution_device` for each call and drops the copies
-    after it (the CPU tensors are never replaced, so nothing is copied back)."""
-
-    def __init__(self, execution_device: torch.device):
-        self.execution_device = execution_device
-        self.cpu_tensors: dict[tuple[nn.Module, str], torch.Tensor] = {}
-
-    def init_hook(self, module: nn.Module) -> nn.Module:
-        for sub in module.modules():
-            for store in (sub._parameters, sub._buffers):
-                for name, tensor in store.items():
-                    if tensor is not None:
-                        self.cpu_tensors[(sub, name)] = tensor
-        return module
-
-    def pre_forward(self, module: nn.Module, *args, **kwargs):
-        for (sub, name), tensor in self.cpu_tensors.items():
-            store = sub._parameters if name in sub._parameters else sub._buffers
-            store[name] = tensor.to(self.execution_device)
-        return send_to_device(args, self.execution_device), send_to_device(kwargs, self.execution_device)
-
-    def post_forward(self, module: nn.Module, output):
-        for (sub, name), tensor in self.cpu_tensors.items():
-            store = sub._parameters if name in sub._parameters else sub._buffers
-            store[name] = tensor
-        return output
-
-
-def apply_placement(model, placement: Placement) -> nn.ModuleDict:
+def apply_placement(model, placement: Placement, overlap: bool | None = None) -> nn.ModuleDict:
     """Move and hook the model as planned. Returns the modules that live on the main device, for a caller
-    that moves them on and off it (ComfyUI's model management); the others stay where they were put."""
+    that moves them on and off it (ComfyUI's model management); the others stay where they were put.
+    `overlap`: copy streamed layers from pinned memory on a side stream while the layer before computes
+    (memory/streaming.py); None: where the main device is CUDA."""
     main = torch.device(placement.main)
+    stream = LayerStream(main, overlap)
     llm = model.llm
     resident = {"vision": model.vision, "projector": model.projector, "embed_tokens": llm.model.embed_tokens,
                 "norm": llm.model.norm, "rotary_emb": llm.model.rotary_emb, "lm_head": llm.lm_head}
     for i, (layer, device) in enumerate(zip(llm.model.layers, placement.layers)):
         if device == STREAMED:
             layer.to("cpu")
-            add_hook_to_module(layer, StreamFromCpu(main))
+            add_hook_to_module(layer, StreamFromCpu(stream))  # pins its weights where copies overlap
         else:
             layer.to(device)
             add_hook_to_module(layer, AlignDevicesHook(execution_device=torch.device(device)))
@@ -147,7 +123,8 @@ def apply_placement(model, placement: Placement) -> nn.ModuleDict:
 
 
 def remove_placement(model, device: str | torch.device = "cpu") -> None:
-    """Undo `apply_placement`: no hooks, every weight on `device`."""
+    """Undo `apply_placement`: no hooks, every weight on `device` (weights that were streamed stay pinned
+    if they stay in CPU memory: the model is released after this, see nodes/model_cache.py)."""
     for layer in model.llm.model.layers:
         remove_hook_from_module(layer)
     remove_hook_from_module(model.llm.model.norm)

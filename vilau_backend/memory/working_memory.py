@@ -10,8 +10,10 @@ Estimates, in bytes, for a run of R rows over a cache of L positions (T prompt t
 cache, 2 x layers x R x kv_heads x head_dim x L in the model dtype, and the step buffers
 (position_step.PositionState, text_step.TextState), kept between compiled runs; on top of them one
 layer's prefill activations; for images, the pixel decoder at full resolution over the batch after
-the codes (with the state still held when it is kept). tests/backend/test_working_memory.py checks
-the estimate against the allocations a run makes on the CPU.
+the codes (with the state still held when it is kept); for answers, the vision tower's encoding of
+their images before them, which is asked for with the answer's own estimate, before any image is
+encoded. tests/backend/test_working_memory.py checks the estimate against the allocations a run makes
+on the CPU.
 """
 
 from __future__ import annotations
@@ -105,6 +107,33 @@ def answer_memory(model, rows: int, prompt_len: int, length: int, kept: bool) ->
     state = kv_cache_bytes(model, rows, length) + rows * vocab * 4 + length * (rows + 2 * 8)  # + mask, indices
     peak = state + max(prefill_bytes(model, rows, prompt_len, length), 2 * rows * vocab * 4)
     return WorkingMemory(peak=peak, held=state if kept else 0)
+
+
+def encode_bytes(model, images: int) -> int:
+    """The vision tower encoding `images` images at once (understanding): their pixels in the model's
+    device and dtype, then the larger of SigLIP's attention, where a layer holds its (N, heads, n, n)
+    scores, their float32 softmax (and its cast back to a 16-bit dtype) beside five (N, n, C) (the hidden
+    state, q, k, v and the attention's output), and the quantizer's nearest-code search: three (N, n, C)
+    (the residual, the sum of the chosen codes, the squared residual) beside either the squared (C, K)
+    codebook, reduced to (1, K) before the distances are made, or the (N*n, K) distances and the sums they
+    are added to (rq_codebook._nearest_code)."""
+    siglip, quantizer = model.config.siglip, model.config.quantizer
+    itemsize = model.dtype.itemsize
+    n, K, size = siglip.grid * siglip.grid, quantizer.n_embed, siglip.image_size
+    hidden = images * n * siglip.hidden_size * itemsize
+    softmax = 4 + (itemsize if itemsize != 4 else 0)
+    attention = images * siglip.num_attention_heads * n * n * (itemsize + softmax) + 5 * hidden
+    search = max(2 * images * n * K, quantizer.embed_dim * K) * itemsize + 3 * hidden
+    converted = _llm_weights(model).device.type != "cpu" or model.dtype != torch.float32  # pixels come as fp32 on the CPU
+    return images * 3 * size * size * itemsize * converted + max(attention, search)
+
+
+def understanding_memory(model, answer: WorkingMemory, prompts: int, prompt_len: int, encoded_at_once: int) -> WorkingMemory:
+    """An answer run (`answer`: answer_memory) with the encoding of its images before it: `prompts`
+    prompts of `prompt_len` positions, whose images are encoded `encoded_at_once` at a time. The prompts'
+    (T, H) embeddings pile up while the images are encoded and stay through the run."""
+    embeds = prompts * prompt_len * model.config.llm.hidden_size * _llm_weights(model).dtype.itemsize
+    return WorkingMemory(peak=embeds + max(encode_bytes(model, encoded_at_once), answer.peak), held=answer.held)
 
 
 QUANTIZE_REMEDY = "choose quantize int8 or 4bit on the loader (smaller weights leave more room), or unload other models"

@@ -37,12 +37,14 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..decoding.answer_loop import DEFAULT_MAX_NEW_TOKENS, TokenCallback, answer_text, generate_text, generate_texts
+from ..decoding.answer_loop import (DEFAULT_MAX_NEW_TOKENS, TokenCallback, answer_plan, answer_text, generate_text, generate_texts,
+                                     reserve_answers)
 from ..decoding.compiled_steps import CompileCallback, run_compiles
 from ..decoding.prompts import IMAGE_TOKEN_INDEX, refuse_text_that_cannot_fit, understanding_prompt
 from ..decoding.token_choice import GREEDY, TextSampling
 from ..errors import InputError
 from ..media.video import FrameChoice
+from ..memory.working_memory import understanding_memory
 from .image_splicing import prompt_embeddings
 from .requests import DEFAULT_BATCH_SIZE, AnswerRequest, answer_request
 
@@ -137,8 +139,10 @@ def answer_each_image(
     request = answer_request(request, fields)
     input_ids = _prompt_ids(model, request, 1)
     B = pixels.shape[0]
+    padded = pad_to is not None and B < pad_to and run_compiles(model, request.compile)
+    _reserve(model, request, pad_to if padded else B, input_ids, encoded_at_once=1)
     prompts = [prompt_embeddings(model, input_ids, pixels[i : i + 1]) for i in range(B)]  # B x (T, H)
-    if pad_to is not None and B < pad_to and run_compiles(model, request.compile):
+    if padded:
         # a copy stops when its original stops: the pass takes no step more than it would have
         prompts += [prompts[-1]] * (pad_to - B)
     generators = [_seeded_generator(request.seed) for _ in prompts]
@@ -195,6 +199,7 @@ def _answer_about(
 ) -> Answer:
     """pixels (N, 3, S, S) -> one answer to a prompt with N image slots."""
     input_ids = _prompt_ids(model, request, pixels.shape[0])
+    _reserve(model, request, 1, input_ids, encoded_at_once=pixels.shape[0])
     inputs_embeds = prompt_embeddings(model, input_ids, pixels)  # (T, H)
     output_ids = generate_text(
         model, inputs_embeds, sampling=request.sampling, max_new_tokens=request.max_new_tokens,
@@ -204,6 +209,16 @@ def _answer_about(
 
 
 # ---- checks and small helpers ----------------------------------------------------------
+
+
+def _reserve(model, request: AnswerRequest, rows: int, input_ids: list[int], encoded_at_once: int) -> None:
+    """Ask for the run's working memory (memory/working_memory.py) before any image is encoded, so that a
+    run that cannot fit is refused before it allocates: the answer loop's estimate for `rows` prompts of
+    these ids (one question, so of one length: no padding) and the encoding of their images."""
+    prompt_len = len(input_ids) + input_ids.count(IMAGE_TOKEN_INDEX) * (model.config.tokens_per_image - 1)
+    _, key, answer = answer_plan(model, rows, prompt_len, request.max_new_tokens, request.compile)
+    memory = understanding_memory(model, answer, rows, prompt_len, encoded_at_once)
+    reserve_answers(model, key, memory, rows, request.max_new_tokens)
 
 
 def _seeded_generator(seed: int) -> torch.Generator:
