@@ -25,6 +25,8 @@ APPLE = "a red apple on a wooden table"
         (dict(prompt=APPLE, frames=0), "frames must be at least 1, got 0"),
         (dict(prompt=APPLE, sampling=ImageSampling(cfg=float("nan"))), "cfg must be a finite number"),
         (dict(prompt=APPLE, seed=-2), "seed must be >= 0, got -2"),
+        (dict(prompt="an <image> of a cat"), "the prompt contains '<image>'"),
+        (dict(prompt=APPLE, negative_prompt="<image>"), "the negative prompt contains '<image>'"),
     ],
 )
 def test_an_image_request_refuses_bad_values_when_made(fields, message):
@@ -35,7 +37,10 @@ def test_an_image_request_refuses_bad_values_when_made(fields, message):
 @pytest.mark.parametrize(
     "fields, message",
     [
-        (dict(question="what is in <image>?"), "reserves for image inputs"),
+        (dict(question="what is in <image>?"), "the question contains '<image>', which VILA-U reserves for image inputs"),
+        (dict(question="why?", system="see <image>"), "the system prompt contains '<image>'"),
+        (dict(question=" \n"), "the question is empty"),
+        (dict(question="why?", max_new_tokens=0), "max_new_tokens must be 1 or more, got 0"),
         (dict(question=3), "the question must be text, got int"),
         (dict(question="why?", batch_size=0), "batch_size \\(answers generated together\\) must be 1 or more, got 0"),
         (dict(question="why?", seed=2**64), "seed must lie in 0..2\\*\\*64-1"),

@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..decoding.answer_loop import DEFAULT_MAX_NEW_TOKENS
-from ..decoding.prompts import DEFAULT_NEGATIVE_PROMPT, IMAGE_PLACEHOLDER, SYSTEM_PROMPT
+from ..decoding.answer_loop import DEFAULT_MAX_NEW_TOKENS, check_max_new_tokens
+from ..decoding.prompts import DEFAULT_NEGATIVE_PROMPT, SYSTEM_PROMPT, refuse_image_placeholder
 from ..decoding.token_choice import TextSampling
 from ..errors import InputError
 
@@ -58,6 +58,13 @@ def empty_prompt_problem(prompt: str | None) -> str | None:
     return None
 
 
+def empty_question_problem(question: str | None) -> str | None:
+    """What is wrong with an empty question, as the backend and the nodes' queue-time check say it."""
+    if question is None or not question.strip():
+        return "the question is empty: ask something, e.g. 'Describe the image in detail.'"
+    return None
+
+
 @dataclass(frozen=True)
 class ImageRequest:
     """`num_images` images (frames None) or videos of `frames` frames from a prompt.
@@ -76,6 +83,8 @@ class ImageRequest:
         problem = empty_prompt_problem(self.prompt)
         if problem:
             raise InputError(problem)
+        refuse_image_placeholder("prompt", self.prompt)
+        refuse_image_placeholder("negative prompt", self.negative_prompt)
         if self.num_images < 1:
             raise InputError(f"num_images must be at least 1, got {self.num_images}")
         if self.frames is not None and self.frames < 1:
@@ -122,16 +131,16 @@ class AnswerRequest:
     def __post_init__(self) -> None:
         if not isinstance(self.question, str):
             raise InputError(f"the question must be text, got {type(self.question).__name__}")
-        if IMAGE_PLACEHOLDER in self.question:
-            # the slot would have no image to fill it
-            raise InputError(
-                f"the question contains '{IMAGE_PLACEHOLDER}', which VILA-U reserves for image inputs; remove it"
-            )
+        problem = empty_question_problem(self.question)
+        if problem:
+            raise InputError(problem)
+        refuse_image_placeholder("question", self.question)
+        refuse_image_placeholder("system prompt", self.system)
+        check_max_new_tokens(self.max_new_tokens)
         if self.batch_size < 1:
             raise InputError(f"batch_size (answers generated together) must be 1 or more, got {self.batch_size}")
         if not 0 <= self.seed < 2**64:
             raise InputError(f"seed must lie in 0..2**64-1, got {self.seed}")
-        # (max_new_tokens < 1 is refused by the token loop, which every answer goes through)
 
 
 def image_request(request: ImageRequest | str | None, fields: dict) -> ImageRequest:
