@@ -12,7 +12,7 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from .generation import (
-    MAX_FRAMES, MAX_IMAGES, MAX_VIDEOS, PromptNode, fps_input, generation_callbacks, generation_inputs,
+    FRAMES_FIT, MAX_FRAMES, MAX_IMAGES, MAX_VIDEOS, PromptNode, fps_input, generation_callbacks, generation_inputs,
     generation_request, image_outputs, video_outputs,
 )
 from .model_cache import releases_after_use
@@ -243,9 +243,9 @@ class ExtendVideo(PromptNode):
             inputs=[
                 *inputs,
                 io.Int.Input(
-                    "add_frames", default=4, min=1, max=MAX_FRAMES,
+                    "add_frames", default=4, min=1, max=MAX_FRAMES - 1,  # after at least one given frame
                     tooltip="Frames to generate after the given ones. Given plus added frames and the prompt must "
-                    "fit the model's context: 31 frames in all for the 256 px model, 11 for the 384 px one.",
+                    f"fit the model's context: {FRAMES_FIT}, in all.",
                 ),
                 fps_input(),
                 io.Image.Input(

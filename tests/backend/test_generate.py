@@ -257,3 +257,21 @@ def test_bad_requests_say_what_to_fix(small_model, kwargs, message):
 def test_too_many_frames_for_the_context_is_an_error(small_model):
     with pytest.raises(InputError, match="exceeds the model's context"):
         generate_codes(small_model, APPLE, frames=200)
+
+
+def test_the_published_256_px_models_most_frames_fit_its_context_and_one_more_does_not(golden_fp32):
+    """The golden checkpoint has the published 256 px model's context and grid (recorded from its config):
+    the nodes' frame limit (checkpoint/published.py) is what its context holds after the shortest prompt."""
+    from vilau_backend.checkpoint.published import PUBLISHED_256, PUBLISHED_CONTEXT, PUBLISHED_GRIDS
+    from vilau_backend.checkpoint.published import most_published_video_frames
+    from vilau_backend.decoding.prompts import cfg_batch
+
+    config = golden_fp32.config
+    assert (config.llm.context_length, config.grid) == (PUBLISHED_CONTEXT, PUBLISHED_GRIDS[PUBLISHED_256])
+    most = most_published_video_frames(PUBLISHED_256)
+    assert most == 31
+    prompt = cfg_batch(golden_fp32.tokenizer, "a", video=True)[0].shape[1]  # the shortest prompt's tokens
+    h, w = config.grid
+    assert prompt + most * h * w <= config.llm.context_length < prompt + (most + 1) * h * w
+    with pytest.raises(InputError, match=f"plus {(most + 1) * h * w} image positions exceeds the model's context"):
+        generate_codes(golden_fp32, "a", frames=most + 1)

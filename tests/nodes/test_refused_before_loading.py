@@ -5,49 +5,11 @@ node modules run against a stand-in `comfy_api` that only has to let them import
 from __future__ import annotations
 
 import sys
-import types
 
 import pytest
-from conftest import pack_module
+from comfy_stand_in import Anything, node_module  # noqa: F401 - node_module is a fixture
 
 pytestmark = pytest.mark.no_transformers  # the 4.50.3 pass leaves it out (tests/conftest.py)
-
-
-class Anything:
-    """Whatever a node module builds from comfy_api at import or run time: any attribute, any call."""
-
-    def __init__(self, *args, **kwargs):
-        self.args, self.kwargs = args, kwargs
-
-    def __getattr__(self, name):
-        return Anything()
-
-    def __call__(self, *args, **kwargs):
-        return Anything(*args, **kwargs)
-
-
-class ComfyNode:
-    hidden = types.SimpleNamespace(unique_id="7")
-
-
-@pytest.fixture
-def node_module(monkeypatch):
-    """`pack_module` against the stand-in comfy_api and comfy.utils; the node modules imported so are
-    forgotten afterwards, so no other test sees them."""
-    io = Anything()
-    io.ComfyNode = ComfyNode
-    latest = types.ModuleType("comfy_api.latest")
-    latest.io = io
-    comfy = types.ModuleType("comfy")
-    comfy.utils = types.SimpleNamespace(ProgressBar=Anything)
-    for name, module in (("comfy_api", types.ModuleType("comfy_api")), ("comfy_api.latest", latest),
-                         ("comfy", comfy), ("comfy.utils", comfy.utils)):
-        monkeypatch.setitem(sys.modules, name, module)
-    before = set(sys.modules)
-    yield pack_module
-    for name in set(sys.modules) - before:
-        if name.startswith("vilau_pack.nodes."):
-            del sys.modules[name]
 
 
 def input_error() -> type:
@@ -120,3 +82,12 @@ def test_the_queue_time_question_check_says_what_the_request_says(node_module):
     assert understanding.check_question("Why?") is True
     assert understanding.check_question(None) is True  # linked: checked by the request when the node runs
     assert understanding.check_question("", preset="short caption") is True  # the preset's question is asked
+
+
+def test_the_frame_widgets_stop_at_what_the_256_px_models_context_holds(node_module):
+    """frames = MAX_FRAMES runs on the 256 px model (tests/backend/test_generate.py checks the arithmetic
+    against its context); Extend Video adds frames after at least one given frame."""
+    generation = node_module("generation")
+    published = sys.modules["vilau_pack.vilau_backend.checkpoint.published"]
+    assert generation.MAX_FRAMES == published.most_published_video_frames(published.PUBLISHED_256) == 31
+    assert generation.FRAMES_FIT == "up to 31 frames for the 256 px model, 11 for the 384 px one"
