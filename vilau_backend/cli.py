@@ -445,7 +445,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .decoding import compile_cache
+
     args = build_parser().parse_args(argv)
+    compile_cache.own_inductor_cache()  # this process is ours alone: inductor's cache may move with the pack's
     try:
         return args.run(args)
     except VilaUError as exc:

@@ -32,6 +32,7 @@ def child(args) -> None:
     from vilau_backend.decoding import compile_cache
 
     compile_cache.use_folder(args.cache)
+    compile_cache.own_inductor_cache()  # as the command line does
     device = torch.device(args.device)
     with tempfile.TemporaryDirectory() as tmp:
         model = build_random_model(args.preset, torch.float32, device, Path(tmp))
