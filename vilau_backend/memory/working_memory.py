@@ -107,7 +107,8 @@ def answer_memory(model, rows: int, prompt_len: int, length: int, kept: bool) ->
     return WorkingMemory(peak=peak, held=state if kept else 0)
 
 
-QUANTIZE_REMEDY = "choose quantize int8 or 4bit on the loader (smaller weights leave more room), or unload other models"
+QUANTIZE_REMEDY = ("choose quantize int8 or 4bit (on the loader, or --quantize on the command line: smaller weights "
+                   "leave more room), or free memory that other models hold")
 
 
 def reserve_for_run(model, key, memory: WorkingMemory, what: str, remedy: str) -> None:

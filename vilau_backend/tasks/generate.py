@@ -197,7 +197,8 @@ def _reserve_working_memory(model, run: _CodeRun, key, compile: bool) -> None:
     size = model.config.image_size
     what = f"{B} image(s) at {size} px" if frames == 1 else f"{B} video(s) of {frames} frames at {size} px"
     memory = working_memory.generation_memory(model, B, T, key.length, kept=compile)
-    working_memory.reserve_for_run(model, key, memory, what, "lower batch_size" + (" or frames" if frames > 1 else ""))
+    remedy = "lower batch_size (--num on the command line)" + (" or frames" if frames > 1 else "")
+    working_memory.reserve_for_run(model, key, memory, what, remedy)
 
 
 @dataclass(frozen=True)
