@@ -43,28 +43,24 @@ def _image_outputs() -> list[io.Output]:
 
 
 def edit_source(vila, image, latent, node: str):
-    """-> the source's codes (N, h, w, D) and, for an image, the pixels as the model sees them (N, S, S, 3)."""
-    from ..vilau_backend.tasks.editing import model_view
+    """-> the source's codes (N, h, w, D)."""
     from ..vilau_backend.errors import InputError
 
     if (image is None) == (latent is None):
         state = "both are connected; keep one" if image is not None else "neither is connected"
         raise InputError(f"{node} edits an image or a VILA-U latent: {state}")
     if latent is not None:
-        return vilau_latent_codes(vila, latent).cpu(), None
-    return vila.encode_images(image).codes.cpu(), model_view(vila, image)
+        return vilau_latent_codes(vila, latent).cpu()
+    return vila.encode_images(image).codes.cpu()
 
 
 def edit_whole_sources(edit, setting, node: str, model, prompt: str, batch_size: int, image, latent, inputs: dict):
-    """Variations and Continue Image: each source's codes (N, h, w, D), `batch_size` times, through the
-    backend edit `edit(vila, request, codes, setting(vila), **callbacks)` -> the node's image and latent."""
-    from ..vilau_backend.tasks.editing import repeat_sources
-
+    """Variations and Continue Image: `batch_size` edits of each source through the backend edit
+    `edit(vila, request, codes, setting(vila), **callbacks)` -> the node's image and latent."""
     request = generation_request(prompt, batch_size=batch_size, compile=model.compile, **inputs)
     vila = model.ready()
-    codes, _ = edit_source(vila, image, latent, node)
-    value = setting(vila)
-    result = edit(vila, request, repeat_sources(codes, batch_size), value, **generation_callbacks(vila))
+    codes = edit_source(vila, image, latent, node)
+    result = edit(vila, request, codes, setting(vila), **generation_callbacks(vila))
     return image_outputs(vila, result)
 
 
@@ -130,25 +126,14 @@ class Inpaint(PromptNode):
         image=None, latent=None, **inputs,
     ) -> io.NodeOutput:
         """inputs: the other generation inputs (negative_prompt, cfg, seed, temperature, top_k, top_p)."""
-        from ..vilau_backend.tasks import editing
+        from ..vilau_backend.tasks.editing import inpaint
 
         request = generation_request(prompt, batch_size=batch_size, compile=model.compile, **inputs)
         vila = model.ready()
-        codes, original = edit_source(vila, image, latent, "VILA-U Inpaint")
-        aspect = vila.config.image_aspect_ratio if original is not None else "resize"
-        regenerate = editing.regenerate_from_mask(
-            editing.match_batch(editing.as_mask_batch(mask), codes.shape[0]), vila.config.grid,
-            aspect=aspect, threshold=mask_threshold, grow=grow_mask,
-        )  # (N, h, w)
-        codes, regenerate = editing.repeat_sources(codes, batch_size), editing.repeat_sources(regenerate, batch_size)
-        if original is not None:
-            original = editing.repeat_sources(original, batch_size)
-        result = editing.inpaint(
-            vila, request, codes, regenerate, original=original, feather=feather, **generation_callbacks(vila)
-        )
-        size = result.images.shape[1]
-        region = editing.feathered_pixel_mask(regenerate, size, 0)[..., 0]  # (B, S, S)
-        return image_outputs(vila, result, region)
+        codes = edit_source(vila, image, latent, "VILA-U Inpaint")
+        result = inpaint(vila, request, codes, mask, images=image, threshold=mask_threshold, grow=grow_mask,
+                         feather=feather, **generation_callbacks(vila))
+        return image_outputs(vila, result, result.regenerated)
 
 
 class VaryByDepth(PromptNode):
@@ -284,7 +269,7 @@ class ExtendVideo(PromptNode):
         vila = model.ready()
         given = _video_source_codes(vila, frames, video, latent)  # (Fg, h, w, D)
         total = given.shape[0] + add_frames
-        result = extend_video(vila, request, given, total, videos=batch_size, **generation_callbacks(vila))
+        result = extend_video(vila, request, given, total, **generation_callbacks(vila))
         return video_outputs(vila, result, fps)
 
 

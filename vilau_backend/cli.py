@@ -221,18 +221,14 @@ def _edit(args: argparse.Namespace) -> int:
 
     if args.mode == "inpaint" and not args.mask:
         raise InputError("--mode inpaint needs --mask: a PNG, white where the image is to be regenerated")
+    request = _image_request(args)  # --num edits of the one image
     model = _load_model(args)
     image = load_image_file(args.image)
-    codes = model.encode_images(image).codes.repeat_interleave(args.num, dim=0)  # (N, h, w, D)
-    request = _image_request(args)  # --num edits of the one image: the batch is that of the repeated codes
+    codes = model.encode_images(image).codes  # (1, h, w, D)
     if args.mode == "inpaint":
-        regenerate = editing.regenerate_from_mask(
-            load_mask_file(args.mask), model.config.grid, aspect=model.config.image_aspect_ratio,
-            threshold=args.threshold, grow=args.grow,
-        ).expand(args.num, -1, -1)
-        original = editing.model_view(model, image).expand(args.num, -1, -1, -1) if args.feather >= 0 else None
-        result = editing.inpaint(model, request, codes, regenerate, original=original,
-                                 feather=max(args.feather, 0), on_compile=_say_compiling)
+        result = editing.inpaint(model, request, codes, load_mask_file(args.mask), images=image,
+                                 threshold=args.threshold, grow=args.grow,
+                                 feather=args.feather if args.feather >= 0 else None, on_compile=_say_compiling)
     elif args.mode == "vary":
         depth = model.config.quantizer.depth
         kept = args.keep_depths if args.keep_depths is not None else editing.depths_for_strength(args.strength, depth)

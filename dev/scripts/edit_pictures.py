@@ -40,7 +40,7 @@ def panel(image: torch.Tensor):
 
 
 def keep_picture(regenerated: torch.Tensor, size: int) -> torch.Tensor:
-    """Regenerated share of each position's codes (h, w) in 0..1 -> (S, S, 3) grey levels."""
+    """Regenerated share of each position's codes (h, w), or a pixel mask (S, S), in 0..1 -> (S, S, 3) grey levels."""
     grid = regenerated[None, None].float()
     return torch.nn.functional.interpolate(grid, size=(size, size), mode="nearest")[0, 0, :, :, None].expand(-1, -1, 3)
 
@@ -89,10 +89,9 @@ def make_pictures(model, out: Path) -> None:
 
     mask = torch.zeros(1, S, S)
     mask[:, S // 4 : 3 * S // 4, S // 4 : 3 * S // 4] = 1
-    regenerate = editing.regenerate_from_mask(mask, (h, w))
-    result = editing.inpaint(model, PROMPT, source, regenerate, original=before[None], feather=2, seed=1)
+    result = editing.inpaint(model, PROMPT, source, mask, images=before[None], feather=2, seed=1)
     after = result.images[0]
-    row(out / "edit-inpaint.png", [before, keep_picture(regenerate[0], S), after, difference(before, after)])
+    row(out / "edit-inpaint.png", [before, keep_picture(result.regenerated[0], S), after, difference(before, after)])
 
     kept = editing.depths_for_strength(0.5, D)
     result = editing.vary_by_depth(model, PROMPT, source, kept, seed=1)

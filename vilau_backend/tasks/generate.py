@@ -277,9 +277,7 @@ def generate_images(
     if request.frames is not None:
         raise InputError("generate_images makes still images; use generate_video for frames")
     codes = generate_codes(model, request, on_position=on_position, on_compile=on_compile)
-    features = model.codes_to_features(codes)  # (B, h, w, C)
-    images = model.decode_features(features) if decode else None
-    return GeneratedImages(codes=codes.cpu(), features=features.cpu(), images=images)
+    return decode_images(model, codes, decode=decode)
 
 
 def generate_video(
@@ -296,6 +294,13 @@ def generate_video(
         raise InputError("generate_video makes videos: give frames (1 or more), or use generate_images")
     codes = generate_codes(model, request, on_position=on_position, on_compile=on_compile)
     return decode_videos(model, codes, decode=decode)
+
+
+def decode_images(model, codes: torch.Tensor, decode: bool = True) -> GeneratedImages:
+    """codes (B, h, w, D) -> codes, summed features (B, h, w, C) and images (B, H, W, 3)."""
+    features = model.codes_to_features(codes)  # (B, h, w, C)
+    images = model.decode_features(features) if decode else None
+    return GeneratedImages(codes=codes.cpu(), features=features.cpu(), images=images)
 
 
 def decode_videos(model, codes: torch.Tensor, decode: bool = True) -> GeneratedImages:

@@ -67,7 +67,8 @@ def empty_question_problem(question: str | None) -> str | None:
 
 @dataclass(frozen=True)
 class ImageRequest:
-    """`num_images` images (frames None) or videos of `frames` frames from a prompt.
+    """`num_images` images (frames None) or videos of `frames` frames from a prompt; in an edit
+    (tasks/editing.py), `num_images` edits of each source.
 
     compile: run the compiled step (None: on CUDA only)."""
 
@@ -99,7 +100,8 @@ class EditRequest:
     """A generation in which the codes `keep` marks are the given ones and the rest are sampled.
 
     given_codes and keep: (B, P, D), or shaped as the generated codes; B is the generation's
-    num_images. Their sizes against the model are checked by the run (tasks/generate.py)."""
+    num_images, the whole batch (tasks/editing.py: edits_of_sources makes it from sources and
+    edits per source). Their sizes against the model are checked by the run (tasks/generate.py)."""
 
     generation: ImageRequest
     given_codes: torch.Tensor = field(repr=False)
