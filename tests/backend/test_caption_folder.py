@@ -40,6 +40,23 @@ def test_caption_settings_ask_every_image_one_answer_request():
         CaptionSettings(batch=False)
 
 
+def test_a_share_takes_the_images_of_its_places_in_the_sorted_listing(tmp_path):
+    """Process 1 of 2 takes places 1, 3, ...; only the first share reports what the folder passed over."""
+    from vilau_backend.tasks.shares import Share
+
+    root = tmp_path / "split"
+    for name in ["a.png", "b.png", "c.png", "d.png", "e.png"]:
+        write_png(root / name, 0)
+    (root / ".hidden.png").write_bytes(b"")
+    settings = CaptionSettings(**FAST)
+    taken = {}
+    for index in (0, 1):
+        report = captioning.CaptionReport(root)
+        taken[index] = [p.name for p in captioning._images_to_caption(root, settings, report, Share(index, 2))]
+        assert bool(report.skipped) == (index == 0), report.skipped
+    assert taken == {0: ["a.png", "c.png", "e.png"], 1: ["b.png", "d.png"]}
+
+
 @pytest.fixture
 def folder(tmp_path) -> Path:
     root = tmp_path / "dataset"

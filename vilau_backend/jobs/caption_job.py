@@ -36,7 +36,7 @@ def caption_job(
 
     try:
         caption_folder(model, folder, settings, on_progress=on_progress, on_compile=on_compile,
-                       share=(processes.share.index, processes.share.count), report=report)
+                       share=processes.share, report=report)
         _log_new(log, report, logged)  # failures of a last batch that had no readable image
         for image, why in report.skipped:
             log.finished(_relative(image, root), "skipped", why)

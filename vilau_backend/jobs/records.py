@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..tasks.captioning import write_file_whole
-from .processes import Share
+from ..tasks.shares import Share
 
 SUMMARY_NAME = "summary.json"
 LISTED = 50  # skipped items named in summary.json; failures are always all listed

@@ -38,6 +38,7 @@ from ..media.image_folder import IMAGE_SUFFIXES, UnreadableImage, list_folder, r
 from ..errors import InputError
 from ..decoding.compiled_steps import CompileCallback
 from .requests import AnswerRequest
+from .shares import Share
 from .understand import answer_each_image
 
 CAPTION_SUFFIX = ".txt"
@@ -113,7 +114,7 @@ def caption_folder(
     model, folder: str | os.PathLike, settings: CaptionSettings = CaptionSettings(),
     on_progress: ProgressCallback | None = None,
     on_compile: CompileCallback | None = None,
-    share: tuple[int, int] = (0, 1),
+    share: Share = Share(),
     report: CaptionReport | None = None,
 ) -> CaptionReport:
     """Write a caption beside every image of `folder` (see the module's docstring for what is touched).
@@ -121,8 +122,8 @@ def caption_folder(
     Whatever `on_progress` raises (a cancel) stops the run between two tokens and reaches the
     caller: the captions of earlier batches are on disk, the current batch's are not written.
 
-    share (i, n): this run takes only the images whose place in the sorted listing is i modulo n
-    (one of n processes splitting a folder; the split does not depend on which captions exist yet);
+    share: this run takes only the images of the sorted listing that the share owns (one of several
+    processes splitting a folder; the split does not depend on which captions exist yet);
     the folder-wide findings (files passed over, folders skipped) are the first share's to report.
     `report`, when given, is filled as the run goes (a caller can read it at each progress event)."""
     request = settings.answer_request()
@@ -191,16 +192,16 @@ def _checked_folder(folder: str | os.PathLike) -> Path:
 
 
 def _images_to_caption(
-    root: Path, settings: CaptionSettings, report: CaptionReport, share: tuple[int, int] = (0, 1),
+    root: Path, settings: CaptionSettings, report: CaptionReport, share: Share = Share(),
 ) -> list[Path]:
     listing = list_folder(root, settings.recursive)
-    if share[0] == 0:
+    if share.index == 0:
         report.skipped += listing.skipped
         report.folders += listing.folders
     todo, owners, unwritable, mine = [], {}, {}, []
     for place, image in enumerate(listing.images):
         target = caption_path(image)
-        if place % share[1] != share[0]:
+        if not share.owns(place):
             owners.setdefault(target, image)  # another process's image, still the owner of its caption name
             continue
         mine.append(image)
