@@ -283,7 +283,7 @@ def test_query_with_image_placeholder_is_rejected(golden_fp32):
 
 def test_video_with_fewer_frames_uses_them_all_and_logs(golden_fp32, caplog):
     frames = golden_video_frames()[:5]
-    with caplog.at_level(logging.WARNING, logger="vilau_backend.tasks.understand"):
+    with caplog.at_level(logging.WARNING, logger="vilau_backend.media.video"):
         answer = describe_video(golden_fp32, frames, VIDEO_QUERY, sampling=GREEDY, max_new_tokens=1)
     assert answer.input_ids.count(IMAGE_TOKEN_INDEX) == 5
     assert "5 frames, fewer than the 8" in caplog.text
