@@ -76,6 +76,8 @@ def generation_inputs_for_edit(what: str) -> list[io.Input]:
 class Inpaint(PromptNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
+        from ..vilau_backend.tasks.editing import DEFAULT_FEATHER, DEFAULT_MASK_THRESHOLD
+
         return io.Schema(
             node_id="VILAU_Inpaint",
             display_name="VILA-U Inpaint",
@@ -94,7 +96,7 @@ class Inpaint(PromptNode):
                     "one per image; any size, mapped onto the image as the model's preprocessing maps the image.",
                 ),
                 io.Float.Input(
-                    "mask_threshold", default=0.5, min=0.01, max=1.0, step=0.01,
+                    "mask_threshold", default=DEFAULT_MASK_THRESHOLD, min=0.01, max=1.0, step=0.01,
                     tooltip="A grid position is regenerated when at least this fraction of its pixels is masked "
                     "(0.5: half of it). Lower it to regenerate every position the mask touches.",
                 ),
@@ -104,7 +106,7 @@ class Inpaint(PromptNode):
                     "(one position is 16 px of the 256 px model, 14 px of the 384 px one).",
                 ),
                 io.Int.Input(
-                    "feather", default=8, min=0, max=64,
+                    "feather", default=DEFAULT_FEATHER, min=0, max=64,
                     tooltip="With an image source: paste its pixels back outside the regenerated positions, "
                     "blended over this many pixels across the edge (0: a hard edge). Unused with a latent.",
                 ),
@@ -139,6 +141,8 @@ class Inpaint(PromptNode):
 class VaryByDepth(PromptNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
+        from ..vilau_backend.tasks.editing import DEFAULT_STRENGTH
+
         return io.Schema(
             node_id="VILAU_VaryByDepth",
             display_name="VILA-U Variations (by depth)",
@@ -151,7 +155,7 @@ class VaryByDepth(PromptNode):
             inputs=[
                 *generation_inputs_for_edit("variations"),
                 io.Float.Input(
-                    "strength", default=0.5, min=0.0, max=1.0, step=0.05,
+                    "strength", default=DEFAULT_STRENGTH, min=0.0, max=1.0, step=0.05,
                     tooltip="How much to change: the source keeps round((1 - strength) x depth) of its residual "
                     "depths at every position (depth 4 for the 256 px model, so steps of 0.25; 16 for the 384 px "
                     "one). 0 gives back the source, 1 a new image from the prompt.",

@@ -67,8 +67,10 @@ def generation_inputs(what: str, max_batch: int, batch_tooltip: str | None = Non
 
 def fps_input() -> io.Float.Input:
     """Text to Video's and Extend Video's frame rate."""
+    from ..vilau_backend.media.video import DEFAULT_FPS
+
     return io.Float.Input(
-        "fps", default=8.0, min=1.0, max=120.0, step=1.0,
+        "fps", default=DEFAULT_FPS, min=1.0, max=120.0, step=1.0,
         tooltip="Frame rate stored in the VIDEO output; it does not change what is generated.",
     )
 
@@ -172,6 +174,8 @@ class TextToImage(PromptNode):
 class TextToVideo(PromptNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
+        from ..vilau_backend.tasks.generate import DEFAULT_VIDEO_FRAMES
+
         return io.Schema(
             node_id="VILAU_TextToVideo",
             display_name="VILA-U Text to Video",
@@ -184,8 +188,8 @@ class TextToVideo(PromptNode):
             inputs=[
                 *generation_inputs("video", MAX_VIDEOS),
                 io.Int.Input(
-                    "frames", default=8, min=1, max=MAX_FRAMES,
-                    tooltip=f"Frames per video (the original makes 8). Prompt and frames must fit the model's "
+                    "frames", default=DEFAULT_VIDEO_FRAMES, min=1, max=MAX_FRAMES,
+                    tooltip=f"Frames per video (the original makes {DEFAULT_VIDEO_FRAMES}). Prompt and frames must fit the model's "
                     f"context: {FRAMES_FIT}.",
                 ),
                 fps_input(),

@@ -285,16 +285,22 @@ def frame_choice_inputs() -> list[io.Input]:
     ]
 
 
-def frame_choice(
-    frame_count: int = 0, frame_method: str = "uniform", frame_step: int = 1, start_frame: int = 0,
-    end_frame: int = -1,
-):
+FRAME_CHOICE_FIELDS = {  # Video Q&A's frame inputs -> FrameChoice's fields
+    "frame_count": "count", "frame_method": "method", "frame_step": "step", "start_frame": "start", "end_frame": "end",
+}
+
+
+def frame_choice(**inputs):
+    """The frame inputs given -> FrameChoice; an input left out (a graph saved before it existed) keeps
+    FrameChoice's own default, and the widgets' 0 count and -1 end are its None."""
     from ..vilau_backend.media.video import FrameChoice
 
-    return FrameChoice(
-        count=frame_count or None, method=frame_method, step=frame_step, start=start_frame,
-        end=None if end_frame < 0 else end_frame,
-    )
+    fields = {FRAME_CHOICE_FIELDS[name]: value for name, value in inputs.items()}
+    if fields.get("count") == 0:
+        fields["count"] = None
+    if fields.get("end", 0) < 0:
+        fields["end"] = None
+    return FrameChoice(**fields)
 
 
 def video_frames(video, num_frames: int | None, choice):

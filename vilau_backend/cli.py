@@ -291,20 +291,23 @@ def _print_summary(summary: dict | None) -> int:
 
 
 def _add_edit_arguments(p: argparse.ArgumentParser) -> None:
+    from .tasks.editing import DEFAULT_FEATHER, DEFAULT_MASK_THRESHOLD, DEFAULT_STRENGTH
+
     _add_generation_arguments(p)
     p.add_argument("--image", required=True, help="the image to edit (any size; the model's preprocessing applies)")
     p.add_argument("--mode", choices=["inpaint", "vary", "continue"], required=True,
                    help="inpaint: regenerate under --mask; vary: resample the finer residual depths; "
                    "continue: keep the first --rows rows and generate the rest")
     p.add_argument("--mask", help="inpaint: mask image, white where to regenerate (same size as --image)")
-    p.add_argument("--threshold", type=float, default=0.5,
-                   help="inpaint: a grid position is regenerated when this fraction of its pixels is masked (default 0.5)")
+    p.add_argument("--threshold", type=float, default=DEFAULT_MASK_THRESHOLD,
+                   help="inpaint: a grid position is regenerated when this fraction of its pixels is masked "
+                   "(default %(default)s)")
     p.add_argument("--grow", type=int, default=0, help="inpaint: grow the regenerated region by this many positions")
-    p.add_argument("--feather", type=int, default=8,
+    p.add_argument("--feather", type=int, default=DEFAULT_FEATHER,
                    help="inpaint: paste the original back outside the region with this soft edge in pixels; "
-                   "-1 keeps the decoded image everywhere (default 8)")
-    p.add_argument("--strength", type=float, default=0.5,
-                   help="vary: 0 keeps every residual depth (the source), 1 none (default 0.5)")
+                   "-1 keeps the decoded image everywhere (default %(default)s)")
+    p.add_argument("--strength", type=float, default=DEFAULT_STRENGTH,
+                   help="vary: 0 keeps every residual depth (the source), 1 none (default %(default)s)")
     p.add_argument("--keep-depths", type=int, default=None, help="vary: keep exactly this many depths (overrides --strength)")
     p.add_argument("--rows", type=int, default=None, help="continue: grid rows to keep (default: half the grid)")
 
@@ -395,6 +398,9 @@ def _add_dataset_commands(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .media.video import DEFAULT_FPS
+    from .tasks.generate import DEFAULT_VIDEO_FRAMES
+
     parser = argparse.ArgumentParser(prog="python -m vilau_backend", description="VILA-U without ComfyUI")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -429,8 +435,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate-video", help="text -> video_0.mp4 and its frames (codes [N,F,h,w,D] with --save-codes)")
     _add_generation_arguments(p)
-    p.add_argument("--frames", type=int, default=8, help="frames per video (default 8, as the original)")
-    p.add_argument("--fps", type=float, default=8.0, help="frame rate of the mp4 (default 8)")
+    p.add_argument("--frames", type=int, default=DEFAULT_VIDEO_FRAMES,
+                   help="frames per video (default %(default)s, as the original)")
+    p.add_argument("--fps", type=float, default=DEFAULT_FPS, help="frame rate of the mp4 (default %(default)s)")
     p.set_defaults(run=_generate_video)
 
     p = sub.add_parser("edit", help="edit an image in code space -> edit_0.png, ... (inpaint, vary, continue)")

@@ -23,6 +23,23 @@ class Anything:
     def __call__(self, *args, **kwargs):
         return Anything(*args, **kwargs)
 
+    def __setitem__(self, key, value):
+        pass
+
+
+def pack_backend(name: str):
+    """A backend module as the nodes import it: under the pack's package name (`pack_backend("errors")`)."""
+    import importlib
+
+    return importlib.import_module(f"vilau_pack.vilau_backend.{name}")
+
+
+def schema_defaults(node) -> dict:
+    """{input id: its default} of a node's define_schema() built from the stand-in."""
+    schema = node.define_schema()
+    return {i.args[0]: i.kwargs["default"] for i in schema.kwargs["inputs"]
+            if isinstance(i, Anything) and i.args and "default" in i.kwargs}
+
 
 class ComfyNode:
     hidden = types.SimpleNamespace(unique_id="7")

@@ -69,3 +69,15 @@ def test_readme_node_table_states_the_backend_defaults():
     for name in ("temperature", "top_k", "top_p", "repetition_penalty"):
         assert f"`{name}` ({getattr(answers, name)})" in qa, (name, qa)
     assert f"cfg {image.cfg:g}, top-k {image.top_k}, top-p {image.top_p}" in README
+
+
+def test_edit_and_video_flags_default_to_the_backends_constants():
+    from vilau_backend.media.video import DEFAULT_FPS
+    from vilau_backend.tasks.editing import DEFAULT_FEATHER, DEFAULT_MASK_THRESHOLD, DEFAULT_STRENGTH
+    from vilau_backend.tasks.generate import DEFAULT_VIDEO_FRAMES
+
+    edit = parser_defaults("edit", "--model", "m", "--prompt", "p", "--save-dir", "d", "--image", "i", "--mode", "vary")
+    assert (edit["threshold"], edit["feather"], edit["strength"]) == (
+        DEFAULT_MASK_THRESHOLD, DEFAULT_FEATHER, DEFAULT_STRENGTH)
+    video = parser_defaults("generate-video", "--model", "m", "--prompt", "p", "--save-dir", "d")
+    assert (video["frames"], video["fps"]) == (DEFAULT_VIDEO_FRAMES, DEFAULT_FPS)

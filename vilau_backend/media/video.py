@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 VIDEO_SUFFIXES = (".mp4", ".webm", ".gif", ".mov", ".mkv", ".avi", ".m4v")
 FRAME_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
+DEFAULT_FPS = 8.0  # of written videos: the original's 8 generated frames make one second
 
 
 @dataclass
@@ -214,7 +215,7 @@ def _stack(frames: list[np.ndarray], source: str) -> torch.Tensor:
     return torch.from_numpy(np.stack(frames)).float().div_(255.0)
 
 
-def write_video_file(frames: torch.Tensor, path: str | os.PathLike, fps: float = 8.0) -> Path:
+def write_video_file(frames: torch.Tensor, path: str | os.PathLike, fps: float = DEFAULT_FPS) -> Path:
     """Frames (F, H, W, 3) float 0..1 -> an H.264 mp4 (yuv420p, playable everywhere)."""
     import av
     from fractions import Fraction

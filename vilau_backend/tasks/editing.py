@@ -37,6 +37,8 @@ from .generate import GeneratedImages, PositionCallback, decode_images, decode_v
 from .requests import EditRequest, ImageRequest, image_request
 
 DEFAULT_MASK_THRESHOLD = 0.5  # a position is regenerated when at least half its pixels are masked
+DEFAULT_FEATHER = 8  # pixels over which pasted-back source pixels blend into an inpainting
+DEFAULT_STRENGTH = 0.5  # vary by depth: half the residual depths kept
 
 
 def as_mask_batch(mask: torch.Tensor) -> torch.Tensor:
@@ -225,7 +227,7 @@ class Inpainting(GeneratedImages):
 def inpaint(
     model, request: ImageRequest | str, codes: torch.Tensor, mask: torch.Tensor, *,
     images: torch.Tensor | None = None, threshold: float = DEFAULT_MASK_THRESHOLD, grow: int = 0,
-    feather: int | None = 0, on_position: PositionCallback | None = None,
+    feather: int | None = DEFAULT_FEATHER, on_position: PositionCallback | None = None,
     on_compile: CompileCallback | None = None, **fields,
 ) -> Inpainting:
     """Regenerate the masked grid positions of N sources' codes (N, h, w, D) under the request,

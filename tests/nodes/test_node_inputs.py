@@ -1,22 +1,17 @@
-"""A node refuses a bad input before it asks for the model: `model.ready()` (which may load 14 GB of
-weights) is never called for a value the request or the frame choice refuses. Without ComfyUI: the
-node modules run against a stand-in `comfy_api` that only has to let them import and execute."""
+"""The nodes' inputs, without ComfyUI (the node modules run against a stand-in `comfy_api`,
+tests/nodes/comfy_stand_in.py): a bad value is refused before the node asks for the model
+(`model.ready()` may load 14 GB of weights), and the widgets' limits and defaults are the backend's."""
 
 from __future__ import annotations
 
-import sys
-
 import pytest
-from comfy_stand_in import Anything, node_module  # noqa: F401 - node_module is a fixture
+from comfy_stand_in import Anything, node_module, pack_backend, schema_defaults  # noqa: F401 - node_module is a fixture
 
 pytestmark = pytest.mark.no_transformers  # the 4.50.3 pass leaves it out (tests/conftest.py)
 
 
 def input_error() -> type:
-    """InputError as the nodes raise it: the pack's backend is imported under the pack's package name."""
-    import importlib
-
-    return importlib.import_module("vilau_pack.vilau_backend.errors").InputError
+    return pack_backend("errors").InputError
 
 
 class NeverReady:
@@ -77,7 +72,7 @@ def test_image_qa_refuses_a_bad_input_before_the_model_loads(node_module, inputs
 
 def test_the_queue_time_question_check_says_what_the_request_says(node_module):
     understanding = node_module("understanding")
-    requests = sys.modules["vilau_pack.vilau_backend.tasks.requests"]
+    requests = pack_backend("tasks.requests")
     assert understanding.check_question("  \n") == requests.empty_question_problem("")
     assert understanding.check_question("Why?") is True
     assert understanding.check_question(None) is True  # linked: checked by the request when the node runs
@@ -88,6 +83,27 @@ def test_the_frame_widgets_stop_at_what_the_256_px_models_context_holds(node_mod
     """frames = MAX_FRAMES runs on the 256 px model (tests/backend/test_generate.py checks the arithmetic
     against its context); Extend Video adds frames after at least one given frame."""
     generation = node_module("generation")
-    published = sys.modules["vilau_pack.vilau_backend.checkpoint.published"]
+    published = pack_backend("checkpoint.published")
     assert generation.MAX_FRAMES == published.most_published_video_frames(published.PUBLISHED_256) == 31
     assert generation.FRAMES_FIT == "up to 31 frames for the 256 px model, 11 for the 384 px one"
+
+
+def test_the_nodes_defaults_are_the_backends_constants(node_module):
+    generation, editing = node_module("generation"), node_module("editing")
+    video, edits = pack_backend("media.video"), pack_backend("tasks.editing")
+    frames = pack_backend("tasks.generate").DEFAULT_VIDEO_FRAMES
+    assert schema_defaults(generation.TextToVideo)["frames"] == frames == 8  # the original's
+    assert schema_defaults(generation.TextToVideo)["fps"] == schema_defaults(editing.ExtendVideo)["fps"] == video.DEFAULT_FPS
+    inpaint = schema_defaults(editing.Inpaint)
+    assert (inpaint["mask_threshold"], inpaint["feather"]) == (edits.DEFAULT_MASK_THRESHOLD, edits.DEFAULT_FEATHER)
+    assert schema_defaults(editing.VaryByDepth)["strength"] == edits.DEFAULT_STRENGTH
+
+
+def test_video_qas_frame_inputs_left_out_or_at_their_defaults_are_the_originals_choice(node_module):
+    understanding = node_module("understanding")
+    FrameChoice = pack_backend("media.video").FrameChoice
+    assert understanding.frame_choice() == FrameChoice()  # a graph saved before the inputs existed
+    defaults = {name: value for name, value in schema_defaults(understanding.VideoQA).items()
+                if name in understanding.FRAME_CHOICE_FIELDS}
+    assert len(defaults) == 5 and understanding.frame_choice(**defaults) == FrameChoice()
+    assert understanding.frame_choice(frame_count=4, end_frame=9) == FrameChoice(count=4, end=9)
