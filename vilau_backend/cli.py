@@ -341,8 +341,10 @@ def add_compile_option(parser: argparse.ArgumentParser) -> None:
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
+    from .model.vila_u import DTYPES
+
     parser.add_argument("--model", required=True, help="VILA-U model folder (config.json, llm/, vision_tower/, mm_projector/)")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+    parser.add_argument("--dtype", choices=list(DTYPES), default=None,
                         help="default: bfloat16 on a GPU, float32 on the CPU")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     parser.add_argument("--quantize", choices=QUANTIZE_CHOICES, default="none",

@@ -81,3 +81,10 @@ def test_edit_and_video_flags_default_to_the_backends_constants():
         DEFAULT_MASK_THRESHOLD, DEFAULT_FEATHER, DEFAULT_STRENGTH)
     video = parser_defaults("generate-video", "--model", "m", "--prompt", "p", "--save-dir", "d")
     assert (video["frames"], video["fps"]) == (DEFAULT_VIDEO_FRAMES, DEFAULT_FPS)
+
+
+def test_the_dtype_flag_offers_the_models_dtypes():
+    from vilau_backend.model.vila_u import DTYPES
+
+    dtype = build_parser()._subparsers._group_actions[0].choices["encode"]._option_string_actions["--dtype"]
+    assert dtype.choices == list(DTYPES) == ["float32", "bfloat16", "float16"]
