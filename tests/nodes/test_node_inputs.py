@@ -4,6 +4,8 @@ tests/nodes/comfy_stand_in.py): a bad value is refused before the node asks for 
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 from comfy_stand_in import Anything, node_module, pack_backend, schema_defaults  # noqa: F401 - node_module is a fixture
 
@@ -107,3 +109,19 @@ def test_video_qas_frame_inputs_left_out_or_at_their_defaults_are_the_originals_
                 if name in understanding.FRAME_CHOICE_FIELDS}
     assert len(defaults) == 5 and understanding.frame_choice(**defaults) == FrameChoice()
     assert understanding.frame_choice(frame_count=4, end_frame=9) == FrameChoice(count=4, end=9)
+
+
+def test_an_unknown_model_gets_one_message_when_queued_and_when_run(node_module, monkeypatch, tmp_path):
+    import types
+
+    models = tmp_path / "models"
+    folder_paths = types.SimpleNamespace(models_dir=str(models), get_folder_paths=lambda key: [str(models / "vila-u")])
+    monkeypatch.setitem(sys.modules, "folder_paths", folder_paths)
+    loader, model_files = node_module("loader"), node_module("model_files")
+    message = model_files.unknown_model("nope")
+    assert message.startswith(f"no VILA-U model named 'nope' in {models / 'vila-u'}: choose one of the list")
+    assert loader.ModelLoader.validate_inputs(model="nope") == message
+    with pytest.raises(pack_backend("errors").CheckpointError) as raised:
+        model_files.resolve_model("nope", download=True)
+    assert str(raised.value) == message
+    assert loader.ModelLoader.validate_inputs(model="mit-han-lab/vila-u-7b-256") is True  # downloads when run

@@ -1,11 +1,18 @@
-"""The published VILA-U checkpoints: their hub ids, and what their configs say that limits need
-before any model is loaded (the nodes' widget ranges)."""
+"""The published VILA-U checkpoints: their hub ids, the files they hold, and what their configs say
+that limits need before any model is loaded (the nodes' widget ranges)."""
 
 from __future__ import annotations
 
 PUBLISHED_256 = "mit-han-lab/vila-u-7b-256"
 PUBLISHED_384 = "mit-han-lab/vila-u-7b-384"
 PUBLISHED = (PUBLISHED_256, PUBLISHED_384)
+# what a complete model folder holds, for the people who put one together by hand
+FILES_HINT = (
+    "config.json at the top; llm/ with config.json, generation_config.json, the tokenizer files "
+    "(tokenizer.model, tokenizer_config.json, special_tokens_map.json) and the *.safetensors weights with "
+    "their model.safetensors.index.json; vision_tower/ with config.json, preprocessor_config.json and its "
+    "*.safetensors; mm_projector/ with config.json and its *.safetensors"
+)
 
 # both llm/config.json: 4096 RoPE positions stretched by the linear factor 2 (checkpoint/config.py: context_length)
 PUBLISHED_CONTEXT = 8192
