@@ -369,6 +369,7 @@ def _add_answer_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _add_dataset_commands(sub) -> None:
+    from .jobs.records import JOB_FOLDER
     from .tasks.captioning import CaptionSettings
     from .tasks.understand import DEFAULT_BATCH_SIZE
 
@@ -385,7 +386,7 @@ def _add_dataset_commands(sub) -> None:
     p.add_argument("--recursive", action="store_true", help="also caption the images of subfolders")
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="images answered together (default %(default)s)")
     _add_answer_arguments(p)
-    p.add_argument("--job-dir", default=None, help="where the logs and summary.json go (default FOLDER/.vilau-job)")
+    p.add_argument("--job-dir", default=None, help=f"where the logs and summary.json go (default FOLDER/{JOB_FOLDER})")
     p.set_defaults(run=_caption)
 
     p = sub.add_parser("generate-batch", help="one image per line of a JSON-lines file of prompts; "
@@ -395,7 +396,7 @@ def _add_dataset_commands(sub) -> None:
     p.add_argument("prompts", help='JSON lines: {"prompt": ..., "name": ..., "seed": ..., "negative_prompt": ..., '
                    '"cfg": ..., "temperature": ..., "top_k": ..., "top_p": ...}; only "prompt" is required')
     p.add_argument("--out", required=True, help="folder for <name>.png (a rerun makes only the missing ones)")
-    p.add_argument("--job-dir", default=None, help="where the logs and summary.json go (default OUT/.vilau-job)")
+    p.add_argument("--job-dir", default=None, help=f"where the logs and summary.json go (default OUT/{JOB_FOLDER})")
     p.set_defaults(run=_generate_batch)
 
 

@@ -13,9 +13,7 @@ from pathlib import Path
 from ..decoding.compiled_steps import CompileCallback
 from ..tasks.captioning import CaptionProgress, CaptionReport, CaptionSettings, caption_folder
 from .processes import JobProcesses
-from .records import JobLog, finish_job
-
-JOB_FOLDER = ".vilau-job"  # hidden: the listing never walks it
+from .records import JOB_FOLDER, JobLog, finish_job
 
 
 def caption_job(

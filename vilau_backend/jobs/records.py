@@ -16,6 +16,7 @@ from pathlib import Path
 from ..tasks.captioning import write_file_whole
 from ..tasks.shares import Share
 
+JOB_FOLDER = ".vilau-job"  # beside the outputs (hidden: a folder's listing never walks it), unless --job-dir
 SUMMARY_NAME = "summary.json"
 LISTED = 50  # skipped items named in summary.json; failures are always all listed
 
