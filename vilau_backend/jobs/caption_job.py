@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from ..decoding.compiled_steps import CompileCallback
-from ..tasks.captioning import CaptionProgress, CaptionReport, CaptionSettings, caption_folder
+from ..tasks.captioning import CaptionEvent, CaptionReport, CaptionSettings, caption_folder
 from .processes import JobProcesses
 from .records import JOB_FOLDER, JobLog, finish_job
 
@@ -27,7 +27,7 @@ def caption_job(
     report = CaptionReport(root)
     logged = {"written": 0, "failed": 0}
 
-    def on_progress(event: CaptionProgress) -> None:
+    def on_progress(event: CaptionEvent) -> None:
         log.start(event.total)
         if not event.images:  # a batch is finished: log its captions and failures
             _log_new(log, report, logged)

@@ -95,7 +95,7 @@ def _relative(path: Path, folder: Path) -> str:
 
 
 @dataclass(frozen=True)
-class CaptionProgress:
+class CaptionEvent:
     """Where a run stands: `done` of `total` images finished (written or failed), and the current
     batch's images with their captions so far after token `step`. When a batch is finished, an
     event with no images marks it."""
@@ -107,12 +107,12 @@ class CaptionProgress:
     texts: list[str]
 
 
-ProgressCallback = Callable[[CaptionProgress], object]
+CaptionCallback = Callable[[CaptionEvent], object]
 
 
 def caption_folder(
     model, folder: str | os.PathLike, settings: CaptionSettings = CaptionSettings(),
-    on_progress: ProgressCallback | None = None,
+    on_progress: CaptionCallback | None = None,
     on_compile: CompileCallback | None = None,
     share: Share = Share(),
     report: CaptionReport | None = None,
@@ -141,7 +141,7 @@ def caption_folder(
                 _write_one(report, image, settings.prefix + text + settings.suffix)
         done += len(batch)
         if on_progress is not None:
-            on_progress(CaptionProgress(done, len(todo), 0, [], []))
+            on_progress(CaptionEvent(done, len(todo), 0, [], []))
     return report
 
 
@@ -258,12 +258,12 @@ def load_image(path: Path, root: Path | None = None) -> torch.Tensor:
 
 def _caption_batch(
     model, pixels: torch.Tensor, images: list[Path], request: AnswerRequest,
-    on_progress: ProgressCallback | None, on_compile: CompileCallback | None, done: int, total: int,
+    on_progress: CaptionCallback | None, on_compile: CompileCallback | None, done: int, total: int,
 ) -> list[str]:
     report = None
     if on_progress is not None:
         def report(step: int, texts: list[str]) -> None:
-            on_progress(CaptionProgress(done, total, step, images, texts))
+            on_progress(CaptionEvent(done, total, step, images, texts))
     answers = answer_each_image(model, pixels, request, on_answers=report, on_compile=on_compile,
                                 pad_to=request.batch_size)
     return [answer.text for answer in answers]
