@@ -26,34 +26,28 @@ import argparse
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from .errors import VilaUError
+from .errors import InputError, VilaUError
 from .memory.weight_quantization import QUANTIZE_CHOICES
 
-def load_image_file(path: str | Path) -> torch.Tensor:
-    """An image file -> ComfyUI IMAGE (1, H, W, C) float 0..1, channels as stored (1, 3 or 4)."""
-    from PIL import Image, ImageOps
+
+def read_image_file(path: str | Path, mode: str = "RGB") -> torch.Tensor:
+    """An image file as media/files.py reads it (ComfyUI IMAGE (1, H, W, 3); mode "L": a mask's
+    (1, H, W, 1)), its path named when it cannot be read."""
+    from .media.files import UnreadableImage, read_image
 
     try:
-        with Image.open(path) as image:
-            image = ImageOps.exif_transpose(image)
-            if image.mode not in ("RGB", "RGBA", "L"):
-                image = image.convert("RGBA" if "A" in image.getbands() else "RGB")
-            array = np.asarray(image, dtype=np.float32) / 255.0
-    except (OSError, ValueError) as exc:
-        raise VilaUError(f"cannot read image {path}: {exc}") from exc
-    if array.ndim == 2:
-        array = array[..., None]
-    return torch.from_numpy(array)[None]
+        return read_image(Path(path), mode=mode)
+    except UnreadableImage as error:
+        raise InputError(f"cannot read image {path}: {error}") from None
 
 
 def save_image_file(image: torch.Tensor, path: str | Path) -> None:
     """(H, W, 3) float 0..1 -> PNG, truncating to 8 bits as the original's inference.py does."""
-    from .jobs.generate_job import png_bytes
+    from .media.files import png_bytes, write_file_whole
 
-    Path(path).write_bytes(png_bytes(image))
+    write_file_whole(Path(path), png_bytes(image))
 
 
 def _load_model(args: argparse.Namespace):
@@ -66,7 +60,7 @@ def _encode(args: argparse.Namespace) -> int:
     from safetensors.torch import save_file
 
     model = _load_model(args)
-    images = [load_image_file(p) for p in args.image]
+    images = [read_image_file(p) for p in args.image]
     # each file may have its own size: preprocess one by one, encode as one batch
     pixels = torch.cat([model.preprocess(image) for image in images])
     codes = model.encode_pixels(pixels).codes.cpu().to(torch.int64).contiguous()
@@ -95,7 +89,6 @@ def _decode(args: argparse.Namespace) -> int:
 def _describe(args: argparse.Namespace) -> int:
     import json
 
-    from .errors import InputError
     from .tasks.understand import AnswerRequest, describe_images, describe_video
     from .media.video import read_video
 
@@ -109,7 +102,7 @@ def _describe(args: argparse.Namespace) -> int:
         frames = read_video(args.video, num_frames=model.config.num_video_frames).frames
         answers = [describe_video(model, frames, request, on_compile=_say_compiling)]
     else:
-        images = [load_image_file(p) for p in args.image]
+        images = [read_image_file(p) for p in args.image]
         answers = describe_images(model, images, request, on_compile=_say_compiling)
     if args.json:
         print(json.dumps({
@@ -125,7 +118,6 @@ def _describe(args: argparse.Namespace) -> int:
 
 def _text_sampling(args: argparse.Namespace):
     """TextSampling from --greedy or the sampling flags (a flag not given takes TextSampling's default)."""
-    from .errors import InputError
     from .tasks.understand import TextSampling
 
     sampling_flags = {
@@ -203,30 +195,18 @@ def _generate_video(args: argparse.Namespace) -> int:
     return 0
 
 
-def load_mask_file(path: str | Path) -> torch.Tensor:
-    """A mask image -> MASK (1, H, W) float 0..1: white (or any bright value) marks what to regenerate."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as image:
-            array = np.asarray(image.convert("L"), dtype=np.float32) / 255.0
-    except (OSError, ValueError) as exc:
-        raise VilaUError(f"cannot read mask {path}: {exc}") from exc
-    return torch.from_numpy(array)[None]
-
-
 def _edit(args: argparse.Namespace) -> int:
     from .tasks import editing
-    from .errors import InputError
 
     if args.mode == "inpaint" and not args.mask:
         raise InputError("--mode inpaint needs --mask: a PNG, white where the image is to be regenerated")
     request = _image_request(args)  # --num edits of the one image
     model = _load_model(args)
-    image = load_image_file(args.image)
+    image = read_image_file(args.image)
     codes = model.encode_images(image).codes  # (1, h, w, D)
     if args.mode == "inpaint":
-        result = editing.inpaint(model, request, codes, load_mask_file(args.mask), images=image,
+        mask = read_image_file(args.mask, mode="L")[..., 0]  # (1, H, W): white regenerates
+        result = editing.inpaint(model, request, codes, mask, images=image,
                                  threshold=args.threshold, grow=args.grow,
                                  feather=args.feather if args.feather >= 0 else None, on_compile=_say_compiling)
     elif args.mode == "vary":

@@ -12,19 +12,16 @@ line number and the reason; the others go on.
 
 from __future__ import annotations
 
-import io
 import json
 import re
 import time
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
-import torch
-
 from ..decoding.compiled_steps import CompileCallback
 from ..decoding.prompts import DEFAULT_NEGATIVE_PROMPT
 from ..errors import InputError, VilaUError
-from ..tasks.captioning import write_file_whole
+from ..media.files import png_bytes, write_file_whole
 from ..tasks.generate import generate_images
 from ..tasks.requests import ImageRequest, ImageSampling
 from .processes import JobProcesses
@@ -134,13 +131,3 @@ def _generate_one(model, line: PromptLine, out: Path, log: JobLog, compile: bool
         log.finished(target.name, "failed", f"line {line.number}: {error}")
         return
     log.finished(target.name, "written")
-
-
-def png_bytes(image: torch.Tensor) -> bytes:
-    """(H, W, 3) float 0..1 -> PNG, truncating to 8 bits as the original's inference.py does."""
-    from PIL import Image
-
-    array = (image.clamp(0, 1) * 255).to(torch.uint8).cpu().numpy()
-    buffer = io.BytesIO()
-    Image.fromarray(array, mode="RGB").save(buffer, format="PNG")
-    return buffer.getvalue()

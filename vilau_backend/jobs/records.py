@@ -13,7 +13,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..tasks.captioning import write_file_whole
+from ..media.files import write_file_whole
 from ..tasks.shares import Share
 
 JOB_FOLDER = ".vilau-job"  # beside the outputs (hidden: a folder's listing never walks it), unless --job-dir

@@ -6,7 +6,8 @@ folder of thousands works. Each caption is written to a temporary file in the sa
 and renamed over its final name (an atomic replace on POSIX and Windows), so a reader (or a
 cancelled run) sees either no caption or a whole one, never half of one.
 
-What is touched, and what is not (vilau_backend/media/image_folder.py lists and reads):
+What is touched, and what is not (vilau_backend/media/image_folder.py lists, media/files.py reads
+and writes):
 
 - only files with an image suffix count; hidden files (``.name``), links out of the folder
   and special files (FIFOs, devices) are skipped, and named in the summary with the reason;
@@ -27,14 +28,14 @@ vilau_backend/media/path_boundary.py).
 from __future__ import annotations
 
 import os
-import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
 
-from ..media.image_folder import IMAGE_SUFFIXES, UnreadableImage, list_folder, read_image, unwritable_reason
+from ..media.files import UnreadableImage, read_image, write_file_whole
+from ..media.image_folder import IMAGE_SUFFIXES, list_folder, unwritable_reason
 from ..errors import InputError
 from ..decoding.compiled_steps import CompileCallback
 from .requests import AnswerRequest
@@ -162,23 +163,6 @@ def write_caption(path: Path, text: str) -> Path:
     return write_file_whole(path, text.encode("utf-8"))
 
 
-def write_file_whole(path: Path, data: bytes) -> Path:
-    """Write `data` to `path` all at once (a reader sees no file or the whole file, never part of one)."""
-    # a short name of its own: the caption's name plus a suffix may pass the file system's limit
-    temporary = path.with_name(f".vilau-caption-{secrets.token_hex(6)}.tmp")
-    try:
-        # O_EXCL: a new file of our own (never an existing one or a link); 0o666 minus the umask,
-        # as any other file the user creates
-        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-        with os.fdopen(descriptor, "wb") as file:
-            file.write(data)
-        os.replace(temporary, path)  # replaces a link at `path` itself, never its target
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-    return path
-
-
 def _checked_folder(folder: str | os.PathLike) -> Path:
     text = str(folder).strip()
     if not text:
@@ -239,7 +223,7 @@ def _read_batch(model, batch: list[Path], report: CaptionReport) -> tuple[list[P
     images, pixels = [], []
     for path in batch:
         try:
-            pixels.append(model.preprocess(load_image(path, report.folder)))
+            pixels.append(model.preprocess(read_image(path, report.folder)))
         except UnreadableImage as error:
             report.failed.append((path, f"cannot read the image: {error}"))
             continue
@@ -248,12 +232,6 @@ def _read_batch(model, batch: list[Path], report: CaptionReport) -> tuple[list[P
             continue
         images.append(path)
     return images, (torch.cat(pixels) if pixels else None)
-
-
-def load_image(path: Path, root: Path | None = None) -> torch.Tensor:
-    """An image file as ComfyUI's Load Image gives it: (1, H, W, 3) float32 k/255, EXIF-rotated
-    (only a regular file, inside `root` when given; see media/image_folder.read_image)."""
-    return read_image(path, root)
 
 
 def _caption_batch(
