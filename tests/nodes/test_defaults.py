@@ -88,3 +88,12 @@ def test_the_dtype_flag_offers_the_models_dtypes():
 
     dtype = build_parser()._subparsers._group_actions[0].choices["encode"]._option_string_actions["--dtype"]
     assert dtype.choices == list(DTYPES) == ["float32", "bfloat16", "float16"]
+
+
+def test_the_front_ends_custom_preset_is_the_backends_and_says_where_it_comes_from():
+    from vilau_backend.decoding.prompts import CUSTOM_QUESTION
+
+    script = (REPO / "web" / "js" / "vilau.js").read_text(encoding="utf-8")
+    value, source = re.search(r'CUSTOM_PRESET = "([^"]*)"; // as (\S+) CUSTOM_QUESTION', script).groups()
+    assert value == CUSTOM_QUESTION
+    assert "CUSTOM_QUESTION =" in (REPO / source).read_text(encoding="utf-8"), source

@@ -1,5 +1,5 @@
 """The processes of one job, through accelerate: who this process is, its share of the items,
-and the few collective steps a job needs (wait for all, gather every process's records).
+and the one collective step a job needs (gather every process's records, which waits for all).
 
 Started by `torchrun` or `accelerate launch`, accelerate reads the launcher's environment and
 joins the process group (NCCL between GPUs, gloo on the CPU); started plainly, it is one process.
