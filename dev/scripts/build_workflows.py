@@ -461,7 +461,7 @@ def tidy(workflow: dict, ds: dict) -> dict:
     return workflow
 
 
-def build(page: comfy_browser.ComfyPage, name: str, spec: dict) -> dict:
+def build(page: comfy_browser.ComfyPage, spec: dict) -> dict:
     ids = page.evaluate(BUILD_JS, {**spec, "gap": GAP})
     page.fit_view(max_scale=0.9)
     ds = page.evaluate("() => ({scale: window.app.canvas.ds.scale, offset: Array.from(window.app.canvas.ds.offset)})")
@@ -535,7 +535,7 @@ def main() -> None:
                     workflow = json.loads(path.read_text(encoding="utf-8"))
                 else:
                     page.reload()  # a fresh page: sizes must not carry over from the template before
-                    workflow = build(page, name, spec)
+                    workflow = build(page, spec)
                     path.write_text(json.dumps(workflow, indent=2) + "\n", encoding="utf-8")
                     print(f"wrote {path.relative_to(REPO)}")
                 if not args.no_thumbnails:

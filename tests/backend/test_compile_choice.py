@@ -14,7 +14,7 @@ from vilau_backend.decoding import compile_choice, compiled_steps
 from vilau_backend.decoding.compile_choice import CUDA_GRAPHS, compile_mode, device_notice
 from vilau_backend.decoding.compiled_steps import compiled_step, resolve_compile
 from vilau_backend.model.vila_u import VilaUModel
-from vilau_backend.tasks.generate import ImageSampling, generate_codes
+from vilau_backend.tasks.generate import generate_codes
 from vilau_backend.tasks.understand import GREEDY, describe_images
 
 CUDA = torch.device("cuda", 0)
