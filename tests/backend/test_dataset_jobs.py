@@ -15,7 +15,6 @@ from PIL import Image
 
 from conftest import REPO
 from vilau_backend.cli import main as cli_main
-from vilau_backend.jobs.records import read_log
 
 PROMPTS = [
     {"prompt": "a red apple on a table", "seed": 7, "name": "apple"},
@@ -24,6 +23,18 @@ PROMPTS = [
     {"prompt": "a boat at sea", "name": "boat", "negative_prompt": "blurry"},
 ]
 CAPTION = ["--greedy", "--max-new-tokens", "4", "--batch-size", "2"]
+
+
+def read_log(path: Path) -> list[dict]:
+    """A process's log (jobs/records.py: JobLog): one record per line; a last line cut short by a crash
+    is left out."""
+    entries = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            entries.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return entries
 
 
 def write_images(folder: Path, count: int) -> Path:

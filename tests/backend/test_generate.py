@@ -176,7 +176,7 @@ def test_kv_cached_loop_equals_full_recomputation(small_model):
     whole sequence at every position without any cache. Other kernel shapes, other roundings
     (about 1e-5 on the logits), but the smallest top-1/top-2 gap of these greedy decisions
     is 7.6e-4, so the codes agree exactly."""
-    from vilau_backend.model.depth import at_every_depth
+    from code_sampling import at_every_depth
     from vilau_backend.model.llm import padded_positions
     from vilau_backend.decoding.prompts import cfg_batch
     from vilau_backend.decoding.sampling import greedy

@@ -12,7 +12,7 @@ from PIL import Image
 
 from conftest import FRAMES_DIR, recorded
 from vilau_backend.errors import InputError
-from vilau_backend.decoding.prompts import IMAGE_TOKEN_INDEX
+from vilau_backend.checkpoint.tokenizer import IMAGE_TOKEN_INDEX
 from vilau_backend.tasks.understand import GREEDY, describe_video, sample_video_frames
 from vilau_backend.media.video import FrameChoice, read_video, uniform_frame_indices, write_video_file
 

@@ -11,7 +11,6 @@ import torch
 
 from ..errors import InputError
 from ..checkpoint.tokenizer import IM_START, IMAGE_PLACEHOLDER, VI_START, VilaTokenizer
-from ..checkpoint.tokenizer import IMAGE_TOKEN_INDEX  # noqa: F401 - the id of the prompts' image slots, imported from here
 
 SYSTEM_PROMPT = (
     "A chat between a curious user and an artificial intelligence assistant. "

@@ -66,12 +66,6 @@ def logits_processors(sampling: TextSampling):
     return processors
 
 
-def next_token(logits: torch.Tensor, generated: list[int], processors, do_sample: bool, generator) -> int:
-    """logits (1, V) float32 -> the chosen token id."""
-    seen = torch.tensor([generated], dtype=torch.long, device=logits.device)  # (1, n)
-    return int(next_tokens(logits, seen, processors, do_sample, [generator], [True], eos=0)[0])
-
-
 def next_tokens(
     logits: torch.Tensor, seen: torch.Tensor, processors, do_sample: bool, generators, live: list[bool], eos: int
 ) -> torch.Tensor:

@@ -82,17 +82,6 @@ def write_summary(folder: Path, summary: dict) -> Path:
     return write_file_whole(folder / SUMMARY_NAME, (json.dumps(summary, indent=1, ensure_ascii=False) + "\n").encode())
 
 
-def read_log(path: Path) -> list[dict]:
-    """A process's log: one record per line; a last line cut short by a crash is left out."""
-    entries = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            entries.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return entries
-
-
 def finish_job(processes, log: JobLog, kind: str, started: float) -> dict | None:
     """Close this process's bar, wait for every process, and (main process) write the merged summary
     beside the logs. Returns the summary on the main process, None on the others."""

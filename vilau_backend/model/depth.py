@@ -37,11 +37,6 @@ EmbedCodes = Callable[[torch.Tensor], torch.Tensor]  # codes (..., D) -> per-dep
 SampleCodes = Callable[[torch.Tensor, int], torch.Tensor]  # guided logits (B, V), depth d -> codes (B,) int64
 
 
-def at_every_depth(sample: Callable[[torch.Tensor], torch.Tensor]) -> SampleCodes:
-    """A sampler that does not care about the depth (e.g. `sampling.greedy`) as a SampleCodes."""
-    return lambda logits, d: sample(logits)
-
-
 def guide(cond: torch.Tensor, uncond: torch.Tensor, cfg: float | torch.Tensor) -> torch.Tensor:
     """Classifier-free guidance, as the original: u + cfg * (c - u) in the logits' dtype.
 

@@ -38,7 +38,8 @@ import torch
 
 from ..decoding.answer_loop import DEFAULT_MAX_NEW_TOKENS, TokenCallback, answer_text, generate_text, generate_texts
 from ..decoding.compiled_steps import CompileCallback, run_compiles
-from ..decoding.prompts import IMAGE_TOKEN_INDEX, refuse_text_that_cannot_fit, understanding_prompt
+from ..checkpoint.tokenizer import IMAGE_TOKEN_INDEX
+from ..decoding.prompts import refuse_text_that_cannot_fit, understanding_prompt
 from ..decoding.token_choice import GREEDY, TextSampling
 from ..errors import InputError
 from ..media.video import FrameChoice
