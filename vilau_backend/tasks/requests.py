@@ -13,7 +13,6 @@ into the request, so both ways of calling reach the same checks.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -21,7 +20,7 @@ import torch
 from ..decoding.answer_loop import DEFAULT_MAX_NEW_TOKENS, check_max_new_tokens
 from ..decoding.prompts import DEFAULT_NEGATIVE_PROMPT, SYSTEM_PROMPT, refuse_image_placeholder
 from ..decoding.token_choice import TextSampling
-from ..errors import InputError
+from ..errors import InputError, require_finite
 
 # answers generated together in one pass: memory grows with it (one KV cache row per answer)
 DEFAULT_BATCH_SIZE = 8
@@ -38,11 +37,8 @@ class ImageSampling:
     top_k: int = 900
     top_p: float = 0.96
 
-    def validate(self) -> None:
-        for name in ("cfg", "temperature", "top_p"):
-            value = getattr(self, name)
-            if not math.isfinite(value):  # NaN passes every range check (and JSON can carry it)
-                raise InputError(f"{name} must be a finite number, got {value}")
+    def __post_init__(self) -> None:
+        require_finite(cfg=self.cfg, temperature=self.temperature, top_p=self.top_p)
         if self.temperature < 0:
             raise InputError(f"temperature must be >= 0, got {self.temperature}")
         if self.top_k < 0:
@@ -90,7 +86,6 @@ class ImageRequest:
             raise InputError(f"num_images must be at least 1, got {self.num_images}")
         if self.frames is not None and self.frames < 1:
             raise InputError(f"frames must be at least 1, got {self.frames}")
-        self.sampling.validate()
         if self.seed < 0:
             raise InputError(f"seed must be >= 0, got {self.seed}")
 
