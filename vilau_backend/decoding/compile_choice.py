@@ -103,7 +103,7 @@ def device_notice(device: torch.device, choice: bool | None) -> str:
 
 def compile_failed(model) -> str | None:
     """Why `model`'s compiled steps were turned off in this process (None while they are on)."""
-    return getattr(model, "compile_failure", None)
+    return model.compile_failure
 
 
 def fall_back(model, error: BaseException) -> str:
