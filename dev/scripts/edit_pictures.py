@@ -1,6 +1,6 @@
 """Before/after pictures of each code-space edit, made with a small random VILA-U model.
 
-    .venv/bin/python dev/scripts/edit_pictures.py [--out docs] [--model DIR]
+    .venv/bin/python -m dev.scripts.edit_pictures [--out docs] [--model DIR]
 
 The small model's weights are random, so every picture is noise; what the pictures show is
 where an edit keeps the source and where it regenerates. Each PNG is one row:
@@ -13,18 +13,16 @@ Without --model, a small random checkpoint (64 px, 8x8 grid, depth 4) is written
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
+from vilau_backend.tasks import editing
+from vilau_backend.tasks.generate import generate_codes
+from vilau_backend.model.vila_u import VilaUModel
 
-from vilau_backend.tasks import editing  # noqa: E402
-from vilau_backend.tasks.generate import generate_codes  # noqa: E402
-from vilau_backend.model.vila_u import VilaUModel  # noqa: E402
+REPO = Path(__file__).resolve().parents[2]
 
 SCALE = 3  # 64 px -> 192 px per panel
 PROMPT = "a red apple on a wooden table"
