@@ -12,7 +12,7 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from .generation import (
-    MAX_FRAMES, MAX_IMAGES, MAX_VIDEOS, PromptNode, fps_input, generation_callbacks, generation_inputs,
+    FRAMES_FIT, MAX_FRAMES, MAX_IMAGES, MAX_VIDEOS, PromptNode, fps_input, generation_callbacks, generation_inputs,
     generation_request, image_outputs, video_outputs,
 )
 from .model_cache import releases_after_use
@@ -43,28 +43,24 @@ def _image_outputs() -> list[io.Output]:
 
 
 def edit_source(vila, image, latent, node: str):
-    """-> the source's codes (N, h, w, D) and, for an image, the pixels as the model sees them (N, S, S, 3)."""
-    from ..vilau_backend.tasks.editing import model_view
+    """-> the source's codes (N, h, w, D)."""
     from ..vilau_backend.errors import InputError
 
     if (image is None) == (latent is None):
         state = "both are connected; keep one" if image is not None else "neither is connected"
         raise InputError(f"{node} edits an image or a VILA-U latent: {state}")
     if latent is not None:
-        return vilau_latent_codes(vila, latent).cpu(), None
-    return vila.encode_images(image).codes.cpu(), model_view(vila, image)
+        return vilau_latent_codes(vila, latent).cpu()
+    return vila.encode_images(image).codes.cpu()
 
 
 def edit_whole_sources(edit, setting, node: str, model, prompt: str, batch_size: int, image, latent, inputs: dict):
-    """Variations and Continue Image: each source's codes (N, h, w, D), `batch_size` times, through the
-    backend edit `edit(vila, request, codes, setting(vila), **callbacks)` -> the node's image and latent."""
-    from ..vilau_backend.tasks.editing import repeat_sources
-
+    """Variations and Continue Image: `batch_size` edits of each source through the backend edit
+    `edit(vila, request, codes, setting(vila), **callbacks)` -> the node's image and latent."""
     request = generation_request(prompt, batch_size=batch_size, compile=model.compile, **inputs)
     vila = model.ready()
-    codes, _ = edit_source(vila, image, latent, node)
-    value = setting(vila)
-    result = edit(vila, request, repeat_sources(codes, batch_size), value, **generation_callbacks(vila))
+    codes = edit_source(vila, image, latent, node)
+    result = edit(vila, request, codes, setting(vila), **generation_callbacks(vila))
     return image_outputs(vila, result)
 
 
@@ -80,6 +76,8 @@ def generation_inputs_for_edit(what: str) -> list[io.Input]:
 class Inpaint(PromptNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
+        from ..vilau_backend.tasks.editing import DEFAULT_FEATHER, DEFAULT_MASK_THRESHOLD
+
         return io.Schema(
             node_id="VILAU_Inpaint",
             display_name="VILA-U Inpaint",
@@ -98,7 +96,7 @@ class Inpaint(PromptNode):
                     "one per image; any size, mapped onto the image as the model's preprocessing maps the image.",
                 ),
                 io.Float.Input(
-                    "mask_threshold", default=0.5, min=0.01, max=1.0, step=0.01,
+                    "mask_threshold", default=DEFAULT_MASK_THRESHOLD, min=0.01, max=1.0, step=0.01,
                     tooltip="A grid position is regenerated when at least this fraction of its pixels is masked "
                     "(0.5: half of it). Lower it to regenerate every position the mask touches.",
                 ),
@@ -108,7 +106,7 @@ class Inpaint(PromptNode):
                     "(one position is 16 px of the 256 px model, 14 px of the 384 px one).",
                 ),
                 io.Int.Input(
-                    "feather", default=8, min=0, max=64,
+                    "feather", default=DEFAULT_FEATHER, min=0, max=64,
                     tooltip="With an image source: paste its pixels back outside the regenerated positions, "
                     "blended over this many pixels across the edge (0: a hard edge). Unused with a latent.",
                 ),
@@ -130,30 +128,21 @@ class Inpaint(PromptNode):
         image=None, latent=None, **inputs,
     ) -> io.NodeOutput:
         """inputs: the other generation inputs (negative_prompt, cfg, seed, temperature, top_k, top_p)."""
-        from ..vilau_backend.tasks import editing
+        from ..vilau_backend.tasks.editing import inpaint
 
         request = generation_request(prompt, batch_size=batch_size, compile=model.compile, **inputs)
         vila = model.ready()
-        codes, original = edit_source(vila, image, latent, "VILA-U Inpaint")
-        aspect = vila.config.image_aspect_ratio if original is not None else "resize"
-        regenerate = editing.regenerate_from_mask(
-            editing.match_batch(editing.as_mask_batch(mask), codes.shape[0]), vila.config.grid,
-            aspect=aspect, threshold=mask_threshold, grow=grow_mask,
-        )  # (N, h, w)
-        codes, regenerate = editing.repeat_sources(codes, batch_size), editing.repeat_sources(regenerate, batch_size)
-        if original is not None:
-            original = editing.repeat_sources(original, batch_size)
-        result = editing.inpaint(
-            vila, request, codes, regenerate, original=original, feather=feather, **generation_callbacks(vila)
-        )
-        size = result.images.shape[1]
-        region = editing.feathered_pixel_mask(regenerate, size, 0)[..., 0]  # (B, S, S)
-        return image_outputs(vila, result, region)
+        codes = edit_source(vila, image, latent, "VILA-U Inpaint")
+        result = inpaint(vila, request, codes, mask, images=image, threshold=mask_threshold, grow=grow_mask,
+                         feather=feather, **generation_callbacks(vila))
+        return image_outputs(vila, result, result.regenerated)
 
 
 class VaryByDepth(PromptNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
+        from ..vilau_backend.tasks.editing import DEFAULT_STRENGTH
+
         return io.Schema(
             node_id="VILAU_VaryByDepth",
             display_name="VILA-U Variations (by depth)",
@@ -166,7 +155,7 @@ class VaryByDepth(PromptNode):
             inputs=[
                 *generation_inputs_for_edit("variations"),
                 io.Float.Input(
-                    "strength", default=0.5, min=0.0, max=1.0, step=0.05,
+                    "strength", default=DEFAULT_STRENGTH, min=0.0, max=1.0, step=0.05,
                     tooltip="How much to change: the source keeps round((1 - strength) x depth) of its residual "
                     "depths at every position (depth 4 for the 256 px model, so steps of 0.25; 16 for the 384 px "
                     "one). 0 gives back the source, 1 a new image from the prompt.",
@@ -243,9 +232,9 @@ class ExtendVideo(PromptNode):
             inputs=[
                 *inputs,
                 io.Int.Input(
-                    "add_frames", default=4, min=1, max=MAX_FRAMES,
+                    "add_frames", default=4, min=1, max=MAX_FRAMES - 1,  # after at least one given frame
                     tooltip="Frames to generate after the given ones. Given plus added frames and the prompt must "
-                    "fit the model's context: 31 frames in all for the 256 px model, 11 for the 384 px one.",
+                    f"fit the model's context: {FRAMES_FIT}, in all.",
                 ),
                 fps_input(),
                 io.Image.Input(
@@ -284,7 +273,7 @@ class ExtendVideo(PromptNode):
         vila = model.ready()
         given = _video_source_codes(vila, frames, video, latent)  # (Fg, h, w, D)
         total = given.shape[0] + add_frames
-        result = extend_video(vila, request, given, total, videos=batch_size, **generation_callbacks(vila))
+        result = extend_video(vila, request, given, total, **generation_callbacks(vila))
         return video_outputs(vila, result, fps)
 
 

@@ -6,6 +6,7 @@ from fractions import Fraction
 
 from comfy_api.latest import io
 
+from ..vilau_backend.checkpoint.published import PUBLISHED_256, PUBLISHED_384, most_published_video_frames
 from .model_cache import releases_after_use
 from .progress import PositionProgress, announce_compiling, executing_node_id
 from .schema import CATEGORY, advanced, model_input, seed_input
@@ -13,7 +14,11 @@ from .vilau_latent import make_vilau_latent
 
 MAX_IMAGES = 16
 MAX_VIDEOS = 4
-MAX_FRAMES = 32  # the context (8192 positions) holds 31 frames of the 256 px model, 11 of the 384 px one
+# frames of one video (Text to Video, and given plus added in Extend Video): as many as the 256 px model's
+# context holds; the 384 px model holds fewer, and the backend refuses what does not fit
+MAX_FRAMES = most_published_video_frames(PUBLISHED_256)
+FRAMES_FIT = (f"up to {MAX_FRAMES} frames for the 256 px model, {most_published_video_frames(PUBLISHED_384)} for the "
+              "384 px one")
 
 
 def generation_inputs(what: str, max_batch: int, batch_tooltip: str | None = None) -> list[io.Input]:
@@ -62,8 +67,10 @@ def generation_inputs(what: str, max_batch: int, batch_tooltip: str | None = Non
 
 def fps_input() -> io.Float.Input:
     """Text to Video's and Extend Video's frame rate."""
+    from ..vilau_backend.media.video import DEFAULT_FPS
+
     return io.Float.Input(
-        "fps", default=8.0, min=1.0, max=120.0, step=1.0,
+        "fps", default=DEFAULT_FPS, min=1.0, max=120.0, step=1.0,
         tooltip="Frame rate stored in the VIDEO output; it does not change what is generated.",
     )
 
@@ -167,6 +174,8 @@ class TextToImage(PromptNode):
 class TextToVideo(PromptNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
+        from ..vilau_backend.tasks.generate import DEFAULT_VIDEO_FRAMES
+
         return io.Schema(
             node_id="VILAU_TextToVideo",
             display_name="VILA-U Text to Video",
@@ -179,9 +188,9 @@ class TextToVideo(PromptNode):
             inputs=[
                 *generation_inputs("video", MAX_VIDEOS),
                 io.Int.Input(
-                    "frames", default=8, min=1, max=MAX_FRAMES,
-                    tooltip="Frames per video (the original makes 8). Prompt and frames must fit the model's "
-                    "context: up to 31 frames for the 256 px model, 11 for the 384 px one.",
+                    "frames", default=DEFAULT_VIDEO_FRAMES, min=1, max=MAX_FRAMES,
+                    tooltip=f"Frames per video (the original makes {DEFAULT_VIDEO_FRAMES}). Prompt and frames must fit the model's "
+                    f"context: {FRAMES_FIT}.",
                 ),
                 fps_input(),
             ],

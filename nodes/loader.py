@@ -110,11 +110,7 @@ class ModelLoader(io.ComfyNode):
         # core never checks the options of an input that validate_inputs takes (0.3.75 and newer alike):
         # this check is the only one, and says where models are looked for
         if model is not None and model not in model_files.model_choices():
-            roots = ", ".join(str(root) for root in model_files.model_roots())
-            return (
-                f"no VILA-U model named '{model}' in {roots}: choose one of the list, or put the model folder "
-                "(config.json, llm/, vision_tower/, mm_projector/) there and refresh the page (press R)"
-            )
+            return model_files.unknown_model(model)
         return True
 
     @classmethod

@@ -324,9 +324,11 @@ def _release(key: ModelKey, patcher, unpatch_all: bool) -> None:
     """ModelPatcher ON_DETACH callback: ComfyUI unloaded the model, so stop holding it here.
     Takes no lock: it may run inside get_model, when loading one model unloads another."""
     loaded = _alive.get(key)
-    if loaded is not None:
-        loaded.model.release_step_states()  # the compiled step's KV cache goes with the weights
-    if _last and _last[0].key == key:
+    # a late detach (of a patcher already released, or replaced by a reload) concerns no weights held now
+    if loaded is None or loaded.model is None or loaded.patcher is not patcher:
+        return
+    loaded.model.release_step_states()  # the compiled step's KV cache goes with the weights
+    if _last and _last[0] is loaded:
         _last.clear()
 
 

@@ -11,23 +11,15 @@ otherwise (resuming an interrupted download).
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from pathlib import Path
 
 from ..vilau_backend.checkpoint.config import is_vila_u_folder
+from ..vilau_backend.checkpoint.hub import Progress, download_published, is_complete_download
+from ..vilau_backend.checkpoint.published import FILES_HINT, PUBLISHED
 from ..vilau_backend.errors import CheckpointError
 
 FOLDER_NAME = "vila_u"  # folder_paths key, and the key in extra_model_paths.yaml
 DEFAULT_SUBDIR = "vila-u"  # under ComfyUI/models
-PUBLISHED = ("mit-han-lab/vila-u-7b-256", "mit-han-lab/vila-u-7b-384")
-# published repositories may carry other copies of the weights; the loader reads safetensors
-IGNORED_PATTERNS = ["*.bin", "*.pt", "*.pth", "*.ckpt", "*.h5", "*.msgpack", "*.onnx"]
-FILES_HINT = (
-    "config.json at the top; llm/ with config.json, generation_config.json, the tokenizer files "
-    "(tokenizer.model, tokenizer_config.json, special_tokens_map.json) and the *.safetensors weights with "
-    "their model.safetensors.index.json; vision_tower/ with config.json, preprocessor_config.json and its "
-    "*.safetensors; mm_projector/ with config.json and its *.safetensors"
-)
 
 
 def register_folder() -> None:
@@ -91,21 +83,13 @@ def _subfolders(folder: Path) -> list[Path]:
 
 # ---- resolving a choice to a folder -------------------------------------------------------
 
-DownloadProgress = Callable[[int, int], None]  # (bytes done, bytes in total or 0); raising stops the download
-
-
-def resolve_model(name: str, download: bool, progress: DownloadProgress | None = None) -> Path:
+def resolve_model(name: str, download: bool, progress: Progress | None = None) -> Path:
     """The folder of the model chosen in the loader, downloading a published one when allowed."""
     local = local_models()
     if name in local and name not in PUBLISHED:
         return local[name]
     if name not in PUBLISHED:
-        roots = ", ".join(str(r) for r in model_roots())
-        raise CheckpointError(
-            f"no VILA-U model named '{name}' in {roots}",
-            hint="put the model folder (config.json, llm/, vision_tower/, mm_projector/) in one of those folders "
-            "and refresh the page (press R), or choose one of the published models to download it",
-        )
+        raise CheckpointError(unknown_model(name))
     folder = published_folder(name)
     if is_complete_download(folder):
         return folder
@@ -118,6 +102,15 @@ def resolve_model(name: str, download: bool, progress: DownloadProgress | None =
     return folder
 
 
+def unknown_model(name: str) -> str:
+    """What the loader says of a model name that is neither a folder here nor a published model: at
+    queue time (validate_inputs) and when it runs."""
+    roots = ", ".join(str(root) for root in model_roots())
+    return (f"no VILA-U model named '{name}' in {roots}: choose one of the list (a published model downloads), or "
+            "put the model folder (config.json, llm/, vision_tower/, mm_projector/) in one of those folders and "
+            "refresh the page (press R)")
+
+
 def published_folder(repo_id: str) -> Path:
     """Where a published model is (any root holding a folder of its name), or goes (models/vila-u/<name>)."""
     leaf = repo_id.split("/")[-1]
@@ -126,53 +119,3 @@ def published_folder(repo_id: str) -> Path:
             if candidate.is_dir():
                 return candidate
     return default_root() / leaf
-
-
-def is_complete_download(folder: Path) -> bool:
-    """A VILA-U folder with no unfinished download in it: neither ours (the marker next to it) nor one
-    of `hf download --local-dir` (its partial files end in .incomplete)."""
-    return not unfinished_marker(folder).exists() and has_all_files(folder)
-
-
-def has_all_files(folder: Path) -> bool:
-    return is_vila_u_folder(folder) and not any((folder / ".cache" / "huggingface").glob("**/*.incomplete"))
-
-
-def unfinished_marker(folder: Path) -> Path:
-    # next to the folder, not in it: snapshot_download treats any non-empty folder as a finished
-    # download when the hub cannot be reached
-    return folder.parent / f".{folder.name}.unfinished-download"
-
-
-def download_published(repo_id: str, folder: Path, progress: DownloadProgress | None = None) -> None:
-    """Download a published model into `folder`, resuming what an earlier try left. `progress(done, total)`
-    (bytes; total 0 while the file list is not known yet) is called about ten times a second from this
-    thread whatever the network does; if it raises, the wait ends at once and the exception propagates."""
-    try:
-        import huggingface_hub  # noqa: F401
-    except ImportError as exc:
-        raise CheckpointError(
-            f"downloading {repo_id} needs huggingface_hub", hint="install it with `pip install huggingface_hub`"
-        ) from exc
-    from ..vilau_backend.checkpoint.hub import DownloadFailed, download_repo
-
-    folder.mkdir(parents=True, exist_ok=True)
-    unfinished_marker(folder).write_text(f"{repo_id}\n", encoding="utf-8")
-    try:
-        download_repo(repo_id, folder, ignore_patterns=IGNORED_PATTERNS, on_progress=progress)
-    except DownloadFailed as exc:
-        raise _download_failed(repo_id, folder, exc.reason) from exc
-    if not has_all_files(folder):
-        raise _download_failed(repo_id, folder, "the download ended but the folder is still incomplete")
-    unfinished_marker(folder).unlink()
-
-
-def _download_failed(repo_id: str, folder: Path, reason: str) -> CheckpointError:
-    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
-        reason = f"HF_HUB_OFFLINE is set, so nothing can be downloaded ({reason})"
-    return CheckpointError(
-        f"could not download {repo_id} into {folder}: {reason}",
-        hint=f"run `hf download {repo_id} --local-dir \"{folder}\"` (`huggingface-cli download` with older "
-        "huggingface_hub) on a machine with internet access (an interrupted download resumes), or put the files "
-        f"of https://huggingface.co/{repo_id} there by hand: {FILES_HINT}",
-    )

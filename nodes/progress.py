@@ -167,6 +167,7 @@ class CaptionProgress:
         announce_compiling(self.node_id, notice)
 
     def __call__(self, event) -> None:
+        """The backend's CaptionEvent (vilau_backend/tasks/captioning.py)."""
         import comfy.model_management as mm
         import comfy.utils
 

@@ -99,9 +99,10 @@ def text_sampling(do_sample: bool, temperature: float, top_k: int, top_p: float,
 def check_question(question: str | None, preset: str | None = None) -> bool | str:
     if preset not in (None, CUSTOM_QUESTION):
         return True  # the preset's question is asked; the box may be empty
-    if question is not None and not question.strip():
-        return "the question is empty: ask something, e.g. 'Describe the image in detail.'"
-    return True
+    from ..vilau_backend.tasks.requests import empty_question_problem
+
+    # None: the question comes from a link, known only when the node runs (the request checks it then)
+    return True if question is None else empty_question_problem(question) or True
 
 
 class QuestionNode(io.ComfyNode):
@@ -234,16 +235,16 @@ class VideoQA(QuestionNode):
         if (frames is None) == (video is None):
             state = "both are connected; keep one" if frames is not None else "neither is connected"
             raise InputError(f"VILA-U Video Q&A takes the video as frames (an IMAGE batch) or as a VIDEO: {state}")
-        vila = model.ready()
         choice = frame_choice(**frame_options)
-        if video is not None:
-            frames, choice = video_frames(video, vila.config.num_video_frames, choice)
-        progress = AnswerProgress(cls.hidden.unique_id, 1, max_new_tokens)
         request = AnswerRequest(
             question=preset_question(preset, question, "video"), system=system_prompt,
             sampling=text_sampling(do_sample, temperature, top_k, top_p, repetition_penalty),
             max_new_tokens=max_new_tokens, seed=seed, compile=model.compile,
         )
+        vila = model.ready()  # after every input is checked: a bad value waits for no model load
+        if video is not None:
+            frames, choice = video_frames(video, vila.config.num_video_frames, choice)
+        progress = AnswerProgress(cls.hidden.unique_id, 1, max_new_tokens)
         answer = describe_video(vila, frames, request, choice=choice, on_token=progress, on_compile=progress.on_compile)
         progress.done([answer.text])
         return io.NodeOutput(answer.text, ui={"text": [answer.text]})
@@ -284,16 +285,22 @@ def frame_choice_inputs() -> list[io.Input]:
     ]
 
 
-def frame_choice(
-    frame_count: int = 0, frame_method: str = "uniform", frame_step: int = 1, start_frame: int = 0,
-    end_frame: int = -1,
-):
+FRAME_CHOICE_FIELDS = {  # Video Q&A's frame inputs -> FrameChoice's fields
+    "frame_count": "count", "frame_method": "method", "frame_step": "step", "start_frame": "start", "end_frame": "end",
+}
+
+
+def frame_choice(**inputs):
+    """The frame inputs given -> FrameChoice; an input left out (a graph saved before it existed) keeps
+    FrameChoice's own default, and the widgets' 0 count and -1 end are its None."""
     from ..vilau_backend.media.video import FrameChoice
 
-    return FrameChoice(
-        count=frame_count or None, method=frame_method, step=frame_step, start=start_frame,
-        end=None if end_frame < 0 else end_frame,
-    )
+    fields = {FRAME_CHOICE_FIELDS[name]: value for name, value in inputs.items()}
+    if fields.get("count") == 0:
+        fields["count"] = None
+    if fields.get("end", 0) < 0:
+        fields["end"] = None
+    return FrameChoice(**fields)
 
 
 def video_frames(video, num_frames: int | None, choice):

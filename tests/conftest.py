@@ -46,7 +46,6 @@ import torch
 from PIL import Image
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
 FIXTURE = Path(__file__).parent / "fixtures" / "vilau-tiny-256"  # the golden data, named as its recording names it
 GOLDEN_CHECKPOINT = FIXTURE / "checkpoint"

@@ -28,34 +28,28 @@ import argparse
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from .errors import VilaUError
+from .errors import InputError, VilaUError
 from .memory.weight_quantization import QUANTIZE_CHOICES
 
-def load_image_file(path: str | Path) -> torch.Tensor:
-    """An image file -> ComfyUI IMAGE (1, H, W, C) float 0..1, channels as stored (1, 3 or 4)."""
-    from PIL import Image, ImageOps
+
+def read_image_file(path: str | Path, mode: str = "RGB") -> torch.Tensor:
+    """An image file as media/files.py reads it (ComfyUI IMAGE (1, H, W, 3); mode "L": a mask's
+    (1, H, W, 1)), its path named when it cannot be read."""
+    from .media.files import UnreadableImage, read_image
 
     try:
-        with Image.open(path) as image:
-            image = ImageOps.exif_transpose(image)
-            if image.mode not in ("RGB", "RGBA", "L"):
-                image = image.convert("RGBA" if "A" in image.getbands() else "RGB")
-            array = np.asarray(image, dtype=np.float32) / 255.0
-    except (OSError, ValueError) as exc:
-        raise VilaUError(f"cannot read image {path}: {exc}") from exc
-    if array.ndim == 2:
-        array = array[..., None]
-    return torch.from_numpy(array)[None]
+        return read_image(Path(path), mode=mode)
+    except UnreadableImage as error:
+        raise InputError(f"cannot read image {path}: {error}") from None
 
 
 def save_image_file(image: torch.Tensor, path: str | Path) -> None:
     """(H, W, 3) float 0..1 -> PNG, truncating to 8 bits as the original's inference.py does."""
-    from .jobs.generate_job import png_bytes
+    from .media.files import png_bytes, write_file_whole
 
-    Path(path).write_bytes(png_bytes(image))
+    write_file_whole(Path(path), png_bytes(image))
 
 
 def _load_model(args: argparse.Namespace):
@@ -73,7 +67,7 @@ def _encode(args: argparse.Namespace) -> int:
     from safetensors.torch import save_file
 
     model = _load_model(args)
-    images = [load_image_file(p) for p in args.image]
+    images = [read_image_file(p) for p in args.image]
     # each file may have its own size: preprocess one by one, encode as one batch
     pixels = torch.cat([model.preprocess(image) for image in images])
     codes = model.encode_pixels(pixels).codes.cpu().to(torch.int64).contiguous()
@@ -102,7 +96,6 @@ def _decode(args: argparse.Namespace) -> int:
 def _describe(args: argparse.Namespace) -> int:
     import json
 
-    from .errors import InputError
     from .tasks.understand import AnswerRequest, describe_images, describe_video
     from .media.video import read_video
 
@@ -116,7 +109,7 @@ def _describe(args: argparse.Namespace) -> int:
         frames = read_video(args.video, num_frames=model.config.num_video_frames).frames
         answers = [describe_video(model, frames, request, on_compile=_say_compiling)]
     else:
-        images = [load_image_file(p) for p in args.image]
+        images = [read_image_file(p) for p in args.image]
         answers = describe_images(model, images, request, on_compile=_say_compiling)
     if args.json:
         print(json.dumps({
@@ -132,7 +125,6 @@ def _describe(args: argparse.Namespace) -> int:
 
 def _text_sampling(args: argparse.Namespace):
     """TextSampling from --greedy or the sampling flags (a flag not given takes TextSampling's default)."""
-    from .errors import InputError
     from .tasks.understand import TextSampling
 
     sampling_flags = {
@@ -210,36 +202,20 @@ def _generate_video(args: argparse.Namespace) -> int:
     return 0
 
 
-def load_mask_file(path: str | Path) -> torch.Tensor:
-    """A mask image -> MASK (1, H, W) float 0..1: white (or any bright value) marks what to regenerate."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as image:
-            array = np.asarray(image.convert("L"), dtype=np.float32) / 255.0
-    except (OSError, ValueError) as exc:
-        raise VilaUError(f"cannot read mask {path}: {exc}") from exc
-    return torch.from_numpy(array)[None]
-
-
 def _edit(args: argparse.Namespace) -> int:
     from .tasks import editing
-    from .errors import InputError
 
     if args.mode == "inpaint" and not args.mask:
         raise InputError("--mode inpaint needs --mask: a PNG, white where the image is to be regenerated")
+    request = _image_request(args)  # --num edits of the one image
     model = _load_model(args)
-    image = load_image_file(args.image)
-    codes = model.encode_images(image).codes.repeat_interleave(args.num, dim=0)  # (N, h, w, D)
-    request = _image_request(args)  # --num edits of the one image: the batch is that of the repeated codes
+    image = read_image_file(args.image)
+    codes = model.encode_images(image).codes  # (1, h, w, D)
     if args.mode == "inpaint":
-        regenerate = editing.regenerate_from_mask(
-            load_mask_file(args.mask), model.config.grid, aspect=model.config.image_aspect_ratio,
-            threshold=args.threshold, grow=args.grow,
-        ).expand(args.num, -1, -1)
-        original = editing.model_view(model, image).expand(args.num, -1, -1, -1) if args.feather >= 0 else None
-        result = editing.inpaint(model, request, codes, regenerate, original=original,
-                                 feather=max(args.feather, 0), on_compile=_say_compiling)
+        mask = read_image_file(args.mask, mode="L")[..., 0]  # (1, H, W): white regenerates
+        result = editing.inpaint(model, request, codes, mask, images=image,
+                                 threshold=args.threshold, grow=args.grow,
+                                 feather=args.feather if args.feather >= 0 else None, on_compile=_say_compiling)
     elif args.mode == "vary":
         depth = model.config.quantizer.depth
         kept = args.keep_depths if args.keep_depths is not None else editing.depths_for_strength(args.strength, depth)
@@ -303,20 +279,23 @@ def _print_summary(summary: dict | None) -> int:
 
 
 def _add_edit_arguments(p: argparse.ArgumentParser) -> None:
+    from .tasks.editing import DEFAULT_FEATHER, DEFAULT_MASK_THRESHOLD, DEFAULT_STRENGTH
+
     _add_generation_arguments(p)
     p.add_argument("--image", required=True, help="the image to edit (any size; the model's preprocessing applies)")
     p.add_argument("--mode", choices=["inpaint", "vary", "continue"], required=True,
                    help="inpaint: regenerate under --mask; vary: resample the finer residual depths; "
                    "continue: keep the first --rows rows and generate the rest")
     p.add_argument("--mask", help="inpaint: mask image, white where to regenerate (same size as --image)")
-    p.add_argument("--threshold", type=float, default=0.5,
-                   help="inpaint: a grid position is regenerated when this fraction of its pixels is masked (default 0.5)")
+    p.add_argument("--threshold", type=float, default=DEFAULT_MASK_THRESHOLD,
+                   help="inpaint: a grid position is regenerated when this fraction of its pixels is masked "
+                   "(default %(default)s)")
     p.add_argument("--grow", type=int, default=0, help="inpaint: grow the regenerated region by this many positions")
-    p.add_argument("--feather", type=int, default=8,
+    p.add_argument("--feather", type=int, default=DEFAULT_FEATHER,
                    help="inpaint: paste the original back outside the region with this soft edge in pixels; "
-                   "-1 keeps the decoded image everywhere (default 8)")
-    p.add_argument("--strength", type=float, default=0.5,
-                   help="vary: 0 keeps every residual depth (the source), 1 none (default 0.5)")
+                   "-1 keeps the decoded image everywhere (default %(default)s)")
+    p.add_argument("--strength", type=float, default=DEFAULT_STRENGTH,
+                   help="vary: 0 keeps every residual depth (the source), 1 none (default %(default)s)")
     p.add_argument("--keep-depths", type=int, default=None, help="vary: keep exactly this many depths (overrides --strength)")
     p.add_argument("--rows", type=int, default=None, help="continue: grid rows to keep (default: half the grid)")
 
@@ -350,8 +329,10 @@ def add_compile_option(parser: argparse.ArgumentParser) -> None:
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
+    from .model.vila_u import DTYPES
+
     parser.add_argument("--model", required=True, help="VILA-U model folder (config.json, llm/, vision_tower/, mm_projector/)")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+    parser.add_argument("--dtype", choices=list(DTYPES), default=None,
                         help="default: bfloat16 on a GPU, float32 on the CPU")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     parser.add_argument("--quantize", choices=QUANTIZE_CHOICES, default="none",
@@ -380,6 +361,7 @@ def _add_answer_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _add_dataset_commands(sub) -> None:
+    from .jobs.records import JOB_FOLDER
     from .tasks.captioning import CaptionSettings
     from .tasks.understand import DEFAULT_BATCH_SIZE
 
@@ -396,7 +378,7 @@ def _add_dataset_commands(sub) -> None:
     p.add_argument("--recursive", action="store_true", help="also caption the images of subfolders")
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="images answered together (default %(default)s)")
     _add_answer_arguments(p)
-    p.add_argument("--job-dir", default=None, help="where the logs and summary.json go (default FOLDER/.vilau-job)")
+    p.add_argument("--job-dir", default=None, help=f"where the logs and summary.json go (default FOLDER/{JOB_FOLDER})")
     p.set_defaults(run=_caption)
 
     p = sub.add_parser("generate-batch", help="one image per line of a JSON-lines file of prompts; "
@@ -406,11 +388,14 @@ def _add_dataset_commands(sub) -> None:
     p.add_argument("prompts", help='JSON lines: {"prompt": ..., "name": ..., "seed": ..., "negative_prompt": ..., '
                    '"cfg": ..., "temperature": ..., "top_k": ..., "top_p": ...}; only "prompt" is required')
     p.add_argument("--out", required=True, help="folder for <name>.png (a rerun makes only the missing ones)")
-    p.add_argument("--job-dir", default=None, help="where the logs and summary.json go (default OUT/.vilau-job)")
+    p.add_argument("--job-dir", default=None, help=f"where the logs and summary.json go (default OUT/{JOB_FOLDER})")
     p.set_defaults(run=_generate_batch)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .media.video import DEFAULT_FPS
+    from .tasks.generate import DEFAULT_VIDEO_FRAMES
+
     parser = argparse.ArgumentParser(prog="python -m vilau_backend", description="VILA-U without ComfyUI")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -445,8 +430,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate-video", help="text -> video_0.mp4 and its frames (codes [N,F,h,w,D] with --save-codes)")
     _add_generation_arguments(p)
-    p.add_argument("--frames", type=int, default=8, help="frames per video (default 8, as the original)")
-    p.add_argument("--fps", type=float, default=8.0, help="frame rate of the mp4 (default 8)")
+    p.add_argument("--frames", type=int, default=DEFAULT_VIDEO_FRAMES,
+                   help="frames per video (default %(default)s, as the original)")
+    p.add_argument("--fps", type=float, default=DEFAULT_FPS, help="frame rate of the mp4 (default %(default)s)")
     p.set_defaults(run=_generate_video)
 
     p = sub.add_parser("edit", help="edit an image in code space -> edit_0.png, ... (inpaint, vary, continue)")
@@ -457,7 +443,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .decoding import compile_cache
+
     args = build_parser().parse_args(argv)
+    compile_cache.own_inductor_cache()  # this process is ours alone: inductor's cache may move with the pack's
     try:
         return args.run(args)
     except VilaUError as exc:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 
 class VilaUError(Exception):
     """Base class of every error the backend raises on purpose."""
@@ -22,3 +24,11 @@ class InputError(VilaUError, ValueError):
 class GenerationCancelled(VilaUError):
     """For progress callbacks to raise when the user asked to stop. The generation loops
     let it (and anything else a callback raises) propagate unchanged."""
+
+
+def require_finite(**numbers: float) -> None:
+    """Refuse NaN and infinities, which pass every range check (and JSON can carry them): the check
+    the sampling settings make first."""
+    for name, value in numbers.items():
+        if not math.isfinite(value):
+            raise InputError(f"{name} must be a finite number, got {value}")

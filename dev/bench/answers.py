@@ -1,6 +1,6 @@
 """Benchmark batched image Q&A ("one answer per image"): answers per second at several batch sizes.
 
-    python dev/bench/answers.py [--preset golden-size medium] [--batch 1 4 16] [--tokens 32] [--threads N] [--dtype ...]
+    python -m dev.bench.answers [--preset golden-size medium] [--batch 1 4 16] [--tokens 32] [--threads N] [--dtype ...]
 
 Random-weight models of the presets in dev/bench/generate.py. For every batch size B, B images are
 answered together in one padded pass (vision encoding, prefill, then --tokens greedy steps;
@@ -14,19 +14,17 @@ Timings are for comparing runs on one machine, not absolute figures.
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from dev.bench.generate import PRESETS, build_random_model, peak_memory_mb  # noqa: E402
+from dev.bench.generate import PRESETS, build_random_model, peak_memory_mb
 
-from vilau_backend.model.vila_u import resolve_device, resolve_dtype  # noqa: E402
-from vilau_backend.tasks.understand import GREEDY, describe_images  # noqa: E402
+from vilau_backend.model.vila_u import resolve_device, resolve_dtype
+from vilau_backend.tasks.understand import GREEDY, describe_images
 
 QUESTION = "Describe the image in detail."
 

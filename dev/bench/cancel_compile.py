@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+REPO = Path(__file__).resolve().parents[2]
 
 
 class Cancelled(Exception):
@@ -86,8 +86,8 @@ def main() -> None:
             env = dict(os.environ)
             if not args.warm_cache:
                 env["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(dir=scratch)
-            out = subprocess.run([sys.executable, __file__, "--one", kind, "--model", model_dir], env=env,
-                                 check=True, capture_output=True, text=True).stdout.split()[-1]
+            out = subprocess.run([sys.executable, "-m", "dev.bench.cancel_compile", "--one", kind, "--model", model_dir],
+                                 cwd=REPO, env=env, check=True, capture_output=True, text=True).stdout.split()[-1]
             cache = "warm" if args.warm_cache else "empty"
             print(f"{kind} step ({cache} inductor cache): Cancel pressed as compiling began took effect after {out} s")
 

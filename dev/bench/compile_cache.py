@@ -1,6 +1,6 @@
 """Compile once per machine: the first compiled run of a fresh process, cold and warm.
 
-    python dev/bench/compile_cache.py [--preset golden-size] [--batch 1] [--device cpu]
+    python -m dev.bench.compile_cache [--preset golden-size] [--batch 1] [--device cpu]
 
 Runs the same child process twice with one new, empty pack compile-cache folder (and inductor's
 cache where the pack puts it, inside that folder): the first child compiles and saves, the
@@ -27,11 +27,11 @@ REPO = Path(__file__).resolve().parents[2]
 def child(args) -> None:
     import torch
 
-    sys.path.insert(0, str(REPO))
     from dev.bench.generate import answer_seconds, build_random_model, timed_run
     from vilau_backend.decoding import compile_cache
 
     compile_cache.use_folder(args.cache)
+    compile_cache.own_inductor_cache()  # as the command line does
     device = torch.device(args.device)
     with tempfile.TemporaryDirectory() as tmp:
         model = build_random_model(args.preset, torch.float32, device, Path(tmp))
@@ -57,10 +57,10 @@ def parent(args) -> None:
         for label in ("cold", "warm"):
             # inductor's cache where the pack puts it (not a folder other runs on this machine filled)
             env = {k: v for k, v in os.environ.items() if k not in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")}
-            command = [sys.executable, __file__, "--child", "--cache", str(cache), "--preset", args.preset,
-                       "--batch", str(args.batch), "--device", args.device]
+            command = [sys.executable, "-m", "dev.bench.compile_cache", "--child", "--cache", str(cache),
+                       "--preset", args.preset, "--batch", str(args.batch), "--device", args.device]
             t = time.perf_counter()
-            output = subprocess.run(command, env=env, capture_output=True, text=True, check=True).stdout
+            output = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, check=True).stdout
             results[label] = json.loads(output.strip().splitlines()[-1])
             results[label]["process_s"] = round(time.perf_counter() - t, 1)
             print(label, json.dumps(results[label]), flush=True)

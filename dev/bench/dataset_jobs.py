@@ -1,6 +1,6 @@
 """Dataset jobs' throughput: items/s of `caption` and `generate-batch` with 1 and 2 processes.
 
-    python dev/bench/dataset_jobs.py [--preset small|medium] [--images 16] [--prompts 8] [--processes 1 2]
+    python -m dev.bench.dataset_jobs [--preset small|medium] [--images 16] [--prompts 8] [--processes 1 2]
 
 Writes a random-weight checkpoint (small: the random test model, CheckpointSizes(); medium: LLM 1024 x 8 layers, SigLIP 256
 wide, a 16x16 grid of depth 4, 4096 codes), a folder of random images and a prompts file, then
@@ -25,10 +25,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
+from vilau_backend.testing.random_checkpoint import CheckpointSizes, write_random_checkpoint
 
-from vilau_backend.testing.random_checkpoint import CheckpointSizes, write_random_checkpoint  # noqa: E402
+REPO = Path(__file__).resolve().parents[2]
 
 PRESETS = {
     "small": CheckpointSizes(),

@@ -1,6 +1,6 @@
 """Benchmark text-to-image generation and answers on random-weight models of chosen sizes.
 
-    python dev/bench/generate.py --preset golden-size [medium full] [--geometry 256|384] [--batch 1 4] [--compile|--no-compile]
+    python -m dev.bench.generate --preset golden-size [medium full] [--geometry 256|384] [--batch 1 4] [--compile|--no-compile]
                              [--dtype ...] [--device ...] [--repeats 1] [--eager-positions N] [--quantize none|int8|4bit]
                              [--answer-tokens 32]
 
@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import resource
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -35,9 +34,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from vilau_backend.checkpoint.config import (  # noqa: E402
+from vilau_backend.checkpoint.config import (
     DecoderSpec,
     DepthSpec,
     LlmSpec,
@@ -46,15 +44,15 @@ from vilau_backend.checkpoint.config import (  # noqa: E402
     SiglipVisionSpec,
     VilaUConfig,
 )
-from vilau_backend.tasks.generate import ImageSampling, generate_codes  # noqa: E402
-from vilau_backend.model.vila_u import VilaUModel, VisionTower, resolve_device, resolve_dtype  # noqa: E402
-from vilau_backend.decoding.compiled_steps import resolve_compile  # noqa: E402
-from vilau_backend.model.projector import Projector  # noqa: E402
-from vilau_backend.memory.weight_quantization import DEPTH_TARGETS, LLM_TARGETS, QUANTIZE_CHOICES, quantize_module  # noqa: E402
-from vilau_backend.testing.random_checkpoint import write_tokenizer  # noqa: E402
-from vilau_backend.checkpoint.tokenizer import VilaTokenizer  # noqa: E402
-from vilau_backend.decoding.answer_loop import generate_texts  # noqa: E402
-from vilau_backend.tasks.understand import GREEDY  # noqa: E402
+from vilau_backend.tasks.generate import ImageSampling, generate_codes
+from vilau_backend.model.vila_u import VilaUModel, VisionTower, resolve_device, resolve_dtype
+from vilau_backend.decoding.compiled_steps import resolve_compile
+from vilau_backend.model.projector import Projector
+from vilau_backend.memory.weight_quantization import DEPTH_TARGETS, LLM_TARGETS, QUANTIZE_CHOICES, quantize_module
+from vilau_backend.testing.random_checkpoint import write_tokenizer
+from vilau_backend.checkpoint.tokenizer import VilaTokenizer
+from vilau_backend.decoding.answer_loop import generate_texts
+from vilau_backend.tasks.understand import GREEDY
 
 PRESETS = {
     #          llm: hidden, layers, heads, mlp | siglip: width, layers, heads, mlp | codes, depth-tf: width, heads, layers | decoder: ch, ch_mult, res blocks, z

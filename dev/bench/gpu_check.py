@@ -2,8 +2,8 @@
 written to a JSON file as soon as it is measured, so that a part cut short by its time limit still
 leaves every finished figure.
 
-    python dev/bench/gpu_check.py images  --json OUT.json [--label L] [--batch 1] [--geometry 256] [--answers]
-    python dev/bench/gpu_check.py [...] --dry-run      (the golden-size preset on the CPU, torch.cuda stubbed)
+    python -m dev.bench.gpu_check images  --json OUT.json [--label L] [--batch 1] [--geometry 256] [--answers]
+    python -m dev.bench.gpu_check [...] --dry-run      (the golden-size preset on the CPU, torch.cuda stubbed)
 
 `images`: 7B-shaped random weights built in GPU memory (no checkpoint written), bf16; for each batch
 size: eager ms/position, compiled ms/position (in the mode the pack chooses for this process:
@@ -20,17 +20,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from dev.bench.generate import answer_seconds, build_random_model, timed_run  # noqa: E402
-from vilau_backend.decoding.compile_choice import compile_mode  # noqa: E402
+from dev.bench.generate import answer_seconds, build_random_model, timed_run
+from vilau_backend.decoding.compile_choice import compile_mode
 
 
 class Figures:

@@ -38,7 +38,7 @@ part() {  # part SECONDS TITLE COMMAND...: runs for SECONDS at most, and never p
   local rc=$?
   [ $rc -eq 0 ] || echo "=== $title: exit code $rc$( [ $rc -eq 124 ] && echo ' (time limit)')"
 }
-CHECK=("$PY" dev/bench/gpu_check.py images --json "$JSON" $DRY)
+CHECK=("$PY" -m dev.bench.gpu_check images --json "$JSON" $DRY)
 part 150 "7B bf16, 256 px, batch 1, native allocator; answers" "${CHECK[@]}" --label "native allocator" --answers
 part 75 "7B bf16, 256 px, batch 1, cudaMallocAsync" \
   env PYTORCH_CUDA_ALLOC_CONF=backend:cudaMallocAsync "${CHECK[@]}" --label cudaMallocAsync
@@ -46,7 +46,7 @@ if [ -n "$DRY" ]; then TESTS=(--device cpu tests/backend/test_compile_choice.py)
 else TESTS=(--device cuda tests/backend); fi
 part 90 "backend tests ${TESTS[*]}" "$PY" -m pytest -q -p no:cacheprovider "${TESTS[@]}" > "$OUT/tests.log" 2>&1
 tail -3 "$OUT/tests.log"
-"$PY" dev/bench/gpu_check.py record --json "$JSON" --label tests --name summary --value "$(tail -1 "$OUT/tests.log")"
+"$PY" -m dev.bench.gpu_check record --json "$JSON" --label tests --name summary --value "$(tail -1 "$OUT/tests.log")"
 part 80 "7B bf16, 256 px, batch 4 (time left)" "${CHECK[@]}" --label "batch 4" --batch 4
 part 120 "7B bf16, 384 px, batch 1 (time left)" "${CHECK[@]}" --label "384 px" --geometry 384
 echo; echo "=== done in $(( $(date +%s) - start ))s; figures in $JSON"

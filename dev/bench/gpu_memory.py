@@ -1,6 +1,6 @@
 """VRAM and generation speed of each quantize choice on a GPU, at full size (for the GPU check script).
 
-    python dev/bench/gpu_memory.py [--model DIR | --write DIR] [--quantize none int8 4bit] [--device cuda]
+    python -m dev.bench.gpu_memory [--model DIR | --write DIR] [--quantize none int8 4bit] [--device cuda]
 
 Without --model it writes the 7B-shaped random checkpoint (vilau_backend/testing/random_checkpoint.py
 FULL_7B_256, about 15 GB) into --write (default: a temporary folder, deleted after).
@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
 
 GB = 1e9
 GOALS_GB = {"none": 15.5, "int8": 9.0, "4bit": 6.0}
@@ -52,9 +51,9 @@ def measure(model_dir: str, device: str, quantize: str) -> dict:
 
 
 def run_child(model_dir: str, device: str, quantize: str) -> dict:
-    code = (f"import json, sys; sys.path.insert(0, {str(REPO)!r}); "
-            f"from dev.bench.gpu_memory import measure; print(json.dumps(measure({model_dir!r}, {device!r}, {quantize!r})))")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    code = (f"import json; from dev.bench.gpu_memory import measure; "
+            f"print(json.dumps(measure({model_dir!r}, {device!r}, {quantize!r})))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
     if done.returncode:
         return {"quantize": quantize, "error": done.stderr.strip().splitlines()[-1] if done.stderr else "failed"}
     return json.loads(done.stdout.strip().splitlines()[-1])

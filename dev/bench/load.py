@@ -1,7 +1,7 @@
 """Load time and peak memory of `VilaUModel.load` for each quantize choice.
 
-    python dev/bench/load.py --model DIR [--quantize none int8 4bit] [--dtype bfloat16] [--device cpu] [--cache DIR]
-    python dev/bench/load.py --write DIR [--size full|small]      # write a random checkpoint first (then measure it)
+    python -m dev.bench.load --model DIR [--quantize none int8 4bit] [--dtype bfloat16] [--device cpu] [--cache DIR]
+    python -m dev.bench.load --write DIR [--size full|small]      # write a random checkpoint first (then measure it)
 
 --write writes a random-weight checkpoint in the published layout (vilau_backend/testing/random_checkpoint.py;
 `full` is 7B-shaped: about 15 GB on disk and several minutes). Each quantize choice
@@ -28,7 +28,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
 
 GiB = 2**30
 
@@ -80,11 +79,10 @@ def measure_load(model_dir: str, warmup_dir: str, dtype: str, device: str, quant
 
 
 def run_child(args: argparse.Namespace, quantize: str, warmup: Path, cache: str | None = None) -> dict:
-    code = (f"import json, sys; sys.path.insert(0, {str(REPO)!r}); "
-            f"from dev.bench.load import measure_load; "
+    code = (f"import json; from dev.bench.load import measure_load; "
             f"print(json.dumps(measure_load({args.model!r}, {str(warmup)!r}, {args.dtype!r}, {args.device!r}, "
             f"{quantize!r}, {cache!r})))")
-    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 

@@ -1,7 +1,7 @@
 """How far quantized weights move VILA-U's decisions: int8 / 4-bit against fp32 or bf16, same weights.
 
-    python dev/bench/quality.py --model DIR [--reference float32] [--dtype float32] [--quantize int8 4bit]
-    python dev/bench/quality.py --preset medium [--reference bfloat16] [--dtype bfloat16] [--quantize int8 4bit]
+    python -m dev.bench.quality --model DIR [--reference float32] [--dtype float32] [--quantize int8 4bit]
+    python -m dev.bench.quality --preset medium [--reference bfloat16] [--dtype bfloat16] [--quantize int8 4bit]
 
 --model reads a checkpoint folder (e.g. the golden checkpoint, tests/fixtures/vilau-tiny-256/checkpoint);
 --preset builds dev/bench/generate.py's random-weight model of that size in memory.
@@ -22,22 +22,20 @@ The reference model runs in --reference dtype unquantized; each candidate runs i
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from vilau_backend.tasks.generate import ImageSampling, generate_codes  # noqa: E402
-from vilau_backend.decoding.compiled_steps import cache_length, step_key  # noqa: E402
-from vilau_backend.decoding.position_step import PositionState, advance  # noqa: E402
-from vilau_backend.model.llm import forward_hidden  # noqa: E402
-from vilau_backend.decoding.prompts import cfg_batch, understanding_prompt  # noqa: E402
-from vilau_backend.decoding.answer_loop import generate_text  # noqa: E402
-from vilau_backend.tasks.image_splicing import splice_image_embeddings  # noqa: E402
-from vilau_backend.tasks.understand import GREEDY  # noqa: E402
+from vilau_backend.tasks.generate import ImageSampling, generate_codes
+from vilau_backend.decoding.compiled_steps import cache_length, step_key
+from vilau_backend.decoding.position_step import PositionState, advance
+from vilau_backend.model.llm import forward_hidden
+from vilau_backend.decoding.prompts import cfg_batch, understanding_prompt
+from vilau_backend.decoding.answer_loop import generate_text
+from vilau_backend.tasks.image_splicing import splice_image_embeddings
+from vilau_backend.tasks.understand import GREEDY
 
 PROMPT = "a red apple on a table"
 QUESTION = "Describe the image in detail."

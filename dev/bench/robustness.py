@@ -1,6 +1,6 @@
 """Cancel latency and memory over many jobs, in a real ComfyUI (the pinned one, with this pack).
 
-    python dev/bench/robustness.py [--cancels 20] [--jobs 200]
+    python -m dev.bench.robustness [--cancels 20] [--jobs 200]
 
 Starts ComfyUI headless on 127.0.0.1 with a small random VILA-U model and HF_ENDPOINT pointing at
 a loopback listener that accepts connections and never answers, then measures:
@@ -19,18 +19,16 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))  # vilau_backend and comfy_harness
+from dev.comfy_harness import server as cs
+from dev.comfy_harness.silent_hub import SilentListener
 
-from dev.comfy_harness import server as cs  # noqa: E402
-from dev.comfy_harness.silent_hub import SilentListener  # noqa: E402
+REPO = Path(__file__).resolve().parents[2]
 
 SMALL, BIG = "vila-u-small-64", "vila-u-small-256"
 

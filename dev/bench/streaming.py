@@ -1,6 +1,6 @@
 """What streaming LLM layers from CPU memory costs per generation step, and that it changes no code.
 
-    python dev/bench/streaming.py [--preset golden-size medium] [--quantize none int8 4bit] [--device cpu|cuda]
+    python -m dev.bench.streaming [--preset golden-size medium] [--quantize none int8 4bit] [--device cpu|cuda]
                                   [--streamed N] [--positions 24] [--repeats 3]
 
 Per preset and quantize choice, on a random-weight model built in memory (dev/bench/generate.py):
@@ -18,21 +18,18 @@ hooks' own cost per step (the same placement and hook code as on a GPU), not a t
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from dev.bench.generate import PRESETS, build_random_model  # noqa: E402
-from vilau_backend.memory.placement import STREAMED, Placement, apply_placement, remove_placement  # noqa: E402
-from vilau_backend.memory.streaming import rebuilt  # noqa: E402
-from vilau_backend.memory.weight_quantization import QUANTIZE_CHOICES  # noqa: E402
-from vilau_backend.model.vila_u import resolve_device, resolve_dtype  # noqa: E402
-from vilau_backend.tasks.generate import ImageSampling, generate_codes  # noqa: E402
+from dev.bench.generate import PRESETS, build_random_model
+from vilau_backend.memory.placement import STREAMED, Placement, apply_placement, remove_placement
+from vilau_backend.memory.streaming import rebuilt
+from vilau_backend.memory.weight_quantization import QUANTIZE_CHOICES
+from vilau_backend.model.vila_u import resolve_device, resolve_dtype
+from vilau_backend.tasks.generate import ImageSampling, generate_codes
 
 
 class Stop(Exception):

@@ -1,8 +1,8 @@
 """Drive a real ComfyUI with this pack loaded: start it headless, queue graphs, read results,
 open its front end in Chromium.
 
-Used by the tests (tests/) and by dev/scripts/demo.py and dev/scripts/build_workflows.py, which put
-the repository root on sys.path. Not part of the node pack: ComfyUI never imports it.
+Used by the tests (tests/) and by dev/scripts/demo.py and dev/scripts/build_workflows.py, all run from
+the repository root. Not part of the node pack: ComfyUI never imports it.
 
 - `server`: one ComfyUI process (ComfyServer), `pack_server` for this pack with a small random model,
   the websocket recorder.

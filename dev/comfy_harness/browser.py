@@ -239,17 +239,6 @@ class ComfyPage:
             self.page.wait_for_timeout(100)
         raise TimeoutError("the front end queued nothing\n" + self.console_tail())
 
-    def node_text(self, node_id: int) -> str | None:
-        """The text in the front end's text box on a node (progress text / answer), if any."""
-        return self.evaluate(
-            """(id) => {
-                const node = NODE(id);
-                const widget = node?.widgets?.find(w => w.name === '$$node-text-preview');
-                return widget ? widget.value : null;
-            }""",
-            node_id,
-        )
-
     def widget_value(self, node_id: int, name: str) -> Any:
         """The value of a node's widget (None when the node or the widget is missing)."""
         return self.evaluate(
@@ -265,12 +254,6 @@ class ComfyPage:
         return self.evaluate(
             """() => Array.from(document.querySelectorAll('textarea'))
                 .filter(e => e.offsetParent !== null).map(e => e.value)"""
-        )
-
-    def dom_texts(self) -> list[str]:
-        """Texts of the DOM widgets on the canvas (the text boxes the front end draws over nodes)."""
-        return self.evaluate(
-            "() => Array.from(document.querySelectorAll('.dom-widget')).map(e => e.innerText).filter(t => t)"
         )
 
     def fit_view(self, left: int = 70, top: int = 120, margin: int = 20, max_scale: float = 1.0,

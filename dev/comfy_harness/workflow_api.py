@@ -20,15 +20,11 @@ VILA-U Model Loader node they all start from.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 MODE_ALWAYS, MODE_NEVER, MODE_BYPASS = 0, 2, 4
 VIRTUAL_NODES = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
-
-# the published models a template may name; tests swap in a small random model for them
-PUBLISHED_MODELS = ("mit-han-lab/vila-u-7b-256", "mit-han-lab/vila-u-7b-384")
 
 
 class WorkflowError(ValueError):

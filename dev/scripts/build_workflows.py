@@ -1,6 +1,6 @@
 """Build the workflow templates in example_workflows/ through ComfyUI's own front end.
 
-    .venv/bin/python dev/scripts/build_workflows.py [--thumbnails-only | --no-thumbnails]
+    .venv/bin/python -m dev.scripts.build_workflows [--thumbnails-only | --no-thumbnails]
 
 Starts the pinned ComfyUI (.cache/comfyui) with this pack and a small random
 VILA-U model, opens the real front end in headless Chromium, creates every
@@ -20,16 +20,14 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))  # vilau_backend and comfy_harness
+from dev.comfy_harness import browser as comfy_browser
+from dev.comfy_harness import server as cs
+from dev.comfy_harness import workflow_api
 
-from dev.comfy_harness import browser as comfy_browser  # noqa: E402
-from dev.comfy_harness import server as cs  # noqa: E402
-from dev.comfy_harness import workflow_api  # noqa: E402
+REPO = Path(__file__).resolve().parents[2]
 
 WORKFLOWS = REPO / "example_workflows"
 DEFAULT_MODEL = "mit-han-lab/vila-u-7b-256"
@@ -461,7 +459,7 @@ def tidy(workflow: dict, ds: dict) -> dict:
     return workflow
 
 
-def build(page: comfy_browser.ComfyPage, name: str, spec: dict) -> dict:
+def build(page: comfy_browser.ComfyPage, spec: dict) -> dict:
     ids = page.evaluate(BUILD_JS, {**spec, "gap": GAP})
     page.fit_view(max_scale=0.9)
     ds = page.evaluate("() => ({scale: window.app.canvas.ds.scale, offset: Array.from(window.app.canvas.ds.offset)})")
@@ -535,7 +533,7 @@ def main() -> None:
                     workflow = json.loads(path.read_text(encoding="utf-8"))
                 else:
                     page.reload()  # a fresh page: sizes must not carry over from the template before
-                    workflow = build(page, name, spec)
+                    workflow = build(page, spec)
                     path.write_text(json.dumps(workflow, indent=2) + "\n", encoding="utf-8")
                     print(f"wrote {path.relative_to(REPO)}")
                 if not args.no_thumbnails:

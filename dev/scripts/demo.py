@@ -1,6 +1,6 @@
 """Run the text-to-image and image Q&A templates in a headless ComfyUI with this pack.
 
-    .venv/bin/python dev/scripts/demo.py [--models DIR] [--out DIR]      (dev/scripts/demo.sh sets up .venv first)
+    .venv/bin/python -m dev.scripts.demo [--models DIR] [--out DIR]      (dev/scripts/demo.sh sets up .venv first)
 
 Starts the pinned ComfyUI (.cache/comfyui) with this checkout as the custom node
 pack ComfyUI-VILA-U, converts example_workflows/VILA-U 06 Text to Image, Upscaled.json and
@@ -21,22 +21,21 @@ import sys
 import time
 from pathlib import Path
 
+from dev.comfy_harness import server as cs
+from dev.comfy_harness import workflow_api as wa
+
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))  # vilau_backend and comfy_harness
 
-from dev.comfy_harness import server as cs  # noqa: E402
-from dev.comfy_harness import workflow_api as wa  # noqa: E402
-
-PUBLISHED_FOLDERS = ("vila-u-7b-256", "vila-u-7b-384")
 SMALL = "vila-u-small-demo"
 TEMPLATES = ("VILA-U 06 Text to Image, Upscaled", "VILA-U 01 Image Q&A")
 
 
 def find_published(candidates: list[Path]) -> Path | None:
     from vilau_backend.checkpoint.config import is_vila_u_folder
+    from vilau_backend.checkpoint.published import PUBLISHED
 
     for root in candidates:
-        for name in PUBLISHED_FOLDERS:
+        for name in (repo_id.split("/")[-1] for repo_id in PUBLISHED):  # the folders the loader downloads into
             if is_vila_u_folder(root / name):
                 return root / name
     return None

@@ -12,4 +12,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 bash dev/scripts/setup_env.sh
-exec "${VILAU_VENV:-.venv}/bin/python" dev/scripts/demo.py "$@"
+exec "${VILAU_VENV:-.venv}/bin/python" -m dev.scripts.demo "$@"

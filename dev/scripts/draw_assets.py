@@ -1,6 +1,6 @@
 """Draw the pack's icon (docs/icon.png) and the example inputs the templates open with (example_inputs/).
 
-    .venv/bin/python dev/scripts/draw_assets.py
+    .venv/bin/python -m dev.scripts.draw_assets
 
 Everything here is drawn from shapes by this script (no photographs, no third-party
 pictures), so the files carry the pack's own license. The pack copies example_inputs/

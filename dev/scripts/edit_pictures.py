@@ -1,6 +1,6 @@
 """Before/after pictures of each code-space edit, made with a small random VILA-U model.
 
-    .venv/bin/python dev/scripts/edit_pictures.py [--out docs] [--model DIR]
+    .venv/bin/python -m dev.scripts.edit_pictures [--out docs] [--model DIR]
 
 The small model's weights are random, so every picture is noise; what the pictures show is
 where an edit keeps the source and where it regenerates. Each PNG is one row:
@@ -13,18 +13,16 @@ Without --model, a small random checkpoint (64 px, 8x8 grid, depth 4) is written
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
+from vilau_backend.tasks import editing
+from vilau_backend.tasks.generate import generate_codes
+from vilau_backend.model.vila_u import VilaUModel
 
-from vilau_backend.tasks import editing  # noqa: E402
-from vilau_backend.tasks.generate import generate_codes  # noqa: E402
-from vilau_backend.model.vila_u import VilaUModel  # noqa: E402
+REPO = Path(__file__).resolve().parents[2]
 
 SCALE = 3  # 64 px -> 192 px per panel
 PROMPT = "a red apple on a wooden table"
@@ -40,7 +38,7 @@ def panel(image: torch.Tensor):
 
 
 def keep_picture(regenerated: torch.Tensor, size: int) -> torch.Tensor:
-    """Regenerated share of each position's codes (h, w) in 0..1 -> (S, S, 3) grey levels."""
+    """Regenerated share of each position's codes (h, w), or a pixel mask (S, S), in 0..1 -> (S, S, 3) grey levels."""
     grid = regenerated[None, None].float()
     return torch.nn.functional.interpolate(grid, size=(size, size), mode="nearest")[0, 0, :, :, None].expand(-1, -1, 3)
 
@@ -89,10 +87,9 @@ def make_pictures(model, out: Path) -> None:
 
     mask = torch.zeros(1, S, S)
     mask[:, S // 4 : 3 * S // 4, S // 4 : 3 * S // 4] = 1
-    regenerate = editing.regenerate_from_mask(mask, (h, w))
-    result = editing.inpaint(model, PROMPT, source, regenerate, original=before[None], feather=2, seed=1)
+    result = editing.inpaint(model, PROMPT, source, mask, images=before[None], feather=2, seed=1)
     after = result.images[0]
-    row(out / "edit-inpaint.png", [before, keep_picture(regenerate[0], S), after, difference(before, after)])
+    row(out / "edit-inpaint.png", [before, keep_picture(result.regenerated[0], S), after, difference(before, after)])
 
     kept = editing.depths_for_strength(0.5, D)
     result = editing.vary_by_depth(model, PROMPT, source, kept, seed=1)

@@ -20,7 +20,7 @@ from PIL import Image
 
 from conftest import REFERENCE, logit_bounds, on_device, reference, with_eos
 from vilau_backend.errors import InputError
-from vilau_backend.decoding.prompts import IMAGE_TOKEN_INDEX
+from vilau_backend.checkpoint.tokenizer import IMAGE_TOKEN_INDEX
 from vilau_backend.decoding.answer_loop import AnswerSteps, generate_text, generate_texts, streamed_text
 from vilau_backend.tasks.image_splicing import prompt_embeddings
 from vilau_backend.tasks.understand import answer_each_image, GREEDY, TextSampling, describe_images

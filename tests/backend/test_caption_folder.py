@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 
 import vilau_backend.tasks.captioning as captioning
-from vilau_backend.tasks.captioning import CaptionSettings, caption_folder, load_image, write_caption
+from vilau_backend.media.files import read_image
+from vilau_backend.tasks.captioning import CaptionSettings, caption_folder, write_caption
 from vilau_backend.errors import InputError
 from vilau_backend.tasks.requests import AnswerRequest
 from vilau_backend.tasks.understand import GREEDY, describe_images
@@ -40,6 +41,23 @@ def test_caption_settings_ask_every_image_one_answer_request():
         CaptionSettings(batch=False)
 
 
+def test_a_share_takes_the_images_of_its_places_in_the_sorted_listing(tmp_path):
+    """Process 1 of 2 takes places 1, 3, ...; only the first share reports what the folder passed over."""
+    from vilau_backend.tasks.shares import Share
+
+    root = tmp_path / "split"
+    for name in ["a.png", "b.png", "c.png", "d.png", "e.png"]:
+        write_png(root / name, 0)
+    (root / ".hidden.png").write_bytes(b"")
+    settings = CaptionSettings(**FAST)
+    taken = {}
+    for index in (0, 1):
+        report = captioning.CaptionReport(root)
+        taken[index] = [p.name for p in captioning._images_to_caption(root, settings, report, Share(index, 2))]
+        assert bool(report.skipped) == (index == 0), report.skipped
+    assert taken == {0: ["a.png", "c.png", "e.png"], 1: ["b.png", "d.png"]}
+
+
 @pytest.fixture
 def folder(tmp_path) -> Path:
     root = tmp_path / "dataset"
@@ -54,7 +72,7 @@ def test_writes_one_caption_beside_each_image_with_prefix_and_suffix(golden_fp32
     settings = CaptionSettings(prefix="ohwx, ", suffix=" [end]", batch_size=2, **FAST)
     report = caption_folder(golden_fp32, folder, settings)
     images = [folder / "a.jpg", folder / "b.png", folder / "c.webp"]  # sorted: the order they are captioned in
-    expected = describe_images(golden_fp32, [load_image(p) for p in images], settings.question, batch=True,
+    expected = describe_images(golden_fp32, [read_image(p) for p in images], settings.question, batch=True,
                                batch_size=2, **FAST)  # like with like: the same two passes
     assert report.written == [p.with_suffix(".txt") for p in images]
     for image, answer in zip(images, expected):
@@ -140,7 +158,7 @@ def test_images_are_read_one_batch_at_a_time(golden_fp32, tmp_path, monkeypatch)
     for i in range(7):
         write_png(tmp_path / f"{i}.png", i)
     loaded, seen_at_first_token = [], []
-    monkeypatch.setattr(captioning, "load_image", lambda path, *root: loaded.append(path) or load_image(path, *root))
+    monkeypatch.setattr(captioning, "read_image", lambda path, *root: loaded.append(path) or read_image(path, *root))
 
     def progress(event):
         if event.step == 0 and event.images:
@@ -183,8 +201,8 @@ def test_write_caption_replaces_a_link_instead_of_writing_through_it(tmp_path):
     assert not link.is_symlink() and link.read_text() == "new" and outside.read_text() == "keep me"
 
 
-def test_load_image_matches_comfyui_load_image_values(tmp_path):
+def test_read_image_matches_comfyui_load_image_values(tmp_path):
     path = write_png(tmp_path / "x.png", 5, size=8)
-    image = load_image(path)
+    image = read_image(path)
     assert image.shape == (1, 8, 8, 3) and image.dtype == torch.float32
     assert torch.equal(image[0], torch.from_numpy(np.asarray(Image.open(path), dtype=np.float32) / 255.0))

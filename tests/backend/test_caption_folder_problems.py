@@ -14,7 +14,8 @@ from PIL import Image
 
 import vilau_backend.tasks.captioning as captioning
 from conftest import png_header
-from vilau_backend.media.image_folder import MAX_IMAGE_PIXELS, UnreadableImage, read_image, unwritable_reason
+from vilau_backend.media.files import MAX_IMAGE_PIXELS, UnreadableImage, read_image
+from vilau_backend.media.image_folder import unwritable_reason
 from vilau_backend.tasks.captioning import CaptionSettings, caption_folder
 from vilau_backend.tasks.understand import GREEDY
 
@@ -86,7 +87,7 @@ def test_a_folder_of_problem_files_is_captioned_to_the_end_and_each_problem_is_n
     failed = {p.name: why for p, why in report.failed}
     assert set(failed) == {"huge.png", "big.png", "broken.png", "truncated.png", "nospace.png"}
     assert failed["big.png"] == ("cannot read the image: too large: 9000 x 9000 pixels by its header; the limit is "
-                                 f"{MAX_IMAGE_PIXELS:,} pixels (8192 x 8192); downscale it to caption it")
+                                 f"{MAX_IMAGE_PIXELS:,} pixels (8192 x 8192); downscale it")
     assert failed["huge.png"].startswith("cannot read the image: too large by its header")
     assert failed["broken.png"].startswith("cannot read the image: not an image PIL can read")
     assert failed["truncated.png"].startswith("cannot read the image: cannot decode the image")

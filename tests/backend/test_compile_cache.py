@@ -25,6 +25,7 @@ from vilau_backend.decoding import compile_cache
 from vilau_backend.model.vila_u import VilaUModel
 from vilau_backend.tasks.understand import GREEDY, describe_images
 compile_cache.use_folder(sys.argv[2])
+compile_cache.own_inductor_cache()  # as the command line does
 model = VilaUModel.load(sys.argv[1], dtype="float32", device="cpu")
 image = torch.from_numpy(np.random.default_rng(0).random((1, 24, 24, 3), dtype=np.float32))
 [answer] = describe_images(model, image, "Describe the image.", sampling=GREEDY, max_new_tokens=4, compile=True)
@@ -70,5 +71,28 @@ def test_another_size_model_or_torch_looks_for_another_file(small_model, tmp_pat
         assert compile_cache.cache_file(model, key) != name
         compile_cache.use_folder(None)
         assert compile_cache.cache_file(model, key) is None
+    finally:
+        compile_cache.use_folder(previous)
+
+
+def test_only_the_packs_own_processes_move_inductors_cache(small_model, tmp_path, monkeypatch):
+    """Inside ComfyUI (no own_inductor_cache) loading a compiled step leaves the environment, which other
+    packs' compiles read, as it was; the command line keeps inductor's cache in the pack's folder."""
+    from torch._inductor.runtime import cache_dir_utils  # noqa: F401 - importing inductor may set its default
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "recorded")  # so that the test's own setting is undone
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
+    monkeypatch.setattr(compile_cache, "_inductor_in_folder", [False])
+    previous = compile_cache.use_folder(tmp_path)
+    try:
+        key = step_key(small_model, 2, 512, kind="text")
+        before = dict(os.environ)
+        assert compile_cache.load(small_model, key) is False  # nothing saved yet
+        assert dict(os.environ) == before
+        from vilau_backend.cli import main
+
+        assert main(["decode", "--model", str(tmp_path / "no-model"), "--codes", "c", "--out-dir", "o"]) == 2
+        compile_cache.load(small_model, key)
+        assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "inductor")
     finally:
         compile_cache.use_folder(previous)

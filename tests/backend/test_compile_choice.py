@@ -14,7 +14,7 @@ from vilau_backend.decoding import compile_choice, compiled_steps
 from vilau_backend.decoding.compile_choice import CUDA_GRAPHS, compile_mode, device_notice
 from vilau_backend.decoding.compiled_steps import compiled_step, resolve_compile
 from vilau_backend.model.vila_u import VilaUModel
-from vilau_backend.tasks.generate import ImageSampling, generate_codes
+from vilau_backend.tasks.generate import generate_codes
 from vilau_backend.tasks.understand import GREEDY, describe_images
 
 CUDA = torch.device("cuda", 0)
@@ -165,3 +165,19 @@ def test_a_compiled_answer_step_failing_mid_answer_goes_on_eager_from_the_same_s
 def test_device_tests_run_with_tf32_off_for_fp32_parity():
     """cuDNN's convolutions default to TF32 on Ampere and newer; the CPU references need full fp32."""
     assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+
+
+def test_the_remedies_name_the_loaders_choice_and_the_command_lines_flag():
+    """Backend messages reach ComfyUI users and command-line users alike: each remedy names the flag
+    that build_parser really has beside the loader's widget."""
+    from types import SimpleNamespace
+
+    from vilau_backend.cli import build_parser
+    from vilau_backend.decoding.compile_choice import fall_back
+    from vilau_backend.memory.working_memory import QUANTIZE_REMEDY
+
+    flags = build_parser()._subparsers._group_actions[0].choices["generate-image"]._option_string_actions
+    notice = fall_back(SimpleNamespace(), RuntimeError("no"))
+    assert "compile off on the loader, or --no-compile on the command line" in notice and "--no-compile" in flags
+    assert "on the loader, or --quantize on the command line" in QUANTIZE_REMEDY and "--quantize" in flags
+    assert "--num" in flags  # tasks/generate.py: "lower batch_size (--num on the command line)"

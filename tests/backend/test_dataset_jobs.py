@@ -15,7 +15,6 @@ from PIL import Image
 
 from conftest import REPO
 from vilau_backend.cli import main as cli_main
-from vilau_backend.jobs.records import read_log
 
 PROMPTS = [
     {"prompt": "a red apple on a table", "seed": 7, "name": "apple"},
@@ -24,6 +23,18 @@ PROMPTS = [
     {"prompt": "a boat at sea", "name": "boat", "negative_prompt": "blurry"},
 ]
 CAPTION = ["--greedy", "--max-new-tokens", "4", "--batch-size", "2"]
+
+
+def read_log(path: Path) -> list[dict]:
+    """A process's log (jobs/records.py: JobLog): one record per line; a last line cut short by a crash
+    is left out."""
+    entries = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            entries.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return entries
 
 
 def write_images(folder: Path, count: int) -> Path:
@@ -119,6 +130,9 @@ def test_a_rerun_after_a_partial_run_makes_only_the_missing_files(small_checkpoi
     ('{"prompt": "a cat", "top_p": 0}', "top_p must be in (0, 1]"),
     ('["a cat"]', "must be a JSON object"),
     ('{"prompt": "a cat"', "not JSON"),
+    ('{"prompt": 3}', "the prompt must be text"),
+    ('{"prompt": " "}', "the prompt is empty"),
+    ('{"name": "x"}', "the prompt is empty"),
 ])
 def test_a_bad_prompt_line_fails_alone_with_its_line_number(tmp_path, line, problem):
     from vilau_backend.jobs.generate_job import PromptLine, read_prompt_lines
@@ -126,5 +140,5 @@ def test_a_bad_prompt_line_fails_alone_with_its_line_number(tmp_path, line, prob
     path = tmp_path / "p.jsonl"
     path.write_text('{"prompt": "a dog"}\n\n' + line + "\n", encoding="utf-8")
     good, bad = read_prompt_lines(path)
-    assert isinstance(good, PromptLine) and (good.name, good.seed) == ("000001", 1)
+    assert isinstance(good, PromptLine) and (good.name, good.request.seed) == ("000001", 1)
     assert bad[0] == 3 and problem in bad[1], bad

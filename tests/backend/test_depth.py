@@ -20,9 +20,10 @@ from safetensors import safe_open
 
 from conftest import GOLDEN_CHECKPOINT, REFERENCE, guided_rounding_bound, linear_input_scales, rounding_bound
 from vilau_backend.checkpoint.config import load_config
-from vilau_backend.model.depth import DepthTransformer, at_every_depth
+from code_sampling import at_every_depth, sample_codes
+from vilau_backend.model.depth import DepthTransformer
 from vilau_backend.model.rq_codebook import ResidualQuantizer
-from vilau_backend.decoding.sampling import greedy, sample_codes
+from vilau_backend.decoding.sampling import greedy
 
 pytestmark = pytest.mark.no_transformers  # the 4.50.3 pass leaves it out (tests/conftest.py)
 

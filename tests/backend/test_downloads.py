@@ -81,3 +81,22 @@ def test_after_a_cancel_the_next_try_gets_its_own_full_timeout(silent_hub, tmp_p
         download_repo(REPO, folder, ignore_patterns=[], timeout=2.0, endpoint=silent_hub.url)
     assert time.monotonic() - retried >= 1.9, "the second try reported the first try's timeout"
     assert len(silent_hub.connections) >= 2
+
+
+def test_a_model_folder_is_complete_only_with_its_config_and_no_unfinished_download(tmp_path):
+    import json
+
+    from vilau_backend.checkpoint.hub import is_complete_download, unfinished_marker
+
+    folder = tmp_path / "vila-u-7b-256"
+    folder.mkdir()
+    assert not is_complete_download(folder)  # no config.json: not a VILA-U folder yet
+    (folder / "config.json").write_text(json.dumps({"model_type": "vila_u"}))
+    assert is_complete_download(folder)
+    partial = folder / ".cache" / "huggingface" / "download" / "llm" / "model.safetensors.incomplete"
+    partial.parent.mkdir(parents=True)
+    partial.write_bytes(b"")  # what `hf download --local-dir` leaves when interrupted
+    assert not is_complete_download(folder)
+    partial.unlink()
+    unfinished_marker(folder).write_text(REPO)  # ours, beside the folder, while a download runs
+    assert unfinished_marker(folder).parent == tmp_path and not is_complete_download(folder)

@@ -13,13 +13,16 @@ from vilau_backend.tasks.editing import (
     depths_for_strength,
     edit_codes,
     extend_video_codes,
+    inpaint,
     keep_depths,
     keep_frames,
     keep_positions,
     keep_rows,
     mask_coverage,
+    model_view,
     paste_outside,
     regenerate_from_mask,
+    repeat_sources,
 )
 from vilau_backend.errors import InputError
 from vilau_backend.tasks.generate import ImageSampling, _code_loop, _edit_inputs, generate_codes
@@ -91,9 +94,44 @@ def test_continue_keeps_the_first_rows_and_regenerates_the_rest(small_model, sou
     assert (codes[:, 3:] != source[:, 3:]).float().mean() > 0.9
 
 
+def test_num_images_in_an_edit_is_the_edits_of_each_source(small_model, source):
+    """Two sources, three edits of each: six edits, source after source, equal to one edit of each of
+    the six repeated sources (same batch, same seed indices)."""
+    keep = keep_rows(2, (8, 8), 4, 3)
+    codes = edit_codes(small_model, PROMPT, source, keep, num_images=3, sampling=SAMPLED, seed=4)
+    assert codes.shape == (6, 8, 8, 4)
+    assert torch.equal(codes[:3, :3], source[:1, :3].expand(3, -1, -1, -1))
+    assert torch.equal(codes[3:, :3], source[1:, :3].expand(3, -1, -1, -1))
+    repeated = edit_codes(small_model, PROMPT, repeat_sources(source, 3), repeat_sources(keep, 3), sampling=SAMPLED,
+                          seed=4)
+    assert torch.equal(codes, repeated)
+
+
+def test_inpaint_maps_the_mask_repeats_it_with_the_edits_and_pastes_the_sources_back(small_model, source):
+    """Inpaint from a pixel mask, as the node and the command line call it: the regenerated output is the
+    mask's grid positions for every edit of a source, the codes outside them are the source's, and the
+    source pixels (as the model sees them) come back outside the regenerated positions."""
+    S = small_model.config.image_size
+    mask = torch.zeros(S, S)
+    mask[: S // 2, : S // 4] = 1.0  # rows 0..3, columns 0..1 of the 8x8 grid
+    images = small_model.decode_codes(source)  # (2, S, S, 3): the sources as images
+    result = inpaint(small_model, PROMPT, source, mask, images=images, feather=0, num_images=2, seed=3)
+    positions = torch.zeros(8, 8, dtype=torch.bool)
+    positions[:4, :2] = True
+    pixels = positions.repeat_interleave(S // 8, 0).repeat_interleave(S // 8, 1)  # (S, S)
+    assert result.regenerated.shape == (4, S, S)
+    assert torch.equal(result.regenerated, pixels.float().expand(4, -1, -1))
+    kept = ~positions
+    for i in range(4):
+        assert torch.equal(result.codes[i][kept], source[i // 2].cpu()[kept]), i
+    original = model_view(small_model, images).repeat_interleave(2, dim=0)  # (4, S, S, 3)
+    assert torch.equal(result.images[:, ~pixels], original[:, ~pixels])
+    assert not torch.equal(result.images[:, pixels], original[:, pixels])
+
+
 def test_video_extension_keeps_the_given_frames(small_model):
     given = generate_codes(small_model, "a boat", frames=2, seed=8)[0]  # (2, h, w, D)
-    video = extend_video_codes(small_model, PROMPT, given, 4, videos=2, sampling=SAMPLED, seed=1)
+    video = extend_video_codes(small_model, PROMPT, given, 4, num_images=2, sampling=SAMPLED, seed=1)
     assert video.shape == (2, 4, 8, 8, 4)
     assert torch.equal(video[:, :2], given.expand(2, -1, -1, -1, -1))
     assert not torch.equal(video[0, 2:], video[1, 2:])  # two videos, two continuations
@@ -221,7 +259,7 @@ def test_bad_edits_say_what_to_fix(small_model, kwargs, message):
         generate_codes(small_model, PROMPT, num_images=2, **kwargs)
 
 
-def test_cli_edit_inpaints_from_an_image_and_a_mask_file(small_checkpoint, tmp_path):
+def test_cli_edit_inpaints_from_an_image_and_a_mask_file(small_checkpoint, small_model, tmp_path):
     import numpy as np
     from PIL import Image
 
@@ -247,3 +285,8 @@ def test_cli_edit_inpaints_from_an_image_and_a_mask_file(small_checkpoint, tmp_p
 
     codes = load_file(str(tmp_path / "codes.safetensors"))["codes"]
     assert codes.shape == (2, 8, 8, 4)
+    # the edits of tasks/editing.py's inpaint, which the Inpaint node calls too
+    image = torch.from_numpy(pixels).float().div(255)[None]
+    expected = inpaint(small_model, PROMPT, small_model.encode_images(image).codes, torch.from_numpy(mask).float() / 255,
+                       images=image, feather=0, num_images=2)
+    assert torch.equal(codes, expected.codes)

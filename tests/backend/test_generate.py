@@ -176,7 +176,7 @@ def test_kv_cached_loop_equals_full_recomputation(small_model):
     whole sequence at every position without any cache. Other kernel shapes, other roundings
     (about 1e-5 on the logits), but the smallest top-1/top-2 gap of these greedy decisions
     is 7.6e-4, so the codes agree exactly."""
-    from vilau_backend.model.depth import at_every_depth
+    from code_sampling import at_every_depth
     from vilau_backend.model.llm import padded_positions
     from vilau_backend.decoding.prompts import cfg_batch
     from vilau_backend.decoding.sampling import greedy
@@ -243,7 +243,7 @@ def test_preview_shows_generated_rows_and_grey_elsewhere(small_model):
     [
         (dict(prompt="   "), "the prompt is empty"),
         (dict(num_images=0), "num_images must be at least 1"),
-        (dict(sampling=ImageSampling(top_p=0.0)), "top_p must be in"),
+        (dict(sampling=dict(top_p=0.0)), "top_p must be in"),  # made in the test: ImageSampling refuses it
         (dict(seed=-1), "seed must be >= 0"),
         (dict(prompt="an <image> of a cat"), "reserves for image inputs"),
     ],
@@ -251,9 +251,29 @@ def test_preview_shows_generated_rows_and_grey_elsewhere(small_model):
 def test_bad_requests_say_what_to_fix(small_model, kwargs, message):
     kwargs = {"prompt": APPLE, **kwargs}
     with pytest.raises(InputError, match=message):
+        if "sampling" in kwargs:
+            kwargs["sampling"] = ImageSampling(**kwargs["sampling"])
         generate_codes(small_model, **kwargs)
 
 
 def test_too_many_frames_for_the_context_is_an_error(small_model):
     with pytest.raises(InputError, match="exceeds the model's context"):
         generate_codes(small_model, APPLE, frames=200)
+
+
+def test_the_published_256_px_models_most_frames_fit_its_context_and_one_more_does_not(golden_fp32):
+    """The golden checkpoint has the published 256 px model's context and grid (recorded from its config):
+    the nodes' frame limit (checkpoint/published.py) is what its context holds after the shortest prompt."""
+    from vilau_backend.checkpoint.published import PUBLISHED_256, PUBLISHED_CONTEXT, PUBLISHED_GRIDS
+    from vilau_backend.checkpoint.published import most_published_video_frames
+    from vilau_backend.decoding.prompts import cfg_batch
+
+    config = golden_fp32.config
+    assert (config.llm.context_length, config.grid) == (PUBLISHED_CONTEXT, PUBLISHED_GRIDS[PUBLISHED_256])
+    most = most_published_video_frames(PUBLISHED_256)
+    assert most == 31
+    prompt = cfg_batch(golden_fp32.tokenizer, "a", video=True)[0].shape[1]  # the shortest prompt's tokens
+    h, w = config.grid
+    assert prompt + most * h * w <= config.llm.context_length < prompt + (most + 1) * h * w
+    with pytest.raises(InputError, match=f"plus {(most + 1) * h * w} image positions exceeds the model's context"):
+        generate_codes(golden_fp32, "a", frames=most + 1)

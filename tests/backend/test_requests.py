@@ -12,7 +12,7 @@ from vilau_backend.errors import InputError
 from vilau_backend.tasks.editing import vary_by_depth
 from vilau_backend.tasks.generate import generate_codes, generate_images
 from vilau_backend.tasks.requests import AnswerRequest, EditRequest, ImageRequest, ImageSampling
-from vilau_backend.tasks.understand import GREEDY, describe_images
+from vilau_backend.tasks.understand import GREEDY, TextSampling, describe_images
 
 APPLE = "a red apple on a wooden table"
 
@@ -23,8 +23,9 @@ APPLE = "a red apple on a wooden table"
         (dict(prompt=""), "the prompt is empty"),
         (dict(prompt=APPLE, num_images=0), "num_images must be at least 1, got 0"),
         (dict(prompt=APPLE, frames=0), "frames must be at least 1, got 0"),
-        (dict(prompt=APPLE, sampling=ImageSampling(cfg=float("nan"))), "cfg must be a finite number"),
         (dict(prompt=APPLE, seed=-2), "seed must be >= 0, got -2"),
+        (dict(prompt="an <image> of a cat"), "the prompt contains '<image>'"),
+        (dict(prompt=APPLE, negative_prompt="<image>"), "the negative prompt contains '<image>'"),
     ],
 )
 def test_an_image_request_refuses_bad_values_when_made(fields, message):
@@ -35,7 +36,10 @@ def test_an_image_request_refuses_bad_values_when_made(fields, message):
 @pytest.mark.parametrize(
     "fields, message",
     [
-        (dict(question="what is in <image>?"), "reserves for image inputs"),
+        (dict(question="what is in <image>?"), "the question contains '<image>', which VILA-U reserves for image inputs"),
+        (dict(question="why?", system="see <image>"), "the system prompt contains '<image>'"),
+        (dict(question=" \n"), "the question is empty"),
+        (dict(question="why?", max_new_tokens=0), "max_new_tokens must be 1 or more, got 0"),
         (dict(question=3), "the question must be text, got int"),
         (dict(question="why?", batch_size=0), "batch_size \\(answers generated together\\) must be 1 or more, got 0"),
         (dict(question="why?", seed=2**64), "seed must lie in 0..2\\*\\*64-1"),
@@ -44,6 +48,24 @@ def test_an_image_request_refuses_bad_values_when_made(fields, message):
 def test_an_answer_request_refuses_bad_values_when_made(fields, message):
     with pytest.raises(InputError, match=message):
         AnswerRequest(**fields)
+
+
+@pytest.mark.parametrize(
+    "kind, fields, message",
+    [
+        (ImageSampling, dict(cfg=float("nan")), "cfg must be a finite number, got nan"),
+        (ImageSampling, dict(temperature=float("inf")), "temperature must be a finite number, got inf"),
+        (ImageSampling, dict(top_p=0.0), "top_p must be in \\(0, 1\\], got 0.0"),
+        (TextSampling, dict(temperature=float("inf")), "temperature must be a finite number, got inf"),
+        (TextSampling, dict(do_sample=False, repetition_penalty=float("inf")),
+         "repetition_penalty must be a finite number, got inf"),
+        (TextSampling, dict(top_p=float("nan")), "top_p must be a finite number, got nan"),
+    ],
+)
+def test_sampling_settings_refuse_bad_values_when_made(kind, fields, message):
+    """Both kinds of sampling settings check themselves when made, as the requests that hold them do."""
+    with pytest.raises(InputError, match=message):
+        kind(**fields)
 
 
 def test_an_edit_request_needs_a_bool_keep_mask():

@@ -5,13 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vilau_backend.decoding.sampling import (
-    filter_top_k,
-    filter_top_p,
-    greedy,
-    sample_codes,
-    sample_from_probs,
-)
+from code_sampling import sample_codes
+from vilau_backend.decoding.sampling import filter_top_k, filter_top_p, greedy, sample_from_probs
 
 pytestmark = pytest.mark.no_transformers  # the 4.50.3 pass leaves it out (tests/conftest.py)
 

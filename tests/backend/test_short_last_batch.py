@@ -7,7 +7,8 @@ import numpy as np
 from PIL import Image
 
 from vilau_backend.model.vila_u import VilaUModel
-from vilau_backend.tasks.captioning import CaptionSettings, caption_folder, load_image
+from vilau_backend.media.files import read_image
+from vilau_backend.tasks.captioning import CaptionSettings, caption_folder
 from vilau_backend.tasks.understand import GREEDY, describe_images
 
 QUESTION = "Describe the image."
@@ -29,7 +30,7 @@ def test_short_last_batch_replays_the_compiled_step(small_checkpoint, tmp_path):
     assert notices == ["compiling"]  # batches of 2 and 1: one size compiled
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
 
-    images = [load_image(folder / f"{i}.png") for i in (2, 0, 1)]
+    images = [read_image(folder / f"{i}.png") for i in (2, 0, 1)]
     answers = describe_images(model, images, QUESTION, batch=True, batch_size=2, sampling=GREEDY, max_new_tokens=5,
                               compile=True, on_compile=lambda: notices.append("compiling"))
     assert notices == ["compiling"] and counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])

@@ -24,9 +24,10 @@ from conftest import (FRAMES_DIR, GOLDEN_CHECKPOINT, load_photo, logit_bounds, o
                       with_eos)
 from vilau_backend.decoding.compiled_steps import cache_length
 from vilau_backend.errors import GenerationCancelled, InputError
-from vilau_backend.decoding.prompts import IMAGE_TOKEN_INDEX, understanding_prompt
+from vilau_backend.checkpoint.tokenizer import IMAGE_TOKEN_INDEX
+from vilau_backend.decoding.prompts import understanding_prompt
 from vilau_backend.decoding.answer_loop import AnswerSteps, generate_text
-from vilau_backend.decoding.token_choice import logits_processors, next_token
+from vilau_backend.decoding.token_choice import logits_processors, next_tokens
 from vilau_backend.tasks.image_splicing import splice_image_embeddings
 from vilau_backend.tasks.understand import GREEDY, TextSampling, describe_images, describe_video, sample_video_frames
 from vilau_backend.media.video import read_video
@@ -190,9 +191,13 @@ def test_sampling_defaults_are_the_checkpoints_generation_config():
 def test_repetition_penalty_comes_before_the_choice():
     logits = torch.tensor([[2.0, 1.9, -1.0]])
     penalised = logits_processors(TextSampling(do_sample=False, repetition_penalty=2.0))
-    assert next_token(logits, [], penalised, do_sample=False, generator=None) == 0
+    def choose(seen: list[int]) -> int:
+        ids = torch.tensor([seen], dtype=torch.long)  # (1, n)
+        return int(next_tokens(logits, ids, penalised, False, [None], [True], eos=0)[0])
+
+    assert choose([]) == 0
     # as transformers: a seen token's positive logit is divided by the penalty (2.0 -> 1.0 < 1.9)
-    assert next_token(logits, [0], penalised, do_sample=False, generator=None) == 1
+    assert choose([0]) == 1
 
 
 @pytest.mark.parametrize(
@@ -283,7 +288,7 @@ def test_query_with_image_placeholder_is_rejected(golden_fp32):
 
 def test_video_with_fewer_frames_uses_them_all_and_logs(golden_fp32, caplog):
     frames = golden_video_frames()[:5]
-    with caplog.at_level(logging.WARNING, logger="vilau_backend.tasks.understand"):
+    with caplog.at_level(logging.WARNING, logger="vilau_backend.media.video"):
         answer = describe_video(golden_fp32, frames, VIDEO_QUERY, sampling=GREEDY, max_new_tokens=1)
     assert answer.input_ids.count(IMAGE_TOKEN_INDEX) == 5
     assert "5 frames, fewer than the 8" in caplog.text

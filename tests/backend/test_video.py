@@ -12,7 +12,7 @@ from PIL import Image
 
 from conftest import FRAMES_DIR, recorded
 from vilau_backend.errors import InputError
-from vilau_backend.decoding.prompts import IMAGE_TOKEN_INDEX
+from vilau_backend.checkpoint.tokenizer import IMAGE_TOKEN_INDEX
 from vilau_backend.tasks.understand import GREEDY, describe_video, sample_video_frames
 from vilau_backend.media.video import FrameChoice, read_video, uniform_frame_indices, write_video_file
 
@@ -109,6 +109,25 @@ def test_default_choice_is_the_originals_uniform_spread():
 )
 def test_choices_pick_these_frames_of_100(choice, expected):
     assert choice.indices(100, 8) == expected
+
+
+def test_a_choice_short_of_frames_uses_them_all_and_warns_once_from_a_file_or_a_batch(caplog, tmp_path):
+    """Video Q&A's VIDEO (read from its file) and IMAGE inputs get the same warning, from FrameChoice."""
+    import logging
+
+    short = FrameChoice(start=9)  # a window of 3 of the 12 frames, where the model's 8 are wanted
+    frames = torch.rand(12, 4, 4, 3)
+    for read in (lambda: read_video(FRAMES_DIR, 8, choice=short).frame_indices,
+                 lambda: sample_video_frames(frames, 8, short)[1]):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="vilau_backend.media.video"):
+            assert read() == [9, 10, 11]
+        assert [r.getMessage() for r in caplog.records] == [
+            "the chosen part of the video gives 3 frames, fewer than the 8 asked for; using them"]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="vilau_backend.media.video"):
+        assert FrameChoice(count=4).indices(12, 8) == [0, 4, 7, 11]
+    assert not caplog.records  # enough frames: nothing to say
 
 
 @pytest.mark.parametrize(

@@ -106,7 +106,8 @@ def test_a_run_that_does_not_fit_is_refused_before_it_allocates(model):
     message = str(error.value)
     need, free = f"{estimate.peak / 2**30:.1f} GiB", f"{estimate.peak // 2 / 2**30:.1f} GiB"
     assert "4 image(s) at 256 px" in message and need in message and free in message, message
-    assert "lower batch_size" in message and "quantize int8" in message, message
+    assert "lower batch_size (--num on the command line)" in message and "quantize int8" in message, message
+    assert "--quantize on the command line" in message, message
 
 
 @pytest.mark.parametrize("questions", [["Describe the image."] * 3, ["Describe the image.", "What is it?"]])

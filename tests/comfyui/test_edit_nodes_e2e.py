@@ -9,10 +9,8 @@ source's pixels, regenerated ones change them.
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
-import torch
 
 from dev.comfy_harness import server as cs
 from dev.comfy_harness import workflow_api as wa

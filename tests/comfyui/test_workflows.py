@@ -12,7 +12,7 @@ a person without them would do; their nodes, links and widget values are still
 checked against /object_info.
 
 When a node's inputs change, rebuild the templates with
-`.venv/bin/python dev/scripts/build_workflows.py`.
+`.venv/bin/python -m dev.scripts.build_workflows` from the repository root.
 """
 
 from __future__ import annotations

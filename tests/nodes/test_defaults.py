@@ -69,3 +69,31 @@ def test_readme_node_table_states_the_backend_defaults():
     for name in ("temperature", "top_k", "top_p", "repetition_penalty"):
         assert f"`{name}` ({getattr(answers, name)})" in qa, (name, qa)
     assert f"cfg {image.cfg:g}, top-k {image.top_k}, top-p {image.top_p}" in README
+
+
+def test_edit_and_video_flags_default_to_the_backends_constants():
+    from vilau_backend.media.video import DEFAULT_FPS
+    from vilau_backend.tasks.editing import DEFAULT_FEATHER, DEFAULT_MASK_THRESHOLD, DEFAULT_STRENGTH
+    from vilau_backend.tasks.generate import DEFAULT_VIDEO_FRAMES
+
+    edit = parser_defaults("edit", "--model", "m", "--prompt", "p", "--save-dir", "d", "--image", "i", "--mode", "vary")
+    assert (edit["threshold"], edit["feather"], edit["strength"]) == (
+        DEFAULT_MASK_THRESHOLD, DEFAULT_FEATHER, DEFAULT_STRENGTH)
+    video = parser_defaults("generate-video", "--model", "m", "--prompt", "p", "--save-dir", "d")
+    assert (video["frames"], video["fps"]) == (DEFAULT_VIDEO_FRAMES, DEFAULT_FPS)
+
+
+def test_the_dtype_flag_offers_the_models_dtypes():
+    from vilau_backend.model.vila_u import DTYPES
+
+    dtype = build_parser()._subparsers._group_actions[0].choices["encode"]._option_string_actions["--dtype"]
+    assert dtype.choices == list(DTYPES) == ["float32", "bfloat16", "float16"]
+
+
+def test_the_front_ends_custom_preset_is_the_backends_and_says_where_it_comes_from():
+    from vilau_backend.decoding.prompts import CUSTOM_QUESTION
+
+    script = (REPO / "web" / "js" / "vilau.js").read_text(encoding="utf-8")
+    value, source = re.search(r'CUSTOM_PRESET = "([^"]*)"; // as (\S+) CUSTOM_QUESTION', script).groups()
+    assert value == CUSTOM_QUESTION
+    assert "CUSTOM_QUESTION =" in (REPO / source).read_text(encoding="utf-8"), source

@@ -100,3 +100,24 @@ def test_held_step_states_count_in_the_size_and_go_first_when_comfyui_asks_for_m
     model = HeldStates()
     model_cache.count_step_states(patcher, model)
     assert patcher.partially_unload("cpu", 1000) == 1000 and moved == [600]
+
+
+def test_comfyuis_detach_frees_the_step_states_only_of_the_patcher_holding_the_weights():
+    """ON_DETACH can come late, inside ComfyUI's unload: for a model already released (no weights) or for
+    a patcher a reload replaced. Neither may raise, nor touch the weights or step states held now."""
+    model_cache = pack_module("model_cache")
+    key = model_cache.ModelKey("folder", "float32", "cpu")
+    loaded = model_cache.LoadedVilaU(key, "m", "cpu")
+    alive = model_cache._alive
+    alive[key] = loaded
+    try:
+        model_cache._release(key, object(), False)  # released: nothing held, nothing to do
+        loaded.model, loaded.patcher = HeldStates(), object()
+        model_cache._last[:] = [loaded]
+        model_cache._release(key, object(), False)  # the patcher of an earlier load
+        assert loaded.model.step_states and model_cache._last == [loaded]
+        model_cache._release(key, loaded.patcher, True)  # the patcher holding the weights now
+        assert loaded.model.step_states == {} and model_cache._last == []
+    finally:
+        alive.pop(key, None)
+        model_cache._last.clear()

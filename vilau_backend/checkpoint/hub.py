@@ -10,23 +10,32 @@ callback that raises (a cancel) returns control within that time whatever the ne
 The worker then stops at its next chance: before the next file, or inside a file where
 huggingface_hub accepts a progress class (2.x). Progress is read from the bytes on disk,
 which works with every huggingface_hub version.
+
+A published model downloads into a model folder through `download_published`, which marks the
+folder unfinished until every file is there (`is_complete_download`), so an interrupted download
+is resumed rather than taken for a model.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import inspect
+import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import VilaUError
+from ..errors import CheckpointError, VilaUError
+from .config import is_vila_u_folder
+from .published import FILES_HINT
 
 POLL_SECONDS = 0.1  # how often the waiting thread calls on_progress
 PARTIAL_DIR = Path(".cache") / "huggingface" / "download"  # where hf_hub_download(local_dir=...) keeps partial files
 
 Progress = Callable[[int, int], None]  # (bytes done, bytes in total; 0 while unknown); raising stops the wait
+# published repositories may carry other copies of the weights; the loader reads safetensors
+IGNORED_PATTERNS = ["*.bin", "*.pt", "*.pth", "*.ckpt", "*.h5", "*.msgpack", "*.onnx"]
 
 
 class DownloadStopped(Exception):
@@ -166,3 +175,53 @@ def _is_timeout(error: BaseException | None) -> bool:
         seen += 1
     return False
 
+
+# ---- a published model in a model folder ----------------------------------------------------
+
+
+def is_complete_download(folder: Path) -> bool:
+    """A VILA-U folder with no unfinished download in it: neither ours (the marker next to it) nor one
+    of `hf download --local-dir` (its partial files end in .incomplete)."""
+    return not unfinished_marker(folder).exists() and has_all_files(folder)
+
+
+def has_all_files(folder: Path) -> bool:
+    return is_vila_u_folder(folder) and not any((folder / ".cache" / "huggingface").glob("**/*.incomplete"))
+
+
+def unfinished_marker(folder: Path) -> Path:
+    # next to the folder, not in it: snapshot_download treats any non-empty folder as a finished
+    # download when the hub cannot be reached
+    return folder.parent / f".{folder.name}.unfinished-download"
+
+
+def download_published(repo_id: str, folder: Path, progress: Progress | None = None) -> None:
+    """Download a published model into `folder`, resuming what an earlier try left. `progress(done, total)`
+    (bytes; total 0 while the file list is not known yet) is called about ten times a second from this
+    thread whatever the network does; if it raises, the wait ends at once and the exception propagates."""
+    try:
+        import huggingface_hub  # noqa: F401
+    except ImportError as exc:
+        raise CheckpointError(
+            f"downloading {repo_id} needs huggingface_hub", hint="install it with `pip install huggingface_hub`"
+        ) from exc
+    folder.mkdir(parents=True, exist_ok=True)
+    unfinished_marker(folder).write_text(f"{repo_id}\n", encoding="utf-8")
+    try:
+        download_repo(repo_id, folder, ignore_patterns=IGNORED_PATTERNS, on_progress=progress)
+    except DownloadFailed as exc:
+        raise _download_failed(repo_id, folder, exc.reason) from exc
+    if not has_all_files(folder):
+        raise _download_failed(repo_id, folder, "the download ended but the folder is still incomplete")
+    unfinished_marker(folder).unlink()
+
+
+def _download_failed(repo_id: str, folder: Path, reason: str) -> CheckpointError:
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        reason = f"HF_HUB_OFFLINE is set, so nothing can be downloaded ({reason})"
+    return CheckpointError(
+        f"could not download {repo_id} into {folder}: {reason}",
+        hint=f"run `hf download {repo_id} --local-dir \"{folder}\"` (`huggingface-cli download` with older "
+        "huggingface_hub) on a machine with internet access (an interrupted download resumes), or put the files "
+        f"of https://huggingface.co/{repo_id} there by hand: {FILES_HINT}",
+    )

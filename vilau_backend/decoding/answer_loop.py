@@ -33,6 +33,13 @@ TokenCallback = Callable[[int, int, str], object]
 StepCallback = Callable[[int, list["int | None"], list[str]], object]
 
 
+def check_max_new_tokens(max_new_tokens: int) -> None:
+    """An answer is at least one token: AnswerRequest asks this when it is made, the token loop again
+    for its direct callers."""
+    if max_new_tokens < 1:
+        raise InputError(f"max_new_tokens must be 1 or more, got {max_new_tokens}")
+
+
 @torch.inference_mode()
 def generate_text(
     model,
@@ -82,8 +89,7 @@ def generate_texts(
     compiles. Compiled and eager answers draw the same numbers; their tokens can differ only
     where kernel rounding flips a near-tie. If `on_step` raises, the next run is unaffected."""
     rows = len(prompts)
-    if max_new_tokens < 1:
-        raise InputError(f"max_new_tokens must be 1 or more, got {max_new_tokens}")
+    check_max_new_tokens(max_new_tokens)
     generators = list(generators) if generators is not None else [None] * rows
     if rows < 1 or len(generators) != rows:
         raise InputError(f"give one generator per prompt: {rows} prompt(s), {len(generators)} generator(s)")

@@ -5,8 +5,11 @@ Two of torch's mechanisms, both in the pack's folder:
 
 - inductor's on-disk cache (compiled graphs, and the built kernels: C++ libraries on the CPU,
   Triton binaries on GPUs) lives in ``<folder>/inductor`` instead of a temporary folder that a
-  reboot or a new container empties, unless the user chose another (TORCHINDUCTOR_CACHE_DIR). Measured on the CPU, this is what makes a later process
-  warm: it still traces the step with dynamo, but builds no kernel.
+  reboot or a new container empties, unless the user chose another (TORCHINDUCTOR_CACHE_DIR). Measured
+  on the CPU, this is what makes a later process warm: it still traces the step with dynamo, but
+  builds no kernel. Inductor reads its folder from the environment, which is the whole process's,
+  so only a process that is the pack's own asks for this (`own_inductor_cache`: the command line
+  and its dataset jobs); inside ComfyUI, whose other nodes compile too, inductor keeps its folder.
 - `torch.compiler.save_cache_artifacts` once a step size has been compiled, one file per size,
   loaded with `load_cache_artifacts` before the first compiled run of that size in a new
   process: a file that can be copied to another machine (or shared), where it saves inductor's
@@ -35,6 +38,7 @@ log = logging.getLogger(__name__)
 _lock = threading.Lock()
 _loaded: set[Path] = set()  # files loaded into this process's torch caches
 _folder: list[Path | None] = [Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "vila-u" / "compile"]
+_inductor_in_folder = [False]  # own_inductor_cache was called: this process is the pack's own
 
 
 def use_folder(folder: str | os.PathLike | None) -> Path | None:
@@ -42,6 +46,12 @@ def use_folder(folder: str | os.PathLike | None) -> Path | None:
     previous = _folder[0]
     _folder[0] = None if folder is None else Path(folder)
     return previous
+
+
+def own_inductor_cache() -> None:
+    """Keep inductor's cache in the pack's folder too (see above): for processes that are the pack's own,
+    never inside ComfyUI."""
+    _inductor_in_folder[0] = True
 
 
 def cache_file(model, key) -> Path | None:
@@ -63,11 +73,11 @@ def _device_tag(device: torch.device) -> str:
 
 
 def load(model, key) -> bool:
-    """Before `key` is compiled: keep inductor's cache in the pack's folder, and load the saved
-    artifacts of `key` into torch's caches; whether there were any."""
+    """Before `key` is compiled: load the saved artifacts of `key` into torch's caches (and keep
+    inductor's cache in the pack's folder where own_inductor_cache asked for it); whether there were any."""
     path = cache_file(model, key)
     with _lock:
-        if path is not None:
+        if path is not None and _inductor_in_folder[0]:
             _own_inductor_folder(path.parent / "inductor")
         if path is None or path in _loaded or not path.is_file():
             return False

@@ -103,13 +103,14 @@ def device_notice(device: torch.device, choice: bool | None) -> str:
 
 def compile_failed(model) -> str | None:
     """Why `model`'s compiled steps were turned off in this process (None while they are on)."""
-    return getattr(model, "compile_failure", None)
+    return model.compile_failure
 
 
 def fall_back(model, error: BaseException) -> str:
     """Turn `model`'s compiled steps off after `error`; the line to log and show (logged here)."""
     notice = (f"compiling the VILA-U step failed ({type(error).__name__}: {error}); this run finished uncompiled "
-              "and later runs of this model run uncompiled (choose compile off on the loader to skip the attempt)")
+              "and later runs of this model run uncompiled (compile off on the loader, or --no-compile on the command "
+              "line, skips the attempt)")
     model.compile_failure = notice
     log.warning("VILA-U: %s", notice, exc_info=error)
     return notice

@@ -11,7 +11,6 @@ import torch
 
 from ..errors import InputError
 from ..checkpoint.tokenizer import IM_START, IMAGE_PLACEHOLDER, VI_START, VilaTokenizer
-from ..checkpoint.tokenizer import IMAGE_TOKEN_INDEX  # noqa: F401 - the id of the prompts' image slots, imported from here
 
 SYSTEM_PROMPT = (
     "A chat between a curious user and an artificial intelligence assistant. "
@@ -20,6 +19,17 @@ SYSTEM_PROMPT = (
 # as the original generate_image_content / generate_video_content
 DEFAULT_NEGATIVE_PROMPT = " "
 PADDING_ID = 0  # the original pads CFG rows with zeros (= <unk>), not with pad_token_id
+
+
+def refuse_image_placeholder(name: str, text: str) -> None:
+    """Refuse a text input holding VILA-U's image slot: the slot would have no image to fill it (the
+    original would embed id -200 and fail inside the LLM). `name`: the input, as the user knows it.
+    The requests (tasks/requests.py) ask this of every text when they are made."""
+    if IMAGE_PLACEHOLDER in text:
+        raise InputError(
+            f"the {name} contains '{IMAGE_PLACEHOLDER}', which VILA-U reserves for image inputs; remove it from the "
+            f"{name}"
+        )
 
 
 def refuse_text_that_cannot_fit(tokenizer: VilaTokenizer, texts: dict[str, str], context_length: int) -> None:
@@ -39,10 +49,7 @@ def conversation_prompt(message: str, system: str = SYSTEM_PROMPT) -> str:
     """One vicuna_v1 user turn and the open assistant turn (``conv.get_prompt()``).
 
     `system` replaces the template's system message (the original's is SYSTEM_PROMPT)."""
-    if IMAGE_PLACEHOLDER in system:
-        raise InputError(
-            f"the system prompt contains '{IMAGE_PLACEHOLDER}', which VILA-U reserves for image inputs; remove it"
-        )
+    refuse_image_placeholder("system prompt", system)
     message = message.strip()
     # as the original (SeparatorStyle.TWO): an empty turn renders as "USER:",
     # with neither a space nor the separator; the system message is followed by
@@ -79,13 +86,8 @@ def cfg_batch(
     """
     if n < 1:
         raise InputError(f"the number of images to generate must be 1 or more, got {n}")
-    for name, text in (("prompt", prompt), ("negative prompt", negative_prompt)):
-        if IMAGE_PLACEHOLDER in text:
-            # the original would embed id -200 and fail inside the LLM
-            raise InputError(
-                f"the {name} contains '{IMAGE_PLACEHOLDER}', which VILA-U reserves for image inputs; "
-                "remove it from the text"
-            )
+    refuse_image_placeholder("prompt", prompt)
+    refuse_image_placeholder("negative prompt", negative_prompt)
     conditional = tokenizer.tokenize_with_image_slots(generation_prompt(prompt, video))
     unconditional = tokenizer.tokenize_with_image_slots(generation_prompt(negative_prompt, video))
     rows = [conditional] * n + [unconditional] * n

@@ -14,7 +14,6 @@ a tensor too, so one position's sampling has fixed shapes, no host
 synchronisation (no `.item()`, no branching on tensor values) and no Python
 value that changes between runs: the compiled generation step
 (vilau_backend/decoding/position_step.py) replays it, in a CUDA graph on CUDA.
-`sample_codes` is the same computation for callers that hold generators.
 
 NaN logits become -inf after the top-k filter, as in the original (which also
 prints a warning; checking for NaNs would need a host sync, so this does not).
@@ -24,8 +23,6 @@ from __future__ import annotations
 
 import torch
 from torch.nn import functional as F
-
-from ..errors import InputError
 
 
 def filter_top_k(logits: torch.Tensor, k: int | torch.Tensor | None, ordered: torch.Tensor | None = None) -> torch.Tensor:
@@ -74,16 +71,6 @@ def greedy(logits: torch.Tensor) -> torch.Tensor:
     return torch.argmax(logits.float(), dim=-1)
 
 
-def uniforms(n: int, generators: list[torch.Generator] | None, device: torch.device) -> torch.Tensor:
-    """One U[0, 1) float32 draw per row: (n,). Row i draws only from generators[i]."""
-    if generators is None:
-        return torch.rand(n, device=device)
-    if len(generators) != n:
-        raise InputError(f"sampling {n} images needs {n} random generators, got {len(generators)}")
-    draws = [torch.rand(1, generator=g, device=g.device) for g in generators]
-    return torch.cat([u.to(device, non_blocking=True) for u in draws])
-
-
 def draw_uniforms(generators: list[torch.Generator], positions: int, depth: int) -> torch.Tensor:
     """Every uniform a run needs, (B, positions, depth) float32 on the generators' device.
 
@@ -129,23 +116,3 @@ def pick_codes(logits: torch.Tensor, u: torch.Tensor, knobs: torch.Tensor) -> to
     scaled = scaled.masked_fill(torch.isnan(scaled), float("-inf"))
     probs = filter_top_p(F.softmax(scaled, dim=-1), top_p, order)  # (B, V)
     return torch.where(is_greedy, greedy(logits), sample_from_probs(probs, u))
-
-
-def sample_codes(
-    logits: torch.Tensor,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    generators: list[torch.Generator] | None = None,
-) -> torch.Tensor:
-    """Draw one code per row. logits: (B, V) in any float dtype -> (B,) int64.
-
-    `pick_codes` with settings given as numbers, drawing the uniforms here:
-    `generators[i]` is the only source of randomness of row i (one draw per
-    call); None uses torch's global generator. temperature <= 0 or top_k == 1
-    is exact argmax (torch.argmax: first index on ties), drawing nothing.
-    """
-    if temperature <= 0 or top_k == 1:
-        return greedy(logits)
-    u = uniforms(logits.shape[0], generators, logits.device)  # (B,)
-    return pick_codes(logits, u, sampling_knobs(temperature, top_k, top_p, logits.device))

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import InputError
+from ..errors import InputError, require_finite
 
 
 @dataclass(frozen=True)
@@ -28,6 +28,7 @@ class TextSampling:
     repetition_penalty: float = 1.0  # 1.0 disables
 
     def __post_init__(self) -> None:
+        require_finite(temperature=self.temperature, top_p=self.top_p, repetition_penalty=self.repetition_penalty)
         if self.do_sample and not self.temperature > 0:
             raise InputError(
                 f"temperature must be above 0 when sampling, got {self.temperature}; use greedy decoding instead"
@@ -64,12 +65,6 @@ def logits_processors(sampling: TextSampling):
         if sampling.top_p < 1.0:
             processors.append(TopPLogitsWarper(sampling.top_p))
     return processors
-
-
-def next_token(logits: torch.Tensor, generated: list[int], processors, do_sample: bool, generator) -> int:
-    """logits (1, V) float32 -> the chosen token id."""
-    seen = torch.tensor([generated], dtype=torch.long, device=logits.device)  # (1, n)
-    return int(next_tokens(logits, seen, processors, do_sample, [generator], [True], eos=0)[0])
 
 
 def next_tokens(

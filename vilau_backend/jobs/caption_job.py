@@ -11,11 +11,9 @@ import time
 from pathlib import Path
 
 from ..decoding.compiled_steps import CompileCallback
-from ..tasks.captioning import CaptionProgress, CaptionReport, CaptionSettings, caption_folder
+from ..tasks.captioning import CaptionEvent, CaptionReport, CaptionSettings, caption_folder
 from .processes import JobProcesses
-from .records import JobLog, finish_job
-
-JOB_FOLDER = ".vilau-job"  # hidden: the listing never walks it
+from .records import JOB_FOLDER, JobLog, finish_job
 
 
 def caption_job(
@@ -29,14 +27,14 @@ def caption_job(
     report = CaptionReport(root)
     logged = {"written": 0, "failed": 0}
 
-    def on_progress(event: CaptionProgress) -> None:
+    def on_progress(event: CaptionEvent) -> None:
         log.start(event.total)
         if not event.images:  # a batch is finished: log its captions and failures
             _log_new(log, report, logged)
 
     try:
         caption_folder(model, folder, settings, on_progress=on_progress, on_compile=on_compile,
-                       share=(processes.share.index, processes.share.count), report=report)
+                       share=processes.share, report=report)
         _log_new(log, report, logged)  # failures of a last batch that had no readable image
         for image, why in report.skipped:
             log.finished(_relative(image, root), "skipped", why)

@@ -12,25 +12,21 @@ line number and the reason; the others go on.
 
 from __future__ import annotations
 
-import io
 import json
 import re
 import time
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
-import torch
-
 from ..decoding.compiled_steps import CompileCallback
 from ..decoding.prompts import DEFAULT_NEGATIVE_PROMPT
 from ..errors import InputError, VilaUError
-from ..tasks.captioning import write_file_whole
+from ..media.files import png_bytes, write_file_whole
 from ..tasks.generate import generate_images
-from ..tasks.requests import ImageRequest, ImageSampling, empty_prompt_problem
+from ..tasks.requests import ImageRequest, ImageSampling
 from .processes import JobProcesses
-from .records import JobLog, finish_job
+from .records import JOB_FOLDER, JobLog, finish_job
 
-JOB_FOLDER = ".vilau-job"
 LINE_KEYS = {"prompt", "name", "negative_prompt", "seed"} | {f.name for f in fields(ImageSampling)}
 _NAME = re.compile(r"[^/\\\x00-\x1f]{1,200}")  # one file name: no folders, no control characters
 
@@ -40,10 +36,6 @@ class PromptLine:
     number: int  # from 1, as an editor counts lines
     name: str
     request: ImageRequest  # one image; the run's compile choice is added when it is made
-
-    @property
-    def seed(self) -> int:
-        return self.request.seed
 
 
 def read_prompt_lines(path: Path) -> list[PromptLine | tuple[int, str]]:
@@ -78,9 +70,9 @@ def _parse_line(number: int, line: str) -> PromptLine:
     unknown = sorted(set(entry) - LINE_KEYS)
     if unknown:
         raise InputError(f"unknown key(s) {', '.join(unknown)}; a line may have {', '.join(sorted(LINE_KEYS))}")
-    problem = empty_prompt_problem(entry.get("prompt")) if isinstance(entry.get("prompt", ""), str) else "the prompt must be text"
-    if problem:
-        raise InputError(problem)
+    prompt = entry.get("prompt", "")  # missing: refused by ImageRequest as an empty prompt
+    if not isinstance(prompt, str):
+        raise InputError("the prompt must be text")
     name = str(entry.get("name", f"{number:06d}"))
     if not _NAME.fullmatch(name) or name.startswith(".") or name.strip() != name:
         raise InputError(f"name {name!r} must be a plain file name (no folders, not hidden, no surrounding spaces)")
@@ -94,7 +86,7 @@ def _parse_line(number: int, line: str) -> PromptLine:
     negative = entry.get("negative_prompt", DEFAULT_NEGATIVE_PROMPT)
     if not isinstance(negative, str):
         raise InputError("negative_prompt must be text")
-    request = ImageRequest(prompt=entry["prompt"], negative_prompt=negative, seed=seed, sampling=ImageSampling(**knobs))
+    request = ImageRequest(prompt=prompt, negative_prompt=negative, seed=seed, sampling=ImageSampling(**knobs))
     return PromptLine(number, name, request)
 
 
@@ -139,13 +131,3 @@ def _generate_one(model, line: PromptLine, out: Path, log: JobLog, compile: bool
         log.finished(target.name, "failed", f"line {line.number}: {error}")
         return
     log.finished(target.name, "written")
-
-
-def png_bytes(image: torch.Tensor) -> bytes:
-    """(H, W, 3) float 0..1 -> PNG, truncating to 8 bits as the original's inference.py does."""
-    from PIL import Image
-
-    array = (image.clamp(0, 1) * 255).to(torch.uint8).cpu().numpy()
-    buffer = io.BytesIO()
-    Image.fromarray(array, mode="RGB").save(buffer, format="PNG")
-    return buffer.getvalue()

@@ -1,5 +1,5 @@
 """The processes of one job, through accelerate: who this process is, its share of the items,
-and the few collective steps a job needs (wait for all, gather every process's records).
+and the one collective step a job needs (gather every process's records, which waits for all).
 
 Started by `torchrun` or `accelerate launch`, accelerate reads the launcher's environment and
 joins the process group (NCCL between GPUs, gloo on the CPU); started plainly, it is one process.
@@ -7,21 +7,9 @@ joins the process group (NCCL between GPUs, gloo on the CPU); started plainly, i
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-
-@dataclass(frozen=True)
-class Share:
-    """Process `index` of `count` takes the items whose place in the job's order is index modulo count:
-    a split that depends only on that order, never on timing or on what is already done."""
-
-    index: int = 0
-    count: int = 1
-
-    def owns(self, place: int) -> bool:
-        return place % self.count == self.index
+from ..tasks.shares import Share
 
 
 class JobProcesses:

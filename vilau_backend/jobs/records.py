@@ -13,9 +13,10 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..tasks.captioning import write_file_whole
-from .processes import Share
+from ..media.files import write_file_whole
+from ..tasks.shares import Share
 
+JOB_FOLDER = ".vilau-job"  # beside the outputs (hidden: a folder's listing never walks it), unless --job-dir
 SUMMARY_NAME = "summary.json"
 LISTED = 50  # skipped items named in summary.json; failures are always all listed
 
@@ -79,17 +80,6 @@ def summary_record(kind: str, processes: int, records: list[ItemRecord], seconds
 def write_summary(folder: Path, summary: dict) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     return write_file_whole(folder / SUMMARY_NAME, (json.dumps(summary, indent=1, ensure_ascii=False) + "\n").encode())
-
-
-def read_log(path: Path) -> list[dict]:
-    """A process's log: one record per line; a last line cut short by a crash is left out."""
-    entries = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            entries.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return entries
 
 
 def finish_job(processes, log: JobLog, kind: str, started: float) -> dict | None:

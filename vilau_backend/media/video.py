@@ -19,6 +19,7 @@ index formula would repeat frames instead; a shorter video gives the frames it h
 from __future__ import annotations
 
 import glob
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,8 +29,11 @@ import torch
 
 from ..errors import InputError
 
+log = logging.getLogger(__name__)
+
 VIDEO_SUFFIXES = (".mp4", ".webm", ".gif", ".mov", ".mkv", ".avi", ".m4v")
 FRAME_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
+DEFAULT_FPS = 8.0  # of written videos: the original's 8 generated frames make one second
 
 
 @dataclass
@@ -89,7 +93,9 @@ class FrameChoice:
             )
 
     def indices(self, n_frames: int, default_count: int | None = None) -> list[int]:
-        """Indices of the chosen frames among `n_frames`, in order."""
+        """Indices of the chosen frames among `n_frames`, in order: `count` of them, or `default_count`
+        (the model's num_video_frames) when count is None, or every one when both are None. A video
+        or window too short for that many gives the frames it has, with a warning."""
         if n_frames < 1:
             raise InputError("the video has no frames")
         if self.start >= n_frames:
@@ -97,9 +103,14 @@ class FrameChoice:
         window = range(self.start, n_frames if self.end is None else min(self.end + 1, n_frames))
         count = self.count if self.count is not None else default_count
         if self.method == "uniform":
-            return [window[i] for i in uniform_frame_indices(len(window), count)]
-        chosen = window if self.method == "first" else window[:: self.step]
-        return list(chosen if count is None else chosen[:count])
+            chosen = [window[i] for i in uniform_frame_indices(len(window), count)]
+        else:
+            every = window if self.method == "first" else window[:: self.step]
+            chosen = list(every if count is None else every[:count])
+        if count is not None and len(chosen) < count:
+            log.warning("the chosen part of the video gives %d frames, fewer than the %d asked for; using them",
+                        len(chosen), count)
+        return chosen
 
 
 def read_video(
@@ -204,7 +215,7 @@ def _stack(frames: list[np.ndarray], source: str) -> torch.Tensor:
     return torch.from_numpy(np.stack(frames)).float().div_(255.0)
 
 
-def write_video_file(frames: torch.Tensor, path: str | os.PathLike, fps: float = 8.0) -> Path:
+def write_video_file(frames: torch.Tensor, path: str | os.PathLike, fps: float = DEFAULT_FPS) -> Path:
     """Frames (F, H, W, 3) float 0..1 -> an H.264 mp4 (yuv420p, playable everywhere)."""
     import av
     from fractions import Fraction

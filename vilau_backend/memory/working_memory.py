@@ -136,7 +136,8 @@ def understanding_memory(model, answer: WorkingMemory, prompts: int, prompt_len:
     return WorkingMemory(peak=embeds + max(encode_bytes(model, encoded_at_once), answer.peak), held=answer.held)
 
 
-QUANTIZE_REMEDY = "choose quantize int8 or 4bit on the loader (smaller weights leave more room), or unload other models"
+QUANTIZE_REMEDY = ("choose quantize int8 or 4bit (on the loader, or --quantize on the command line: smaller weights "
+                   "leave more room), or free memory that other models hold")
 
 
 def reserve_for_run(model, key, memory: WorkingMemory, what: str, remedy: str) -> None:

@@ -37,13 +37,9 @@ EmbedCodes = Callable[[torch.Tensor], torch.Tensor]  # codes (..., D) -> per-dep
 SampleCodes = Callable[[torch.Tensor, int], torch.Tensor]  # guided logits (B, V), depth d -> codes (B,) int64
 
 
-def at_every_depth(sample: Callable[[torch.Tensor], torch.Tensor]) -> SampleCodes:
-    """A sampler that does not care about the depth (e.g. `sampling.greedy`) as a SampleCodes."""
-    return lambda logits, d: sample(logits)
-
-
 def guide(cond: torch.Tensor, uncond: torch.Tensor, cfg: float | torch.Tensor) -> torch.Tensor:
     """Classifier-free guidance, as the original: u + cfg * (c - u) in the logits' dtype.
+    cond, uncond: (B, V), the conditional and unconditional rows' logits -> guided (B, V).
 
     A tensor cfg (the compiled step's, so that a new scale does not recompile) multiplies
     in float32 and rounds to the logits' dtype, which is what torch does with a Python
@@ -119,10 +115,13 @@ class DepthBlock(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (N, D, E), every depth at once -> (N, D, E)."""
         x = x + self.attn(self.ln1(x))
         return x + self.mlp(self.ln2(x))
 
     def step(self, x: torch.Tensor, cache: torch.Tensor, d: int) -> torch.Tensor:
+        """Depth position d only: x (R, E); cache: (2, R, heads, D, hd), this block's keys and values,
+        position d written here -> (R, E)."""
         x = x + self.attn.step(self.ln1(x), cache, d)
         return x + self.mlp(self.ln2(x))
 

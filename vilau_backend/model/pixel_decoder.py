@@ -31,7 +31,8 @@ class ResnetBlock(nn.Module):
         self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
+        """x: (B, C_in, H, W) -> (B, C_out, H, W)."""
+        h = self.conv1(F.silu(self.norm1(x)))  # (B, C_out, H, W)
         h = self.conv2(F.silu(self.norm2(h)))
         if self.nin_shortcut is not None:
             x = self.nin_shortcut(x)
@@ -57,7 +58,7 @@ class AttnBlock(nn.Module):
         v = self.v(h).reshape(b, c, height * width)  # (B, c, N)
         # as the original: scale after the product, softmax in the model dtype
         weights = torch.softmax(torch.bmm(q, k) * (c**-0.5), dim=2)  # (B, N, N)
-        out = torch.bmm(v, weights.transpose(1, 2)).reshape(b, c, height, width)
+        out = torch.bmm(v, weights.transpose(1, 2)).reshape(b, c, height, width)  # (B, c, H, W)
         return x + self.proj_out(out)
 
 
@@ -67,6 +68,7 @@ class Upsample(nn.Module):
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, C, 2H, 2W)."""
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
@@ -120,15 +122,17 @@ class ConvDecoder(nn.Module):
         self.conv_out = nn.Conv2d(channels, spec.out_ch, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        h = self.mid(self.conv_in(z))
-        for level in reversed(self.up):
+        """z: (B, z_channels, h, w) -> pixels (B, out_ch, h * 2**L, w * 2**L), L = len(ch_mult) - 1
+        upsamplings (16x16 -> 256x256 for the 256 px model), about -1..1."""
+        h = self.mid(self.conv_in(z))  # (B, ch * ch_mult[-1], h, w)
+        for level in reversed(self.up):  # coarsest first
             for i, block in enumerate(level.block):
-                h = block(h)
+                h = block(h)  # (B, ch * ch_mult[level], ...)
                 if len(level.attn) > 0:
                     h = level.attn[i](h)
             if hasattr(level, "upsample"):
-                h = level.upsample(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+                h = level.upsample(h)  # twice the height and width
+        return self.conv_out(F.silu(self.norm_out(h)))  # (B, out_ch, H, W)
 
 
 class PixelDecoder(nn.Module):

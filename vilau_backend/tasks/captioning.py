@@ -6,7 +6,8 @@ folder of thousands works. Each caption is written to a temporary file in the sa
 and renamed over its final name (an atomic replace on POSIX and Windows), so a reader (or a
 cancelled run) sees either no caption or a whole one, never half of one.
 
-What is touched, and what is not (vilau_backend/media/image_folder.py lists and reads):
+What is touched, and what is not (vilau_backend/media/image_folder.py lists, media/files.py reads
+and writes):
 
 - only files with an image suffix count; hidden files (``.name``), links out of the folder
   and special files (FIFOs, devices) are skipped, and named in the summary with the reason;
@@ -27,17 +28,18 @@ vilau_backend/media/path_boundary.py).
 from __future__ import annotations
 
 import os
-import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
 
-from ..media.image_folder import IMAGE_SUFFIXES, UnreadableImage, list_folder, read_image, unwritable_reason
+from ..media.files import UnreadableImage, read_image, write_file_whole
+from ..media.image_folder import IMAGE_SUFFIXES, list_folder, unwritable_reason
 from ..errors import InputError
 from ..decoding.compiled_steps import CompileCallback
 from .requests import AnswerRequest
+from .shares import Share
 from .understand import answer_each_image
 
 CAPTION_SUFFIX = ".txt"
@@ -94,7 +96,7 @@ def _relative(path: Path, folder: Path) -> str:
 
 
 @dataclass(frozen=True)
-class CaptionProgress:
+class CaptionEvent:
     """Where a run stands: `done` of `total` images finished (written or failed), and the current
     batch's images with their captions so far after token `step`. When a batch is finished, an
     event with no images marks it."""
@@ -106,14 +108,14 @@ class CaptionProgress:
     texts: list[str]
 
 
-ProgressCallback = Callable[[CaptionProgress], object]
+CaptionCallback = Callable[[CaptionEvent], object]
 
 
 def caption_folder(
     model, folder: str | os.PathLike, settings: CaptionSettings = CaptionSettings(),
-    on_progress: ProgressCallback | None = None,
+    on_progress: CaptionCallback | None = None,
     on_compile: CompileCallback | None = None,
-    share: tuple[int, int] = (0, 1),
+    share: Share = Share(),
     report: CaptionReport | None = None,
 ) -> CaptionReport:
     """Write a caption beside every image of `folder` (see the module's docstring for what is touched).
@@ -121,8 +123,8 @@ def caption_folder(
     Whatever `on_progress` raises (a cancel) stops the run between two tokens and reaches the
     caller: the captions of earlier batches are on disk, the current batch's are not written.
 
-    share (i, n): this run takes only the images whose place in the sorted listing is i modulo n
-    (one of n processes splitting a folder; the split does not depend on which captions exist yet);
+    share: this run takes only the images of the sorted listing that the share owns (one of several
+    processes splitting a folder; the split does not depend on which captions exist yet);
     the folder-wide findings (files passed over, folders skipped) are the first share's to report.
     `report`, when given, is filled as the run goes (a caller can read it at each progress event)."""
     request = settings.answer_request()
@@ -140,7 +142,7 @@ def caption_folder(
                 _write_one(report, image, settings.prefix + text + settings.suffix)
         done += len(batch)
         if on_progress is not None:
-            on_progress(CaptionProgress(done, len(todo), 0, [], []))
+            on_progress(CaptionEvent(done, len(todo), 0, [], []))
     return report
 
 
@@ -161,23 +163,6 @@ def write_caption(path: Path, text: str) -> Path:
     return write_file_whole(path, text.encode("utf-8"))
 
 
-def write_file_whole(path: Path, data: bytes) -> Path:
-    """Write `data` to `path` all at once (a reader sees no file or the whole file, never part of one)."""
-    # a short name of its own: the caption's name plus a suffix may pass the file system's limit
-    temporary = path.with_name(f".vilau-caption-{secrets.token_hex(6)}.tmp")
-    try:
-        # O_EXCL: a new file of our own (never an existing one or a link); 0o666 minus the umask,
-        # as any other file the user creates
-        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-        with os.fdopen(descriptor, "wb") as file:
-            file.write(data)
-        os.replace(temporary, path)  # replaces a link at `path` itself, never its target
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-    return path
-
-
 def _checked_folder(folder: str | os.PathLike) -> Path:
     text = str(folder).strip()
     if not text:
@@ -191,16 +176,16 @@ def _checked_folder(folder: str | os.PathLike) -> Path:
 
 
 def _images_to_caption(
-    root: Path, settings: CaptionSettings, report: CaptionReport, share: tuple[int, int] = (0, 1),
+    root: Path, settings: CaptionSettings, report: CaptionReport, share: Share = Share(),
 ) -> list[Path]:
     listing = list_folder(root, settings.recursive)
-    if share[0] == 0:
+    if share.index == 0:
         report.skipped += listing.skipped
         report.folders += listing.folders
     todo, owners, unwritable, mine = [], {}, {}, []
     for place, image in enumerate(listing.images):
         target = caption_path(image)
-        if place % share[1] != share[0]:
+        if not share.owns(place):
             owners.setdefault(target, image)  # another process's image, still the owner of its caption name
             continue
         mine.append(image)
@@ -238,7 +223,7 @@ def _read_batch(model, batch: list[Path], report: CaptionReport) -> tuple[list[P
     images, pixels = [], []
     for path in batch:
         try:
-            pixels.append(model.preprocess(load_image(path, report.folder)))
+            pixels.append(model.preprocess(read_image(path, report.folder)))
         except UnreadableImage as error:
             report.failed.append((path, f"cannot read the image: {error}"))
             continue
@@ -249,20 +234,14 @@ def _read_batch(model, batch: list[Path], report: CaptionReport) -> tuple[list[P
     return images, (torch.cat(pixels) if pixels else None)
 
 
-def load_image(path: Path, root: Path | None = None) -> torch.Tensor:
-    """An image file as ComfyUI's Load Image gives it: (1, H, W, 3) float32 k/255, EXIF-rotated
-    (only a regular file, inside `root` when given; see media/image_folder.read_image)."""
-    return read_image(path, root)
-
-
 def _caption_batch(
     model, pixels: torch.Tensor, images: list[Path], request: AnswerRequest,
-    on_progress: ProgressCallback | None, on_compile: CompileCallback | None, done: int, total: int,
+    on_progress: CaptionCallback | None, on_compile: CompileCallback | None, done: int, total: int,
 ) -> list[str]:
     report = None
     if on_progress is not None:
         def report(step: int, texts: list[str]) -> None:
-            on_progress(CaptionProgress(done, total, step, images, texts))
+            on_progress(CaptionEvent(done, total, step, images, texts))
     answers = answer_each_image(model, pixels, request, on_answers=report, on_compile=on_compile,
                                 pad_to=request.batch_size)
     return [answer.text for answer in answers]

@@ -13,26 +13,32 @@ had generated them. The functions here build those masks:
 - continue downward: the first N rows kept (`keep_rows`);
 - extend a video: the given frames kept as the first frames (`keep_frames`).
 
+The request's `num_images` is how many edits to make of each source (a video: how many
+continuations): `edits_of_sources` repeats every source that many times, source after source
+(edit i samples with seed index i), into the `EditRequest` of the whole batch.
+
 Positions kept entirely at the start (continue, extend) are prefilled in one
 batched LLM forward. After decoding, `paste_outside` puts the source pixels back
 where nothing was regenerated, with a feathered edge.
 
-Shapes: B images, S model image size, h x w grid, P positions, D depth, F frames.
+Shapes: N sources, B = N x num_images edits, S model image size, h x w grid, P positions, D depth, F frames.
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 from torch.nn import functional as F
 
 from ..decoding.compiled_steps import CompileCallback
 from ..errors import InputError
-from .generate import GeneratedImages, PositionCallback, decode_videos, generate_codes
+from .generate import GeneratedImages, PositionCallback, decode_images, decode_videos, generate_codes
 from .requests import EditRequest, ImageRequest, image_request
 
 DEFAULT_MASK_THRESHOLD = 0.5  # a position is regenerated when at least half its pixels are masked
+DEFAULT_FEATHER = 8  # pixels over which pasted-back source pixels blend into an inpainting
+DEFAULT_STRENGTH = 0.5  # vary by depth: half the residual depths kept
 
 
 def as_mask_batch(mask: torch.Tensor) -> torch.Tensor:
@@ -145,42 +151,43 @@ def match_batch(mask: torch.Tensor, sources: int) -> torch.Tensor:
     raise InputError(f"{mask.shape[0]} masks for {sources} images: give one mask, or one per image")
 
 
+def edits_of_sources(request: ImageRequest, given_codes: torch.Tensor, keep: torch.Tensor) -> EditRequest:
+    """The one place an edit's `num_images` is read: N sources' given_codes (N, ...) and keep (N, P, D),
+    each repeated num_images times in a row -> the run of all N * num_images edits."""
+    per_source = request.num_images
+    generation = replace(request, num_images=given_codes.shape[0] * per_source)
+    return EditRequest(generation, repeat_sources(given_codes, per_source), repeat_sources(keep, per_source))
+
+
 def edit_codes(
     model, request: ImageRequest | str, given_codes: torch.Tensor, keep: torch.Tensor, *,
     on_position: PositionCallback | None = None, on_compile: CompileCallback | None = None, **fields,
 ) -> torch.Tensor:
-    """Regenerate the codes not kept: given_codes (B, h, w, D) with keep (B, P, D) -> codes (B, h, w, D).
+    """Regenerate the codes not kept, `num_images` edits of each of N sources: given_codes (N, h, w, D)
+    with keep (N, P, D) -> codes (N * num_images, h, w, D), source after source.
 
-    request: the generation (its num_images is that of the given codes), or a prompt with its fields
-    as keywords."""
+    request: the generation, or a prompt with its fields as keywords."""
     model.check_codes(given_codes)
-    generation = replace(image_request(request, fields), num_images=given_codes.shape[0])
-    return generate_codes(model, EditRequest(generation, given_codes, keep), on_position=on_position,
-                          on_compile=on_compile)
+    edit = edits_of_sources(image_request(request, fields), given_codes, keep)
+    return generate_codes(model, edit, on_position=on_position, on_compile=on_compile)
 
 
 def extend_video_codes(
-    model, request: ImageRequest | str, frame_codes: torch.Tensor, frames: int, *, videos: int = 1,
+    model, request: ImageRequest | str, frame_codes: torch.Tensor, frames: int, *,
     on_position: PositionCallback | None = None, on_compile: CompileCallback | None = None, **fields,
 ) -> torch.Tensor:
-    """frame_codes (Fg, h, w, D), the given frames of one video -> `videos` videos (B, frames, h, w, D)
-    that start with exactly those frames and continue under the request's prompt."""
+    """frame_codes (Fg, h, w, D), the given frames of one video -> the request's `num_images` videos
+    (B, frames, h, w, D) that start with exactly those frames and continue under its prompt."""
     model.check_codes(frame_codes)
     given_frames = frame_codes.shape[0]
     if frames <= given_frames:
         raise InputError(f"the video has {given_frames} frames already; ask for more than that in total, got {frames}")
     h, w, D = frame_codes.shape[1:]
-    given = torch.zeros(videos, frames, h, w, D, dtype=torch.long)
+    given = torch.zeros(1, frames, h, w, D, dtype=torch.long)  # (1, F, h, w, D): the one source video
     given[:, :given_frames] = frame_codes.cpu().long()
-    keep = keep_frames(videos, given_frames, frames, (h, w), D)
-    generation = replace(image_request(request, fields), num_images=videos, frames=frames)
-    return generate_codes(model, EditRequest(generation, given, keep), on_position=on_position, on_compile=on_compile)
-
-
-def decode_edit(model, codes: torch.Tensor) -> GeneratedImages:
-    """codes (B, h, w, D) -> codes, summed features and decoded images, as generate_images returns them."""
-    features = model.codes_to_features(codes)  # (B, h, w, C)
-    return GeneratedImages(codes=codes.cpu(), features=features.cpu(), images=model.decode_features(features))
+    keep = keep_frames(1, given_frames, frames, (h, w), D)
+    edit = edits_of_sources(replace(image_request(request, fields), frames=frames), given, keep)
+    return generate_codes(model, edit, on_position=on_position, on_compile=on_compile)
 
 
 def model_view(model, images: torch.Tensor) -> torch.Tensor:
@@ -212,51 +219,69 @@ def paste_outside(original: torch.Tensor, edited: torch.Tensor, regenerate: torc
     return edited.cpu() * weight + original.cpu() * (1 - weight)
 
 
-def inpaint(
-    model, request: ImageRequest | str, codes: torch.Tensor, regenerate: torch.Tensor, *,
-    original: torch.Tensor | None = None, feather: int = 0, on_position: PositionCallback | None = None,
-    on_compile: CompileCallback | None = None, **fields,
-) -> GeneratedImages:
-    """Regenerate the grid positions `regenerate` (B, h, w) of codes (B, h, w, D) under the request.
+@dataclass
+class Inpainting(GeneratedImages):
+    regenerated: torch.Tensor  # (B, S, S) float: 1 on the grid positions that were regenerated, 0 elsewhere
 
-    With `original` (B, S, S, 3), the source as the model sees it (model_view), its pixels are
-    pasted back outside the regenerated positions with a `feather`-pixel edge. request: as edit_codes."""
-    keep = keep_positions(regenerate.cpu(), codes.shape[-1])
-    edited = decode_edit(
-        model, edit_codes(model, request, codes, keep, on_position=on_position, on_compile=on_compile, **fields)
-    )
-    if original is not None:
+
+def inpaint(
+    model, request: ImageRequest | str, codes: torch.Tensor, mask: torch.Tensor, *,
+    images: torch.Tensor | None = None, threshold: float = DEFAULT_MASK_THRESHOLD, grow: int = 0,
+    feather: int | None = DEFAULT_FEATHER, on_position: PositionCallback | None = None,
+    on_compile: CompileCallback | None = None, **fields,
+) -> Inpainting:
+    """Regenerate the masked grid positions of N sources' codes (N, h, w, D) under the request,
+    `num_images` edits of each (as edit_codes).
+
+    mask (H, W), or (1 or N, H, W): 1 = regenerate, 0 = keep, any size; a grid position is regenerated
+    when at least `threshold` of its pixels are masked, then the region grows by `grow` positions
+    (regenerate_from_mask). images (N, H, W, C): the sources, when they were images: the mask maps
+    onto them as the model's preprocessing maps the image (a latent's grid is the square), and
+    unless `feather` is None their pixels as the model sees them (model_view) are pasted back
+    outside the regenerated positions with a `feather`-pixel edge."""
+    request = image_request(request, fields)
+    aspect = model.config.image_aspect_ratio if images is not None else "resize"
+    regenerate = regenerate_from_mask(match_batch(as_mask_batch(mask), codes.shape[0]), model.config.grid,
+                                      aspect=aspect, threshold=threshold, grow=grow)  # (N, h, w)
+    keep = keep_positions(regenerate, codes.shape[-1])
+    edited = decode_images(model, edit_codes(model, request, codes, keep, on_position=on_position,
+                                             on_compile=on_compile))
+    regenerate = repeat_sources(regenerate, request.num_images)  # (B, h, w), as the edits
+    if images is not None and feather is not None:
+        original = repeat_sources(model_view(model, images), request.num_images)  # (B, S, S, 3)
         edited.images = paste_outside(original, edited.images, regenerate, feather)
-    return edited
+    region = feathered_pixel_mask(regenerate, edited.images.shape[1], 0)[..., 0]  # (B, S, S)
+    return Inpainting(**vars(edited), regenerated=region)
 
 
 def vary_by_depth(model, request: ImageRequest | str, codes: torch.Tensor, kept_depths: int, *,
                   on_position: PositionCallback | None = None, on_compile: CompileCallback | None = None,
                   **fields) -> GeneratedImages:
-    """Keep the first `kept_depths` residual depths of every position of codes (B, h, w, D), resample
-    the rest. request: as edit_codes."""
-    B, h, w, D = codes.shape
-    keep = keep_depths(B, h * w, D, kept_depths)
+    """Keep the first `kept_depths` residual depths of every position of N sources' codes (N, h, w, D),
+    resample the rest: `num_images` variations of each. request: as edit_codes."""
+    N, h, w, D = codes.shape
+    keep = keep_depths(N, h * w, D, kept_depths)
     codes = edit_codes(model, request, codes, keep, on_position=on_position, on_compile=on_compile, **fields)
-    return decode_edit(model, codes)
+    return decode_images(model, codes)
 
 
 def continue_downward(model, request: ImageRequest | str, codes: torch.Tensor, rows: int, *,
                       on_position: PositionCallback | None = None, on_compile: CompileCallback | None = None,
                       **fields) -> GeneratedImages:
-    """Keep the first `rows` grid rows of codes (B, h, w, D), generate the rows below them.
-    request: as edit_codes."""
-    B, h, w, D = codes.shape
-    keep = keep_rows(B, (h, w), D, rows)
+    """Keep the first `rows` grid rows of N sources' codes (N, h, w, D), generate the rows below them:
+    `num_images` continuations of each. request: as edit_codes."""
+    N, h, w, D = codes.shape
+    keep = keep_rows(N, (h, w), D, rows)
     codes = edit_codes(model, request, codes, keep, on_position=on_position, on_compile=on_compile, **fields)
-    return decode_edit(model, codes)
+    return decode_images(model, codes)
 
 
-def extend_video(model, request: ImageRequest | str, frame_codes: torch.Tensor, frames: int, *, videos: int = 1,
+def extend_video(model, request: ImageRequest | str, frame_codes: torch.Tensor, frames: int, *,
                  on_position: PositionCallback | None = None, on_compile: CompileCallback | None = None,
                  **fields) -> GeneratedImages:
-    """The given frames' codes (Fg, h, w, D) -> `videos` videos of `frames` frames starting with them,
-    decoded: codes (B, F, h, w, D), features and frames (B, F, H, W, 3). request: as extend_video_codes."""
-    codes = extend_video_codes(model, request, frame_codes, frames, videos=videos, on_position=on_position,
-                               on_compile=on_compile, **fields)
+    """The given frames' codes (Fg, h, w, D) -> the request's `num_images` videos of `frames` frames
+    starting with them, decoded: codes (B, F, h, w, D), features and frames (B, F, H, W, 3).
+    request: as extend_video_codes."""
+    codes = extend_video_codes(model, request, frame_codes, frames, on_position=on_position, on_compile=on_compile,
+                               **fields)
     return decode_videos(model, codes)

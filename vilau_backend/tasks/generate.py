@@ -193,7 +193,8 @@ def _reserve_working_memory(model, run: _CodeRun, key, compile: bool) -> None:
     size = model.config.image_size
     what = f"{B} image(s) at {size} px" if frames == 1 else f"{B} video(s) of {frames} frames at {size} px"
     memory = working_memory.generation_memory(model, B, T, key.length, kept=compile)
-    working_memory.reserve_for_run(model, key, memory, what, "lower batch_size" + (" or frames" if frames > 1 else ""))
+    remedy = "lower batch_size (--num on the command line)" + (" or frames" if frames > 1 else "")
+    working_memory.reserve_for_run(model, key, memory, what, remedy)
 
 
 @dataclass(frozen=True)
@@ -261,9 +262,7 @@ def generate_images(
     if request.frames is not None:
         raise InputError("generate_images makes still images; use generate_video for frames")
     codes = generate_codes(model, request, on_position=on_position, on_compile=on_compile)
-    features = model.codes_to_features(codes)  # (B, h, w, C)
-    images = model.decode_features(features) if decode else None
-    return GeneratedImages(codes=codes.cpu(), features=features.cpu(), images=images)
+    return decode_images(model, codes, decode=decode)
 
 
 def generate_video(
@@ -280,6 +279,13 @@ def generate_video(
         raise InputError("generate_video makes videos: give frames (1 or more), or use generate_images")
     codes = generate_codes(model, request, on_position=on_position, on_compile=on_compile)
     return decode_videos(model, codes, decode=decode)
+
+
+def decode_images(model, codes: torch.Tensor, decode: bool = True) -> GeneratedImages:
+    """codes (B, h, w, D) -> codes, summed features (B, h, w, C) and images (B, H, W, 3)."""
+    features = model.codes_to_features(codes)  # (B, h, w, C)
+    images = model.decode_features(features) if decode else None
+    return GeneratedImages(codes=codes.cpu(), features=features.cpu(), images=images)
 
 
 def decode_videos(model, codes: torch.Tensor, decode: bool = True) -> GeneratedImages:

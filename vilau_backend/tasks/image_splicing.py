@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..decoding.prompts import IMAGE_TOKEN_INDEX
+from ..checkpoint.tokenizer import IMAGE_TOKEN_INDEX
 from ..errors import InputError
 
 if TYPE_CHECKING:

@@ -13,15 +13,14 @@ into the request, so both ways of calling reach the same checks.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
 
-from ..decoding.answer_loop import DEFAULT_MAX_NEW_TOKENS
-from ..decoding.prompts import DEFAULT_NEGATIVE_PROMPT, IMAGE_PLACEHOLDER, SYSTEM_PROMPT
+from ..decoding.answer_loop import DEFAULT_MAX_NEW_TOKENS, check_max_new_tokens
+from ..decoding.prompts import DEFAULT_NEGATIVE_PROMPT, SYSTEM_PROMPT, refuse_image_placeholder
 from ..decoding.token_choice import TextSampling
-from ..errors import InputError
+from ..errors import InputError, require_finite
 
 # answers generated together in one pass: memory grows with it (one KV cache row per answer)
 DEFAULT_BATCH_SIZE = 8
@@ -38,11 +37,8 @@ class ImageSampling:
     top_k: int = 900
     top_p: float = 0.96
 
-    def validate(self) -> None:
-        for name in ("cfg", "temperature", "top_p"):
-            value = getattr(self, name)
-            if not math.isfinite(value):  # NaN passes every range check (and JSON can carry it)
-                raise InputError(f"{name} must be a finite number, got {value}")
+    def __post_init__(self) -> None:
+        require_finite(cfg=self.cfg, temperature=self.temperature, top_p=self.top_p)
         if self.temperature < 0:
             raise InputError(f"temperature must be >= 0, got {self.temperature}")
         if self.top_k < 0:
@@ -58,9 +54,17 @@ def empty_prompt_problem(prompt: str | None) -> str | None:
     return None
 
 
+def empty_question_problem(question: str | None) -> str | None:
+    """What is wrong with an empty question, as the backend and the nodes' queue-time check say it."""
+    if question is None or not question.strip():
+        return "the question is empty: ask something, e.g. 'Describe the image in detail.'"
+    return None
+
+
 @dataclass(frozen=True)
 class ImageRequest:
-    """`num_images` images (frames None) or videos of `frames` frames from a prompt.
+    """`num_images` images (frames None) or videos of `frames` frames from a prompt; in an edit
+    (tasks/editing.py), `num_images` edits of each source.
 
     compile: run the compiled step (None: on CUDA only)."""
 
@@ -76,11 +80,12 @@ class ImageRequest:
         problem = empty_prompt_problem(self.prompt)
         if problem:
             raise InputError(problem)
+        refuse_image_placeholder("prompt", self.prompt)
+        refuse_image_placeholder("negative prompt", self.negative_prompt)
         if self.num_images < 1:
             raise InputError(f"num_images must be at least 1, got {self.num_images}")
         if self.frames is not None and self.frames < 1:
             raise InputError(f"frames must be at least 1, got {self.frames}")
-        self.sampling.validate()
         if self.seed < 0:
             raise InputError(f"seed must be >= 0, got {self.seed}")
 
@@ -90,7 +95,8 @@ class EditRequest:
     """A generation in which the codes `keep` marks are the given ones and the rest are sampled.
 
     given_codes and keep: (B, P, D), or shaped as the generated codes; B is the generation's
-    num_images. Their sizes against the model are checked by the run (tasks/generate.py)."""
+    num_images, the whole batch (tasks/editing.py: edits_of_sources makes it from sources and
+    edits per source). Their sizes against the model are checked by the run (tasks/generate.py)."""
 
     generation: ImageRequest
     given_codes: torch.Tensor = field(repr=False)
@@ -122,16 +128,16 @@ class AnswerRequest:
     def __post_init__(self) -> None:
         if not isinstance(self.question, str):
             raise InputError(f"the question must be text, got {type(self.question).__name__}")
-        if IMAGE_PLACEHOLDER in self.question:
-            # the slot would have no image to fill it
-            raise InputError(
-                f"the question contains '{IMAGE_PLACEHOLDER}', which VILA-U reserves for image inputs; remove it"
-            )
+        problem = empty_question_problem(self.question)
+        if problem:
+            raise InputError(problem)
+        refuse_image_placeholder("question", self.question)
+        refuse_image_placeholder("system prompt", self.system)
+        check_max_new_tokens(self.max_new_tokens)
         if self.batch_size < 1:
             raise InputError(f"batch_size (answers generated together) must be 1 or more, got {self.batch_size}")
         if not 0 <= self.seed < 2**64:
             raise InputError(f"seed must lie in 0..2**64-1, got {self.seed}")
-        # (max_new_tokens < 1 is refused by the token loop, which every answer goes through)
 
 
 def image_request(request: ImageRequest | str | None, fields: dict) -> ImageRequest:

@@ -30,7 +30,6 @@ V vocabulary.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -40,7 +39,8 @@ import torch
 from ..decoding.answer_loop import (DEFAULT_MAX_NEW_TOKENS, TokenCallback, answer_plan, answer_text, generate_text, generate_texts,
                                      reserve_answers)
 from ..decoding.compiled_steps import CompileCallback, run_compiles
-from ..decoding.prompts import IMAGE_TOKEN_INDEX, refuse_text_that_cannot_fit, understanding_prompt
+from ..checkpoint.tokenizer import IMAGE_TOKEN_INDEX
+from ..decoding.prompts import refuse_text_that_cannot_fit, understanding_prompt
 from ..decoding.token_choice import GREEDY, TextSampling
 from ..errors import InputError
 from ..media.video import FrameChoice
@@ -56,7 +56,6 @@ __all__ = [  # the answer API; the loop's, the token choice's and the request's 
     "answer_each_image", "describe_images", "describe_video", "sample_video_frames",
 ]
 
-log = logging.getLogger(__name__)
 
 # on_answers(step, texts): the answers' texts so far after `step` (from 0) of their pass
 AnswersCallback = Callable[[int, list[str]], object]
@@ -183,10 +182,6 @@ def sample_video_frames(
     if frames.ndim != 4:
         raise InputError(f"video frames must be shaped (frames, height, width, channels), got {tuple(frames.shape)}")
     indices = choice.indices(frames.shape[0], num_frames)
-    wanted = choice.count or num_frames
-    if len(indices) < wanted:
-        log.warning("the chosen part of the video gives %d frames, fewer than the %d asked for; using them",
-                    len(indices), wanted)
     return frames[indices], indices
 
 

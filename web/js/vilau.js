@@ -71,7 +71,7 @@ function addAnswerWidget(node) {
 // Workflows saved before the `preset` input existed list their widget values without it, and the
 // front end assigns them by position: the saved answer lands in `preset` (not one of its choices).
 // Such a node gets its answer back and the preset that asks its question as typed.
-export const CUSTOM_PRESET = "custom"; // as vilau_backend/prompts.py CUSTOM_QUESTION
+export const CUSTOM_PRESET = "custom"; // as vilau_backend/decoding/prompts.py CUSTOM_QUESTION
 function keepAnswerOfOlderWorkflow(node) {
   const preset = node.widgets?.find((w) => w.name === "preset");
   const choices = preset?.options?.values;
