@@ -43,7 +43,7 @@ class StepKey:
     length: int
     device: str
     dtype: torch.dtype
-    kind: str = "image"  # "image": a grid position (this module); "text": an answer token (text_step.py)
+    kind: str = "image"  # "image": a grid position (position_step.py); "text": an answer token (text_step.py)
 
 
 _lock = threading.Lock()

@@ -58,7 +58,7 @@ def check_quantize(quantize: str | None) -> str:
     library is missing, before any weight is read."""
     scheme = "none" if quantize in (None, "", "none") else str(quantize).replace("-", "")
     if scheme not in QUANTIZE_CHOICES:
-        raise InputError(f"unknown quantize choice {quantize!r}; choose one of: none, int8, 4bit")
+        raise InputError(f"unknown quantize choice {quantize!r}; choose one of: {', '.join(QUANTIZE_CHOICES)}")
     if scheme != "none":
         _library(scheme)
     return scheme

@@ -194,7 +194,7 @@ class VilaUModel:
         return held_bytes(self.step_states.values())
 
     def release_step_states(self) -> None:
-        """Free the memory the compiled generation step keeps between runs (KV cache, buffers)."""
+        """Free the memory the compiled image and answer steps keep between runs (KV caches, buffers)."""
         self.step_states.clear()
 
     # ---- vision API -------------------------------------------------------------------
